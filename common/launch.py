@@ -1,0 +1,110 @@
+"""The absl entry point every `experiments/<p>/main.py` uses.
+
+    python -m experiments.<p>.main --config=experiments/<p>/configs/base.py:smoke --workdir=DIR \
+        [--config.train.num_steps=100] [--coordinator_address=H:P --num_processes=N --process_id=I]
+
+It parses the locked config (an unknown `--config.x` is an error), starts multi-host JAX when asked
+(explicit flags, or `--jax_distributed=auto` for the environment's auto-detection on TPU/SLURM),
+logs processes and devices, prepares the workdir (config.json; a changed config over an existing
+checkpoint is refused) and calls the experiment's `train_and_evaluate(config, workdir)`. Bad input
+(common.errors.UserError) ends the process with one line on stderr and exit code 2; SIGTERM after its
+checkpoint exits with 143; nothing else is swallowed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import os
+import sys
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from common import errors
+from common import train_loop
+
+_CONFIG = config_flags.DEFINE_config_file(
+  'config', None, 'Config file, optionally with :variant,key=value.', lock_config=True
+)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
+_COORDINATOR = flags.DEFINE_string(
+  'coordinator_address', None, 'host:port of process 0 for multi-host runs.'
+)
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (hosts).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index in [0, num_processes).')
+_DISTRIBUTED = flags.DEFINE_enum(
+  'jax_distributed', 'off', ['off', 'auto'],
+  "'auto' calls jax.distributed.initialize() with the environment's auto-detection (TPU, SLURM).",
+)
+_CPU_COLLECTIVES = flags.DEFINE_string(
+  'cpu_collectives', 'gloo', 'CPU collectives implementation for multi-process CPU runs.'
+)
+
+SIGTERM_EXIT_CODE = 143
+
+
+def initialize_distributed() -> None:
+  """Starts multi-host JAX if the flags (or --jax_distributed=auto) ask for it."""
+  explicit = [_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value]
+  if any(v is not None for v in explicit):
+    if any(v is None for v in explicit):
+      raise errors.UserError(
+        '--coordinator_address, --num_processes and --process_id must be given together'
+      )
+    if jax.config.jax_platforms in (None, '', 'cpu') or os.environ.get('JAX_PLATFORMS') == 'cpu':
+      jax.config.update('jax_cpu_collectives_implementation', _CPU_COLLECTIVES.value)
+    jax.distributed.initialize(
+      coordinator_address=_COORDINATOR.value,
+      num_processes=_NUM_PROCESSES.value,
+      process_id=_PROCESS_ID.value,
+    )
+  elif _DISTRIBUTED.value == 'auto':
+    jax.distributed.initialize()
+
+
+def log_environment() -> None:
+  logging.info(
+    'JAX %s, process %d/%d, %d local / %d global devices: %s',
+    jax.__version__,
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+    jax.devices()[:8],
+  )
+
+
+def _main(argv: list[str], train_and_evaluate: Callable[[Any, str], Any]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if _CONFIG.value is None or not _WORKDIR.value:
+    raise app.UsageError('--config and --workdir are required')
+  # Keep TF (pulled in by some tfds paths) off accelerators; JAX owns them.
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  try:
+    initialize_distributed()
+    log_environment()
+    if jax.process_index() != 0:
+      logging.set_verbosity(logging.WARNING)
+    train_loop.prepare_workdir(_CONFIG.value, _WORKDIR.value)
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except errors.UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  except train_loop.Preempted as e:
+    print(str(e), file=sys.stderr)
+    sys.exit(SIGTERM_EXIT_CODE)
+
+
+def run(train_and_evaluate: Callable[[Any, str], Any]) -> None:
+  """Parses flags and runs `train_and_evaluate(config, workdir)` (call from `if __name__...`)."""
+  flags.mark_flags_as_required(['config', 'workdir'])
+  try:
+    app.run(lambda argv: _main(argv, train_and_evaluate))
+  except errors.UserError as e:  # raised while parsing the config file (e.g. bad variant)
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
