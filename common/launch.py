@@ -24,6 +24,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from common import config as config_lib
 from common import errors
 from common import train_loop
 
@@ -81,7 +82,13 @@ def log_environment() -> None:
 def _main(argv: list[str], train_and_evaluate: Callable[[Any, str], Any]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if _CONFIG.value is None or not _WORKDIR.value:
+  try:
+    config = _CONFIG.value  # the config file is loaded lazily, on first use
+    config_lib.to_dict(config)
+  except Exception as e:  # noqa: BLE001 - any failure to load the file is the user's to fix
+    print(f'error: cannot load --config: {_one_line(e)}', file=sys.stderr)
+    sys.exit(2)
+  if config is None or not _WORKDIR.value:
     raise app.UsageError('--config and --workdir are required')
   # Keep TF (pulled in by some tfds paths) off accelerators; JAX owns them.
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -90,8 +97,8 @@ def _main(argv: list[str], train_and_evaluate: Callable[[Any, str], Any]) -> Non
     log_environment()
     if jax.process_index() != 0:
       logging.set_verbosity(logging.WARNING)
-    train_loop.prepare_workdir(_CONFIG.value, _WORKDIR.value)
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train_loop.prepare_workdir(config, _WORKDIR.value)
+    train_and_evaluate(config, _WORKDIR.value)
   except errors.UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
@@ -100,11 +107,34 @@ def _main(argv: list[str], train_and_evaluate: Callable[[Any, str], Any]) -> Non
     sys.exit(SIGTERM_EXIT_CODE)
 
 
+def _one_line(e: BaseException) -> str:
+  """The informative last line of a (possibly wrapped, multi-line) flag-parsing error."""
+  lines = [ln.strip() for ln in str(e).replace('\\n', '\n').splitlines() if ln.strip()]
+  text = lines[-1] if lines else type(e).__name__
+  for prefix in ('common.config.ConfigError: ', 'ConfigError: '):
+    text = text.split(prefix, 1)[-1]
+  if len(text) > 1 and text[0] == text[-1] and text[0] in '\'"':
+    text = text[1:-1]
+  return text
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing that reports a bad --config override or file in one line (exit 2).
+
+  ml_collections raises AttributeError for an unknown `--config.x` and absl wraps errors from the
+  config file; both would otherwise end in a traceback or a multi-line FATAL message.
+  """
+  try:
+    return flags.FLAGS(argv)
+  except AttributeError as e:
+    bad = [a for a in argv[1:] if a.startswith('--config.')]
+    print(f'error: unknown config key in {" ".join(bad)} ({_one_line(e)})', file=sys.stderr)
+  except (flags.Error, errors.UserError, KeyError, TypeError, ValueError) as e:
+    print(f'error: {_one_line(e)}', file=sys.stderr)
+  sys.exit(2)
+
+
 def run(train_and_evaluate: Callable[[Any, str], Any]) -> None:
   """Parses flags and runs `train_and_evaluate(config, workdir)` (call from `if __name__...`)."""
   flags.mark_flags_as_required(['config', 'workdir'])
-  try:
-    app.run(lambda argv: _main(argv, train_and_evaluate))
-  except errors.UserError as e:  # raised while parsing the config file (e.g. bad variant)
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  app.run(lambda argv: _main(argv, train_and_evaluate), flags_parser=parse_flags)

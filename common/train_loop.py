@@ -365,12 +365,12 @@ def _loop(config, workdir, spec, state, start, num_steps, loss_fn, train_iter, e
     if ckpt.should_save(step) or step == num_steps:
       history = jax.device_get(history)
       save(step)
+    _inject_faults(config, step, ckpt)
     if sigterm.received:
       history = jax.device_get(history)
       save(step, wait=True)
       writer.flush()
       raise Preempted(f'SIGTERM: saved a checkpoint at step {step} in {ckpt.directory}')
-    _inject_faults(config, step, ckpt)
 
   ckpt.wait()
   results = {
