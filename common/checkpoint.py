@@ -134,7 +134,9 @@ class Checkpointer:
     items = {'state': ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
       if 'data' not in present:
-        raise CheckpointError(f'checkpoint step {step} in {self.directory} has no data iterator state')
+        raise CheckpointError(
+          f'checkpoint step {step} in {self.directory} has no data iterator state'
+        )
       items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
     for name in ('extra', 'meta'):
       if name in present:
@@ -147,7 +149,9 @@ class Checkpointer:
       meta=out['meta'] if 'meta' in items else None,
     )
 
-  def restore(self, abstract_state: Any, *, data_iter: Any = None, step: int | None = None) -> Restored:
+  def restore(
+    self, abstract_state: Any, *, data_iter: Any = None, step: int | None = None
+  ) -> Restored:
     """Restores `step` (default: the newest readable one) onto `abstract_state`'s shardings.
 
     `data_iter`, if given, is set to the saved iterator position in place. If the newest checkpoint
@@ -165,14 +169,14 @@ class Checkpointer:
       except Exception as e:  # noqa: BLE001 - any read failure means "try the previous one"
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         errors_seen.append(f'step {s}: {first_line[:300]}')
-        logging.warning('checkpoint step %d in %s is unreadable (%s)', s, self.directory, first_line)
+        logging.warning(
+          'checkpoint step %d in %s is unreadable (%s)', s, self.directory, first_line
+        )
         continue
       if errors_seen:
         logging.warning('restored the older checkpoint step %d instead', s)
       return restored
-    raise CheckpointError(
-      f'no readable checkpoint in {self.directory} ({"; ".join(errors_seen)})'
-    )
+    raise CheckpointError(f'no readable checkpoint in {self.directory} ({"; ".join(errors_seen)})')
 
   # -- lifecycle ------------------------------------------------------------------------------------
   def wait(self) -> None:

@@ -10,7 +10,8 @@ existing value's type and locks the config, so a typo is an error, never a silen
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
+from collections.abc import Mapping
 import json
 from typing import Any
 
@@ -100,9 +101,7 @@ def _coerce(key: str, old: Any, text: str) -> Any:
       return text
     return json.loads(text)
   except ValueError as e:
-    raise ConfigError(
-      f'config key {key!r} expects {type(old).__name__}, got {text!r}'
-    ) from e
+    raise ConfigError(f'config key {key!r} expects {type(old).__name__}, got {text!r}') from e
 
 
 def set_key(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
@@ -159,7 +158,9 @@ def resume_differences(
   """Dotted keys whose values differ between two config dicts, ignoring the allow-list."""
   a, b = _flatten(to_dict(saved)), _flatten(to_dict(current))
   keys = sorted(set(a) | set(b))
-  return [k for k in keys if a.get(k, '<absent>') != b.get(k, '<absent>') and not _mutable(k, allow)]
+  return [
+    k for k in keys if a.get(k, '<absent>') != b.get(k, '<absent>') and not _mutable(k, allow)
+  ]
 
 
 def mesh_spec(config: ml_collections.ConfigDict) -> list[tuple[str, int]]:

@@ -15,9 +15,11 @@ whose exact entropy rate is known, so a model's loss can be compared with the be
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 import functools
-from typing import Any, Protocol
+from typing import Any
+from typing import Protocol
 
 import grain
 import jax

@@ -38,7 +38,9 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (hosts).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index in [0, num_processes).')
 _DISTRIBUTED = flags.DEFINE_enum(
-  'jax_distributed', 'off', ['off', 'auto'],
+  'jax_distributed',
+  'off',
+  ['off', 'auto'],
   "'auto' calls jax.distributed.initialize() with the environment's auto-detection (TPU, SLURM).",
 )
 _CPU_COLLECTIVES = flags.DEFINE_string(

@@ -48,7 +48,9 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 class MetricWriter:
   """Appends {'step', 'split', **metrics} lines to metrics.jsonl and scalars to TensorBoard."""
 
-  def __init__(self, workdir: str | os.PathLike, *, resume_step: int = 0, enabled: bool | None = None):
+  def __init__(
+    self, workdir: str | os.PathLike, *, resume_step: int = 0, enabled: bool | None = None
+  ):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.path = pathlib.Path(workdir) / 'metrics.jsonl'
     self._tb = None
@@ -61,7 +63,8 @@ class MetricWriter:
     import tensorboardX  # noqa: PLC0415 - optional heavy import, process 0 only
 
     self._tb = tensorboardX.SummaryWriter(
-      str(pathlib.Path(workdir) / 'tensorboard'), purge_step=resume_step + 1 if resume_step else None
+      str(pathlib.Path(workdir) / 'tensorboard'),
+      purge_step=resume_step + 1 if resume_step else None,
     )
 
   def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> dict:
@@ -110,7 +113,9 @@ class Progress:
     return {'steps_per_sec': rate, 'eta_sec': eta}
 
   @staticmethod
-  def line(step: int, num_steps: int, metrics: Mapping[str, Any], speed: Mapping[str, float]) -> str:
+  def line(
+    step: int, num_steps: int, metrics: Mapping[str, Any], speed: Mapping[str, float]
+  ) -> str:
     shown = ' '.join(
       f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}'
       for k, v in metrics.items()

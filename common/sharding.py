@@ -13,7 +13,8 @@ tensor=2) replicates that dimension, with a warning logged once per (name, size,
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
+from collections.abc import Sequence
 import contextlib
 import contextvars
 import math

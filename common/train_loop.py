@@ -13,7 +13,9 @@ without nnx's per-call graph traversal.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
+from collections.abc import Iterator
+from collections.abc import Mapping
 import contextlib
 import dataclasses
 import math
@@ -124,13 +126,17 @@ def make_train_step(
 
   def step(state, batch, key):
     ts = nnx.merge(graphdef, state)
-    (loss, aux), grads = nnx.value_and_grad(lambda m: loss_fn(m, batch, key), has_aux=True)(ts.model)
+    (loss, aux), grads = nnx.value_and_grad(lambda m: loss_fn(m, batch, key), has_aux=True)(
+      ts.model
+    )
     ts.optimizer.update(ts.model, grads)
     metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads), **aux}
     return nnx.state(ts), metrics
 
   return jax.jit(
-    step, in_shardings=(state_shardings, None, None), out_shardings=(state_shardings, None),
+    step,
+    in_shardings=(state_shardings, None, None),
+    out_shardings=(state_shardings, None),
     donate_argnums=(0,),
   )
 
@@ -163,9 +169,7 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLik
     saved = json.loads(saved_path.read_text())
     diff = config_lib.resume_differences(saved, current)
     if diff:
-      shown = ', '.join(
-        f'{k} ({_lookup(saved, k)!r} -> {_lookup(current, k)!r})' for k in diff[:8]
-      )
+      shown = ', '.join(f'{k} ({_lookup(saved, k)!r} -> {_lookup(current, k)!r})' for k in diff[:8])
       raise config_lib.ConfigError(
         f'workdir {workdir} holds a checkpoint of a different config: {shown}'
         f'{" ..." if len(diff) > 8 else ""}; use a new --workdir or the same config'
@@ -239,7 +243,9 @@ class SigtermFlag:
       signal.signal(signal.SIGTERM, previous)
 
 
-def _inject_faults(config: ml_collections.ConfigDict, step: int, ckpt: ckpt_lib.Checkpointer) -> None:
+def _inject_faults(
+  config: ml_collections.ConfigDict, step: int, ckpt: ckpt_lib.Checkpointer
+) -> None:
   if step == config.debug.kill_after_step:
     ckpt.wait()  # make the kill land between checkpoints, deterministically
     logging.warning('debug.kill_after_step=%d: SIGKILL', step)
@@ -306,13 +312,29 @@ def fit(
   try:
     with jax.set_mesh(mesh), sharding.axis_rules(rules), sigterm.installed():
       start, state, _ = restore_or_init(
-        config, ckpt, spec, lambda: init_state(create_state, mesh, rules).state, data_iter=train_iter
+        config,
+        ckpt,
+        spec,
+        lambda: init_state(create_state, mesh, rules).state,
+        data_iter=train_iter,
       )
       writer = metrics_lib.MetricWriter(workdir, resume_step=start)
       try:
         return _loop(
-          config, workdir, spec, state, start, num_steps, loss_fn, train_iter, eval_fn, mesh, rules,
-          ckpt, writer, sigterm,
+          config,
+          workdir,
+          spec,
+          state,
+          start,
+          num_steps,
+          loss_fn,
+          train_iter,
+          eval_fn,
+          mesh,
+          rules,
+          ckpt,
+          writer,
+          sigterm,
         )
       finally:
         writer.close()
@@ -320,8 +342,22 @@ def fit(
     ckpt.close()
 
 
-def _loop(config, workdir, spec, state, start, num_steps, loss_fn, train_iter, eval_fn, mesh, rules,
-          ckpt, writer, sigterm) -> FitResult:
+def _loop(
+  config,
+  workdir,
+  spec,
+  state,
+  start,
+  num_steps,
+  loss_fn,
+  train_iter,
+  eval_fn,
+  mesh,
+  rules,
+  ckpt,
+  writer,
+  sigterm,
+) -> FitResult:
   results_path = pathlib.Path(workdir) / 'results.json'
   if start >= num_steps and results_path.exists():
     metrics_lib.log('run already finished at step %d (%s); nothing to do', start, results_path)
@@ -361,7 +397,9 @@ def _loop(config, workdir, spec, state, start, num_steps, loss_fn, train_iter, e
     if eval_fn is not None and (step % config.train.eval_every == 0 or step == num_steps):
       last_eval = dict(eval_fn(model_of(spec.graphdef, state), step))
       writer.write(step, 'eval', last_eval)
-      metrics_lib.log('step %d eval %s', step, {k: round(float(v), 5) for k, v in last_eval.items()})
+      metrics_lib.log(
+        'step %d eval %s', step, {k: round(float(v), 5) for k, v in last_eval.items()}
+      )
     if ckpt.should_save(step) or step == num_steps:
       history = jax.device_get(history)
       save(step)

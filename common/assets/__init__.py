@@ -14,8 +14,14 @@ See `python -m common.assets list` for the registry and shared/docs/assets.md fo
 """
 
 from common.assets.errors import AssetError
-from common.assets.registry import ASSETS, Asset, File
-from common.assets.store import cache_root, fetch, is_fetched, path, verify
+from common.assets.registry import ASSETS
+from common.assets.registry import Asset
+from common.assets.registry import File
+from common.assets.store import cache_root
+from common.assets.store import fetch
+from common.assets.store import is_fetched
+from common.assets.store import path
+from common.assets.store import verify
 
 __all__ = [
   'ASSETS',

@@ -10,7 +10,10 @@ import argparse
 from collections.abc import Sequence
 import sys
 
-from common.assets import errors, registry, sources, store
+from common.assets import errors
+from common.assets import registry
+from common.assets import sources
+from common.assets import store
 
 
 class _Parser(argparse.ArgumentParser):

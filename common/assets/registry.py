@@ -14,7 +14,8 @@ import dataclasses
 from pathlib import PurePosixPath
 import re
 
-from common.assets import errors, sources
+from common.assets import errors
+from common.assets import sources
 
 
 @dataclasses.dataclass(frozen=True)

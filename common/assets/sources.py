@@ -10,7 +10,9 @@ Everything here is standard library plus the `pip`, `apt-get` and `dpkg-deb` com
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Sequence
 import contextlib
 import dataclasses
 import os

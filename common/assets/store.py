@@ -11,7 +11,8 @@ fetches of one asset (e.g. several test processes).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from collections.abc import Iterator
 import contextlib
 import fcntl
 import hashlib
@@ -23,7 +24,9 @@ import sys
 import tempfile
 import time
 
-from common.assets import errors, registry, sources
+from common.assets import errors
+from common.assets import registry
+from common.assets import sources
 
 Log = Callable[[str], None]
 

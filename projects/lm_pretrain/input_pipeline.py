@@ -27,14 +27,20 @@ class _Offset:
 def language(config: ml_collections.ConfigDict) -> data.MarkovLanguage:
   d = config.data
   return data.MarkovLanguage(
-    d.vocab_size, d.seq_len, seed=d.seed, branching=d.branching, alpha=d.alpha,
+    d.vocab_size,
+    d.seq_len,
+    seed=d.seed,
+    branching=d.branching,
+    alpha=d.alpha,
     num_examples=EVAL_OFFSET + d.eval_examples,
   )
 
 
 def train_iterator(config: ml_collections.ConfigDict):
   lang = language(config)
-  return data.batch_iterator(_Offset(lang, 0, EVAL_OFFSET), global_batch_size=config.data.batch_size)
+  return data.batch_iterator(
+    _Offset(lang, 0, EVAL_OFFSET), global_batch_size=config.data.batch_size
+  )
 
 
 def eval_batches(config: ml_collections.ConfigDict, process_index: int, process_count: int):
@@ -42,7 +48,11 @@ def eval_batches(config: ml_collections.ConfigDict, process_index: int, process_
   lang = language(config)
   source = _Offset(lang, EVAL_OFFSET, config.data.eval_examples)
   it = data.batch_iterator(
-    source, global_batch_size=config.data.batch_size, num_epochs=1,
-    process_index=process_index, process_count=process_count, prefetch=0,
+    source,
+    global_batch_size=config.data.batch_size,
+    num_epochs=1,
+    process_index=process_index,
+    process_count=process_count,
+    prefetch=0,
   )
   return list(it)

@@ -31,7 +31,11 @@ def model_config(config: ml_collections.ConfigDict) -> decoder.DecoderConfig:
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   o = config.optimizer
   schedule = optax.warmup_cosine_decay_schedule(
-    0.0, o.lr, o.warmup_steps, max(config.train.num_steps, o.warmup_steps + 1), o.lr * o.final_lr_frac
+    0.0,
+    o.lr,
+    o.warmup_steps,
+    max(config.train.num_steps, o.warmup_steps + 1),
+    o.lr * o.final_lr_frac,
   )
   return optax.chain(
     optax.clip_by_global_norm(o.clip_norm),
@@ -79,8 +83,12 @@ def make_eval_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
       s, c = nll_sum(model, sharding.to_global(b, mesh, rules)['tokens'])
       total, count = total + float(s), count + float(c)
     loss = total / count
-    return {'loss': loss, 'perplexity': math.exp(loss), 'optimal_loss': optimum,
-            'excess_loss': loss - optimum}
+    return {
+      'loss': loss,
+      'perplexity': math.exp(loss),
+      'optimal_loss': optimum,
+      'excess_loss': loss - optimum,
+    }
 
   return evaluate
 

@@ -22,17 +22,31 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = config_lib.base_config()
   c.model = ml_collections.ConfigDict(
     dict(
-      vocab_size=64, d_model=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
-      mlp_dim=1024, rope_theta=10000.0,
+      vocab_size=64,
+      d_model=256,
+      num_layers=4,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=64,
+      mlp_dim=1024,
+      rope_theta=10000.0,
     )
   )
   c.data = ml_collections.ConfigDict(
-    dict(vocab_size=64, seq_len=128, seed=1234, branching=4, alpha=0.5, batch_size=32,
-         eval_examples=256)
+    dict(
+      vocab_size=64,
+      seq_len=128,
+      seed=1234,
+      branching=4,
+      alpha=0.5,
+      batch_size=32,
+      eval_examples=256,
+    )
   )
   c.optimizer = ml_collections.ConfigDict(
-    dict(lr=3e-3, warmup_steps=100, final_lr_frac=0.1, b1=0.9, b2=0.95, weight_decay=0.1,
-         clip_norm=1.0)
+    dict(
+      lr=3e-3, warmup_steps=100, final_lr_frac=0.1, b1=0.9, b2=0.95, weight_decay=0.1, clip_norm=1.0
+    )
   )
   c.train.num_steps = 2000
   c.train.log_every = 50

@@ -1,0 +1,118 @@
+"""Repo-wide rules: every config loads, documented commands resolve, import boundaries hold.
+
+These guard against the failures the architecture doc lists from other codebases: stale commands in
+config docstrings (big_vision), projects importing each other (scenic), missing __init__.py files.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import pathlib
+import re
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = sorted(ROOT.glob('experiments/*/configs/*.py'))
+CONFIGS = [p for p in CONFIGS if p.name != '__init__.py']
+COMMAND = re.compile(r'python -m ([\w.]+)((?:\s+\\?\s*--?[\w.]+(?:=\S+)?)*)')
+
+
+def _module(path: pathlib.Path) -> str:
+  return '.'.join(path.relative_to(ROOT).with_suffix('').parts)
+
+
+def test_there_are_configs():
+  assert CONFIGS, 'no experiment configs found'
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_config_loads_default_and_smoke(path):
+  mod = importlib.import_module(_module(path))
+  for arg in (None, 'smoke'):
+    config = mod.get_config(arg)
+    assert config.is_locked, 'configs must be locked (common.config.finalize)'
+    with pytest.raises(AttributeError):
+      config.no_such_key = 1
+  assert mod.__doc__ and 'python -m' in mod.__doc__, 'config docstring must give the command'
+
+
+def _documented_commands():
+  docs = [*CONFIGS, ROOT / 'README.md', ROOT / 'WORKSPACE.md', *ROOT.glob('projects/*/README.md')]
+  for path in docs:
+    if not path.exists():
+      continue
+    text = path.read_text().replace('\\\n', ' ')
+    for m in COMMAND.finditer(text):
+      yield path, m.group(1), m.group(2)
+
+
+@pytest.mark.parametrize(
+  'doc, module, args', list(_documented_commands()), ids=lambda x: str(x)[-60:]
+)
+def test_documented_command_resolves(doc, module, args):
+  if module in ('pytest', 'pip'):
+    return
+  spec = importlib.util.find_spec(module)
+  assert spec is not None, f'{doc}: module {module} does not exist'
+  for m in re.finditer(r'--config=([^\s:]+)', args):
+    assert (ROOT / m.group(1)).is_file(), f'{doc}: config {m.group(1)} does not exist'
+
+
+def test_every_package_dir_has_init():
+  for top in ('common', 'projects', 'experiments', 'tests'):
+    for d in (ROOT / top).rglob('*'):
+      if d.is_dir() and d.name != '__pycache__' and any(d.glob('*.py')):
+        assert (d / '__init__.py').exists(), f'{d.relative_to(ROOT)} lacks __init__.py'
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+  tree = ast.parse(path.read_text())
+  names = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      names.update(a.name for a in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+      names.add(node.module)
+      names.update(f'{node.module}.{a.name}' for a in node.names)
+  return names
+
+
+def _violations() -> list[str]:
+  bad = []
+  for path in ROOT.rglob('*.py'):
+    rel = path.relative_to(ROOT)
+    top = rel.parts[0]
+    if top not in ('common', 'projects', 'experiments', 'benchmarks', 'notebooks'):
+      continue
+    for name in _imports(path):
+      parts = name.split('.')
+      if top == 'common' and parts[0] in ('projects', 'experiments'):
+        bad.append(f'{rel}: common/ imports {name}')
+      if (
+        top == 'projects' and parts[0] == 'projects' and len(parts) > 1 and parts[1] != rel.parts[1]
+      ):
+        bad.append(f'{rel}: imports another project ({name})')
+      if top == 'projects' and parts[0] == 'experiments':
+        bad.append(f'{rel}: projects/ imports {name}')
+      if (
+        top == 'experiments'
+        and parts[0] == 'projects'
+        and len(parts) > 1
+        and rel.parts[1] != 'reproduce.py'
+        and parts[1] != rel.parts[1]
+      ):
+        bad.append(f'{rel}: imports another paper ({name})')
+      if top in ('benchmarks',) and parts[0] == 'experiments':
+        bad.append(f'{rel}: imports {name}')
+  return bad
+
+
+def test_import_boundaries():
+  assert _violations() == []
+
+
+def test_every_experiment_main_imports():
+  for main in ROOT.glob('experiments/*/main.py'):
+    importlib.import_module(_module(main))
