@@ -38,6 +38,9 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
   ('batch', ('data', 'fsdp')),
   ('length', None),
   ('embed', 'fsdp'),
+  # The residual stream's feature axis: replicated (FSDP shards weights, not activations' features;
+  # 'batch' already uses 'fsdp' on activations).
+  ('activation_embed', None),
   ('heads', 'tensor'),
   ('kv_heads', 'tensor'),
   ('head_dim', None),

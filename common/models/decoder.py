@@ -1,0 +1,406 @@
+"""Decoder-only transformer LM: Llama by default, with switches for the Gemma-3 and Qwen2 families.
+
+One code path serves every family so that real SmolLM2 (llama), Gemma-3-270M (gemma3) and Qwen2.5
+(qwen2) weights load into the same modules and every paper's code (LoRA, sampling, embeddings, RL)
+sees one model. The parameter paths below are a contract with checkpoint loaders and adapters; they
+are plain attribute paths, so `model.layers[3].attn.q_proj` is the module a LoRA wrapper replaces.
+
+  embed.embedding                      [padded_vocab, d]          ('vocab', 'embed')
+  layers[i].attn_norm.scale            [d]                        ('norm',)
+  layers[i].attn.q_proj.kernel         [d, num_heads*head_dim]    ('embed', 'heads')
+  layers[i].attn.{k,v}_proj.kernel     [d, num_kv_heads*head_dim] ('embed', 'kv_heads')
+  layers[i].attn.{q,k,v}_proj.bias     (qkv_bias)                 ('heads',) / ('kv_heads',)
+  layers[i].attn.{q,k}_norm.scale      [head_dim] (qk_norm)       ('norm',)
+  layers[i].attn.o_proj.kernel         [num_heads*head_dim, d]    ('heads', 'embed')
+  layers[i].post_attn_norm.scale       (post_norms)               ('norm',)
+  layers[i].mlp_norm.scale             [d]                        ('norm',)
+  layers[i].mlp.{gate,up}_proj.kernel  [d, mlp_dim]               ('embed', 'mlp')
+  layers[i].mlp.down_proj.kernel       [mlp_dim, d]               ('mlp', 'embed')
+  layers[i].post_mlp_norm.scale        (post_norms)               ('norm',)
+  final_norm.scale                     [d]                        ('norm',)
+  lm_head.kernel                       [d, padded_vocab] (untied) ('embed', 'vocab')
+
+Kernels are (in, out), the transpose of HF's nn.Linear weight. HF names: input_layernorm ->
+attn_norm; for llama/qwen2 post_attention_layernorm -> mlp_norm, for gemma3 post_attention_layernorm
+-> post_attn_norm, pre_feedforward_layernorm -> mlp_norm, post_feedforward_layernorm -> post_mlp_norm.
+RoPE is HF's rotate-half form, so llama.cpp's permuted llama Q/K rows must be un-permuted on load.
+With norm_plus_one the stored scale w is applied as (1 + w), as in HF Gemma (GGUF stores 1 + w).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import dataclasses
+import functools
+import math
+from typing import Any
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+from common import sharding
+
+# Large but finite, so fully masked rows and padded vocabulary entries never produce inf/NaN, even
+# after division by a sampling temperature or multiplication by a zero probability.
+MASKED_LOGIT = -1e9
+_INIT_STD = 0.02
+
+# The residual stream's feature axis. DEFAULT_RULES map 'embed' to 'fsdp', which 'batch' already
+# uses, so ('batch', 'length', 'embed') is rejected; a name without a rule replicates the feature
+# axis (the usual FSDP/Megatron activation layout) and can be given a rule later.
+ACT_EMBED = 'activation_embed'
+_BTD = ('batch', 'length', ACT_EMBED)
+
+_ACTIVATIONS = {'silu': jax.nn.silu, 'gelu_tanh': functools.partial(jax.nn.gelu, approximate=True)}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  """Shapes and per-family switches; see the module docstring for what each family sets."""
+
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = True
+  vocab_pad_multiple: int = 128
+  dtype: str = 'float32'  # Compute dtype; parameters are always float32.
+  activation: str = 'silu'  # 'silu' | 'gelu_tanh'
+  qkv_bias: bool = False  # qwen2
+  qk_norm: bool = False  # gemma3
+  post_norms: bool = False  # gemma3: norms after attention and MLP, before the residual add.
+  embed_scale: bool = False  # gemma: embeddings times sqrt(d_model), in the compute dtype.
+  norm_plus_one: bool = False  # gemma: RMSNorm scale applied as (1 + w); stored w init to zeros.
+  sliding_window: int | None = None  # gemma3: a local query sees this many keys, itself too.
+  sliding_window_pattern: int = 0  # Layer i is global iff (i + 1) % pattern == 0; 0 = all global.
+  rope_local_theta: float | None = None  # RoPE base of local layers (gemma3: 1e4; global 1e6).
+  attn_logit_softcap: float | None = None
+  query_pre_attn_scalar: float | None = None  # Attention scale is this ** -0.5, else head_dim.
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f'num_heads {self.num_heads} is not a multiple of {self.num_kv_heads}')
+    if self.head_dim % 2:
+      raise ValueError(f'RoPE needs an even head_dim, got {self.head_dim}')
+    if self.activation not in _ACTIVATIONS:
+      raise ValueError(f'activation {self.activation!r} not in {sorted(_ACTIVATIONS)}')
+    if self.sliding_window_pattern and self.sliding_window is None:
+      raise ValueError('sliding_window_pattern is set but sliding_window is None')
+    jnp.dtype(self.dtype)  # Raises on an unknown dtype name.
+
+  @property
+  def padded_vocab(self) -> int:
+    """Vocabulary rounded up so the 'vocab' axis divides the tensor-parallel mesh axis."""
+    m = max(1, self.vocab_pad_multiple)
+    return -(-self.vocab_size // m) * m
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)
+
+  def is_local_layer(self, i: int) -> bool:
+    """Whether layer i uses the sliding window (gemma3's pattern: every N-th layer is global)."""
+    if self.sliding_window is None or not self.sliding_window_pattern:
+      return False
+    return (i + 1) % self.sliding_window_pattern != 0
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any] | Any) -> DecoderConfig:
+    """Builds a config from a dict or ml_collections.ConfigDict; unknown keys are an error."""
+    d = dict(d.to_dict() if hasattr(d, 'to_dict') else d)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+      raise ValueError(f'unknown DecoderConfig keys: {unknown}')
+    missing = sorted(f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING)
+    missing = [k for k in missing if k not in d]
+    if missing:
+      raise ValueError(f'missing DecoderConfig keys: {missing}')
+    return cls(**d)
+
+
+def _kernel_init(names: tuple[str, ...]):
+  return nnx.with_partitioning(nnx.initializers.normal(_INIT_STD), names)
+
+
+def _linear(cfg: DecoderConfig, d_in: int, d_out: int, names, *, bias=False, rngs) -> nnx.Linear:
+  return nnx.Linear(
+    d_in,
+    d_out,
+    use_bias=bias,
+    dtype=cfg.compute_dtype,
+    param_dtype=jnp.float32,
+    kernel_init=_kernel_init(names),
+    bias_init=nnx.with_partitioning(nnx.initializers.zeros, names[1:]),
+    rngs=rngs,
+  )
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm computed in f32 (bf16 variance is too coarse); output in `out_dtype` or the input's."""
+
+  def __init__(self, dim: int, *, eps: float, plus_one: bool, out_dtype=None):
+    init = nnx.initializers.zeros if plus_one else nnx.initializers.ones
+    self.scale = nnx.Param(nnx.with_partitioning(init, ('norm',))(None, (dim,), jnp.float32))
+    self.eps = eps
+    self.plus_one = plus_one
+    self.out_dtype = out_dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+    scale = self.scale[...]
+    y = y * (1.0 + scale if self.plus_one else scale)
+    return y.astype(self.out_dtype or x.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, HF rotate-half convention; x [B, T, N, D], integer positions [B, T]."""
+  d = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  xf = x.astype(jnp.float32)
+  x1, x2 = jnp.split(xf, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (xf * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+def dot_product_attention(q, k, v, mask, *, scale: float, softcap: float | None = None):
+  """Grouped-query attention with an f32 masked softmax.
+
+  Args:
+    q: [B, T, H, D] queries; k, v: [B, S, K, D] with H a multiple of K (query head h reads kv head
+      h // (H // K), HF's repeat_kv order).
+    mask: bool, broadcastable to [B, 1, T, S]; True = may attend.
+    scale: multiplies the logits.
+    softcap: if set, logits -> softcap * tanh(logits / softcap) (Gemma-2 style).
+
+  Returns:
+    [B, T, H, D] in v's dtype. Rows with no allowed key give zeros rather than a uniform average.
+  """
+  b, t, h, d = q.shape
+  kv = k.shape[2]
+  q = q.reshape(b, t, kv, h // kv, d)
+  logits = jnp.einsum('btkgd,bskd->bkgts', q, k, preferred_element_type=jnp.float32) * scale
+  if softcap is not None:
+    logits = softcap * jnp.tanh(logits / softcap)
+  mask = mask[:, :, None]  # [B, 1, 1, T, S]
+  probs = jax.nn.softmax(jnp.where(mask, logits, MASKED_LOGIT), axis=-1)
+  probs = jnp.where(jnp.any(mask, axis=-1, keepdims=True), probs, 0.0)
+  out = jnp.einsum(
+    'bkgts,bskd->btkgd', probs.astype(v.dtype), v, preferred_element_type=jnp.float32
+  )
+  return out.reshape(b, t, h, d).astype(v.dtype)
+
+
+def make_attention_mask(
+  length: int, *, segment_ids=None, attention_mask=None, causal: bool = True
+) -> jax.Array:
+  """Bool mask [B or 1, 1, T, T]: causal & same nonzero segment & the caller's mask."""
+  idx = jnp.arange(length)
+  mask = (idx[:, None] >= idx[None, :]) if causal else jnp.ones((length, length), bool)
+  mask = mask[None, None]
+  if segment_ids is not None:
+    seg = segment_ids[:, None, :, None]
+    mask = mask & (seg == segment_ids[:, None, None, :]) & (seg != 0)
+  if attention_mask is not None:
+    am = attention_mask.astype(bool)
+    mask = mask & (am[:, None] if am.ndim == 3 else am)
+  return mask
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+  """Positions that restart at 0 wherever the segment id changes (packed sequences)."""
+  idx = jnp.arange(segment_ids.shape[1])[None, :]
+  start = jnp.concatenate(
+    [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+  )
+  return idx - jax.lax.cummax(jnp.where(start, idx, 0), axis=1)
+
+
+class Attention(nnx.Module):
+  """Multi-head attention with GQA, optional qkv bias, qk-norm, sliding window and softcap."""
+
+  def __init__(self, cfg: DecoderConfig, *, local: bool, rngs: nnx.Rngs):
+    h, kv, hd, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_model
+    self.q_proj = _linear(cfg, d, h * hd, ('embed', 'heads'), bias=cfg.qkv_bias, rngs=rngs)
+    self.k_proj = _linear(cfg, d, kv * hd, ('embed', 'kv_heads'), bias=cfg.qkv_bias, rngs=rngs)
+    self.v_proj = _linear(cfg, d, kv * hd, ('embed', 'kv_heads'), bias=cfg.qkv_bias, rngs=rngs)
+    self.o_proj = _linear(cfg, h * hd, d, ('heads', 'embed'), rngs=rngs)
+    norm = functools.partial(RMSNorm, hd, eps=cfg.norm_eps, plus_one=cfg.norm_plus_one)
+    self.q_norm = norm() if cfg.qk_norm else None
+    self.k_norm = norm() if cfg.qk_norm else None
+    self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
+    self.window = cfg.sliding_window if local else None
+    self.rope_theta = (cfg.rope_local_theta or cfg.rope_theta) if local else cfg.rope_theta
+    self.scale = (cfg.query_pre_attn_scalar or hd) ** -0.5
+    self.softcap = cfg.attn_logit_softcap
+
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    b, t, _ = x.shape
+    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q = apply_rope(q, positions, self.rope_theta)
+    k = apply_rope(k, positions, self.rope_theta)
+    q = sharding.with_logical_constraint(q, ('batch', 'length', 'heads', 'head_dim'))
+    k = sharding.with_logical_constraint(k, ('batch', 'length', 'kv_heads', 'head_dim'))
+    v = sharding.with_logical_constraint(v, ('batch', 'length', 'kv_heads', 'head_dim'))
+    if self.window is not None:
+      idx = jnp.arange(t)
+      mask = mask & (jnp.abs(idx[:, None] - idx[None, :]) < self.window)
+    out = dot_product_attention(q, k, v, mask, scale=self.scale, softcap=self.softcap)
+    out = sharding.with_logical_constraint(out, ('batch', 'length', 'heads', 'head_dim'))
+    return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+
+
+class MLP(nnx.Module):
+  """Gated MLP: down(act(gate(x)) * up(x)); SwiGLU for llama/qwen2, GeGLU-tanh for gemma."""
+
+  def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+    self.gate_proj = _linear(cfg, cfg.d_model, cfg.mlp_dim, ('embed', 'mlp'), rngs=rngs)
+    self.up_proj = _linear(cfg, cfg.d_model, cfg.mlp_dim, ('embed', 'mlp'), rngs=rngs)
+    self.down_proj = _linear(cfg, cfg.mlp_dim, cfg.d_model, ('mlp', 'embed'), rngs=rngs)
+    self.activation = cfg.activation
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = _ACTIVATIONS[self.activation](self.gate_proj(x)) * self.up_proj(x)
+    h = sharding.with_logical_constraint(h, ('batch', 'length', 'mlp'))
+    return self.down_proj(h)
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block; with post_norms (gemma3) each branch is also normed before the add."""
+
+  def __init__(self, cfg: DecoderConfig, layer_idx: int, *, rngs: nnx.Rngs):
+    norm = functools.partial(RMSNorm, cfg.d_model, eps=cfg.norm_eps, plus_one=cfg.norm_plus_one)
+    self.attn_norm = norm()
+    self.attn = Attention(cfg, local=cfg.is_local_layer(layer_idx), rngs=rngs)
+    self.post_attn_norm = norm() if cfg.post_norms else None
+    self.mlp_norm = norm()
+    self.mlp = MLP(cfg, rngs=rngs)
+    self.post_mlp_norm = norm() if cfg.post_norms else None
+
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    h = self.attn(self.attn_norm(x), positions, mask)
+    if self.post_attn_norm is not None:
+      h = self.post_attn_norm(h)
+    x = sharding.with_logical_constraint(x + h, _BTD)
+    h = self.mlp(self.mlp_norm(x))
+    if self.post_mlp_norm is not None:
+      h = self.post_mlp_norm(h)
+    return sharding.with_logical_constraint(x + h, _BTD)
+
+
+class Decoder(nnx.Module):
+  """Decoder-only LM returning f32 logits over the padded vocabulary (padded entries masked)."""
+
+  def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = nnx.Embed(
+      cfg.padded_vocab,
+      cfg.d_model,
+      dtype=cfg.compute_dtype,
+      param_dtype=jnp.float32,
+      embedding_init=_kernel_init(('vocab', 'embed')),
+      rngs=rngs,
+    )
+    self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(
+      cfg.d_model, eps=cfg.norm_eps, plus_one=cfg.norm_plus_one, out_dtype=jnp.float32
+    )
+    self.lm_head = (
+      None
+      if cfg.tie_embeddings
+      else _linear(cfg, cfg.d_model, cfg.padded_vocab, ('embed', 'vocab'), rngs=rngs)
+    )
+
+  def hidden_states(
+    self,
+    tokens: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    attention_mask: jax.Array | None = None,
+    causal: bool = True,
+  ) -> jax.Array:
+    """Final-normed hidden states [B, T, d_model] in f32 (inputs as in `__call__`)."""
+    cfg = self.cfg
+    # Gather the table's fsdp-sharded feature axis first (what FSDP does for every weight anyway):
+    # a lookup straight from the (vocab, embed)-sharded table hits XLA's "involuntary full
+    # rematerialization" when the result is resharded onto the batch.
+    table = sharding.with_logical_constraint(self.embed.embedding[...], ('vocab', None))
+    x = jnp.take(table, tokens, axis=0).astype(cfg.compute_dtype)
+    if cfg.embed_scale:
+      x = x * jnp.asarray(math.sqrt(cfg.d_model), cfg.compute_dtype)
+    x = sharding.with_logical_constraint(x, _BTD)
+    if positions is None:
+      if segment_ids is not None:
+        positions = segment_positions(segment_ids)
+      else:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    mask = make_attention_mask(
+      tokens.shape[1], segment_ids=segment_ids, attention_mask=attention_mask, causal=causal
+    )
+    for layer in self.layers:
+      x = layer(x, positions, mask)
+    return self.final_norm(x)
+
+  def logits_from_hidden(self, h: jax.Array) -> jax.Array:
+    """f32 logits [..., padded_vocab] from hidden states; padded entries are MASKED_LOGIT."""
+    dtype = self.cfg.compute_dtype
+    if self.lm_head is None:
+      table = self.embed.embedding[...].astype(dtype)
+      logits = jnp.einsum(
+        '...d,vd->...v', h.astype(dtype), table, preferred_element_type=jnp.float32
+      )
+    else:
+      logits = self.lm_head(h).astype(jnp.float32)
+    if logits.ndim == 3:
+      logits = sharding.with_logical_constraint(logits, ('batch', 'length', 'vocab'))
+    valid = jnp.arange(logits.shape[-1]) < self.cfg.vocab_size
+    return jnp.where(valid, logits, MASKED_LOGIT)
+
+  def __call__(
+    self,
+    tokens: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    attention_mask: jax.Array | None = None,
+    causal: bool = True,
+    return_hidden: bool = False,
+  ):
+    """Runs the LM.
+
+    Args:
+      tokens: int [B, T].
+      positions: int [B, T] RoPE positions; default arange(T), or restarting at 0 in every segment
+        when segment_ids is given.
+      segment_ids: int [B, T] for packed sequences: tokens attend only within their own nonzero
+        segment; segment 0 is padding (attends to nothing, output rows are still finite).
+      attention_mask: bool [B, T, T] or [B, 1, T, T], True = may attend; and-ed with the rest.
+      causal: set False for bidirectional attention (e.g. LLM2Vec-style encoders).
+      return_hidden: also return the final-normed hidden states.
+
+    Returns:
+      f32 logits [B, T, padded_vocab], or (logits, hidden [B, T, d_model] f32).
+    """
+    h = self.hidden_states(
+      tokens,
+      positions=positions,
+      segment_ids=segment_ids,
+      attention_mask=attention_mask,
+      causal=causal,
+    )
+    logits = self.logits_from_hidden(h)
+    return (logits, h) if return_hidden else logits
