@@ -29,7 +29,6 @@ import zlib
 from absl import logging
 from flax import nnx
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -130,7 +129,7 @@ def make_train_step(
       ts.model
     )
     ts.optimizer.update(ts.model, grads)
-    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads), **aux}
+    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), **aux}
     return nnx.state(ts), metrics
 
   return jax.jit(
@@ -302,6 +301,12 @@ def fit(
   mesh = mesh or sharding.make_mesh(config_lib.mesh_spec(config))
   num_steps = config.train.num_steps
   spec = abstract_state(create_state, mesh, rules)
+  metrics_lib.log(
+    'mesh %s; %d model parameters, logical -> physical sharding:\n%s',
+    dict(mesh.shape),
+    count_params(spec.state['model']),
+    sharding.describe(spec.state['model'], mesh, rules),
+  )
   ckpt = ckpt_lib.Checkpointer(
     workdir / 'checkpoints',
     every_steps=config.checkpoint.every_steps,
@@ -424,4 +429,5 @@ def _loop(
 
 
 def count_params(state: Any) -> int:
-  return sum(int(jnp.size(x)) for x in jax.tree.leaves(state))
+  """Number of scalars in a (concrete or abstract) state."""
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
