@@ -115,9 +115,14 @@ class Checkpointer:
     meta: Mapping | None = None,
     wait: bool = False,
   ) -> None:
-    """Saves (asynchronously unless `wait`); a step that already exists is left alone."""
+    """Saves (asynchronously unless `wait`), replacing a step that already exists.
+
+    A step can only exist already when a run redoes it after falling back past an unreadable
+    checkpoint, so the old directory is the broken one and must not survive.
+    """
     if step in self._mngr.all_steps():
-      return
+      self._mngr.wait_until_finished()
+      self._mngr.delete(step)
     items = {'state': ocp.args.StandardSave(state)}
     if data_iter is not None:
       items['data'] = grain.checkpoint.CheckpointSave(data_iter)
@@ -226,9 +231,12 @@ def restore_params(path: str | os.PathLike, abstract_model_state: Any) -> Any:
   own optimizer from scratch on top of the loaded weights.
   """
   directory = latest_checkpoint_dir(path)
+  step = None
+  if directory.name.isdigit():  # a step directory
+    directory, step = directory.parent, int(directory.name)
   mngr = ocp.CheckpointManager(directory, item_handlers={'state': ocp.PyTreeCheckpointHandler()})
   try:
-    step = mngr.latest_step()
+    step = mngr.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f'no checkpoint in {directory}')
     target = {'model': abstract_model_state}

@@ -32,6 +32,7 @@ RESUME_MUTABLE = (
   'train.eval_every',
   'checkpoint.*',
   'mesh.*',
+  'sharding.*',
   'debug.*',
   'data.num_workers',
 )
@@ -99,7 +100,12 @@ def _coerce(key: str, old: Any, text: str) -> Any:
       return float(text)
     if isinstance(old, str):
       return text
-    return json.loads(text)
+    try:
+      return json.loads(text)
+    except ValueError:
+      if old is None:  # an unset optional key: a bare word is a string
+        return text
+      raise
   except ValueError as e:
     raise ConfigError(f'config key {key!r} expects {type(old).__name__}, got {text!r}') from e
 

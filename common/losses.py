@@ -26,7 +26,8 @@ def cross_entropy(
     mask = jnp.ones_like(nll)
   mask = mask.astype(jnp.float32)
   count = mask.sum()
-  return (nll * mask).sum() / jnp.maximum(count, 1.0), count
+  # where, not multiply: a non-finite logit at a masked-out position must not poison the loss.
+  return jnp.where(mask > 0, nll * mask, 0.0).sum() / jnp.maximum(count, 1.0), count
 
 
 def next_token_loss(

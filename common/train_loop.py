@@ -382,6 +382,10 @@ def _loop(
   def save(step, wait=False):
     nonlocal last_ckpt
     _check_finite(history, last_ckpt)  # never checkpoint a diverged state
+    if step == last_ckpt:
+      if wait:
+        ckpt.wait()
+      return
     ckpt.save(step, state, data_iter=train_iter, meta={'train': last_train}, wait=wait)
     last_ckpt = step
 
