@@ -22,7 +22,8 @@ import zipfile
 import pytest
 
 from common import assets
-from common.assets import registry, sources
+from common.assets import registry
+from common.assets import sources
 
 REPO = Path(__file__).resolve().parents[2]
 PART0 = b'GGUF' + bytes(range(256)) * 40
