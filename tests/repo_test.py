@@ -52,7 +52,7 @@ def _documented_commands():
   'doc, module, args', list(_documented_commands()), ids=lambda x: str(x)[-60:]
 )
 def test_documented_command_resolves(doc, module, args):
-  if module in ('pytest', 'pip'):
+  if module in ('pytest', 'pip') or module.endswith('.'):  # 'experiments.<p>.main' templates
     return
   spec = importlib.util.find_spec(module)
   assert spec is not None, f'{doc}: module {module} does not exist'

@@ -25,6 +25,12 @@ attn_norm; for llama/qwen2 post_attention_layernorm -> mlp_norm, for gemma3 post
 -> post_attn_norm, pre_feedforward_layernorm -> mlp_norm, post_feedforward_layernorm -> post_mlp_norm.
 RoPE is HF's rotate-half form, so llama.cpp's permuted llama Q/K rows must be un-permuted on load.
 With norm_plus_one the stored scale w is applied as (1 + w), as in HF Gemma (GGUF stores 1 + w).
+
+KV cache: `model(tokens, cache=cache)` (a `common.sampling.kv_cache.KVCache`) appends the new
+tokens' rotated keys and values at `cache.length`, attends over every valid cache slot whose stored
+position is <= the query's (and within the window on local layers), and returns the updated cache
+with the logits. Prefill and decode are the same call with T > 1 or T = 1; this module reaches the
+cache only through its methods (write/read/advance), so it does not import common.sampling.
 """
 
 from __future__ import annotations
@@ -200,6 +206,28 @@ def dot_product_attention(q, k, v, mask, *, scale: float, softcap: float | None 
   return out.reshape(b, t, h, d).astype(v.dtype)
 
 
+def head_major_attention(q, k, v, mask, *, scale: float, softcap: float | None = None):
+  """`dot_product_attention` over kv-head-major keys/values k, v [B, K, S, D] (the KV cache layout).
+
+  The einsums contract with (batch, kv head) leading on both sides, so XLA reads the cache in place
+  instead of transposing every layer's cache on every decode step. Same masking and result as
+  `dot_product_attention` (q [B, T, H, D], mask broadcastable to [B, 1, T, S]).
+  """
+  b, t, h, d = q.shape
+  kv = k.shape[1]
+  q = q.reshape(b, t, kv, h // kv, d)
+  logits = jnp.einsum('btkgd,bksd->bkgts', q, k, preferred_element_type=jnp.float32) * scale
+  if softcap is not None:
+    logits = softcap * jnp.tanh(logits / softcap)
+  mask = mask[:, :, None]  # [B, 1, 1, T, S]
+  probs = jax.nn.softmax(jnp.where(mask, logits, MASKED_LOGIT), axis=-1)
+  probs = jnp.where(jnp.any(mask, axis=-1, keepdims=True), probs, 0.0)
+  out = jnp.einsum(
+    'bkgts,bksd->btkgd', probs.astype(v.dtype), v, preferred_element_type=jnp.float32
+  )
+  return out.reshape(b, t, h, d).astype(v.dtype)
+
+
 def make_attention_mask(
   length: int, *, segment_ids=None, attention_mask=None, causal: bool = True
 ) -> jax.Array:
@@ -216,6 +244,30 @@ def make_attention_mask(
   return mask
 
 
+def cache_attention_mask(
+  q_positions: jax.Array,
+  k_positions: jax.Array,
+  k_valid: jax.Array,
+  *,
+  window: int | None = None,
+  causal: bool = True,
+) -> jax.Array:
+  """Bool mask [B, 1, T, S] for queries at q_positions [B, T] over cache slots [B, S].
+
+  A slot is readable iff it is valid and (causal) its position is <= the query's; on sliding-window
+  layers also |q - k| < window. Positions, not slot indices, decide, so evicted, compacted or
+  inserted entries (StreamMem) and ragged rows need no re-indexing.
+  """
+  q = q_positions[:, None, :, None]
+  k = k_positions[:, None, None, :]
+  mask = jnp.broadcast_to(k_valid[:, None, None, :], (q.shape[0], 1, q.shape[2], k.shape[3]))
+  if causal:
+    mask = mask & (k <= q)
+  if window is not None:
+    mask = mask & (jnp.abs(q - k) < window)
+  return mask
+
+
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
   """Positions that restart at 0 wherever the segment id changes (packed sequences)."""
   idx = jnp.arange(segment_ids.shape[1])[None, :]
@@ -228,7 +280,9 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
 class Attention(nnx.Module):
   """Multi-head attention with GQA, optional qkv bias, qk-norm, sliding window and softcap."""
 
-  def __init__(self, cfg: DecoderConfig, *, local: bool, rngs: nnx.Rngs):
+  def __init__(
+    self, cfg: DecoderConfig, *, local: bool, rngs: nnx.Rngs, layer_idx: int | None = None
+  ):
     h, kv, hd, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_model
     self.q_proj = _linear(cfg, d, h * hd, ('embed', 'heads'), bias=cfg.qkv_bias, rngs=rngs)
     self.k_proj = _linear(cfg, d, kv * hd, ('embed', 'kv_heads'), bias=cfg.qkv_bias, rngs=rngs)
@@ -242,8 +296,25 @@ class Attention(nnx.Module):
     self.rope_theta = (cfg.rope_local_theta or cfg.rope_theta) if local else cfg.rope_theta
     self.scale = (cfg.query_pre_attn_scalar or hd) ** -0.5
     self.softcap = cfg.attn_logit_softcap
+    self.layer_idx = layer_idx  # Which KV-cache layer this module reads and writes.
 
-  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    positions: jax.Array,
+    mask: jax.Array | None,
+    cache: Any = None,
+    *,
+    input_mask: jax.Array | None = None,
+    causal: bool = True,
+  ):
+    """Attention output [B, T, d]; with `cache`, (output, cache with this layer's new entries).
+
+    Without a cache, `mask` [B or 1, 1, T, T] is the whole mask (the window is added here). With
+    one, the mask comes from the cache's positions and validity (`cache_attention_mask`), and
+    `mask`, if not None, is and-ed onto it ([B or 1, 1, T, S]); `input_mask` [B, T] marks which new
+    tokens are real (padding is written as invalid).
+    """
     b, t, _ = x.shape
     q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -255,6 +326,21 @@ class Attention(nnx.Module):
     q = sharding.with_logical_constraint(q, ('batch', 'length', 'heads', 'head_dim'))
     k = sharding.with_logical_constraint(k, ('batch', 'length', 'kv_heads', 'head_dim'))
     v = sharding.with_logical_constraint(v, ('batch', 'length', 'kv_heads', 'head_dim'))
+    if cache is not None:
+      if self.layer_idx is None:
+        raise ValueError('Attention was built without layer_idx, so it cannot use a KV cache')
+      cache = cache.write(self.layer_idx, cache.length, k, v, positions, input_mask)
+      entries = cache.read(self.layer_idx)
+      cmask = cache_attention_mask(
+        positions, entries.positions, entries.valid, window=self.window, causal=causal
+      )
+      if mask is not None:
+        cmask = cmask & mask
+      out = head_major_attention(
+        q, entries.k, entries.v, cmask, scale=self.scale, softcap=self.softcap
+      )
+      out = sharding.with_logical_constraint(out, ('batch', 'length', 'heads', 'head_dim'))
+      return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), cache
     if self.window is not None:
       idx = jnp.arange(t)
       mask = mask & (jnp.abs(idx[:, None] - idx[None, :]) < self.window)
@@ -284,21 +370,27 @@ class Block(nnx.Module):
   def __init__(self, cfg: DecoderConfig, layer_idx: int, *, rngs: nnx.Rngs):
     norm = functools.partial(RMSNorm, cfg.d_model, eps=cfg.norm_eps, plus_one=cfg.norm_plus_one)
     self.attn_norm = norm()
-    self.attn = Attention(cfg, local=cfg.is_local_layer(layer_idx), rngs=rngs)
+    self.attn = Attention(cfg, local=cfg.is_local_layer(layer_idx), rngs=rngs, layer_idx=layer_idx)
     self.post_attn_norm = norm() if cfg.post_norms else None
     self.mlp_norm = norm()
     self.mlp = MLP(cfg, rngs=rngs)
     self.post_mlp_norm = norm() if cfg.post_norms else None
 
-  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-    h = self.attn(self.attn_norm(x), positions, mask)
+  def __call__(
+    self, x: jax.Array, positions: jax.Array, mask: jax.Array | None, cache: Any = None, **kw
+  ):
+    """x [B, T, d] -> x, or (x, cache) when a KV cache is given (see `Attention.__call__`)."""
+    h = self.attn(self.attn_norm(x), positions, mask, cache, **kw)
+    if cache is not None:
+      h, cache = h
     if self.post_attn_norm is not None:
       h = self.post_attn_norm(h)
     x = sharding.with_logical_constraint(x + h, _BTD)
     h = self.mlp(self.mlp_norm(x))
     if self.post_mlp_norm is not None:
       h = self.post_mlp_norm(h)
-    return sharding.with_logical_constraint(x + h, _BTD)
+    x = sharding.with_logical_constraint(x + h, _BTD)
+    return x if cache is None else (x, cache)
 
 
 class Decoder(nnx.Module):
@@ -332,9 +424,18 @@ class Decoder(nnx.Module):
     segment_ids: jax.Array | None = None,
     attention_mask: jax.Array | None = None,
     causal: bool = True,
-  ) -> jax.Array:
-    """Final-normed hidden states [B, T, d_model] in f32 (inputs as in `__call__`)."""
+    cache: Any = None,
+    input_mask: jax.Array | None = None,
+  ):
+    """Final-normed hidden states [B, T, d_model] in f32, or (hidden, cache) with a KV cache.
+
+    Inputs as in `__call__`.
+    """
     cfg = self.cfg
+    if cache is None and input_mask is not None:
+      raise ValueError('input_mask only applies with a KV cache; use attention_mask/segment_ids')
+    if cache is not None and segment_ids is not None:
+      raise ValueError('segment_ids cannot be combined with a KV cache (use positions/input_mask)')
     # Gather the table's fsdp-sharded feature axis first (what FSDP does for every weight anyway):
     # a lookup straight from the (vocab, embed)-sharded table hits XLA's "involuntary full
     # rematerialization" when the result is resharded onto the batch.
@@ -343,6 +444,8 @@ class Decoder(nnx.Module):
     if cfg.embed_scale:
       x = x * jnp.asarray(math.sqrt(cfg.d_model), cfg.compute_dtype)
     x = sharding.with_logical_constraint(x, _BTD)
+    if cache is not None:
+      return self._hidden_states_cached(x, positions, attention_mask, causal, cache, input_mask)
     if positions is None:
       if segment_ids is not None:
         positions = segment_positions(segment_ids)
@@ -354,6 +457,24 @@ class Decoder(nnx.Module):
     for layer in self.layers:
       x = layer(x, positions, mask)
     return self.final_norm(x)
+
+  def _hidden_states_cached(self, x, positions, attention_mask, causal, cache, input_mask):
+    b, t, _ = x.shape
+    input_mask = jnp.ones((b, t), bool) if input_mask is None else input_mask.astype(bool)
+    if positions is None:
+      # Real tokens continue each row's sequence; padding gets a position too but is never read.
+      steps = jnp.cumsum(input_mask, axis=1, dtype=jnp.int32) - 1
+      positions = cache.next_position[:, None] + jnp.maximum(steps, 0)
+    positions = positions.astype(jnp.int32)
+    extra = None
+    if attention_mask is not None:
+      extra = attention_mask.astype(bool)
+      extra = extra[:, None] if extra.ndim == 3 else extra
+    for layer in self.layers:
+      x, cache = layer(x, positions, extra, cache, input_mask=input_mask, causal=causal)
+    last = jnp.max(jnp.where(input_mask, positions + 1, 0), axis=1)
+    cache = cache.advance(t, jnp.maximum(cache.next_position, last))
+    return self.final_norm(x), cache
 
   def logits_from_hidden(self, h: jax.Array) -> jax.Array:
     """f32 logits [..., padded_vocab] from hidden states; padded entries are MASKED_LOGIT."""
@@ -379,6 +500,8 @@ class Decoder(nnx.Module):
     attention_mask: jax.Array | None = None,
     causal: bool = True,
     return_hidden: bool = False,
+    cache: Any = None,
+    input_mask: jax.Array | None = None,
   ):
     """Runs the LM.
 
@@ -391,9 +514,17 @@ class Decoder(nnx.Module):
       attention_mask: bool [B, T, T] or [B, 1, T, T], True = may attend; and-ed with the rest.
       causal: set False for bidirectional attention (e.g. LLM2Vec-style encoders).
       return_hidden: also return the final-normed hidden states.
+      cache: a `common.sampling.kv_cache.KVCache`. The tokens are appended at `cache.length` and
+        attend to every valid cache entry at a position <= their own (see `cache_attention_mask`);
+        positions default to each row's `cache.next_position` onwards (counting real tokens only);
+        attention_mask, if given, is [B, T, S] or [B, 1, T, S] over the cache's slots; segment_ids
+        are not supported.
+      input_mask: bool [B, T], with a cache only: False marks padding (ragged prompts), which is
+        written to the cache as invalid and does not advance the row's position.
 
     Returns:
-      f32 logits [B, T, padded_vocab], or (logits, hidden [B, T, d_model] f32).
+      f32 logits [B, T, padded_vocab], or (logits, hidden [B, T, d_model] f32); with a cache, the
+      updated cache is appended to the tuple: (logits, cache) or (logits, hidden, cache).
     """
     h = self.hidden_states(
       tokens,
@@ -401,6 +532,13 @@ class Decoder(nnx.Module):
       segment_ids=segment_ids,
       attention_mask=attention_mask,
       causal=causal,
+      cache=cache,
+      input_mask=input_mask,
     )
+    if cache is not None:
+      h, cache = h
     logits = self.logits_from_hidden(h)
-    return (logits, h) if return_hidden else logits
+    out = (logits, h) if return_hidden else (logits,)
+    if cache is not None:
+      return (*out, cache)
+    return out if return_hidden else logits

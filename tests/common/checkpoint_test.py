@@ -179,12 +179,14 @@ def test_keep_n_most_recent(tmp_path, trained):
   assert sorted(p.name for p in tmp_path.iterdir()) == ['3', '4']
 
 
-def test_saving_an_existing_step_is_a_no_op(tmp_path, trained, spec):
+def test_saving_an_existing_step_replaces_it(tmp_path, trained, spec):
+  other = _other_state(trained, 1.0)
   with checkpoint.Checkpointer(tmp_path, async_save=False) as ckpt:
     ckpt.save(5, trained)
-    ckpt.save(5, _other_state(trained, 1.0))
+    ckpt.save(5, other)
     r = ckpt.restore(spec.state)
-  testing.assert_trees_equal(r.state, trained)
+    assert ckpt.all_steps() == [5]
+  testing.assert_trees_equal(r.state, other)
 
 
 def test_should_save():

@@ -1,0 +1,267 @@
+"""Decode speed of the JAX sampler vs `transformers.generate` on SmolLM2-135M, same GGUF, same run.
+
+Why it is measured this way: wall times on these shared 2-core VMs swing ~2x (and far more when other
+jobs run), so every number that is compared is taken in the same process, interleaved rep by rep:
+one JAX generation, then one transformers generation of the same prompts, then a sample of the
+machine's limits. The limits are measured here too: streaming-read bandwidth (a jitted `jnp.sum`
+over a 512 MiB float32 array, plus a numpy memcpy for reference) bounds batch-1 decoding, which
+must read every weight once per token; the `jnp.dot` f32 peak (n=2048) bounds large-batch decoding.
+
+Both sides use float32 weights dequantized from the same Q4_1 GGUF (`common.models.loader` for JAX;
+transformers' own GGUF loader, which also dequantizes to f32), greedy decoding of exactly
+--new_tokens tokens (no early stop: min_new_tokens on the transformers side), ragged chat prompts
+left-padded, and all CPU threads (torch.set_num_threads(os.cpu_count())).
+
+  python -m benchmarks.decode                         # batch 1 and 16, 64 new tokens, 3 reps
+  python -m benchmarks.decode --batches=16 --reps=5 --skip_transformers
+
+Per rep: JAX prefill seconds come from the sampler's own phase timings (programs compiled ahead, so
+no compile is timed); decode tok/s = batch * new_tokens / decode seconds (the loop runs one forward
+per token). Transformers: prefill = generate(max_new_tokens=1), decode tok/s = batch * (N - 1) /
+(t(N) - t(1)). Reported: medians and min-max ranges over reps. Needs
+`pip install -r requirements-reference.txt` for the transformers side and
+`python -m common.assets fetch smollm2` for the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+from flax import nnx  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks import train_step  # noqa: E402
+from common import testing  # noqa: E402
+from common.models import loader  # noqa: E402
+from common.sampling import sampler  # noqa: E402
+
+PROMPTS = (
+  'What is the capital of France?',
+  'Write a haiku about the sea.',
+  'Explain photosynthesis in one paragraph.',
+  'Give me three tips for learning a new language.',
+  'What is 17 times 23?',
+  'Translate "good morning" into Spanish and German.',
+  'Why is the sky blue?',
+  'Name five animals that live in the Arctic.',
+  'Summarise the plot of Romeo and Juliet.',
+  'How do I boil an egg?',
+  'What is a prime number? Give two examples.',
+  'Suggest a name for a small coffee shop.',
+  'What causes the seasons on Earth?',
+  'Write one sentence about autumn.',
+  'How many legs does a spider have?',
+  'What does a compiler do?',
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument('--model', default='smollm2')
+  p.add_argument('--batches', default='1,16')
+  p.add_argument('--new_tokens', type=int, default=64)
+  p.add_argument('--reps', type=int, default=3, help='timed reps per batch and implementation')
+  p.add_argument('--dtype', default='float32', help='JAX compute dtype (weights float32)')
+  p.add_argument('--skip_transformers', action='store_true')
+  p.add_argument('--bw_mib', type=int, default=512, help='array size for the bandwidth probe')
+  return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Machine limits.
+
+
+class Limits:
+  """Streaming-read bandwidth and matmul peak, sampled between the timed generations."""
+
+  def __init__(self, mib: int):
+    n = mib * 1024 * 1024 // 4
+    self.host = np.ones(n, np.float32)
+    self.dst = np.empty_like(self.host)
+    self.device = jnp.asarray(self.host)
+    self.sum = jax.jit(jnp.sum)
+    self.sum(self.device).block_until_ready()
+    self.read_gbs: list[float] = []
+    self.memcpy_gbs: list[float] = []
+    self.peak_gflops: list[float] = []
+
+  def sample(self) -> None:
+    for _ in range(3):
+      t0 = time.perf_counter()
+      self.sum(self.device).block_until_ready()
+      self.read_gbs.append(self.host.nbytes / (time.perf_counter() - t0) / 1e9)
+      t0 = time.perf_counter()
+      np.copyto(self.dst, self.host)
+      self.memcpy_gbs.append(2 * self.host.nbytes / (time.perf_counter() - t0) / 1e9)
+    n = 2048
+    self.peak_gflops += [2.0 * n**3 / t / 1e9 for t in train_step.matmul_times(n, 3)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The two implementations.
+
+
+class JaxSide:
+  def __init__(self, args, prompt_ids):
+    jax.config.update('jax_compilation_cache_dir', str(testing.cache_dir('jax_cache')))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+    self.model, self.cfg, self.tok = loader.load_pretrained(args.model, dtype=args.dtype)
+    self.prompt_ids = prompt_ids
+    self.config = sampler.SamplingConfig(
+      max_new_tokens=args.new_tokens, temperature=0.0, pad_id=self.tok.pad_id or 0
+    )
+    self.compile_s: dict[int, float] = {}
+
+  def run(self, batch: int):
+    """(prefill s, decode s, tokens [B, N])."""
+    timings: dict[str, float] = {}
+    out = sampler.generate(
+      self.model, self.prompt_ids[:batch], config=self.config, prompt_bucket=16, timings=timings
+    )
+    self.compile_s.setdefault(batch, timings['compile_s'])
+    return timings['prefill_s'], timings['decode_s'], np.asarray(out.tokens)
+
+
+class TorchSide:
+  def __init__(self, args, prompt_ids, pad_id):
+    import torch  # noqa: PLC0415
+    import transformers  # noqa: PLC0415
+
+    from common import assets  # noqa: PLC0415
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    path = assets.path(args.model)
+    self.torch = torch
+    self.model = transformers.AutoModelForCausalLM.from_pretrained(
+      str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    self.version = f'torch {torch.__version__}, transformers {transformers.__version__}'
+    self.prompt_ids, self.pad_id, self.n = prompt_ids, pad_id, args.new_tokens
+
+  def _generate(self, batch: int, n: int):
+    rows = self.prompt_ids[:batch]
+    width = max(len(r) for r in rows)
+    ids = np.full((batch, width), self.pad_id, np.int64)
+    mask = np.zeros((batch, width), np.int64)
+    for i, r in enumerate(rows):
+      ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
+    with self.torch.no_grad():
+      t0 = time.perf_counter()
+      out = self.model.generate(
+        input_ids=self.torch.tensor(ids),
+        attention_mask=self.torch.tensor(mask),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        pad_token_id=self.pad_id,
+      )
+      return time.perf_counter() - t0, out[:, width:].numpy()
+
+  def run(self, batch: int):
+    t1, _ = self._generate(batch, 1)
+    tn, tokens = self._generate(batch, self.n)
+    return t1, tn - t1, tokens
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def _med_range(xs, digits=1):
+  return f'{statistics.median(xs):.{digits}f} ({min(xs):.{digits}f}-{max(xs):.{digits}f})'
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  batches = [int(b) for b in args.batches.split(',') if b]
+  if max(batches) > len(PROMPTS):
+    print(f'error: at most {len(PROMPTS)} prompts', file=sys.stderr)
+    return 2
+  t0 = time.perf_counter()
+  jx = JaxSide(args, None)
+  prompt_ids = [jx.tok.encode_chat([{'role': 'user', 'content': p}]) for p in PROMPTS]
+  jx.prompt_ids = prompt_ids
+  th = None if args.skip_transformers else TorchSide(args, prompt_ids, jx.tok.pad_id or 0)
+  limits = Limits(args.bw_mib)
+  print(f'setup {time.perf_counter() - t0:.1f} s', file=sys.stderr)
+
+  n = args.new_tokens
+  params = sum(x.size for x in jax.tree.leaves(nnx.state(jx.model, nnx.Param)))
+  weight_bytes = 4 * params
+  results = {}
+  agree = None
+  for b in batches:
+    jx.run(b)  # compile (ahead of time inside) + warm-up
+    if th is not None:
+      th.run(b)  # warm-up
+    rec = {'jax': ([], []), 'hf': ([], [])}
+    for _ in range(args.reps):
+      p, d, jtok = jx.run(b)
+      rec['jax'][0].append(sum(len(x) for x in prompt_ids[:b]) / p)
+      rec['jax'][1].append(b * n / d)
+      if th is not None:
+        p, d, htok = th.run(b)
+        rec['hf'][0].append(sum(len(x) for x in prompt_ids[:b]) / p)
+        rec['hf'][1].append(b * (n - 1) / d)
+        if b == 1 and agree is None:
+          same = np.cumprod(jtok[0] == htok[0])
+          agree = int(same.sum())
+      limits.sample()
+    results[b] = rec
+    print(f'batch {b} done ({time.perf_counter() - t0:.0f} s)', file=sys.stderr)
+
+  read_bw = statistics.median(limits.read_gbs)
+  peak = statistics.median(limits.peak_gflops)
+  cfg = jx.cfg
+  print(
+    f'\nSmolLM2-135M-Instruct decode ({params / 1e6:.1f}M params, f32 weights = '
+    f'{weight_bytes / 2**20:.0f} MiB), greedy, {n} new tokens, chat prompts of '
+    f'{min(map(len, prompt_ids))}-{max(map(len, prompt_ids))} tokens; {args.reps} reps, medians '
+    f'(min-max). JAX {jax.__version__} ({args.dtype} compute)'
+    + (f' vs {th.version}' if th else '')
+    + f'; python {platform.python_version()}, {os.cpu_count()} CPUs.'
+  )
+  print(
+    f'Machine in this run: streaming read {_med_range(limits.read_gbs)} GB/s (jnp.sum, 512 MiB), '
+    f'memcpy {_med_range(limits.memcpy_gbs)} GB/s (read+write), jnp.dot f32 n=2048 peak '
+    f'{_med_range(limits.peak_gflops)} GFLOP/s.'
+  )
+  if agree is not None:
+    print(f'Batch-1 greedy tokens: JAX and transformers agree on the first {agree}/{n}.')
+  print(
+    '\n| impl | batch | prefill tok/s | decode tok/s | decode vs transformers '
+    '| weight read GB/s (/ read bw) | GFLOP/s (/ dot peak) |'
+  )
+  print('|---|---|---|---|---|---|---|')
+  flops_per_token = 2 * params + 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * 64
+  for b in batches:
+    for impl in ('jax', 'hf'):
+      pre, dec = results[b][impl]
+      if not dec:
+        continue
+      med = statistics.median(dec)
+      ratio = ''
+      if impl == 'jax' and results[b]['hf'][1]:
+        ratio = f'{med / statistics.median(results[b]["hf"][1]):.2f}x'
+      steps = med / b  # forward passes per second
+      gbs = weight_bytes * steps / 1e9
+      gflops = flops_per_token * med / 1e9
+      name = 'JAX (common.sampling)' if impl == 'jax' else 'transformers.generate'
+      print(
+        f'| {name} | {b} | {_med_range(pre)} | {_med_range(dec)} | {ratio} '
+        f'| {gbs:.1f} ({gbs / read_bw:.2f}) | {gflops:.1f} ({gflops / peak:.2f}) |'
+      )
+  print(f'\nJAX compile s per batch (not timed above): {jx.compile_s}', file=sys.stderr)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,1 @@
+"""PerSRec: long-history sequential recommendation with personalised tokens (arXiv 2601.03479)."""

@@ -1,0 +1,243 @@
+"""Tests for common.sampling.sampler on `tiny_lm` (a small decoder trained on a Markov language).
+
+Every property is checked against an independent reference: the plain full forward pass of the
+decoder on the finished sequences (logprobs, entropies, greedy argmax, temperatures), each row run
+alone (ragged batches), K tiled copies of a prompt (forking), a first run without stops (stop
+sequences), numpy (top-k / top-p) and the unsharded run (8 fake devices). XLA compiles dominate on
+2 CPU cores (several seconds per sampler program), so the tests share a few static configurations:
+batch 4, prompts bucketed to 16 tokens, 10 new tokens.
+"""
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from common import sharding
+from common import testing
+from common.sampling import sampler
+from common.sampling import schedules
+
+N, BUCKET = 10, 16
+LENGTHS = (5, 9, 2, 13)
+
+
+@pytest.fixture(scope='module')
+def lm():
+  return testing.tiny_lm()
+
+
+@pytest.fixture(scope='module')
+def prompts(lm):
+  return [list(lm.language[100 + i]['tokens'][:n]) for i, n in enumerate(LENGTHS)]
+
+
+KEYS = sampler.row_keys(jax.random.key(0), np.arange(4))
+SAMPLE = sampler.SamplingConfig(max_new_tokens=N, temperature=1.0)
+GREEDY = sampler.SamplingConfig(max_new_tokens=N, temperature=0.0)
+
+
+def _generate(model, prompts, config=SAMPLE, key=KEYS, mask=None, **kw):
+  return sampler.generate(model, prompts, mask, config=config, key=key, prompt_bucket=BUCKET, **kw)
+
+
+@nnx.jit
+def _full_logprobs(model, tokens):
+  return jax.nn.log_softmax(model(tokens), axis=-1)
+
+
+def _reference(model, prompts, gen):
+  """Full-forward log-probs [B, N, V] at the generated positions (rows right-padded to 26)."""
+  tokens = np.zeros((len(prompts), BUCKET + N), np.int32)
+  for i, p in enumerate(prompts):
+    seq = list(p) + list(np.asarray(gen.tokens[i, : int(gen.lengths[i])]))
+    tokens[i, : len(seq)] = seq
+  logp = np.asarray(_full_logprobs(model, jnp.asarray(tokens)))
+  return np.stack([logp[i, len(p) - 1 : len(p) - 1 + N] for i, p in enumerate(prompts)])
+
+
+def _pick(logp, tokens):
+  return np.take_along_axis(logp, np.asarray(tokens)[..., None], axis=-1)[..., 0]
+
+
+def _close(a, b, atol=1e-5):
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=atol, rtol=1e-5)
+
+
+def test_logprobs_and_entropies_match_full_forward(lm, prompts):
+  gen = _generate(lm.model, prompts)
+  assert gen.tokens.shape == (4, N) and gen.tokens.dtype == jnp.int32
+  np.testing.assert_array_equal(gen.lengths, N)
+  assert not np.any(gen.done)
+  ref = _reference(lm.model, prompts, gen)
+  _close(gen.logprobs, _pick(ref, gen.tokens))
+  _close(gen.model_entropies, -(np.exp(ref) * ref).sum(-1), atol=1e-4)
+  # At temperature 1 without truncation the sampling distribution is the model's.
+  _close(gen.sample_logprobs, gen.logprobs)
+  _close(gen.entropies, gen.model_entropies)
+  assert np.all(np.asarray(gen.tokens) < lm.config.vocab_size)
+
+
+def test_ragged_batch_matches_each_row_alone(lm, prompts):
+  left = _generate(lm.model, prompts)
+  tokens, mask = sampler.pad_prompts(prompts, side='right')
+  right = _generate(lm.model, tokens, mask=mask)
+  np.testing.assert_array_equal(right.tokens, left.tokens)
+  _close(right.logprobs, left.logprobs)
+  for i, p in enumerate(prompts):
+    alone = _generate(lm.model, [p], key=KEYS[i : i + 1])
+    np.testing.assert_array_equal(alone.tokens[0], left.tokens[i])
+    _close(alone.logprobs[0], left.logprobs[i])
+
+
+def test_greedy_is_deterministic_argmax(lm, prompts):
+  a = _generate(lm.model, prompts, GREEDY, key=None)
+  b = _generate(lm.model, prompts, GREEDY, key=None)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  ref = _reference(lm.model, prompts, a)
+  np.testing.assert_array_equal(a.tokens, ref.argmax(-1))
+  _close(a.logprobs, ref.max(-1))
+  np.testing.assert_array_equal(a.sample_logprobs, 0.0)
+  np.testing.assert_array_equal(a.entropies, 0.0)
+
+
+def test_sampling_is_deterministic_given_keys(lm, prompts):
+  a = _generate(lm.model, prompts)
+  b = _generate(lm.model, prompts)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  c = _generate(lm.model, prompts, key=sampler.row_keys(jax.random.key(1), np.arange(4)))
+  assert not np.array_equal(a.tokens, c.tokens)
+  # A single key is split by row index: the same as passing row_keys(key, arange(B)).
+  d = _generate(lm.model, prompts, key=jax.random.key(0))
+  np.testing.assert_array_equal(d.tokens, a.tokens)
+  with pytest.raises(ValueError, match='needs a key'):
+    _generate(lm.model, prompts, key=None)
+
+
+def test_temperature_schedule_indexes_generated_positions(lm, prompts):
+  temps = np.array(
+    schedules.ead(tau_max=1.5, tau_min=0.3, decay=4.0, warmup_tokens=2)(np.arange(N))
+  )
+  temps[5] = 0.0  # greedy at generated position 5 only
+  config = sampler.SamplingConfig(max_new_tokens=N, temperature=temps)
+  gen = _generate(lm.model, prompts, config)
+  logits = _reference(lm.model, prompts, gen)  # log-probs are logits up to a per-row constant
+  expected = np.asarray(jax.nn.log_softmax(logits / np.where(temps > 0, temps, 1.0)[:, None], -1))
+  hot = temps > 0
+  _close(gen.sample_logprobs[:, hot], _pick(expected, gen.tokens)[:, hot], atol=2e-5)
+  ent = -(np.exp(expected) * expected).sum(-1)
+  _close(gen.entropies[:, hot], ent[:, hot], atol=1e-4)
+  np.testing.assert_array_equal(gen.tokens[:, 5], logits[:, 5].argmax(-1))
+  np.testing.assert_array_equal(gen.sample_logprobs[:, 5], 0.0)
+  _close(gen.logprobs, _pick(logits, gen.tokens))  # the model's logprobs ignore the temperature
+  # A callable schedule is evaluated on arange(N): same program, same result.
+  same = _generate(lm.model, prompts, sampler.SamplingConfig(N, temperature=lambda t: temps[t]))
+  np.testing.assert_array_equal(same.tokens, gen.tokens)
+  # Per-row schedules [B, N]: row 1 fully greedy.
+  rows = np.broadcast_to(temps, (4, N)).copy()
+  rows[1] = 0.0
+  per_row = _generate(lm.model, prompts, sampler.SamplingConfig(N, temperature=rows))
+  np.testing.assert_array_equal(per_row.entropies[1], 0.0)
+  np.testing.assert_array_equal(per_row.tokens[0], gen.tokens[0])
+
+
+def test_stop_tokens_and_sequences_and_returned_cache(lm, prompts):
+  free = np.asarray(_generate(lm.model, prompts).tokens)
+  seq = (int(free[0, 3]), int(free[0, 4]))  # row 0 must stop at 5 tokens (or earlier)
+  stop_tok = int(free[2, 6])
+  config = sampler.SamplingConfig(
+    N, temperature=1.0, stop_tokens=(stop_tok,), stop_sequences=(seq,)
+  )
+  gen = _generate(lm.model, prompts, config, return_cache=True)
+  for i in range(4):
+    row = list(free[i])
+    end = next(
+      (t + 1 for t in range(N) if row[t] == stop_tok or tuple(row[max(0, t - 1) : t + 1]) == seq),
+      None,
+    )
+    assert bool(gen.done[i]) == (end is not None)
+    end = end or N
+    assert int(gen.lengths[i]) == end
+    np.testing.assert_array_equal(gen.tokens[i, :end], free[i, :end])
+    np.testing.assert_array_equal(gen.tokens[i, end:], config.pad_id)
+    np.testing.assert_array_equal(gen.logprobs[i, end:], 0.0)
+  assert int(gen.lengths[0]) <= 5 and bool(gen.done[0]) and bool(gen.done[2])
+  # The returned cache holds exactly each row's prompt and generated tokens (finished rows' padding
+  # is written as invalid), ready for a next turn.
+  total = np.asarray(LENGTHS) + np.asarray(gen.lengths)
+  np.testing.assert_array_equal(gen.cache.num_valid(), np.broadcast_to(total, (2, 4)))
+  np.testing.assert_array_equal(gen.cache.next_position, total)
+
+
+def test_fork_matches_tiled_copies(lm, prompts):
+  two = prompts[:2]
+  forked = _generate(lm.model, two, key=KEYS[:2], num_samples=2)
+  tiled = _generate(
+    lm.model, [p for p in two for _ in range(2)], key=sampler.fork_keys(KEYS[:2], 2)
+  )
+  np.testing.assert_array_equal(forked.tokens, tiled.tokens)
+  _close(forked.logprobs, tiled.logprobs)
+  assert not np.array_equal(forked.tokens[0], forked.tokens[1])  # distinct samples of one prompt
+
+
+def _np_top_k(x, k):
+  kth = np.sort(x, -1)[..., -k][..., None]
+  return np.where(x >= kth, x, -1e9)
+
+
+def _np_top_p(x, p):
+  out = np.full_like(x, -1e9)
+  for i, row in enumerate(x):
+    order = np.argsort(-row, kind='stable')
+    probs = np.exp(row[order] - row.max())
+    probs /= probs.sum()
+    keep = order[: max(1, int(np.sum(np.cumsum(probs) - probs < p)))]
+    out[i, keep] = row[keep]
+  return out
+
+
+def test_top_k_and_top_p_filters_match_numpy():
+  x = np.random.default_rng(0).normal(size=(3, 50)).astype(np.float32) * 3
+  ks = (1, 5, 50)
+  for k, got in zip(
+    ks, jax.jit(lambda x: [sampler.top_k_filter(x, kk) for kk in ks])(x), strict=True
+  ):
+    np.testing.assert_array_equal(got, _np_top_k(x, k))
+  top_p = jax.jit(sampler.top_p_filter)  # p may be traced: one program for every p
+  for p in (0.0, 0.3, 0.9, 1.0):
+    np.testing.assert_array_equal(top_p(x, p), _np_top_p(x, p))
+  assert np.sum(np.asarray(sampler.top_p_filter(x, 0.0)) > -1e9) == 3  # always keeps one per row
+  # Temperature first, then the filters (HF order).
+  both = sampler.sampling_logits(jnp.asarray(x), jnp.full((3,), 0.5), 5, 0.9)
+  np.testing.assert_allclose(both, _np_top_p(_np_top_k(x / 0.5, 5), 0.9), rtol=1e-6)
+
+
+def test_pad_prompts_and_temperature_arrays():
+  tokens, mask = sampler.pad_prompts([[1, 2, 3], [4]], side='left', pad_id=9)
+  np.testing.assert_array_equal(tokens, [[1, 2, 3], [9, 9, 4]])
+  np.testing.assert_array_equal(mask, [[1, 1, 1], [0, 0, 1]])
+  tokens, mask = sampler.pad_prompts([[1, 2, 3], [4]], side='right')
+  np.testing.assert_array_equal(tokens, [[1, 2, 3], [4, 0, 0]])
+  with pytest.raises(ValueError, match='at least one'):
+    sampler.pad_prompts([[1], []])
+  np.testing.assert_array_equal(sampler.temperature_array(0.7, 3), np.full(3, 0.7, np.float32))
+  np.testing.assert_array_equal(sampler.temperature_array(lambda t: 1.0 / (t + 1), 2), [1.0, 0.5])
+  with pytest.raises(ValueError, match='temperature array'):
+    sampler.temperature_array(np.ones(4), 3)
+
+
+def test_sharded_generation_matches_unsharded(lm, prompts):
+  if jax.device_count() < 8:
+    pytest.skip('needs 8 (fake) devices; tests/conftest.py sets them')
+  ref = _generate(lm.model, prompts)
+  mesh = sharding.make_mesh([('data', 2), ('fsdp', 2), ('tensor', 2)])
+  graphdef, state = nnx.split(lm.model)
+  with nnx.use_eager_sharding(False):
+    shardings = sharding.state_shardings(nnx.state(lm.model), mesh)
+  state = jax.device_put(state, shardings)
+  with jax.set_mesh(mesh):
+    gen = _generate(nnx.merge(graphdef, state), prompts)
+  np.testing.assert_array_equal(gen.tokens, ref.tokens)
+  _close(gen.logprobs, ref.logprobs)
+  _close(gen.entropies, ref.entropies, atol=1e-4)
