@@ -154,7 +154,7 @@ def test_per_user_tokens_fall_back_to_shared_for_unknown_users():
   m = util.model(cfg)
   m.user_offsets[...] = jnp.ones_like(m.user_offsets[...])
   items, ts = util.histories(cfg, 3, seed=3)
-  items[:] = items[0]
+  items[:], ts[:] = items[0], ts[0]
   out = np.asarray(util.forward(m, items, ts, jnp.asarray([0, 99, 2]))[:, -1])
   np.testing.assert_allclose(out[0], out[1], atol=1e-6)  # unknown user 99 == user 0 (shared)
   assert np.abs(out[2] - out[0]).max() > 1e-4
