@@ -5,7 +5,8 @@ example i is a pure function of (config, i): random access, nothing on disk, any
 
   * items 1..num_items fall into `num_categories` equal categories (a seeded permutation), with
     Zipf(`zipf`) popularity inside each category;
-  * long-term interest: 2-3 categories and `favourites_per_category` favourite items in each,
+  * long-term interest: `min_long_term`..`max_long_term` categories (1-2) and
+    `favourites_per_category` (2) favourite items in each,
     drawn by popularity. They dominate OLD history: each item of the old phase (all but the last
     `late_len` items) is a favourite with probability `p_old`, uniformly among the favourites;
   * drifting short-term interest: sessions of geometric length (mean `session_len`); each session
@@ -42,9 +43,9 @@ class SyntheticConfig:
   num_categories: int = 20
   history_len: int = 512
   late_len: int = 128
-  min_long_term: int = 2
-  max_long_term: int = 3
-  favourites_per_category: int = 3
+  min_long_term: int = 1
+  max_long_term: int = 2
+  favourites_per_category: int = 2
   p_old: float = 0.5
   p_late: float = 0.02
   rho: float = 0.3

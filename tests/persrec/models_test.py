@@ -152,7 +152,8 @@ def test_tokens_are_shared_but_their_kv_is_personal():
 def test_per_user_tokens_fall_back_to_shared_for_unknown_users():
   cfg = _cfg(token_mode='per_user', num_users=3)
   m = util.model(cfg)
-  m.user_offsets[...] = jnp.ones_like(m.user_offsets[...])
+  # Random offsets (a constant offset would vanish in the layers' LayerNorm).
+  m.user_offsets[...] = jax.random.normal(jax.random.key(0), m.user_offsets[...].shape)
   items, ts = util.histories(cfg, 3, seed=3)
   items[:], ts[:] = items[0], ts[0]
   out = np.asarray(util.forward(m, items, ts, jnp.asarray([0, 99, 2]))[:, -1])

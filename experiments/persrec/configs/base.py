@@ -57,7 +57,7 @@ def defaults() -> ml_collections.ConfigDict:
       eval_batch_size=128,
       eval_users=1000,  # synthetic: held-out users per split (val and test)
       seed=1234,  # MovieLens: the training order
-      final_target_weight=64.0,  # synthetic: weight of the sequence's held-out-style last target
+      final_target_weight=128.0,  # synthetic: weight of the sequence's held-out-style last target
       exclude_seen=False,  # rank only items the user has not interacted with (MovieLens: True)
       synthetic=ml_collections.ConfigDict(
         dict(
@@ -65,9 +65,9 @@ def defaults() -> ml_collections.ConfigDict:
           num_categories=20,
           history_len=256,
           late_len=64,
-          min_long_term=2,
-          max_long_term=3,
-          favourites_per_category=3,
+          min_long_term=1,
+          max_long_term=2,
+          favourites_per_category=2,
           p_old=0.5,
           p_late=0.02,
           rho=0.3,
