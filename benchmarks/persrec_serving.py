@@ -16,6 +16,8 @@ Timings on the shared 2-core VMs swing ~2x between runs: compare rows of one run
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import platform
 import sys
@@ -42,6 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--batch', type=int, default=1, help='users per call (a request is one user)')
   p.add_argument('--reps', type=int, default=10)
   p.add_argument('--warmup', type=int, default=2)
+  p.add_argument('--json', default='', help='also write the rows here (for projects.persrec.plots)')
   return p.parse_args(argv)
 
 
@@ -70,6 +73,9 @@ def main(argv=None) -> int:
     f'the per-user cache refresh, paid once per refresh, not per request.\n'
   )
   print(cost.table(rows, args.batch))
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump([dataclasses.asdict(r) for r in rows], f, indent=1)
   return 0
 
 

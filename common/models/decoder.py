@@ -39,6 +39,7 @@ from collections.abc import Mapping
 import dataclasses
 import functools
 import math
+import os
 from typing import Any
 
 from flax import nnx
@@ -57,6 +58,9 @@ _INIT_STD = 0.02
 # axis (the usual FSDP/Megatron activation layout) and can be given a rule later.
 ACT_EMBED = 'activation_embed'
 _BTD = ('batch', 'length', ACT_EMBED)
+
+# Up to this many rows of hidden states, the tied LM head multiplies vocabulary-major (decoding).
+_VOCAB_MAJOR_MAX_ROWS = int(os.environ.get('DECODER_VOCAB_MAJOR_MAX_ROWS', 64))
 
 _ACTIVATIONS = {'silu': jax.nn.silu, 'gelu_tanh': functools.partial(jax.nn.gelu, approximate=True)}
 
@@ -481,9 +485,17 @@ class Decoder(nnx.Module):
     dtype = self.cfg.compute_dtype
     if self.lm_head is None:
       table = self.embed.embedding[...].astype(dtype)
-      logits = jnp.einsum(
-        '...d,vd->...v', h.astype(dtype), table, preferred_element_type=jnp.float32
-      )
+      rows = math.prod(h.shape[:-1])
+      if rows <= _VOCAB_MAJOR_MAX_ROWS:
+        # Decoding (a few rows): XLA:CPU runs table @ h^T 2x faster than h @ table^T at 16 rows
+        # (measured on SmolLM2's 49152 x 576 table); the [V, rows] -> [rows, V] transpose is tiny.
+        flat = h.reshape(rows, h.shape[-1]).astype(dtype)
+        logits = jnp.einsum('vd,nd->vn', table, flat, preferred_element_type=jnp.float32)
+        logits = logits.T.reshape(*h.shape[:-1], table.shape[0])
+      else:
+        logits = jnp.einsum(
+          '...d,vd->...v', h.astype(dtype), table, preferred_element_type=jnp.float32
+        )
     else:
       logits = self.lm_head(h).astype(jnp.float32)
     if logits.ndim == 3:

@@ -1,9 +1,10 @@
 """GGUF architectures -> DecoderConfig and decoder parameter paths, one entry per model family.
 
-llama.cpp's GGUF files describe a model twice: hyperparameters as `{arch}.*` metadata keys and weights
-as `blk.{i}.*` tensors in the llama.cpp layout. This module is the one place that knows how each
-supported architecture maps onto `common.models.decoder` (the loader in `common.models.loader` only
-reads, converts and places arrays), so adding a family means adding one `Family` here.
+llama.cpp's GGUF files describe a model twice: hyperparameters as `{arch}.*` metadata keys and
+weights as `blk.{i}.*` tensors in the llama.cpp layout. This module is the one place that knows how
+each supported architecture maps onto `common.models.decoder` (the loader in
+`common.models.loader` only reads, converts and places arrays), so adding a family means adding
+one `Family` here.
 
 Conventions chosen (and tested against numpy references and, with real weights, `transformers`):
   * Kernels are (in, out): a GGUF matrix dequantizes to numpy (out, in), HF's nn.Linear layout, and
@@ -18,7 +19,8 @@ Conventions chosen (and tested against numpy references and, with real weights, 
     transformers does. Qwen2.5-0.5B is tied upstream, but this GGUF quantized the head separately
     (Q8_0 vs Q5_0 for the embedding), so keeping it reproduces the reference logits.
   * Metadata the GGUF does not carry falls back to what llama.cpp and transformers assume for the
-    architecture (gemma3: every 6th layer global, local RoPE base 1e4, query scale head_dim ** -0.5).
+    architecture (gemma3: every 6th layer global, local RoPE base 1e4, query scale
+    head_dim ** -0.5).
 """
 
 from __future__ import annotations

@@ -17,9 +17,10 @@ built tokenizer. Later loads memory-map those files and each device reads only i
 replicated host copy of the model is ever built. The conversion is atomic (written to a temporary
 directory, then renamed) and serialised by a file lock, so concurrent first loads are safe.
 
-GGUF reading uses the `gguf` library (its GGUFReader and `gguf.quants.dequantize`) with one speed fix:
-`_FastReader` reads metadata arrays as whole numpy slices instead of one memmap view per element
-(Gemma's header: 2.5 s instead of 30-90 s), with identical results (tested against GGUFReader).
+GGUF reading uses the `gguf` library (its GGUFReader and `gguf.quants.dequantize`) with one speed
+fix: `_FastReader` reads metadata arrays as whole numpy slices instead of one memmap view per
+element (Gemma's header: 2.5 s instead of 30-90 s), with identical results (tested against
+GGUFReader).
 
 Errors are one line and name the fix: a missing asset raises the AssetError of `common.assets`; a
 truncated or corrupt GGUF or a checksum mismatch names `python -m common.assets fetch --force NAME`
@@ -106,7 +107,8 @@ def _reader_class():
     GGUFReader builds a list of small memmap views for every element of every array field (Gemma's
     262k tokens, scores and types: ~800k views), and np.memmap's per-view overhead makes that take
     tens of seconds. Here `data` is a plain ndarray view of the same mapping, and numeric arrays are
-    read as one part; `ReaderField.contents()` gives the same values (tests/common/models/gguf_test).
+    read as one part; `ReaderField.contents()` gives the same values
+    (tests/common/models/gguf_test).
     """
 
     @property

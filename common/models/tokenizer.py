@@ -52,7 +52,7 @@ LLAMA3_SPLIT = (
   r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
   r'| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+'
 )
-# tokenizer.ggml.pre -> split regex (the names llama.cpp writes; transformers maps them the same way).
+# tokenizer.ggml.pre -> split regex (llama.cpp's names; transformers maps them the same way).
 PRE_TOKENIZERS = {
   'default': GPT2_SPLIT,
   'gpt2': GPT2_SPLIT,
@@ -165,7 +165,7 @@ class Tokenizer(abc.ABC):
   # -- public API -----------------------------------------------------------------------------------
 
   def encode(self, text: str, add_bos: bool | None = None, add_eos: bool = False) -> list[int]:
-    """Token ids of `text`; special tokens written in the text (e.g. '<|im_start|>') become their ids.
+    """Token ids of `text`; special tokens written in it (e.g. '<|im_start|>') become their ids.
 
     add_bos: prepend BOS; None uses the model's default (Gemma yes, SmolLM2 / Qwen no).
     """

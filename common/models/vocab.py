@@ -1,4 +1,4 @@
-"""Adding tokens to a pretrained model: the tokenizer learns them, the embedding grows rows for them.
+"""Adding tokens to a pretrained model: the tokenizer learns them, the embedding gets rows for them.
 
 Several papers add special tokens (PerSRec's personalised item tokens, reasoning or routing markers,
 GEM's summary tokens). `extend_vocab` does the two halves together so ids and rows cannot drift
@@ -8,7 +8,7 @@ recompile for a new parameter shape; only when the padding is used up are the em
 untied head) re-padded, keeping their sharding.
 
 Initialisation. 'mean' (default) sets every new row to the mean of the existing embeddings: the new
-token's logit then equals the average logit and the model's distribution over old tokens barely moves
+token's logit then equals the average logit and the distribution over old tokens barely moves
 (Hewitt, "Initializing new word embeddings for pretrained language models", 2021). 'normal' draws
 each new row from a Gaussian with the existing rows' per-dimension mean and standard deviation, so
 several new tokens are distinguishable from the start. An untied output head gets the same treatment

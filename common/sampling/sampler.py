@@ -365,7 +365,7 @@ def generate(
   key: Any = None,
   num_samples: int = 1,
   cache: kv_cache.KVCache | None = None,
-  prompt_bucket: int = 32,
+  prompt_bucket: int = 16,
   return_cache: bool = False,
   timings: dict[str, float] | None = None,
 ) -> Generation:

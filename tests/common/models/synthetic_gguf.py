@@ -1,9 +1,9 @@
 """Tiny GGUF files in each family's llama.cpp layout, plus a numpy reference forward on them.
 
 The reference reads the GGUF tensors as llama.cpp does, independently of common.models.families:
-llama rotates adjacent pairs of the stored (permuted) Q/K rows (GGML "normal" RoPE), gemma3 and qwen2
-rotate halves (NeoX), Gemma norms multiply by the stored scale (which already includes the +1). A
-loader that gets a transpose, the un-permutation or the norm offset wrong cannot match it.
+llama rotates adjacent pairs of the stored (permuted) Q/K rows (GGML "normal" RoPE), gemma3 and
+qwen2 rotate halves (NeoX), Gemma norms multiply by the stored scale (which already includes the
++1). A loader that gets a transpose, the un-permutation or the norm offset wrong cannot match it.
 
 Weights are random; matrices are written in several quantized types (Q8_0, Q4_1, Q5_0, F16, and
 Q4_K / Q6_K from random blocks, since gguf-py cannot quantize K-quants) and the reference uses their

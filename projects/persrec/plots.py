@@ -1,0 +1,71 @@
+"""The README figure: test recall@10 and serving time per request vs history length.
+
+  python -m projects.persrec.plots --runs=/tmp/ps_runs --serving=/tmp/persrec_serving.json \
+    --out=projects/persrec/history_length.png
+
+Left: test recall_10 of finished runs (results.json) against the history window they read (full
+and recent: P + R; persrec: P + R with P compressed into k tokens), one point per run. Right: the
+measured per-request serving time (benchmarks/persrec_serving.py --json) against P, for the full
+model, PerSRec's cached request and the recent-only model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+
+
+def run_points(runs: pathlib.Path) -> dict[str, list[tuple[int, float]]]:
+  """{arm: [(window P + R, test recall_10)]} from every finished run under `runs`."""
+  out: dict[str, list[tuple[int, float]]] = {}
+  for res in sorted(runs.glob('*/results.json')):
+    cfg = json.loads((res.parent / 'config.json').read_text())
+    if cfg['data']['source'] != 'synthetic' or cfg['arm'] not in ('full', 'recent', 'persrec'):
+      continue
+    window = cfg['model']['old_len'] + cfg['model']['recent_len']
+    out.setdefault(cfg['arm'], []).append(
+      (window, json.loads(res.read_text())['eval']['test/recall_10'])
+    )
+  return {k: sorted(v) for k, v in out.items()}
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument('--runs', required=True)
+  p.add_argument('--serving', required=True)
+  p.add_argument('--out', required=True)
+  args = p.parse_args(argv)
+  import matplotlib  # noqa: PLC0415
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+  for arm, pts in run_points(pathlib.Path(args.runs)).items():
+    left.plot([w for w, _ in pts], [r for _, r in pts], 'o' if arm == 'recent' else '.-', label=arm)
+  left.set(xscale='log', xlabel='history window P + R (items)', ylabel='test recall@10')
+  left.set_title('synthetic long histories (one point per run)')
+  rows = json.loads(pathlib.Path(args.serving).read_text())
+  for arm in ('full', 'persrec', 'recent'):
+    pts = sorted(
+      (r['old_len'], statistics.median(r['times']) * 1e3) for r in rows if r['arm'] == arm
+    )
+    if arm == 'recent':
+      right.axhline(pts[0][1], linestyle='--', color='C2', label='recent (R only)')
+    else:
+      right.plot([x for x, _ in pts], [y for _, y in pts], '.-', label=arm)
+  right.set(xscale='log', yscale='log', xlabel='old items P (R = 256)', ylabel='ms per request')
+  right.set_title('serving time per request (median)')
+  for ax in (left, right):
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(args.out, metadata={'Software': None})
+  print(f'wrote {args.out}')
+  return 0
+
+
+if __name__ == '__main__':
+  raise SystemExit(main())
