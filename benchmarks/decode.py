@@ -72,6 +72,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--reps', type=int, default=3, help='timed reps per batch and implementation')
   p.add_argument('--dtype', default='float32', help='JAX compute dtype (weights float32)')
   p.add_argument('--skip_transformers', action='store_true')
+  p.add_argument(
+    '--torch_threads',
+    default=str(os.cpu_count() or 1),
+    help='comma-separated torch thread counts to measure; ratios use the fastest (torch with all '
+    'threads collapses when other jobs load the machine, 1 thread does not)',
+  )
   p.add_argument('--bw_mib', type=int, default=512, help='array size for the bandwidth probe')
   return p.parse_args(argv)
 
@@ -132,13 +138,13 @@ class JaxSide:
 
 
 class TorchSide:
-  def __init__(self, args, prompt_ids, pad_id):
+  def __init__(self, args, prompt_ids, pad_id, threads: int):
     import torch  # noqa: PLC0415
     import transformers  # noqa: PLC0415
 
     from common import assets  # noqa: PLC0415
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    self.threads = threads
     path = assets.path(args.model)
     self.torch = torch
     self.model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -154,6 +160,7 @@ class TorchSide:
     mask = np.zeros((batch, width), np.int64)
     for i, r in enumerate(rows):
       ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
+    self.torch.set_num_threads(self.threads)
     with self.torch.no_grad():
       t0 = time.perf_counter()
       out = self.model.generate(
@@ -186,34 +193,44 @@ def main(argv=None) -> int:
     print(f'error: at most {len(PROMPTS)} prompts', file=sys.stderr)
     return 2
   t0 = time.perf_counter()
+  load_start = os.getloadavg()[0]
   jx = JaxSide(args, None)
   prompt_ids = [jx.tok.encode_chat([{'role': 'user', 'content': p}]) for p in PROMPTS]
   jx.prompt_ids = prompt_ids
-  th = None if args.skip_transformers else TorchSide(args, prompt_ids, jx.tok.pad_id or 0)
+  pad = jx.tok.pad_id or 0
+  torches = []
+  if not args.skip_transformers:
+    threads = [int(x) for x in args.torch_threads.split(',') if x]
+    first = TorchSide(args, prompt_ids, pad, threads[0])
+    torches = [first] + [_with_threads(first, t) for t in threads[1:]]
   limits = Limits(args.bw_mib)
   print(f'setup {time.perf_counter() - t0:.1f} s', file=sys.stderr)
 
   n = args.new_tokens
   params = sum(x.size for x in jax.tree.leaves(nnx.state(jx.model, nnx.Param)))
   weight_bytes = 4 * params
+  impls = ['jax'] + [f'hf{th.threads}' for th in torches]
   results = {}
   agree = None
+  stops = set(jx.tok.stop_ids)
   for b in batches:
     jx.run(b)  # compile (ahead of time inside) + warm-up
-    if th is not None:
+    for th in torches:
       th.run(b)  # warm-up
-    rec = {'jax': ([], []), 'hf': ([], [])}
+    rec = {impl: ([], []) for impl in impls}
+    prompt_tokens = sum(len(x) for x in prompt_ids[:b])
     for _ in range(args.reps):
       p, d, jtok = jx.run(b)
-      rec['jax'][0].append(sum(len(x) for x in prompt_ids[:b]) / p)
+      rec['jax'][0].append(prompt_tokens / p)
       rec['jax'][1].append(b * n / d)
-      if th is not None:
+      for th in torches:
         p, d, htok = th.run(b)
-        rec['hf'][0].append(sum(len(x) for x in prompt_ids[:b]) / p)
-        rec['hf'][1].append(b * (n - 1) / d)
+        rec[f'hf{th.threads}'][0].append(prompt_tokens / p)
+        rec[f'hf{th.threads}'][1].append(b * (n - 1) / d)
         if b == 1 and agree is None:
-          same = np.cumprod(jtok[0] == htok[0])
-          agree = int(same.sum())
+          # Up to the first stop token: transformers suppresses EOS (min_new_tokens) to force N.
+          end = next((i + 1 for i, x in enumerate(jtok[0]) if int(x) in stops), n)
+          agree = (int(np.cumprod(jtok[0, :end] == htok[0, :end]).sum()), end)
       limits.sample()
     results[b] = rec
     print(f'batch {b} done ({time.perf_counter() - t0:.0f} s)', file=sys.stderr)
@@ -221,46 +238,56 @@ def main(argv=None) -> int:
   read_bw = statistics.median(limits.read_gbs)
   peak = statistics.median(limits.peak_gflops)
   cfg = jx.cfg
+  versions = f' vs {torches[0].version}' if torches else ''
   print(
     f'\nSmolLM2-135M-Instruct decode ({params / 1e6:.1f}M params, f32 weights = '
     f'{weight_bytes / 2**20:.0f} MiB), greedy, {n} new tokens, chat prompts of '
     f'{min(map(len, prompt_ids))}-{max(map(len, prompt_ids))} tokens; {args.reps} reps, medians '
-    f'(min-max). JAX {jax.__version__} ({args.dtype} compute)'
-    + (f' vs {th.version}' if th else '')
-    + f'; python {platform.python_version()}, {os.cpu_count()} CPUs.'
+    f'(min-max). JAX {jax.__version__} ({args.dtype} compute){versions}; python '
+    f'{platform.python_version()}, {os.cpu_count()} CPUs; load average {load_start:.1f} at the '
+    f'start, {os.getloadavg()[0]:.1f} at the end (other jobs on the VM).'
   )
   print(
-    f'Machine in this run: streaming read {_med_range(limits.read_gbs)} GB/s (jnp.sum, 512 MiB), '
-    f'memcpy {_med_range(limits.memcpy_gbs)} GB/s (read+write), jnp.dot f32 n=2048 peak '
-    f'{_med_range(limits.peak_gflops)} GFLOP/s.'
+    f'Machine in this run: streaming read {_med_range(limits.read_gbs)} GB/s (jnp.sum, '
+    f'{args.bw_mib} MiB), memcpy {_med_range(limits.memcpy_gbs)} GB/s (read+write), jnp.dot f32 '
+    f'n=2048 peak {_med_range(limits.peak_gflops)} GFLOP/s.'
   )
   if agree is not None:
-    print(f'Batch-1 greedy tokens: JAX and transformers agree on the first {agree}/{n}.')
+    print(
+      f'Batch-1 greedy tokens: JAX and transformers agree on {agree[0]}/{agree[1]} (up to the '
+      'first stop token).'
+    )
   print(
-    '\n| impl | batch | prefill tok/s | decode tok/s | decode vs transformers '
+    '\n| impl | batch | prefill tok/s | decode tok/s | decode vs best transformers '
     '| weight read GB/s (/ read bw) | GFLOP/s (/ dot peak) |'
   )
   print('|---|---|---|---|---|---|---|')
   flops_per_token = 2 * params + 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * 64
   for b in batches:
-    for impl in ('jax', 'hf'):
+    hf_best = max(
+      (statistics.median(results[b][i][1]) for i in impls[1:] if results[b][i][1]), default=None
+    )
+    for impl in impls:
       pre, dec = results[b][impl]
-      if not dec:
-        continue
       med = statistics.median(dec)
-      ratio = ''
-      if impl == 'jax' and results[b]['hf'][1]:
-        ratio = f'{med / statistics.median(results[b]["hf"][1]):.2f}x'
-      steps = med / b  # forward passes per second
-      gbs = weight_bytes * steps / 1e9
+      ratio = f'{med / hf_best:.2f}x' if impl == 'jax' and hf_best else ''
+      gbs = weight_bytes * med / b / 1e9  # one weight read per forward pass
       gflops = flops_per_token * med / 1e9
-      name = 'JAX (common.sampling)' if impl == 'jax' else 'transformers.generate'
+      name = 'JAX (common.sampling)' if impl == 'jax' else f'transformers.generate, {impl[2:]} thr'
       print(
         f'| {name} | {b} | {_med_range(pre)} | {_med_range(dec)} | {ratio} '
         f'| {gbs:.1f} ({gbs / read_bw:.2f}) | {gflops:.1f} ({gflops / peak:.2f}) |'
       )
   print(f'\nJAX compile s per batch (not timed above): {jx.compile_s}', file=sys.stderr)
   return 0
+
+
+def _with_threads(side: TorchSide, threads: int) -> TorchSide:
+  """The same loaded transformers model, run with another torch thread count."""
+  other = object.__new__(TorchSide)
+  other.__dict__.update(side.__dict__)
+  other.threads = threads
+  return other
 
 
 if __name__ == '__main__':

@@ -220,15 +220,25 @@ def head_major_attention(q, k, v, mask, *, scale: float, softcap: float | None =
   b, t, h, d = q.shape
   kv = k.shape[1]
   q = q.reshape(b, t, kv, h // kv, d)
-  logits = jnp.einsum('btkgd,bksd->bkgts', q, k, preferred_element_type=jnp.float32) * scale
+  if t == 1:
+    # One query per row (decoding): multiply-and-reduce fusions beat XLA:CPU's batched matmul of
+    # [G, D] x [D, S] blocks (about 1.4x over 30 SmolLM2 layers at batch 16).
+    qf = q[:, 0, :, :, None, :].astype(jnp.float32)  # [B, K, G, 1, D]
+    logits = jnp.sum(qf * k[:, :, None].astype(jnp.float32), axis=-1)[:, :, :, None] * scale
+  else:
+    logits = jnp.einsum('btkgd,bksd->bkgts', q, k, preferred_element_type=jnp.float32) * scale
   if softcap is not None:
     logits = softcap * jnp.tanh(logits / softcap)
   mask = mask[:, :, None]  # [B, 1, 1, T, S]
   probs = jax.nn.softmax(jnp.where(mask, logits, MASKED_LOGIT), axis=-1)
   probs = jnp.where(jnp.any(mask, axis=-1, keepdims=True), probs, 0.0)
-  out = jnp.einsum(
-    'bkgts,bksd->btkgd', probs.astype(v.dtype), v, preferred_element_type=jnp.float32
-  )
+  if t == 1:
+    out = jnp.sum(probs[:, :, :, 0, :, None] * v[:, :, None].astype(jnp.float32), axis=3)
+    out = out[:, None]  # [B, 1, K, G, D]
+  else:
+    out = jnp.einsum(
+      'bkgts,bksd->btkgd', probs.astype(v.dtype), v, preferred_element_type=jnp.float32
+    )
   return out.reshape(b, t, h, d).astype(v.dtype)
 
 

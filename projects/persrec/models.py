@@ -518,8 +518,12 @@ class SeqRec(nnx.Module):
       rngs=rngs,
     )
     # Shared by every user (public code): personal only through their K/V over the old items.
+    # Initialised at the item embeddings' scale, not the public code's randn (std 1): a large token
+    # input dominates its residual stream, so the old-history summary the token's rows add stays
+    # a small perturbation and its K/V barely differ between users (seen here: PerSRec stuck at
+    # the recent-only recall on the synthetic data with std 1).
     self.tokens = nnx.data(
-      _param(nnx.initializers.normal(1.0), (None, 'embed'), (cfg.num_tokens, cfg.d_model), rngs)
+      _param(normal, (None, 'embed'), (cfg.num_tokens, cfg.d_model), rngs)
       if cfg.token_mode in ('learned', 'per_user')
       else None
     )

@@ -213,6 +213,23 @@ def test_top_k_and_top_p_filters_match_numpy():
   np.testing.assert_allclose(both, _np_top_p(_np_top_k(x / 0.5, 5), 0.9), rtol=1e-6)
 
 
+def test_sample_categorical_frequencies_and_support():
+  probs = np.array([0.5, 0.0, 0.2, 0.0, 0.25, 0.05] + [0.0] * 250, np.float32)  # 2 blocks of 128
+  logp = jnp.log(jnp.broadcast_to(jnp.asarray(probs), (20000, 256)))
+  keys = sampler.row_keys(jax.random.key(3), np.arange(20000))
+  draws = np.asarray(jax.jit(sampler.sample_categorical)(keys, logp))
+  counts = np.bincount(draws, minlength=256)
+  assert counts[probs == 0].sum() == 0  # zero-probability tokens never drawn
+  np.testing.assert_allclose(counts / 20000, probs, atol=0.015)
+  # The second block is reached too.
+  probs2 = np.zeros(256, np.float32)
+  probs2[[3, 200]] = 0.5
+  draws2 = np.asarray(
+    jax.jit(sampler.sample_categorical)(keys[:2000], jnp.log(jnp.broadcast_to(probs2, (2000, 256))))
+  )
+  assert set(np.unique(draws2)) == {3, 200} and 800 < np.sum(draws2 == 200) < 1200
+
+
 def test_pad_prompts_and_temperature_arrays():
   tokens, mask = sampler.pad_prompts([[1, 2, 3], [4]], side='left', pad_id=9)
   np.testing.assert_array_equal(tokens, [[1, 2, 3], [9, 9, 4]])
