@@ -50,9 +50,29 @@ def parse_args(argv=None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
+_DTYPES = ('float32', 'bfloat16')
+
+
 def _enable_compilation_cache() -> None:
+  """The persistent cache (unless the environment already chose one, as the tests do)."""
+  if jax.config.jax_compilation_cache_dir:
+    return
   jax.config.update('jax_compilation_cache_dir', str(testing.cache_dir('jax_cache')))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
+
+def check_args(args: argparse.Namespace) -> None:
+  """Flag values the sampler would reject deep inside, as one line each."""
+  if args.max_new_tokens < 1:
+    raise errors.UserError(f'--max_new_tokens must be >= 1, got {args.max_new_tokens}')
+  if args.top_k is not None and args.top_k < 1:
+    raise errors.UserError(f'--top_k must be >= 1, got {args.top_k}')
+  if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+    raise errors.UserError(f'--top_p must be in (0, 1], got {args.top_p}')
+  if args.dtype not in _DTYPES:
+    raise errors.UserError(f'--dtype must be one of {", ".join(_DTYPES)}, got {args.dtype!r}')
+  if (args.top_k is not None or args.top_p is not None) and args.temperature <= 0:
+    raise errors.UserError('--top_k/--top_p need --temperature > 0 (temperature 0 is greedy)')
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -77,6 +97,7 @@ def encode(tokenizer, prompts: list[str], *, raw: bool, system: str | None) -> l
 def main(argv=None) -> int:
   args = parse_args(argv)
   try:
+    check_args(args)
     prompts = read_prompts(args)
     _enable_compilation_cache()
     model, _, tokenizer = loader.load_pretrained(args.model, dtype=args.dtype)
