@@ -1,0 +1,1 @@
+"""Adapters on frozen linear layers (core: selection, freezing, merging, saving; lora: LoRA)."""
