@@ -1,0 +1,90 @@
+"""Token-level clipped policy-gradient surrogate with a k3 KL penalty to a frozen reference.
+
+For response token t of sequence i with advantage A_i (one per sequence, from common.rl.advantages):
+
+  rho_t   = exp(logp_t - logp_old_t)                          (ratio to the behaviour policy)
+  pg_t    = -min(rho_t A_i, clip(rho_t, 1 - clip_low, 1 + clip_high) A_i)
+  kl_t    = exp(ref_t - logp_t) - (ref_t - logp_t) - 1        (Schulman's k3 estimator, >= 0)
+  loss_t  = pg_t + kl_coef * kl_t
+
+aggregated over valid tokens by `agg`:
+  'token-mean'          sum_t loss_t / sum_t 1 over the whole batch (DAPO's token-level loss)
+  'sequence-mean'       mean_i of (sum_t loss_t / |o_i|) (GRPO's original per-sequence mean)
+  'sequence-sum-norm'   mean_i of (sum_t loss_t / max_len) (Dr. GRPO: no length normalisation)
+
+DAPO's clip-higher is clip_high > clip_low. With kl_coef = 0 and A_i = 0 a sequence contributes
+exactly zero loss and zero gradient (the all-fail-group invariant).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+AGGREGATIONS = ('token-mean', 'sequence-mean', 'sequence-sum-norm')
+
+
+def k3_kl(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
+  """Per-token k3 estimate of KL(pi || pi_ref): exp(r) - r - 1 with r = ref - logp (>= 0)."""
+  r = ref_logp - logp
+  return jnp.exp(r) - r - 1.0
+
+
+def aggregate(per_token: jax.Array, mask: jax.Array, agg: str) -> jax.Array:
+  """Reduces [B, T] per-token values over valid tokens (mask) to a scalar by `agg`."""
+  m = mask.astype(jnp.float32)
+  x = jnp.where(m > 0, per_token, 0.0)
+  if agg == 'token-mean':
+    return x.sum() / jnp.maximum(m.sum(), 1.0)
+  if agg == 'sequence-mean':
+    per_seq = x.sum(-1) / jnp.maximum(m.sum(-1), 1.0)
+    return per_seq.mean()
+  if agg == 'sequence-sum-norm':
+    return (x.sum(-1) / per_token.shape[-1]).mean()
+  raise ValueError(f'unknown loss aggregation {agg!r}; expected one of {AGGREGATIONS}')
+
+
+def policy_loss(
+  logp: jax.Array,
+  old_logp: jax.Array,
+  advantages: jax.Array,
+  mask: jax.Array,
+  *,
+  ref_logp: jax.Array | None = None,
+  clip_low: float = 0.2,
+  clip_high: float = 0.2,
+  kl_coef: float = 0.0,
+  agg: str = 'token-mean',
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(loss, metrics) of the clipped surrogate; logp/old_logp/ref_logp/mask [B, T], advantages [B].
+
+  Metrics (token means over valid tokens): pg_loss, kl, clip_frac (tokens whose clipped branch is
+  active), ratio_mean, ratio_max_dev (max |rho - 1|).
+  """
+  m = mask.astype(jnp.float32)
+  valid = m > 0
+  a = advantages.astype(jnp.float32)[:, None]
+  ratio = jnp.exp(jnp.where(valid, logp - old_logp, 0.0))
+  clipped = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
+  surrogate = jnp.minimum(ratio * a, clipped * a)
+  pg = -surrogate
+  per_token = pg
+  if ref_logp is not None and kl_coef:
+    kl = k3_kl(logp, jnp.where(valid, ref_logp, logp))
+    per_token = per_token + kl_coef * kl
+  elif ref_logp is not None:
+    kl = jax.lax.stop_gradient(k3_kl(logp, jnp.where(valid, ref_logp, logp)))
+  else:
+    kl = jnp.zeros_like(logp)
+  loss = aggregate(per_token, m, agg)
+  n = jnp.maximum(m.sum(), 1.0)
+  tok_mean = lambda x: jnp.where(valid, x, 0.0).sum() / n  # noqa: E731
+  is_clipped = valid & (ratio * a != surrogate)
+  metrics = {
+    'pg_loss': aggregate(pg, m, agg),
+    'kl': tok_mean(jax.lax.stop_gradient(kl)),
+    'clip_frac': tok_mean(is_clipped.astype(jnp.float32)),
+    'ratio_mean': tok_mean(jax.lax.stop_gradient(ratio)),
+    'ratio_max_dev': jnp.max(jnp.where(valid, jnp.abs(jax.lax.stop_gradient(ratio) - 1.0), 0.0)),
+  }
+  return loss, metrics
