@@ -24,6 +24,8 @@ import numpy as np
 
 from projects.persrec import models
 
+ARMS = ('recent', 'full', 'persrec', 'compress')
+
 
 @dataclasses.dataclass
 class Row:
@@ -65,16 +67,21 @@ def measure(
   reps: int = 10,
   warmup: int = 2,
   seed: int = 0,
+  arms: Sequence[str] = ARMS,
 ) -> list[Row]:
   """Rows (old_len, arm, FLOPs per request (one user), seconds per call of `batch` users).
 
   `base` gives the shapes (recent_len R, tokens k, layers...); token_mode/old_len are overridden.
-  The recent-only model does not depend on P and is measured once (old_len 0).
+  The recent-only model does not depend on P and is measured once (old_len 0). `arms`: which of
+  ARMS to build and time (each costs a compile).
   """
+  unknown = set(arms) - set(ARMS)
+  if unknown:
+    raise ValueError(f'unknown arms {sorted(unknown)}; use some of {ARMS}')
   rng = np.random.default_rng(seed)
   r = base.recent_len
   recent_cfg = _config(base, 0, 'none')
-  recent_model = _build(recent_cfg)
+  recent_model = _build(recent_cfg) if 'recent' in arms else None
   single = nnx.jit(lambda m, i: m.user_vectors(i))
   serve = nnx.jit(lambda m, c, i: m.serve(c, i))
   compress = nnx.jit(lambda m, i: m.compress(i))
@@ -89,7 +96,8 @@ def measure(
   ]
   for p in old_lens:
     full_cfg, per_cfg = _config(base, p, 'none'), _config(base, p, 'learned')
-    full_model, per_model = _build(full_cfg), _build(per_cfg)
+    full_model = _build(full_cfg) if 'full' in arms else None
+    per_model = _build(per_cfg)
     items = jnp.asarray(rng.integers(1, base.num_items + 1, (batch, p + r)), jnp.int32)
     old, recent = items[:, :p], items[:, p:]
     cache = compress(per_model, old)
@@ -104,6 +112,7 @@ def measure(
       ('persrec', p, flops['request'], lambda m=per_model, c=cache, i=recent: serve(m, c, i)),
       ('compress', p, flops['compress'], lambda m=per_model, i=old: compress(m, i)),
     ]
+  jobs = [j for j in jobs if j[0] in arms]
   times: list[list[float]] = [[] for _ in jobs]
   for _ in range(warmup):
     for j in jobs:

@@ -3,6 +3,8 @@ against independent numpy references, ids and short histories, and the cost mode
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -337,3 +339,22 @@ def test_eval_scores_fall_back_to_popularity_without_a_known_item():
   target = jnp.asarray([1, cfg.num_items, cfg.num_items])
   ranks = np.asarray(metrics.ranks(jnp.asarray(s), target, jnp.asarray(cand)))
   assert ranks[1] == 1 and ranks[2] == 1
+
+
+def test_cost_measure_returns_the_requested_arms_with_their_flops():
+  """benchmarks/persrec_serving.py's measurement (projects/persrec/cost.py) on a tiny model: one
+  row per requested arm and P, FLOPs from serving_flops, one time per repetition. No speed check
+  (speed lives in benchmarks/)."""
+  from projects.persrec import cost  # noqa: PLC0415
+
+  base = _cfg(num_layers=1, recent_len=4)
+  rows = cost.measure(base, [8], reps=2, warmup=0, arms=('full', 'persrec'))
+  assert [(r.old_len, r.arm) for r in rows] == [(8, 'full'), (8, 'persrec')]
+  full, per = rows
+  assert all(len(r.times) == 2 and min(r.times) > 0 for r in rows)
+  assert (
+    per.flops == models.serving_flops(dataclasses.replace(base, old_len=8))['request'] < full.flops
+  )
+  assert '| 8 | persrec |' in cost.table(rows)
+  with pytest.raises(ValueError, match='unknown arms'):
+    cost.measure(base, [8], arms=('bogus',))
