@@ -1,0 +1,102 @@
+"""EBPO / GRPO-family RLVR runs on reasoning-gym tasks: `train_and_evaluate(config, workdir)`.
+
+Wires the paper's pieces into the shared loop (common.rl.loop): the policy (the smoke's SFT-warmed
+tiny character LM, projects/ebpo/warmup.py, or a pretrained model through
+common.models.loader.load_pretrained), the prompts and verifier (projects/ebpo/input_pipeline.py:
+reasoning-gym tasks with their own scorers) and the optimizer. The estimator (EBPO or a baseline),
+group size, curriculum and loss settings are config.rl keys (common.rl.loop.rl_config).
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+
+from common import config as config_lib
+from common import sharding
+from common.models import loader
+from common.models import tokenizer as tokenizer_lib
+from common.rl import loop
+from projects.ebpo import input_pipeline
+from projects.ebpo import warmup
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  o = config.optimizer
+  return optax.chain(
+    optax.clip_by_global_norm(o.clip_norm),
+    optax.adamw(o.lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay),
+  )
+
+
+def _subset(items: list, n: int) -> list:
+  return items if n < 0 else items[:n]
+
+
+def build_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> loop.RLSetup:
+  """The RLSetup of a config: policy factory, tokenizer-rendered prompts, verifier."""
+  d = config.data
+  train_ex = _subset(input_pipeline.load_examples(d.task_set, 'train', d.seed), d.max_train)
+  test_ex = _subset(input_pipeline.load_examples(d.task_set, 'test', d.seed), d.max_eval)
+  if config.model.kind == 'tiny':
+    tok = input_pipeline.CharTokenizer()
+    wcfg = warmup.WarmupConfig(**config.warmup.to_dict())
+
+    def create_model():
+      return warmup.warm_policy(wcfg, config.dtype)[0]
+
+    def render(ex):
+      return tok.encode(input_pipeline.expression_prompt(ex))
+
+    stop, pad = tuple(tok.stop_ids), tok.pad_id
+  elif config.model.kind == 'pretrained':
+    rules = tuple(tuple(r) for r in config.sharding.rules)
+
+    def create_model():
+      return loader.load_pretrained(config.model.name, mesh=mesh, rules=rules, dtype=config.dtype)[
+        0
+      ]
+
+    tok = tokenizer_lib.load(loader.converted_dir(config.model.name) / 'tokenizer')
+
+    def render(ex):
+      return input_pipeline.chat_prompt_tokens(tok, ex)
+
+    stop = tuple(tok.stop_ids)
+    pad = tok.pad_id if getattr(tok, 'pad_id', None) is not None else stop[0]
+  else:
+    raise config_lib.ConfigError(
+      f"model.kind={config.model.kind!r}; expected 'tiny' or 'pretrained'"
+    )
+  return loop.RLSetup(
+    create_model=create_model,
+    tx=make_optimizer(config),
+    train_prompts=input_pipeline.prompts(train_ex, 'train', render),
+    eval_prompts=input_pipeline.prompts(test_ex, 'test', render),
+    verifier=input_pipeline.make_verifier(tok.decode),
+    stop_tokens=stop,
+    pad_id=pad,
+    decode=tok.decode,
+    mesh=mesh,
+  )
+
+
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str | pathlib.Path
+) -> dict[str, Any]:
+  """Runs (or resumes) one RL run; returns results.json ({'step', 'train', 'eval', ...})."""
+  mesh = sharding.make_mesh(config_lib.mesh_spec(config))
+  setup = build_setup(config, mesh)
+  cache = None
+  if config.rl.curriculum == 'difficulty':
+    # Pass rates depend on the initial policy and the prompts only: shared by runs and seeds.
+    from common import testing  # noqa: PLC0415
+
+    cache = (
+      testing.cache_dir('ebpo_pass_rates') / f'{config.data.task_set}_{config.model.kind}.json'
+    )
+  return loop.train(config, workdir, setup, pass_rates_cache=cache)

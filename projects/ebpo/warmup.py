@@ -1,0 +1,121 @@
+"""The smoke's policy: a tiny decoder made partly competent by a short SFT warm-up (common.sft).
+
+RLVR needs a policy that already solves some prompts (else every group fails and no estimator
+learns anything) and not all of them. The warm-up trains a character-level decoder on `sft_examples`
+train examples rendered '36-38=' -> '-2<EOS>' for `steps` steps; its parameters are cached outside the
+repo keyed by the config and this module's code, like common.testing.tiny_lm, so every run and seed
+starts from the same policy and only the first run pays for it (about 10-30 s on 2 cores).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import os
+
+from flax import nnx
+import jax
+import numpy as np
+import optax
+
+from common import sft
+from common import testing
+from common.models import decoder
+from projects.ebpo import input_pipeline
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmupConfig:
+  d_model: int = 64
+  num_layers: int = 2
+  num_heads: int = 4
+  mlp_dim: int = 256
+  sft_examples: int = 1000  # the first N train examples (both tasks, interleaved)
+  steps: int = 150
+  batch_size: int = 32
+  seq_len: int = 64  # packed rows
+  lr: float = 3e-3
+  seed: int = 0
+  data_seed: int = 0
+
+
+def decoder_config(cfg: WarmupConfig, dtype: str = 'float32') -> decoder.DecoderConfig:
+  return decoder.DecoderConfig(
+    vocab_size=input_pipeline.CharTokenizer().vocab_size,
+    d_model=cfg.d_model,
+    num_layers=cfg.num_layers,
+    num_heads=cfg.num_heads,
+    num_kv_heads=cfg.num_heads,
+    head_dim=cfg.d_model // cfg.num_heads,
+    mlp_dim=cfg.mlp_dim,
+    dtype=dtype,
+  )
+
+
+def sft_examples(cfg: WarmupConfig) -> list[sft.Example]:
+  tok = input_pipeline.CharTokenizer()
+  rows = input_pipeline.load_examples('smoke', 'train', cfg.data_seed)[: cfg.sft_examples]
+  return [
+    sft.tokenize(tok, {'prompt': input_pipeline.expression_prompt(r), 'response': r['answer']})
+    for r in rows
+  ]
+
+
+def _train(cfg: WarmupConfig) -> tuple[dict, list[float]]:
+  examples = sft_examples(cfg)
+  with nnx.use_eager_sharding(False):
+    model = decoder.Decoder(decoder_config(cfg), rngs=nnx.Rngs(cfg.seed))
+    tx = optax.adamw(optax.cosine_decay_schedule(cfg.lr, cfg.steps, 0.1), b2=0.98)
+    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, opt, batch):
+    loss, grads = nnx.value_and_grad(lambda m: sft.sft_loss(m, batch)[0])(model)
+    opt.update(model, grads)
+    return loss
+
+  rng = np.random.default_rng(cfg.seed)
+  curve = []
+  batches: list = []
+  while len(curve) < cfg.steps:
+    if not batches:
+      order = rng.permutation(len(examples))
+      batches = list(sft.packed_batches([examples[i] for i in order], cfg.seq_len, cfg.batch_size))[
+        ::-1
+      ]
+    curve.append(float(step(model, opt, batches.pop())))
+  return nnx.state(model, nnx.Param).to_pure_dict(), curve
+
+
+def _fingerprint(cfg: WarmupConfig) -> str:
+  src = inspect.getsource(_train) + inspect.getsource(sft) + inspect.getsource(decoder)
+  src += inspect.getsource(input_pipeline) + json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+  return hashlib.sha256(src.encode()).hexdigest()[:20]
+
+
+def warm_policy(cfg: WarmupConfig | None = None, dtype: str = 'float32') -> tuple[nnx.Module, list]:
+  """(the warmed-up decoder, its SFT loss curve), trained on first use and cached."""
+  cfg = cfg or WarmupConfig()
+  path = testing.cache_dir('ebpo_warmup') / f'{_fingerprint(cfg)}.npz'
+  with nnx.use_eager_sharding(False):
+    model = decoder.Decoder(decoder_config(cfg, dtype), rngs=nnx.Rngs(cfg.seed))
+  template = nnx.state(model, nnx.Param).to_pure_dict()
+  if path.exists():
+    with np.load(path) as f:
+      flat = {k: f[k] for k in f.files}
+  else:
+    params, curve = _train(cfg)
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
+    flat['__loss_curve__'] = np.asarray(curve)
+    tmp = path.with_suffix('.tmp.npz')
+    np.savez(tmp, **flat)
+    os.replace(tmp, path)
+  curve = [float(x) for x in flat.pop('__loss_curve__')]
+  restored = jax.tree_util.tree_map_with_path(lambda p, _: flat[jax.tree_util.keystr(p)], template)
+  state = nnx.state(model, nnx.Param)
+  nnx.replace_by_pure_dict(state, restored)
+  nnx.update(model, state)
+  return model, curve
