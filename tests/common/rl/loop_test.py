@@ -232,3 +232,28 @@ def test_resume_replays_the_uninterrupted_run_with_the_ebpo_state(tmp_path):
       args = ocp.args.Composite(extra=ocp.args.JsonRestore())
       extras.append(c._mngr.restore(4, args=args)['extra'])  # noqa: SLF001
   assert extras[0] == extras[1] and json.loads(extras[0]['ebpo'])['num_updates'] == 4
+
+
+def test_sharded_run_matches_one_device(tmp_path):
+  """8 fake devices (data=2, fsdp=2, tensor=2) give the 1-device run's rollouts and losses."""
+  if jax.device_count() < 8:
+    pytest.skip('needs 8 devices')
+  cfg = _config(estimator='ebpo')
+  with cfg.unlocked():
+    cfg.train.num_steps = 2
+  one = loop.train(cfg, tmp_path / 'one', _setup())
+  setup = _setup()
+  setup.mesh = jax.sharding.Mesh(
+    np.array(jax.devices()[:8]).reshape(2, 2, 2), ('data', 'fsdp', 'tensor')
+  )
+  eight = loop.train(cfg, tmp_path / 'eight', setup)
+  a, b = _train_lines(tmp_path / 'one'), _train_lines(tmp_path / 'eight')
+  assert len(a) == len(b)
+  for ra, rb in zip(a, b, strict=True):
+    if ra['split'] == 'eval':
+      assert ra['pass_at_1'] == rb['pass_at_1']
+      continue
+    assert ra['reward_mean'] == rb['reward_mean'] and ra['response_len'] == rb['response_len']
+    np.testing.assert_allclose(ra['loss'], rb['loss'], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(ra['grad_norm'], rb['grad_norm'], rtol=1e-4)
+  assert one['eval']['pass_at_1'] == eight['eval']['pass_at_1']
