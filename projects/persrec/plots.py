@@ -1,10 +1,11 @@
 """The README figure: test recall@10 and serving time per request vs history length.
 
-  python -m projects.persrec.plots --runs=/tmp/ps_runs --serving=/tmp/persrec_serving.json \
+  python -m projects.persrec.plots --runs=/tmp/persrec_sweep --serving=/tmp/persrec_serving.json \
     --out=projects/persrec/history_length.png
 
 Left: test recall_10 of finished runs (results.json) against the history window they read (full
-and recent: P + R; persrec: P + R with P compressed into k tokens), one point per run. Right: the
+and recent: P + R; persrec: P + R with P compressed into k tokens): the mean over the runs (seeds)
+at each window with their range as error bars (runs of experiments/persrec/sweep.py). Right: the
 measured per-request serving time (benchmarks/persrec_serving.py --json) against P, for the full
 model, PerSRec's cached request and the recent-only model.
 """
@@ -18,7 +19,7 @@ import statistics
 
 
 def run_points(runs: pathlib.Path) -> dict[str, list[tuple[int, float]]]:
-  """{arm: [(window P + R, test recall_10)]} from every finished run under `runs`."""
+  """{arm: [(window P + R, test recall_10)]} from every finished run under `runs` (one per run)."""
   out: dict[str, list[tuple[int, float]]] = {}
   for res in sorted(runs.glob('*/results.json')):
     cfg = json.loads((res.parent / 'config.json').read_text())
@@ -31,11 +32,20 @@ def run_points(runs: pathlib.Path) -> dict[str, list[tuple[int, float]]]:
   return {k: sorted(v) for k, v in out.items()}
 
 
+def by_window(points: list[tuple[int, float]]) -> list[tuple[int, float, float, float, int]]:
+  """(window, mean, min, max, n) over the runs (seeds) at each window."""
+  groups: dict[int, list[float]] = {}
+  for w, r in points:
+    groups.setdefault(w, []).append(r)
+  return [(w, statistics.mean(v), min(v), max(v), len(v)) for w, v in sorted(groups.items())]
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument('--runs', required=True)
   p.add_argument('--serving', required=True)
   p.add_argument('--out', required=True)
+  p.add_argument('--title', default='synthetic histories: recall vs window')
   args = p.parse_args(argv)
   import matplotlib  # noqa: PLC0415
 
@@ -44,9 +54,23 @@ def main(argv=None) -> int:
 
   fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
   for arm, pts in run_points(pathlib.Path(args.runs)).items():
-    left.plot([w for w, _ in pts], [r for _, r in pts], 'o' if arm == 'recent' else '.-', label=arm)
+    rows = by_window(pts)
+    xs, means = [r[0] for r in rows], [r[1] for r in rows]
+    err = [
+      [m - r[2] for m, r in zip(means, rows, strict=True)],
+      [r[3] - m for m, r in zip(means, rows, strict=True)],
+    ]
+    n = max(r[4] for r in rows)
+    left.errorbar(
+      xs,
+      means,
+      yerr=err,
+      fmt='o' if arm == 'recent' else '.-',
+      capsize=3,
+      label=f'{arm} (mean, range of {n} seeds)',
+    )
   left.set(xscale='log', xlabel='history window P + R (items)', ylabel='test recall@10')
-  left.set_title('synthetic long histories (one point per run)')
+  left.set_title(args.title)
   rows = json.loads(pathlib.Path(args.serving).read_text())
   for arm in ('full', 'persrec', 'recent'):
     pts = sorted(
