@@ -20,6 +20,7 @@ configs/base.py) plus the same invariant and simulation.
 
 from __future__ import annotations
 
+import functools
 import pathlib
 
 from flax import nnx
@@ -48,7 +49,10 @@ SIM_SEEDS = (0, 1)
 # Invariant: all-fail groups.
 
 
+@functools.partial(nnx.jit, static_argnames='agg')
 def _grad_max(model, batch, advantages, agg):
+  """max |d loss / d theta| over all parameters (jit-ed: eager dispatch is slow on busy CPUs)."""
+
   def f(m):
     logp = loop.completion_logprobs(m, batch)
     return loss_lib.policy_loss(
@@ -61,7 +65,7 @@ def _grad_max(model, batch, advantages, agg):
     )[0]
 
   grads = nnx.grad(f)(model)
-  return max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads))
+  return jnp.max(jnp.stack([jnp.max(jnp.abs(g)) for g in jax.tree.leaves(grads)]))
 
 
 def measure_all_fail(suite: str, root: pathlib.Path) -> reproduce.Measurement:
@@ -87,12 +91,12 @@ def measure_all_fail(suite: str, root: pathlib.Path) -> reproduce.Measurement:
     values[f'trial {trial}: GRPO max|A| on all-fail groups'] = float(np.abs(a_grpo[fail]).max())
     for agg in loss_lib.AGGREGATIONS:
       key = f'trial {trial}: GRPO max|grad| from all-fail groups ({agg})'
-      values[key] = _grad_max(model, batch, only_fail, agg)
+      values[key] = float(_grad_max(model, batch, only_fail, agg))
     est = adv_lib.EBPOEstimator(standardize=False)
     _, raw, stats = est.advantages(rewards)
     expected = -stats.shrinkage[: m // 2, None] * stats.mu_glob[: m // 2, None]
     ok = np.allclose(raw[fail].reshape(m // 2, g), expected, rtol=1e-5) and np.all(raw[fail] < 0)
-    ebpo_grad = _grad_max(model, batch, np.where(fail, raw, 0.0).reshape(-1), 'token-mean')
+    ebpo_grad = float(_grad_max(model, batch, np.where(fail, raw, 0.0).reshape(-1), 'token-mean'))
     values[f'trial {trial}: EBPO signal vanished (1) or not (0)'] = float(
       not (ok and ebpo_grad > 1e-8)
     )

@@ -32,8 +32,8 @@ class WarmupConfig:
   num_layers: int = 2
   num_heads: int = 4
   mlp_dim: int = 256
-  sft_examples: int = 1000  # the first N train examples (both tasks, interleaved)
-  steps: int = 150
+  sft_examples: int = 4000  # the first N train examples (both tasks, interleaved)
+  steps: int = 1000
   batch_size: int = 32
   seq_len: int = 64  # packed rows
   lr: float = 3e-3
@@ -90,8 +90,23 @@ def _train(cfg: WarmupConfig) -> tuple[dict, list[float]]:
 
 
 def _fingerprint(cfg: WarmupConfig) -> str:
-  src = inspect.getsource(_train) + inspect.getsource(sft) + inspect.getsource(decoder)
-  src += inspect.getsource(input_pipeline) + json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+  # What the trained parameters depend on: this training code, the SFT code, the data (task specs,
+  # rendering, tokenizer), the config and the model's parameter tree (paths and shapes). The
+  # decoder's source is left out on purpose: edits there that keep the parameters' meaning (speed
+  # work) would otherwise retrain for minutes; a change of parameter layout still retrains.
+  parts = [
+    _train,
+    sft_examples,
+    sft,
+    input_pipeline.CharTokenizer,
+    input_pipeline.expression_prompt,
+  ]
+  src = ''.join(inspect.getsource(p) for p in parts) + repr(input_pipeline.SMOKE_TASKS)
+  src += json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+  with nnx.use_eager_sharding(False):
+    shapes = nnx.eval_shape(lambda: decoder.Decoder(decoder_config(cfg), rngs=nnx.Rngs(0)))
+  leaves = jax.tree_util.tree_flatten_with_path(nnx.state(shapes, nnx.Param).to_pure_dict())[0]
+  src += repr([(jax.tree_util.keystr(p), tuple(v.shape)) for p, v in leaves])
   return hashlib.sha256(src.encode()).hexdigest()[:20]
 
 

@@ -41,8 +41,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_layers=2,
       num_heads=4,
       mlp_dim=256,
-      sft_examples=1000,
-      steps=150,
+      sft_examples=4000,
+      steps=1000,
       batch_size=32,
       seq_len=64,
       lr=3e-3,
@@ -63,7 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     eval_batch=128,
   )
   c.optimizer = ml_collections.ConfigDict(
-    dict(lr=1e-3, b1=0.9, b2=0.99, weight_decay=0.0, clip_norm=1.0)
+    dict(lr=3e-5, b1=0.9, b2=0.99, weight_decay=0.0, clip_norm=1.0)
   )
   c.train.num_steps = 300
   c.train.log_every = 10
