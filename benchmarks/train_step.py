@@ -62,8 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 # The reference: jnp.dot f32 peak.
 
 
-def matmul_times(n: int, reps: int, warmup: int = 2) -> list[float]:
-  """Seconds per f32 n x n matmul (jit, block_until_ready), `reps` timings after `warmup`."""
+def matmul_times(n: int, reps: int, warmup: int = 2) -> list[tuple[float, float]]:
+  """(wall, CPU) seconds per f32 n x n matmul (jit, block_until_ready), `reps` after `warmup`."""
   rng = np.random.default_rng(0)
   a = jnp.asarray(rng.standard_normal((n, n)), jnp.float32)
   b = jnp.asarray(rng.standard_normal((n, n)), jnp.float32)
@@ -72,9 +72,9 @@ def matmul_times(n: int, reps: int, warmup: int = 2) -> list[float]:
     dot(a, b).block_until_ready()
   times = []
   for _ in range(reps):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     dot(a, b).block_until_ready()
-    times.append(time.perf_counter() - t0)
+    times.append((time.perf_counter() - t0, time.process_time() - c0))
   return times
 
 
@@ -134,13 +134,13 @@ class StepBench:
       self.tokens = sharding.to_global({'tokens': tokens}, self.mesh, self.rules)
     self.key = jax.random.key(0)
 
-  def run(self) -> float:
-    """Seconds for one step, synchronised on the loss."""
-    t0 = time.perf_counter()
+  def run(self) -> tuple[float, float]:
+    """(wall, CPU) seconds for one step, synchronised on the loss."""
+    t0, c0 = time.perf_counter(), time.process_time()
     with jax.set_mesh(self.mesh), sharding.axis_rules(self.rules):
       self.state, metrics = self.step_fn(self.state, self.tokens, self.key)
     metrics['loss'].block_until_ready()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def _fmt_range(xs: list[float], scale: float = 1.0, digits: int = 2) -> str:
@@ -151,12 +151,15 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   widths = [int(x) for x in args.d_models.split(',') if x]
   peak_flops = 2.0 * args.peak_n**3
-  peak_rates: list[float] = []
+  peak_rates: list[float] = []  # wall GFLOP/s of every peak matmul
+  peak_cpu_rates: list[float] = []  # GFLOP per CPU-second of every peak matmul
 
   def measure_peak() -> float:
-    """Median GFLOP/s of --peak_reps matmuls now (all of them also go into the run's median)."""
-    rates = [peak_flops / t / 1e9 for t in matmul_times(args.peak_n, args.peak_reps)]
+    """Median wall GFLOP/s of --peak_reps matmuls now (all of them also go into the run's median)."""
+    timings = matmul_times(args.peak_n, args.peak_reps)
+    rates = [peak_flops / wall / 1e9 for wall, _ in timings]
     peak_rates.extend(rates)
+    peak_cpu_rates.extend(peak_flops / cpu / 1e9 for _, cpu in timings)
     return statistics.median(rates)
 
   rows = []
@@ -168,44 +171,56 @@ def main(argv=None) -> int:
     setup = time.perf_counter() - t0
     # Each timed step is paired with a peak measurement taken right before it: other processes on a
     # shared VM change the speed of both alike, so the per-step ratio is steadier than either.
-    times, local_peaks = [], []
+    walls, cpus, local_peaks = [], [], []
     for _ in range(args.steps):
       local_peaks.append(measure_peak())
-      times.append(bench.run())
-    rows.append((d, bench, times, local_peaks))
+      wall, cpu = bench.run()
+      walls.append(wall)
+      cpus.append(cpu)
+    rows.append((d, bench, walls, cpus, local_peaks))
     print(
-      f'd_model {d}: setup+warmup {setup:.1f}s, step median {statistics.median(times):.3f}s',
+      f'd_model {d}: setup+warmup {setup:.1f}s, step median {statistics.median(walls):.3f}s',
       file=sys.stderr,
     )
 
   peak = statistics.median(peak_rates)
+  peak_cpu = statistics.median(peak_cpu_rates)
   tokens = args.batch * args.seq
   print(
     f'\nDecoder train step (llama family, f32 params, {args.dtype} compute, AdamW, 1 device) vs '
-    f'jnp.dot f32 n={args.peak_n}: peak {peak:.1f} GFLOP/s (median of {len(peak_rates)} in this '
-    f'run, range {_fmt_range(peak_rates, digits=1)}).'
+    f'jnp.dot f32 n={args.peak_n}: peak {peak:.1f} GFLOP/s wall (median of {len(peak_rates)} in '
+    f'this run, range {_fmt_range(peak_rates, digits=1)}), {peak_cpu:.1f} GFLOP per CPU-second; '
+    f'load average {os.getloadavg()[0]:.1f}.'
   )
   print(
     f'layers {args.layers}, head_dim {args.head_dim} (MHA), gated MLP {args.mlp_ratio:g}x d_model, '
     f'seq {args.seq}, batch {args.batch} ({tokens} tokens/step), vocab {args.vocab} (tied); '
     f'{args.warmup} warm-up + {args.steps} timed steps, each after {args.peak_reps} peak matmuls; '
-    f'python {platform.python_version()}, jax {jax.__version__}, {os.cpu_count()} CPUs.\n'
+    f'python {platform.python_version()}, jax {jax.__version__}, {os.cpu_count()} CPUs.'
+  )
+  print(
+    'Two utilisations: wall GFLOP/s over the peak measured just before each step, and GFLOP per '
+    'CPU-second (all threads) over the same for the peak matmul. Other jobs on a loaded VM steal '
+    'wall time from both, unevenly; they barely change CPU-seconds, so the CPU ratio is the steadier '
+    'measure of the code itself.\n'
   )
   print(
     '| d_model | heads | params | GFLOP/step | step s (median, range) | tokens/s (median, range) '
-    '| GFLOP/s (median) | / run peak | / paired peak (median, range) |'
+    '| / paired wall peak (median, range) | / CPU-time peak (median, range) |'
   )
-  print('|---|---|---|---|---|---|---|---|---|')
-  for d, bench, times, local_peaks in rows:
+  print('|---|---|---|---|---|---|---|---|')
+  for d, bench, walls, cpus, local_peaks in rows:
     gflop = bench.flops / 1e9
-    tps = [tokens / t for t in times]
-    paired = [gflop / t / p for t, p in zip(times, local_peaks, strict=True)]
-    med = statistics.median(times)
+    tps = [tokens / t for t in walls]
+    paired = [gflop / t / p for t, p in zip(walls, local_peaks, strict=True)]
+    by_cpu = [gflop / c / peak_cpu for c in cpus]
+    med = statistics.median(walls)
     print(
       f'| {d} | {bench.cfg.num_heads} | {bench.num_params / 1e6:.2f}M | {gflop:.1f} '
-      f'| {med:.3f} ({_fmt_range(times, digits=3)}) '
-      f'| {tokens / med:,.0f} ({_fmt_range(tps, digits=0)}) | {gflop / med:.1f} '
-      f'| {gflop / med / peak:.2f} | **{statistics.median(paired):.2f}** ({_fmt_range(paired)}) |'
+      f'| {med:.3f} ({_fmt_range(walls, digits=3)}) '
+      f'| {tokens / med:,.0f} ({_fmt_range(tps, digits=0)}) '
+      f'| **{statistics.median(paired):.2f}** ({_fmt_range(paired)}) '
+      f'| **{statistics.median(by_cpu):.2f}** ({_fmt_range(by_cpu)}) |'
     )
   return 0
 

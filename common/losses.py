@@ -12,9 +12,16 @@ import jax.numpy as jnp
 
 
 def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """log p(target) per position, in float32. logits [..., V], targets [...] int."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  """log p(target) per position, in float32. logits [..., V], targets [...] int.
+
+  Picks the target logit with a one-hot select rather than `take_along_axis`: the gradient is then
+  an elementwise select that fuses with the softmax's, where a gather's gradient is a scatter
+  (slow on CPU, serialised on accelerators); and logsumexp never materialises log-probabilities.
+  """
+  logits = logits.astype(jnp.float32)
+  hit = jnp.arange(logits.shape[-1], dtype=jnp.int32) == targets[..., None].astype(jnp.int32)
+  picked = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
+  return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
 def cross_entropy(

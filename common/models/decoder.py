@@ -139,8 +139,25 @@ def _kernel_init(names: tuple[str, ...]):
   return nnx.with_partitioning(nnx.initializers.normal(_INIT_STD), names)
 
 
+class Linear(nnx.Linear):
+  """`nnx.Linear` that multiplies as one 2-D matmul over all leading dimensions.
+
+  XLA:CPU's dot for [B, T, d] @ [d, n] is slower than for the same data as [B*T, d] @ [d, n]
+  (1.2-1.3x on the whole train step here, benchmarks/train_step.py); on accelerators the reshape is
+  free. A subclass, not a wrapper, so parameter paths (`kernel`, `bias`) and `isinstance(...,
+  nnx.Linear)` checks (adapters select projections that way) are unchanged.
+  """
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    if inputs.ndim <= 2:
+      return super().__call__(inputs)
+    lead = inputs.shape[:-1]
+    out = super().__call__(inputs.reshape(math.prod(lead), inputs.shape[-1]))
+    return out.reshape(*lead, out.shape[-1])
+
+
 def _linear(cfg: DecoderConfig, d_in: int, d_out: int, names, *, bias=False, rngs) -> nnx.Linear:
-  return nnx.Linear(
+  return Linear(
     d_in,
     d_out,
     use_bias=bias,
@@ -502,14 +519,16 @@ class Decoder(nnx.Module):
         flat = h.reshape(rows, h.shape[-1]).astype(dtype)
         logits = jnp.einsum('vd,nd->vn', table, flat, preferred_element_type=jnp.float32)
         logits = logits.T.reshape(*h.shape[:-1], table.shape[0])
-      else:
-        logits = jnp.einsum(
-          '...d,vd->...v', h.astype(dtype), table, preferred_element_type=jnp.float32
-        )
+      else:  # One 2-D matmul (see `Linear`): [rows, d] x [V, d]^T.
+        flat = h.reshape(rows, h.shape[-1]).astype(dtype)
+        logits = jnp.einsum('nd,vd->nv', flat, table, preferred_element_type=jnp.float32)
+        logits = logits.reshape(*h.shape[:-1], table.shape[0])
     else:
       logits = self.lm_head(h).astype(jnp.float32)
     if logits.ndim == 3:
       logits = sharding.with_logical_constraint(logits, ('batch', 'length', 'vocab'))
+    if self.cfg.padded_vocab == self.cfg.vocab_size:
+      return logits
     valid = jnp.arange(logits.shape[-1]) < self.cfg.vocab_size
     return jnp.where(valid, logits, MASKED_LOGIT)
 
