@@ -16,8 +16,9 @@ Budgets:
     `python -m experiments.lm_pretrain.main` subprocesses, because a SIGKILL and a different device
     count both need a fresh process: a 1-device reference, a killed + resumed pair, an 8-device run.
     About 3 minutes on 2 cores.
-  full: configs/base.py default (its docstring gives the budget: 2000 steps of 32 x 128 tokens, 8.2M
-    tokens, about 1 hour per seed on 2 cores), seeds 0-2, each resumable in its workdir. The
+  full: configs/base.py default (its docstring gives the budget: 600 steps of 32 x 128 tokens, 2.46M
+    tokens, 15-25 min per seed on an idle 2-core machine, over an hour when it is shared), seeds 0-2,
+    each resumable in its workdir. The
     invariants stay at smoke scale in the full suite: they are properties of the code, not of scale.
 """
 
