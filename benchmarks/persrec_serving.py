@@ -45,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--reps', type=int, default=10)
   p.add_argument('--warmup', type=int, default=2)
   p.add_argument('--json', default='', help='also write the rows here (for projects.persrec.plots)')
+  p.add_argument(
+    '--from_json', default='', help='print the tables of a saved --json run instead of measuring'
+  )
   return p.parse_args(argv)
 
 
@@ -61,6 +64,11 @@ def main(argv=None) -> int:
     recent_len=args.recent_len,
     tokens_per_segment=args.tokens,
   )
+  if args.from_json:
+    with open(args.from_json) as f:
+      rows = [cost.Row(**r) for r in json.load(f)]
+    print(cost.table(rows, args.batch) + '\n\n' + cost.ratio_table(rows))
+    return 0
   old_lens = [int(x) for x in args.old_lens.split(',') if x]
   t0 = time.perf_counter()
   rows = cost.measure(base, old_lens, batch=args.batch, reps=args.reps, warmup=args.warmup)
@@ -73,6 +81,7 @@ def main(argv=None) -> int:
     f'the per-user cache refresh, paid once per refresh, not per request.\n'
   )
   print(cost.table(rows, args.batch))
+  print('\n' + cost.ratio_table(rows))
   if args.json:
     with open(args.json, 'w') as f:
       json.dump([dataclasses.asdict(r) for r in rows], f, indent=1)

@@ -138,3 +138,23 @@ def table(rows: Sequence[Row], batch: int = 1) -> str:
       f'({min(ms):.2f}-{max(ms):.2f}) | {ratio} |'
     )
   return '\n'.join(lines)
+
+
+def ratio_table(rows: Sequence[Row]) -> str:
+  """Markdown: full-history / PerSRec per P, by FLOPs and by time (ratio of the medians, and the
+  median and range of the per-repetition ratios: repetition i of both ran back to back)."""
+  full = {r.old_len: r for r in rows if r.arm == 'full'}
+  per = {r.old_len: r for r in rows if r.arm == 'persrec'}
+  lines = [
+    '| P (old) | FLOPs full / PerSRec | time full / PerSRec (ratio of medians) '
+    '| per-rep ratio (median, range) |',
+    '|---|---|---|---|',
+  ]
+  for p in sorted(full.keys() & per.keys()):
+    f, q = full[p], per[p]
+    paired = [a / b for a, b in zip(f.times, q.times, strict=True)]
+    lines.append(
+      f'| {p} | {f.flops / q.flops:.1f}x | {f.median / q.median:.1f}x | '
+      f'{statistics.median(paired):.1f}x ({min(paired):.1f}-{max(paired):.1f}) |'
+    )
+  return '\n'.join(lines)

@@ -356,5 +356,7 @@ def test_cost_measure_returns_the_requested_arms_with_their_flops():
     per.flops == models.serving_flops(dataclasses.replace(base, old_len=8))['request'] < full.flops
   )
   assert '| 8 | persrec |' in cost.table(rows)
+  ratio_row = cost.ratio_table(rows).splitlines()[-1]
+  assert ratio_row.startswith(f'| 8 | {full.flops / per.flops:.1f}x |')
   with pytest.raises(ValueError, match='unknown arms'):
     cost.measure(base, [8], arms=('bogus',))
