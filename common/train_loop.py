@@ -289,11 +289,15 @@ def fit(
   train_iter: Any,
   eval_fn: Callable[[nnx.Module, int], Mapping[str, float]] | None = None,
   mesh: jax.sharding.Mesh | None = None,
+  initial_state: Callable[[ShardedState], Any] | None = None,
 ) -> FitResult:
   """Trains `create_state()` on `train_iter` with `loss_fn` for config.train.num_steps steps.
 
   train_iter: a grain DatasetIterator of process-local batches (checkpointed with the state).
   eval_fn(model, step): evaluation metrics, run every config.train.eval_every steps and at the end.
+  initial_state(spec): the state to start from when there is nothing to resume, laid out as
+    `spec.shardings` (e.g. pretrained weights placed into a model with fresh adapters); default: a
+    from-scratch `init_state(create_state)`. `config.checkpoint.init_from` still applies on top.
   Writes config.json, metrics.jsonl, TensorBoard events, checkpoints/ and results.json.
   """
   workdir = prepare_workdir(config, workdir)
@@ -320,7 +324,9 @@ def fit(
         config,
         ckpt,
         spec,
-        lambda: init_state(create_state, mesh, rules).state,
+        (lambda: initial_state(spec))
+        if initial_state is not None
+        else (lambda: init_state(create_state, mesh, rules).state),
         data_iter=train_iter,
       )
       writer = metrics_lib.MetricWriter(workdir, resume_step=start)

@@ -116,3 +116,42 @@ def test_init_from_loads_parameters_only(tmp_path):
   second = fit(cfg, tmp_path / 'b', Regression(), lr=0.0)  # lr 0: parameters stay as loaded
   np.testing.assert_allclose(second.train['loss'], first.train['loss'], rtol=0.5)
   assert second.train['loss'] < 0.5  # from scratch (zeros) the loss would be ~14
+
+
+def test_initial_state_starts_from_the_given_weights_and_resume_ignores_it(tmp_path):
+  import jax  # noqa: PLC0415
+
+  from common import sharding  # noqa: PLC0415
+
+  true_w = np.array([[1.0], [-2.0], [0.5], [3.0]], np.float32)
+  calls = []
+
+  def exact():
+    model = Linear(nnx.Rngs(0))
+    model.proj.kernel[...] = jnp.asarray(true_w)
+    return train_loop.TrainState(model, optax.sgd(0.0))
+
+  def initial_state(spec):
+    calls.append(1)
+    made = train_loop.init_state(exact, mesh, ())
+    assert jax.tree.structure(made.state) == jax.tree.structure(spec.state)
+    return made.state
+
+  mesh = sharding.make_mesh([('data', 1)], devices=jax.devices()[:1])
+
+  def run(cfg):
+    return train_loop.fit(
+      cfg,
+      tmp_path,
+      create_state=lambda: train_loop.TrainState(Linear(nnx.Rngs(0)), optax.sgd(0.0)),
+      loss_fn=loss_fn,
+      train_iter=data.batch_iterator(Regression(), global_batch_size=4),
+      mesh=mesh,
+      initial_state=initial_state,
+    )
+
+  result = run(make_config(**{'train.num_steps': 10}))
+  assert result.train['loss'] < 1e-10  # lr 0 from the exact weights; from zeros it would be ~14
+  assert calls == [1]
+  run(make_config(**{'train.num_steps': 15}))  # resumes from step 10's checkpoint
+  assert calls == [1]
