@@ -1,0 +1,200 @@
+"""GEM's training examples, built on the host from tokenized texts (numpy, deterministic).
+
+One training example per text, carrying both halves of GEM's loss so the switch schedule needs no
+second pipeline:
+
+  NTP half ('inputs', 'targets', 'loss_mask', 'roles'): with probability p (0.8) the text is plain
+  (all roles PREFIX: exactly the causal LM); otherwise the k specials are inserted at a uniformly
+  random split m in [1, n-1], giving prefix | specials | suffix. Targets that are special tokens
+  carry no loss ("hold out special tokens"); the last special's prediction of the first suffix
+  token is kept, it is the compression signal.
+  Contrastive half ('anchor', 'anchor_roles', 'positive', 'positive_roles', 'special_positions',
+  'positive_special_positions'): the text with the specials end-appended, and the same text with each
+  token dropped with probability `dropout` (at least one kept), specials end-appended.
+
+Edge cases, each defined and counted in the example (the train loop logs their batch means):
+  * empty text (0 tokens): 'valid' = 0, the example carries no NTP target and is excluded from
+    InfoNCE (as anchor and as negative);
+  * a text too short to split (1 token) that was drawn for insertion stays plain: 'too_short' = 1;
+  * an over-long text is truncated to fit seq_len (+1 target) with its specials: 'truncated' = 1.
+
+Randomness for example g comes from (seed, g) alone, so a resumed run rebuilds the same batches.
+`TextStream` is an endless random-access source over the texts (epoch e reads a permutation drawn
+from (seed, e)), so example g's randomness is keyed by its position in the stream, not by the text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import dataclasses
+import functools
+
+import numpy as np
+
+from projects.gem import models
+
+_PURPOSE_NTP, _PURPOSE_CL = 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Shapes and GEM knobs that decide how an example is built."""
+
+  seq_len: int  # model input length T (targets are the next tokens)
+  special_ids: tuple[int, ...]  # the k special token ids
+  pad_id: int
+  p_plain: float = 0.8  # the paper's p: probability that a text is left plain
+  dropout: float = 0.1  # prefix token dropout of the contrastive positive
+
+  def __post_init__(self):
+    k = len(self.special_ids)
+    if k < 1:
+      raise ValueError('GEM needs at least one special token')
+    if self.seq_len < k + 2:
+      raise ValueError(f'seq_len {self.seq_len} leaves no room for text around {k} specials')
+    if not 0.0 <= self.p_plain <= 1.0 or not 0.0 <= self.dropout < 1.0:
+      raise ValueError(
+        f'p_plain {self.p_plain} must be in [0, 1], dropout {self.dropout} in [0, 1)'
+      )
+
+  @property
+  def k(self) -> int:
+    return len(self.special_ids)
+
+
+def insert_specials(
+  tokens: np.ndarray, split: int, special_ids: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens with the specials inserted before index `split`, roles) for 0 <= split <= len."""
+  tokens = np.asarray(tokens, np.int32)
+  if not 0 <= split <= tokens.size:
+    raise ValueError(f'split {split} outside [0, {tokens.size}]')
+  k = len(special_ids)
+  seq = np.concatenate([tokens[:split], np.asarray(special_ids, np.int32), tokens[split:]])
+  roles = np.concatenate(
+    [
+      np.full(split, models.PREFIX, np.int32),
+      np.full(k, models.SPECIAL, np.int32),
+      np.full(tokens.size - split, models.SUFFIX, np.int32),
+    ]
+  )
+  return seq, roles
+
+
+def _pad(x: np.ndarray, length: int, value: int) -> np.ndarray:
+  out = np.full(length, value, np.int32)
+  out[: x.size] = x
+  return out
+
+
+def ntp_example(tokens: np.ndarray, rng: np.random.Generator, layout: Layout) -> dict:
+  """The NTP half of one example (see the module docstring)."""
+  tokens = np.asarray(tokens, np.int32)
+  t, k = layout.seq_len, layout.k
+  insert = bool(rng.random() >= layout.p_plain)
+  n = tokens.size
+  too_short = insert and n < 2
+  insert = insert and n >= 2
+  limit = t + 1 - (k if insert else 0)
+  truncated = n > limit
+  tokens = tokens[:limit]
+  if insert:
+    split = int(rng.integers(1, tokens.size))  # prefix and suffix both non-empty
+    seq, roles = insert_specials(tokens, split, layout.special_ids)
+  else:
+    seq, roles = tokens, np.full(tokens.size, models.PREFIX, np.int32)
+  full = _pad(seq, t + 1, layout.pad_id)
+  full_roles = _pad(roles, t + 1, models.PAD)
+  target_roles = full_roles[1:]
+  # A target counts iff it is a real token that is not a special (GEM's held-out specials).
+  loss_mask = (target_roles != models.PAD) & (target_roles != models.SPECIAL)
+  return {
+    'inputs': full[:-1],
+    'targets': full[1:],
+    'roles': full_roles[:-1],
+    'loss_mask': loss_mask.astype(np.float32),
+    'inserted': np.float32(insert),
+    'too_short': np.float32(too_short),
+    'truncated': np.float32(truncated),
+    'valid': np.float32(n > 0),
+  }
+
+
+def end_appended(tokens: np.ndarray, layout: Layout) -> dict:
+  """text (truncated to seq_len - k) | specials | padding: the embedding read-out row."""
+  t, k = layout.seq_len, layout.k
+  tokens = np.asarray(tokens, np.int32)[: t - k]
+  seq, roles = insert_specials(tokens, tokens.size, layout.special_ids)
+  return {
+    'tokens': _pad(seq, t, layout.pad_id),
+    'roles': _pad(roles, t, models.PAD),
+    'special_positions': np.arange(tokens.size, tokens.size + k, dtype=np.int32),
+  }
+
+
+def token_dropout(tokens: np.ndarray, rate: float, rng: np.random.Generator) -> np.ndarray:
+  """Drops each token with probability `rate`, keeping at least one of a non-empty text."""
+  tokens = np.asarray(tokens, np.int32)
+  if tokens.size == 0:
+    return tokens
+  keep = rng.random(tokens.size) >= rate
+  if not keep.any():
+    keep[int(rng.integers(tokens.size))] = True
+  return tokens[keep]
+
+
+def cl_example(tokens: np.ndarray, rng: np.random.Generator, layout: Layout) -> dict:
+  """The contrastive half: the end-appended text and its dropped-out copy."""
+  tokens = np.asarray(tokens, np.int32)[: layout.seq_len - layout.k]
+  a = end_appended(tokens, layout)
+  p = end_appended(token_dropout(tokens, layout.dropout, rng), layout)
+  return {
+    'anchor': a['tokens'],
+    'anchor_roles': a['roles'],
+    'special_positions': a['special_positions'],
+    'positive': p['tokens'],
+    'positive_roles': p['roles'],
+    'positive_special_positions': p['special_positions'],
+  }
+
+
+def example_rng(seed: int, index: int, purpose: int) -> np.random.Generator:
+  return np.random.default_rng([seed, index, purpose])
+
+
+def build_example(tokens: np.ndarray, seed: int, index: int, layout: Layout) -> dict:
+  """Example number `index` of the stream for a text: both halves, each with its own rng."""
+  out = ntp_example(tokens, example_rng(seed, index, _PURPOSE_NTP), layout)
+  out.update(cl_example(tokens, example_rng(seed, index, _PURPOSE_CL), layout))
+  return out
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch, 0x6E4]).permutation(n)
+
+
+class TextStream:
+  """Endless random-access source: example g = build_example(texts[perm_e[g mod n]], seed, g).
+
+  `alpha_of(g)` adds the loss weight of the step example g belongs to (the switch schedule), so the
+  jit-ed loss reads alpha from the batch and one compiled step serves both phases.
+  """
+
+  def __init__(self, texts: Sequence[np.ndarray], layout: Layout, seed: int, alpha_of=None):
+    if not texts:
+      raise ValueError('no training texts')
+    self.texts = [np.asarray(t, np.int32) for t in texts]
+    self.layout, self.seed, self.alpha_of = layout, seed, alpha_of
+
+  def __len__(self) -> int:
+    return 2**40
+
+  def __getitem__(self, g: int) -> dict:
+    g = int(g)
+    epoch, pos = divmod(g, len(self.texts))
+    text = self.texts[int(_permutation(self.seed, epoch, len(self.texts))[pos])]
+    ex = build_example(text, self.seed, g, self.layout)
+    if self.alpha_of is not None:
+      ex['alpha'] = np.float32(self.alpha_of(g))
+    return ex

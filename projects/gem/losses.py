@@ -1,0 +1,97 @@
+"""GEM's losses and schedule: L = (1 - alpha) L_ntp + alpha L_cl (paper Sec. 3).
+
+L_ntp is next-token cross-entropy (common.losses) on the mixed data under the GEM mask, with special
+targets held out. L_cl is InfoNCE (common.embeddings) between the special-token embeddings of a text
+and of its prefix-dropped copy, the other texts of the batch being the negatives, with CLIP's
+learnable clamped logit scale. The recipe switches alpha from 0 to 1 after `switch_steps` steps and
+the learning rate from the NTP phase's to the contrastive phase's at the same boundary (each phase a
+cosine decay).
+"""
+
+from __future__ import annotations
+
+from flax import nnx
+import jax.numpy as jnp
+import optax
+
+from common import embeddings
+from common import losses
+from projects.gem import models
+
+
+def alpha_at(index: int, switch_steps: int, alpha_after: float = 1.0) -> float:
+  """alpha for 0-based step `index` (the number of updates already made): 0, then alpha_after."""
+  return 0.0 if index < switch_steps else float(alpha_after)
+
+
+def learning_rate(
+  total_steps: int, switch_steps: int, lr_ntp: float, lr_cl: float, warmup: int = 0
+) -> optax.Schedule:
+  """Cosine decay from lr_ntp over the NTP phase, then from lr_cl over the rest (optax counts
+  updates from 0, so count `switch_steps` is the first contrastive update, like `alpha_at`)."""
+  cl_steps = max(total_steps - switch_steps, 1)
+  if switch_steps <= 0:
+    return optax.warmup_cosine_decay_schedule(0.0, lr_cl, warmup, max(cl_steps, warmup + 1))
+  ntp = optax.warmup_cosine_decay_schedule(0.0, lr_ntp, warmup, max(switch_steps, warmup + 1))
+  return optax.join_schedules([ntp, optax.cosine_decay_schedule(lr_cl, cl_steps)], [switch_steps])
+
+
+def ntp_loss(model: models.GemModel, batch, *, block_specials: bool = True):
+  """(mean NLL over loss-masked targets, their count)."""
+  logits = model.logits(batch['inputs'], batch['roles'], block_specials=block_specials)
+  mask = batch['loss_mask'] * batch['valid'][:, None]
+  return losses.cross_entropy(logits, batch['targets'], mask)
+
+
+def contrastive_loss(
+  model: models.GemModel, batch, *, pooling: str = 'special', block_specials: bool = True
+):
+  """InfoNCE of anchors vs their dropped-out positives (valid rows only); returns (loss, scale)."""
+  kw = dict(pooling=pooling, block_specials=block_specials)
+  q = models.embed(model, batch['anchor'], batch['anchor_roles'], batch['special_positions'], **kw)
+  d = models.embed(
+    model, batch['positive'], batch['positive_roles'], batch['positive_special_positions'], **kw
+  )
+  scale = model.logit_scale()
+  return embeddings.info_nce(q, d, scale, batch['valid'] > 0), scale
+
+
+def total_loss(
+  model: models.GemModel,
+  batch,
+  *,
+  pooling: str = 'special',
+  block_specials: bool = True,
+):
+  """(L, metrics) with alpha = the batch's 'alpha' (one value per batch, set by the schedule).
+
+  alpha 0 or 1 evaluates only the active term (lax.cond); anything between evaluates both.
+  """
+  alpha = jnp.mean(batch['alpha'])
+
+  def ntp_only(m):
+    loss, _ = ntp_loss(m, batch, block_specials=block_specials)
+    return loss, jnp.zeros(()), loss
+
+  def cl_only(m):
+    loss, _ = contrastive_loss(m, batch, pooling=pooling, block_specials=block_specials)
+    return jnp.zeros(()), loss, loss
+
+  def both(m):
+    ln, _ = ntp_loss(m, batch, block_specials=block_specials)
+    lc, _ = contrastive_loss(m, batch, pooling=pooling, block_specials=block_specials)
+    return ln, lc, (1.0 - alpha) * ln + alpha * lc
+
+  branch = jnp.where(alpha <= 0.0, 0, jnp.where(alpha >= 1.0, 1, 2))
+  ln, lc, loss = nnx.switch(branch, [ntp_only, cl_only, both], model)
+  metrics = {
+    'ntp_loss': ln,
+    'cl_loss': lc,
+    'alpha': alpha,
+    'logit_scale': model.logit_scale(),
+    'inserted_frac': jnp.mean(batch['inserted']),
+    'too_short_frac': jnp.mean(batch['too_short']),
+    'truncated_frac': jnp.mean(batch['truncated']),
+    'empty_frac': 1.0 - jnp.mean(batch['valid']),
+  }
+  return loss, metrics

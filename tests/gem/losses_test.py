@@ -1,0 +1,88 @@
+"""GEM's total loss, its switch schedule and the learning-rate switch at the same boundary."""
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from common import losses as common_losses
+from common.models import decoder
+from projects.gem import input_pipeline as ip
+from projects.gem import losses
+from projects.gem import models
+
+CFG = decoder.DecoderConfig(
+  vocab_size=60, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64
+)
+
+
+def _batch(alpha, n=6, seed=0):
+  layout = ip.Layout(seq_len=12, special_ids=(58, 59), pad_id=0, p_plain=0.5)
+  rng = np.random.default_rng(seed)
+  texts = [rng.integers(1, 50, size=int(rng.integers(1, 15))) for _ in range(n)]
+  texts[0] = np.array([], np.int32)  # one empty text: excluded everywhere
+  exs = [ip.build_example(t, seed, i, layout) for i, t in enumerate(texts)]
+  batch = {k: np.stack([e[k] for e in exs]) for k in exs[0]}
+  batch['alpha'] = np.full(n, alpha, np.float32)
+  return jax.tree.map(jnp.asarray, batch)
+
+
+@pytest.fixture(scope='module')
+def model():
+  with nnx.use_eager_sharding(False):
+    return models.GemModel(decoder.Decoder(CFG, rngs=nnx.Rngs(0)))
+
+
+@nnx.jit
+def _total(model, batch):
+  return losses.total_loss(model, batch)
+
+
+@nnx.jit
+def _parts(model, batch):
+  return losses.ntp_loss(model, batch)[0], losses.contrastive_loss(model, batch)[0]
+
+
+def test_total_loss_is_the_alpha_mix(model):
+  for alpha in (0.0, 0.3, 1.0):
+    batch = _batch(alpha)
+    loss, m = _total(model, batch)
+    ntp, cl = _parts(model, batch)
+    np.testing.assert_allclose(float(loss), (1 - alpha) * float(ntp) + alpha * float(cl), 1e-5)
+    assert float(m['alpha']) == pytest.approx(alpha)
+    assert float(m['empty_frac']) == pytest.approx(1 / 6)
+
+
+def test_ntp_loss_equals_masked_cross_entropy_reference(model):
+  batch = _batch(0.0, seed=1)
+  logits = nnx.jit(lambda m, t, r: m.logits(t, r))(model, batch['inputs'], batch['roles'])
+  want, count = common_losses.cross_entropy(
+    logits, batch['targets'], batch['loss_mask'] * batch['valid'][:, None]
+  )
+  got, got_count = nnx.jit(losses.ntp_loss)(model, batch)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+  assert (
+    float(got_count) == float(count) == float((batch['loss_mask'].sum(1) * batch['valid']).sum())
+  )
+
+
+def test_gradients_reach_specials_and_scale_only_in_their_phase(model):
+  batch0, batch1 = _batch(0.0), _batch(1.0)
+  g0 = nnx.jit(nnx.grad(lambda m, b: losses.total_loss(m, b)[0]))(model, batch0)
+  g1 = nnx.jit(nnx.grad(lambda m, b: losses.total_loss(m, b)[0]))(model, batch1)
+  assert float(jnp.abs(g0.logit_scale.log_scale[...])) == 0.0  # NTP phase: no InfoNCE
+  assert float(jnp.abs(g1.logit_scale.log_scale[...])) > 0.0
+  emb1 = np.asarray(g1.lm.embed.embedding[...])
+  assert np.abs(emb1[58:60]).max() > 0  # the special rows are trained by the contrastive loss
+
+
+def test_switch_schedule_and_lr_boundary():
+  assert [losses.alpha_at(i, 3) for i in range(5)] == [0, 0, 0, 1, 1]
+  sched = losses.learning_rate(10, 3, lr_ntp=1e-4, lr_cl=1e-5)
+  assert float(sched(0)) == pytest.approx(1e-4)
+  assert 1e-5 < float(sched(2)) < 1e-4  # still the NTP cosine
+  assert float(sched(3)) == pytest.approx(1e-5)  # the contrastive phase starts at its own lr
+  assert float(sched(9)) < 1e-5
+  only_cl = losses.learning_rate(10, 0, lr_ntp=1e-4, lr_cl=1e-5)
+  assert float(only_cl(0)) == pytest.approx(1e-5)
