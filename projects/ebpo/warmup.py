@@ -103,9 +103,9 @@ def _fingerprint(cfg: WarmupConfig) -> str:
   ]
   src = ''.join(inspect.getsource(p) for p in parts) + repr(input_pipeline.SMOKE_TASKS)
   src += json.dumps(dataclasses.asdict(cfg), sort_keys=True)
-  with nnx.use_eager_sharding(False):
-    shapes = nnx.eval_shape(lambda: decoder.Decoder(decoder_config(cfg), rngs=nnx.Rngs(0)))
-  leaves = jax.tree_util.tree_flatten_with_path(nnx.state(shapes, nnx.Param).to_pure_dict())[0]
+  with nnx.use_eager_sharding(False):  # a real (tiny) model: nnx.eval_shape under a mesh fails
+    model = decoder.Decoder(decoder_config(cfg), rngs=nnx.Rngs(0))
+  leaves = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param).to_pure_dict())[0]
   src += repr([(jax.tree_util.keystr(p), tuple(v.shape)) for p, v in leaves])
   return hashlib.sha256(src.encode()).hexdigest()[:20]
 
