@@ -51,6 +51,7 @@ def main(argv=None) -> int:
 
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # noqa: PLC0415
+  import matplotlib.ticker  # noqa: PLC0415
 
   fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
   for arm, pts in run_points(pathlib.Path(args.runs)).items():
@@ -81,8 +82,19 @@ def main(argv=None) -> int:
     else:
       right.plot([x for x, _ in pts], [y for _, y in pts], '.-', label=arm)
   right.set(xscale='log', yscale='log', xlabel='old items P (R = 256)', ylabel='ms per request')
+  right.tick_params(axis='x', labelrotation=45)
   right.set_title('serving time per request (median)')
-  for ax in (left, right):
+  for ax in (left, right):  # ticks at the measured x values, in plain numbers
+    xs = sorted(
+      {
+        round(x)
+        for line in ax.get_lines()
+        if line.get_linestyle() != '--'
+        for x in line.get_xdata()
+      }
+    )  # '--': the recent-only reference line
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xticks(xs, [str(x) for x in xs])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   fig.tight_layout()
