@@ -1,0 +1,130 @@
+"""Training-step time and memory of LoRA, MixLoRA and S'MoRE adapters at an equal budget.
+
+    python -m benchmarks.adapters                       # the shared tiny LM (no weights needed)
+    python -m benchmarks.adapters --model=smollm2       # SmolLM2-135M (python -m common.assets fetch smollm2)
+
+For each preset the equal-budget plan of experiments/smore/configs/base.py (smoke for the tiny LM,
+smollm2_* for SmolLM2) is built on the same frozen base, and one jit-compiled train step
+(common.train_loop.make_train_step, AdamW on the adapters only, donated state) is timed: warm-up
+steps, then `--steps` timed steps; each preset's steps are interleaved with LoRA's so that load
+changes hit both. Printed per preset: trainable parameters, median step time and range, the median
+of per-pair ratios to LoRA (the issue's goal: S'MoRE <= 1.3x LoRA), and the compiled step's
+temporary memory from XLA's memory analysis.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+from absl import app
+from absl import flags
+from flax import nnx
+import jax
+import numpy as np
+import optax
+
+from common import sharding
+from common import train_loop
+from experiments.smore.configs import base
+from projects.smore import input_pipeline
+from projects.smore import train
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum('model', 'tiny', ['tiny', 'smollm2'], 'base model')
+flags.DEFINE_integer('steps', 10, 'timed steps per preset')
+flags.DEFINE_integer('warmup', 2, 'untimed steps per preset')
+flags.DEFINE_list('presets', ['lora', 'mixlora', 'smore22', 'smore44'], 'presets to time')
+
+
+def _setup(preset: str):
+  arg = 'smoke' if FLAGS.model == 'tiny' else f'smollm2_{preset}'
+  config = base.get_config(f'{arg},adapter.preset={preset}')
+  dcfg, build, tok = train.base_model(config)
+  a = config.adapter
+  plan = train.plan(a, train.target_shapes(dcfg, a))
+  tx = optax.adamw(1e-3)
+  rules = sharding.DEFAULT_RULES
+  mesh = sharding.make_mesh([('data', -1)], devices=jax.devices()[:1])
+
+  def create():
+    with nnx.use_eager_sharding(False):
+      model = build()
+      train.add_adapters(model, a, plan, 0, 'float32')
+      return train_loop.TrainState(model, tx)
+
+  spec = train_loop.abstract_state(create, mesh, rules)
+  state = jax.tree.map(jax.device_put, nnx.state(create()), spec.shardings)
+  step = train_loop.make_train_step(spec.graphdef, train.loss_fn, spec.shardings)
+  if FLAGS.model == 'tiny':
+    src = input_pipeline.TokenTasks(seed=0, split='train', items=config.data.triples)
+    rows = [src[i] for i in range(config.data.batch_size)]
+  else:
+    d = input_pipeline.make_data(config, tok)
+    rows = [d.train[i] for i in range(config.data.batch_size)]
+  keys = ('inputs', 'targets', 'loss_mask', 'segment_ids', 'positions')
+  batch = sharding.to_global({k: np.stack([r[k] for r in rows]) for k in keys}, mesh, rules)
+  key = jax.random.key(0)
+  mem = step.lower(state, batch, key).compile().memory_analysis()
+  temp = getattr(mem, 'temp_size_in_bytes', float('nan')) if mem is not None else float('nan')
+  return {
+    'state': state,
+    'step': step,
+    'batch': batch,
+    'key': key,
+    'count': plan['count'],
+    'temp_mib': temp / 2**20,
+    'mesh': mesh,
+  }
+
+
+def _time(s) -> float:
+  with jax.set_mesh(s['mesh']):
+    t0 = time.perf_counter()
+    s['state'], m = s['step'](s['state'], s['batch'], s['key'])
+    jax.block_until_ready(m['loss'])
+  return time.perf_counter() - t0
+
+
+def main(argv):
+  del argv
+  setups = {p: _setup(p) for p in dict.fromkeys(['lora', *FLAGS.presets])}
+  for s in setups.values():
+    for _ in range(FLAGS.warmup):
+      _time(s)
+  times = {p: [] for p in setups}
+  ratios = {p: [] for p in setups}
+  for _ in range(FLAGS.steps):
+    for p, s in setups.items():
+      t_lora = _time(setups['lora'])
+      t = _time(s) if p != 'lora' else t_lora
+      times[p].append(t)
+      ratios[p].append(t / t_lora)
+  print(f'model={FLAGS.model} steps={FLAGS.steps} devices=1 load={np.round(np_load(), 1)}')
+  print(
+    '| preset | trainable | step s (median, range) | / LoRA (median of paired ratios, range) '
+    '| compiled temp MiB |'
+  )
+  print('|---|---|---|---|---|')
+  for p, s in setups.items():
+    t = times[p]
+    r = ratios[p]
+    print(
+      f'| {p} | {s["count"]:,} | {statistics.median(t):.4f} ({min(t):.4f}-{max(t):.4f}) | '
+      f'{statistics.median(r):.2f} ({min(r):.2f}-{max(r):.2f}) | {s["temp_mib"]:.1f} |'
+    )
+  sys.stdout.flush()
+
+
+def np_load():
+  try:
+    import os  # noqa: PLC0415
+
+    return os.getloadavg()
+  except OSError:
+    return (float('nan'),) * 3
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,345 @@
+"""Adapter fine-tuning of a frozen LM: LoRA, MixLoRA, HydraLoRA or S'MoRE at an equal budget.
+
+`train_and_evaluate(config, workdir)`:
+  1. the base model: the shared tiny LM (common.testing.tiny_lm, smoke) or a pretrained GGUF model
+     (common.models.loader, e.g. SmolLM2-135M-Instruct);
+  2. the adapter plan: the layers matching config.adapter.pattern get the preset's adapter, with its
+     rank chosen so the trainable count equals a LoRA of rank config.adapter.budget_rank on the same
+     layers within config.adapter.tolerance (some layers may get rank k+1 and others k to land
+     inside it); the plan, the budget and the real leaf count are logged and written to
+     WORKDIR/adapter_plan.json; a budget that cannot be met is an AdapterError before anything runs;
+  3. the standard loop pieces of common.train_loop (sharded state, jit step with donation,
+     checkpoints of the whole state incl. the data iterator, resume, SIGTERM), with the pretrained
+     base placed into the initial state (train_loop.fit builds the initial state from scratch, so
+     this module runs the same steps with its own init);
+  4. loss: the reply tokens' cross-entropy plus the adapters' load-balance losses;
+  5. evaluation: held-out exact-match accuracy (teacher-forced, see input_pipeline), overall and per
+     task, and the held-out reply loss; at the end the adapters alone are saved to WORKDIR/adapters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import itertools
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from common import checkpoint as ckpt_lib
+from common import config as config_lib
+from common import losses as common_losses
+from common import metrics as metrics_lib
+from common import sharding
+from common import testing
+from common import train_loop
+from common.adapters import core
+from common.models import decoder
+from projects.smore import input_pipeline
+from projects.smore import models
+
+# Preset -> (method, fixed structure). The knob (the rank) is chosen by the budget plan.
+PRESETS = {
+  'lora': ('lora', {}),
+  'mixlora': ('mixlora', {}),
+  'hydralora': ('hydralora', {}),
+  'smore22': ('smore', {'experts': (2, 2), 'fanouts': (2, 2)}),
+  'smore44': ('smore', {'experts': (4, 4), 'fanouts': (2, 2)}),
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The adapter plan (equal trainable-parameter budget).
+
+
+def _method_kwargs(a: ml_collections.ConfigDict, knob) -> tuple[str, dict]:
+  """(method, kwargs) of the preset with rank knob `knob` (an int, or per-layer ranks for S'MoRE)."""
+  if a.preset not in PRESETS:
+    raise core.AdapterError(f'unknown adapter.preset {a.preset!r}; use one of {sorted(PRESETS)}')
+  method, fixed = PRESETS[a.preset]
+  if method == 'lora':
+    return method, {'rank': knob}
+  if method == 'mixlora':
+    return method, {'experts': a.experts, 'rank': knob, 'top_k': a.top_k, 'gate': a.gate}
+  if method == 'hydralora':
+    return method, {'experts': a.experts, 'rank': knob}
+  spec = models.SMoRESpec(
+    experts=tuple(fixed['experts']),
+    ranks=tuple(knob),
+    fanouts=tuple(fixed['fanouts']),
+    gate=a.gate,
+    gate_dim=a.gate_dim,
+    down_dim=a.down_dim,
+    activation=a.activation,
+    position=a.position,
+    shared_pool=a.shared_pool,
+    init=a.init,
+    balance_weight=a.balance_weight,
+  )
+  return method, {'spec': spec}
+
+
+def _knobs(a: ml_collections.ConfigDict, max_rank: int = 32) -> list:
+  """Candidate rank settings: k for one-rank methods, (r_0, ..., r_{L-1}) for S'MoRE."""
+  method, fixed = PRESETS.get(a.preset, (None, {}))
+  if method != 'smore':
+    return list(range(1, 8 * max_rank + 1))
+  layers = len(fixed['experts'])
+  if a.shared_pool:  # S'MoRE# shares one pool: one rank for every layer
+    return [(r,) * layers for r in range(1, max_rank + 1)]
+  # Near-equal ranks (the paper's presets use equal ones): r or r + 1 per layer.
+  return sorted(
+    {
+      tuple(r + d for d in ds)
+      for r in range(1, max_rank + 1)
+      for ds in itertools.product((0, 1), repeat=layers)
+    }
+  )
+
+
+def plan(a: ml_collections.ConfigDict, shapes: dict[str, tuple[int, int]]) -> dict:
+  """{'method', 'layers': {path: knob}, 'budget', 'count', 'rel_diff'} for adapter config `a`.
+
+  The budget is a LoRA of rank a.budget_rank on the same layers. The candidate rank settings are
+  sorted by their total count when used on every layer; for each pair of neighbours (a, b) in that
+  order, the first j layers take b and the rest a, and the plan closest to the budget wins.
+  """
+  paths = list(shapes)
+  budget = sum(models.num_params('lora', i, o, rank=a.budget_rank) for i, o in shapes.values())
+
+  unique = sorted(set(shapes.values()))
+
+  def per_layer(knob) -> np.ndarray:
+    method, kw = _method_kwargs(a, knob)
+    by_shape = {sh: models.num_params(method, *sh, **kw) for sh in unique}
+    return np.asarray([by_shape[shapes[p]] for p in paths], np.int64)
+
+  counts = sorted(
+    ((int(c.sum()), i, knob, c) for i, knob in enumerate(_knobs(a)) for c in [per_layer(knob)]),
+    key=lambda t: (t[0], t[1]),
+  )
+  best = None  # (|diff|, total, low knob, high knob, j)
+  for (_, _, ka, ca), (_, _, kb, cb) in itertools.pairwise(counts):
+    # First j layers at kb, the rest at ka, for j = 0..n.
+    totals = (
+      np.concatenate([[0], np.cumsum(cb)]) + int(ca.sum()) - np.concatenate([[0], np.cumsum(ca)])
+    )
+    j = int(np.argmin(np.abs(totals - budget)))
+    if best is None or abs(int(totals[j]) - budget) < best[0]:
+      best = (abs(int(totals[j]) - budget), int(totals[j]), ka, kb, j)
+  if best is None:
+    best = (abs(counts[0][0] - budget), counts[0][0], counts[0][2], counts[0][2], 0)
+  _, total, ka, kb, j = best
+  rel = abs(total - budget) / budget
+  method, _ = _method_kwargs(a, ka)
+  if rel > a.tolerance:
+    raise core.AdapterError(
+      f'adapter preset {a.preset!r} cannot meet the budget of {budget} trainable parameters '
+      f'(LoRA rank {a.budget_rank} on {len(paths)} layers) within {a.tolerance:.0%}: the closest '
+      f'plan has {total} ({rel:.1%} off); change adapter.budget_rank or the preset structure'
+    )
+  knobs = {p: (kb if i < j else ka) for i, p in enumerate(paths)}
+  return {'method': method, 'layers': knobs, 'budget': budget, 'count': total, 'rel_diff': rel}
+
+
+def target_shapes(cfg: decoder.DecoderConfig, a: ml_collections.ConfigDict) -> dict:
+  """{path: (d_in, d_out)} of the layers the adapter pattern selects (no memory allocated)."""
+  with nnx.use_eager_sharding(False):
+    abstract = nnx.eval_shape(lambda: decoder.Decoder(cfg, rngs=nnx.Rngs(0)))
+  paths = core.select(abstract, a.pattern, a.exclude or None)
+  out = {}
+  for p in paths:
+    parent, key = core._resolve(abstract, p)  # noqa: SLF001 - same package family, read-only
+    lin = core._get(parent, key)  # noqa: SLF001
+    out[p] = (lin.in_features, lin.out_features)
+  return out
+
+
+def add_adapters(
+  model: nnx.Module, a: ml_collections.ConfigDict, the_plan: dict, seed: int, dtype: str
+) -> list[str]:
+  rngs = nnx.Rngs(params=jax.random.fold_in(jax.random.key(seed), 0xADA))
+
+  def make(path, linear):
+    method, kw = _method_kwargs(a, the_plan['layers'][path])
+    return models.factory(method, rngs, dtype=dtype, **kw)(path, linear)
+
+  return core.adapt(model, a.pattern, make, exclude=a.exclude or None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model, optimizer, loss.
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  o = config.optimizer
+  schedule = optax.warmup_cosine_decay_schedule(
+    0.0, o.lr, o.warmup_steps, max(config.train.num_steps, o.warmup_steps + 1), o.lr * 0.1
+  )
+  return optax.chain(
+    optax.clip_by_global_norm(o.clip_norm),
+    optax.adamw(schedule, weight_decay=o.weight_decay),
+  )
+
+
+def base_model(config: ml_collections.ConfigDict, *, abstract: bool = False):
+  """(decoder config, a function building the base Decoder, tokenizer or None)."""
+  m = config.model
+  if m.source == 'tiny_lm':
+    tcfg = testing.TinyLMConfig()
+    dcfg = testing._decoder_config(tcfg)  # noqa: SLF001 - the shared tiny LM's own config
+    if abstract:
+      return dcfg, lambda: decoder.Decoder(dcfg, rngs=nnx.Rngs(0)), None
+    return dcfg, lambda: testing.tiny_lm(tcfg).model, None
+  from common.models import loader  # noqa: PLC0415
+
+  dcfg = loader.load_config(m.source, dtype=config.dtype)
+  if abstract:
+    return dcfg, lambda: decoder.Decoder(dcfg, rngs=nnx.Rngs(0)), None
+  tok = loader.load_tokenizer(m.source)
+  return dcfg, lambda: loader.load_pretrained(m.source, dtype=config.dtype)[0], tok
+
+
+def loss_fn(model, batch, key):
+  with core.context(token_mask=batch['segment_ids'] > 0, key=key, train=True):
+    logits = model(batch['inputs'], segment_ids=batch['segment_ids'], positions=batch['positions'])
+  ce, count = common_losses.cross_entropy(logits, batch['targets'], batch['loss_mask'])
+  bal = core.aux_loss(model)
+  return ce + bal, {'ce': ce, 'balance': bal, 'reply_tokens': count}
+
+
+@nnx.jit
+def _eval_step(model, batch):
+  logits = model(batch['inputs'], segment_ids=batch['segment_ids'], positions=batch['positions'])
+  mask = batch['loss_mask'] > 0
+  ok = (jnp.argmax(logits, -1) == batch['targets']) | ~mask
+  row_ok = jnp.all(ok, axis=-1) & jnp.any(mask, axis=-1)
+  logp = jax.nn.log_softmax(logits, -1)
+  nll = -jnp.take_along_axis(logp, batch['targets'][..., None], -1)[..., 0]
+  return row_ok, jnp.sum(nll * mask), jnp.sum(mask)
+
+
+def make_eval_fn(config, mesh, d: input_pipeline.Data) -> Callable:
+  rules = tuple(tuple(r) for r in config.sharding.rules)
+  batches = input_pipeline.eval_batches(config, d)
+
+  def evaluate(model, step):
+    del step
+    correct, tasks, nll, count = [], [], 0.0, 0.0
+    for b in batches:
+      g = sharding.to_global(
+        {k: b[k] for k in ('inputs', 'targets', 'loss_mask', 'segment_ids', 'positions')},
+        mesh,
+        rules,
+      )
+      row_ok, s, c = _eval_step(model, g)
+      correct.append(np.asarray(jax.device_get(row_ok)))
+      tasks.append(b['task'])
+      nll, count = nll + float(s), count + float(c)
+    correct, tasks = np.concatenate(correct), np.concatenate(tasks)
+    real = tasks >= 0
+    out = {'accuracy': float(correct[real].mean()), 'loss': nll / max(count, 1.0)}
+    for i, name in enumerate(d.task_names):
+      sel = tasks == i
+      if sel.any():
+        out[f'acc_{name}'] = float(correct[sel].mean())
+    return out
+
+  return evaluate
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run.
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_loop.FitResult:
+  mesh = sharding.make_mesh(config_lib.mesh_spec(config))
+  rules = tuple(tuple(r) for r in config.sharding.rules)
+  workdir = train_loop.prepare_workdir(config, workdir)
+  a = config.adapter
+  dcfg, _, _ = base_model(config, abstract=True)
+  shapes = target_shapes(dcfg, a)
+  the_plan = plan(a, shapes)  # raises before anything heavy when the budget cannot be met
+  tx = make_optimizer(config)
+
+  def create(build_base):
+    def fn():
+      model = build_base()
+      add_adapters(model, a, the_plan, config.seed, config.dtype)
+      return train_loop.TrainState(model, tx)
+
+    return fn
+
+  _, abstract_base, _ = base_model(config, abstract=True)
+  spec = train_loop.abstract_state(create(abstract_base), mesh, rules)
+  real = core.count_trainable(spec.state['model'])
+  if real != the_plan['count']:
+    raise AssertionError(f'closed-form count {the_plan["count"]} != real leaf count {real}')
+  info = {
+    **the_plan,
+    'real_count': real,
+    'frozen': train_loop.count_params(spec.state['model']) - real,
+    'preset': a.preset,
+  }
+  metrics_lib.log(
+    'adapter %s (%s) on %d layers: %d trainable parameters, budget %d (LoRA rank %d), %.2f%% off; '
+    'ranks %s',
+    a.preset,
+    the_plan['method'],
+    len(shapes),
+    real,
+    the_plan['budget'],
+    a.budget_rank,
+    100 * the_plan['rel_diff'],
+    sorted(set(map(str, the_plan['layers'].values()))),
+  )
+  if jax.process_index() == 0:
+    metrics_lib.write_json(workdir / 'adapter_plan.json', info)
+
+  _, real_base, tokenizer = base_model(config)
+  d = input_pipeline.make_data(config, tokenizer)
+  train_iter = input_pipeline.train_iterator(config, d)
+
+  def init():
+    with nnx.use_eager_sharding(False):
+      state = nnx.state(create(real_base)())
+    return jax.tree.map(lambda v, s: jax.device_put(v, s), state, spec.shardings)
+
+  ckpt = ckpt_lib.Checkpointer(
+    workdir / 'checkpoints',
+    every_steps=config.checkpoint.every_steps,
+    keep=config.checkpoint.keep,
+    async_save=config.checkpoint.async_save,
+  )
+  sigterm = train_loop.SigtermFlag()
+  try:
+    with jax.set_mesh(mesh), sharding.axis_rules(rules), sigterm.installed():
+      start, state, _ = train_loop.restore_or_init(config, ckpt, spec, init, data_iter=train_iter)
+      writer = metrics_lib.MetricWriter(workdir, resume_step=start)
+      try:
+        result = train_loop._loop(  # noqa: SLF001 - fit's loop, with the pretrained init above
+          config,
+          workdir,
+          spec,
+          state,
+          start,
+          config.train.num_steps,
+          loss_fn,
+          train_iter,
+          make_eval_fn(config, mesh, d),
+          mesh,
+          rules,
+          ckpt,
+          writer,
+          sigterm,
+        )
+      finally:
+        writer.close()
+  finally:
+    ckpt.close()
+  model = train_loop.model_of(result.graphdef, result.state)
+  core.save_adapters(workdir / 'adapters', model, step=result.step)
+  return result
