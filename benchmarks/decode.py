@@ -7,7 +7,9 @@ machine's limits. The limits are measured here too: streaming-read bandwidth (a 
 over a 512 MiB float32 array, plus a numpy memcpy for reference) bounds batch-1 decoding, which
 must read every weight once per token; the `jnp.dot` f32 peak (n=2048) bounds large-batch decoding.
 
-Both sides use float32 weights dequantized from the same Q4_1 GGUF (`common.models.loader` for JAX;
+Both sides use float32 weights (JAX: --jax_weights=float32,bfloat16 adds a bf16-weight variant; on
+this CPU XLA's bf16 matmuls are slower than f32 ones, so it is not the default) dequantized from
+the same Q4_1 GGUF (`common.models.loader` for JAX;
 transformers' own GGUF loader, which also dequantizes to f32), greedy decoding of exactly
 --new_tokens tokens (no early stop: min_new_tokens on the transformers side), ragged chat prompts
 left-padded, and all CPU threads (torch.set_num_threads(os.cpu_count())).
@@ -70,7 +72,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--batches', default='1,16')
   p.add_argument('--new_tokens', type=int, default=64)
   p.add_argument('--reps', type=int, default=3, help='timed reps per batch and implementation')
-  p.add_argument('--dtype', default='float32', help='JAX compute dtype (weights float32)')
+  p.add_argument(
+    '--jax_weights',
+    default='float32',
+    help='comma-separated JAX variants: weights (and compute) in this dtype; each is timed in the '
+    'same run (bfloat16 halves the bytes each decode step streams; transformers stays float32)',
+  )
   p.add_argument('--skip_transformers', action='store_true')
   p.add_argument(
     '--torch_threads',
@@ -117,10 +124,13 @@ class Limits:
 
 
 class JaxSide:
-  def __init__(self, args, prompt_ids):
+  def __init__(self, args, prompt_ids, dtype: str = 'float32'):
     jax.config.update('jax_compilation_cache_dir', str(testing.cache_dir('jax_cache')))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
-    self.model, self.cfg, self.tok = loader.load_pretrained(args.model, dtype=args.dtype)
+    self.dtype = dtype
+    self.model, self.cfg, self.tok = loader.load_pretrained(args.model, dtype=dtype)
+    if dtype != 'float32':
+      self.model = sampler.cast_weights(self.model, dtype)
     self.prompt_ids = prompt_ids
     self.config = sampler.SamplingConfig(
       max_new_tokens=args.new_tokens, temperature=0.0, pad_id=self.tok.pad_id or 0
@@ -194,9 +204,11 @@ def main(argv=None) -> int:
     return 2
   t0 = time.perf_counter()
   load_start = os.getloadavg()[0]
-  jx = JaxSide(args, None)
+  jaxes = [JaxSide(args, None, d) for d in args.jax_weights.split(',') if d]
+  jx = jaxes[0]
   prompt_ids = [jx.tok.encode_chat([{'role': 'user', 'content': p}]) for p in PROMPTS]
-  jx.prompt_ids = prompt_ids
+  for side in jaxes:
+    side.prompt_ids = prompt_ids
   pad = jx.tok.pad_id or 0
   torches = []
   if not args.skip_transformers:
@@ -208,29 +220,34 @@ def main(argv=None) -> int:
 
   n = args.new_tokens
   params = sum(x.size for x in jax.tree.leaves(nnx.state(jx.model, nnx.Param)))
-  weight_bytes = 4 * params
-  impls = ['jax'] + [f'hf{th.threads}' for th in torches]
+  weight_bytes = {f'jax-{s.dtype}': jnp.dtype(s.dtype).itemsize * params for s in jaxes}
+  weight_bytes.update({f'hf{th.threads}': 4 * params for th in torches})
+  impls = list(weight_bytes)
   results = {}
-  agree = None
+  agree = {}  # batch-1 greedy tokens of each JAX variant vs the first transformers side
   stops = set(jx.tok.stop_ids)
   for b in batches:
-    jx.run(b)  # compile (ahead of time inside) + warm-up
+    for side in jaxes:
+      side.run(b)  # compile (ahead of time inside) + warm-up
     for th in torches:
       th.run(b)  # warm-up
     rec = {impl: ([], []) for impl in impls}
     prompt_tokens = sum(len(x) for x in prompt_ids[:b])
     for _ in range(args.reps):
-      p, d, jtok = jx.run(b)
-      rec['jax'][0].append(prompt_tokens / p)
-      rec['jax'][1].append(b * n / d)
+      jtoks = {}
+      for side in jaxes:
+        p, d, jtoks[side.dtype] = side.run(b)
+        rec[f'jax-{side.dtype}'][0].append(prompt_tokens / p)
+        rec[f'jax-{side.dtype}'][1].append(b * n / d)
       for th in torches:
         p, d, htok = th.run(b)
         rec[f'hf{th.threads}'][0].append(prompt_tokens / p)
         rec[f'hf{th.threads}'][1].append(b * (n - 1) / d)
-        if b == 1 and agree is None:
-          # Up to the first stop token: transformers suppresses EOS (min_new_tokens) to force N.
-          end = next((i + 1 for i, x in enumerate(jtok[0]) if int(x) in stops), n)
-          agree = (int(np.cumprod(jtok[0, :end] == htok[0, :end]).sum()), end)
+        for dtype, jtok in jtoks.items():
+          if b == 1 and dtype not in agree:
+            # Up to the first stop token: transformers suppresses EOS (min_new_tokens) to force N.
+            end = next((i + 1 for i, x in enumerate(jtok[0]) if int(x) in stops), n)
+            agree[dtype] = (int(np.cumprod(jtok[0, :end] == htok[0, :end]).sum()), end)
       limits.sample()
     results[b] = rec
     print(f'batch {b} done ({time.perf_counter() - t0:.0f} s)', file=sys.stderr)
@@ -238,12 +255,12 @@ def main(argv=None) -> int:
   read_bw = statistics.median(limits.read_gbs)
   peak = statistics.median(limits.peak_gflops)
   cfg = jx.cfg
-  versions = f' vs {torches[0].version}' if torches else ''
+  versions = f' vs {torches[0].version} (float32)' if torches else ''
   print(
     f'\nSmolLM2-135M-Instruct decode ({params / 1e6:.1f}M params, f32 weights = '
-    f'{weight_bytes / 2**20:.0f} MiB), greedy, {n} new tokens, chat prompts of '
+    f'{4 * params / 2**20:.0f} MiB), greedy, {n} new tokens, chat prompts of '
     f'{min(map(len, prompt_ids))}-{max(map(len, prompt_ids))} tokens; {args.reps} reps, medians '
-    f'(min-max). JAX {jax.__version__} ({args.dtype} compute){versions}; python '
+    f'(min-max). JAX {jax.__version__}{versions}; python '
     f'{platform.python_version()}, {os.cpu_count()} CPUs; load average {load_start:.1f} at the '
     f'start, {os.getloadavg()[0]:.1f} at the end (other jobs on the VM).'
   )
@@ -252,9 +269,9 @@ def main(argv=None) -> int:
     f'{args.bw_mib} MiB), memcpy {_med_range(limits.memcpy_gbs)} GB/s (read+write), jnp.dot f32 '
     f'n=2048 peak {_med_range(limits.peak_gflops)} GFLOP/s.'
   )
-  if agree is not None:
+  for dtype, (same, end) in agree.items():
     print(
-      f'Batch-1 greedy tokens: JAX and transformers agree on {agree[0]}/{agree[1]} (up to the '
+      f'Batch-1 greedy tokens: JAX {dtype} and transformers agree on {same}/{end} (up to the '
       'first stop token).'
     )
   print(
@@ -264,21 +281,24 @@ def main(argv=None) -> int:
   print('|---|---|---|---|---|---|---|')
   flops_per_token = 2 * params + 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * 64
   for b in batches:
-    hf_best = max(
-      (statistics.median(results[b][i][1]) for i in impls[1:] if results[b][i][1]), default=None
-    )
+    hf = [statistics.median(results[b][i][1]) for i in impls if i.startswith('hf')]
+    hf_best = max(hf, default=None)
     for impl in impls:
       pre, dec = results[b][impl]
       med = statistics.median(dec)
-      ratio = f'{med / hf_best:.2f}x' if impl == 'jax' and hf_best else ''
-      gbs = weight_bytes * med / b / 1e9  # one weight read per forward pass
+      ratio = f'{med / hf_best:.2f}x' if impl.startswith('jax') and hf_best else ''
+      gbs = weight_bytes[impl] * med / b / 1e9  # one weight read per forward pass
       gflops = flops_per_token * med / 1e9
-      name = 'JAX (common.sampling)' if impl == 'jax' else f'transformers.generate, {impl[2:]} thr'
+      if impl.startswith('jax'):
+        name = f'JAX (common.sampling), {impl[4:]} weights'
+      else:
+        name = f'transformers.generate, {impl[2:]} thr'
       print(
         f'| {name} | {b} | {_med_range(pre)} | {_med_range(dec)} | {ratio} '
         f'| {gbs:.1f} ({gbs / read_bw:.2f}) | {gflops:.1f} ({gflops / peak:.2f}) |'
       )
-  print(f'\nJAX compile s per batch (not timed above): {jx.compile_s}', file=sys.stderr)
+  compile_s = {s.dtype: s.compile_s for s in jaxes}
+  print(f'\nJAX compile s per batch (not timed above): {compile_s}', file=sys.stderr)
   return 0
 
 
