@@ -14,6 +14,8 @@ temporary memory from XLA's memory analysis.
 
 from __future__ import annotations
 
+import importlib.util
+import pathlib
 import statistics
 import sys
 import time
@@ -27,11 +29,22 @@ import optax
 
 from common import sharding
 from common import train_loop
-from experiments.smore.configs import base
 from projects.smore import input_pipeline
 from projects.smore import train
 
 FLAGS = flags.FLAGS
+CONFIG_FILE = pathlib.Path(__file__).resolve().parents[1] / 'experiments/smore/configs/base.py'
+
+
+def _get_config(arg: str):
+  """The experiment config by file path, as `--config=...` loads it (benchmarks import no
+  experiments/ module)."""
+  spec = importlib.util.spec_from_file_location('smore_config', CONFIG_FILE)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
 flags.DEFINE_enum('model', 'tiny', ['tiny', 'smollm2'], 'base model')
 flags.DEFINE_integer('steps', 10, 'timed steps per preset')
 flags.DEFINE_integer('warmup', 2, 'untimed steps per preset')
@@ -40,7 +53,7 @@ flags.DEFINE_list('presets', ['lora', 'mixlora', 'smore22', 'smore44'], 'presets
 
 def _setup(preset: str):
   arg = 'smoke' if FLAGS.model == 'tiny' else f'smollm2_{preset}'
-  config = base.get_config(f'{arg},adapter.preset={preset}')
+  config = _get_config(f'{arg},adapter.preset={preset}')
   dcfg, build, tok = train.base_model(config)
   a = config.adapter
   plan = train.plan(a, train.target_shapes(dcfg, a))
