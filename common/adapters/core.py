@@ -69,6 +69,7 @@ class Context:
   token_mask: jax.Array | None = None  # bool [B, T]: real tokens (auxiliary losses skip the rest)
   key: jax.Array | None = None  # PRNG key for stochastic adapters (noisy gates); None = no noise
   train: bool = False
+  record: dict | None = None  # when a dict, adapters store diagnostics (routing) under their path
 
 
 _CONTEXT: contextvars.ContextVar[Context] = contextvars.ContextVar('adapter_context', default=None)
@@ -76,10 +77,18 @@ _CONTEXT: contextvars.ContextVar[Context] = contextvars.ContextVar('adapter_cont
 
 @contextlib.contextmanager
 def context(
-  *, token_mask: jax.Array | None = None, key: jax.Array | None = None, train: bool = False
+  *,
+  token_mask: jax.Array | None = None,
+  key: jax.Array | None = None,
+  train: bool = False,
+  record: dict | None = None,
 ) -> Iterator[Context]:
-  """Makes (token_mask, key, train) visible to every adapter called inside (during tracing)."""
-  ctx = Context(token_mask, key, train)
+  """Makes (token_mask, key, train) visible to every adapter called inside (during tracing).
+
+  `record`, a dict, asks adapters to store diagnostics (e.g. routing decisions) under their path;
+  use it on eager (un-jitted) calls, where the stored values are concrete arrays.
+  """
+  ctx = Context(token_mask, key, train, record)
   token = _CONTEXT.set(ctx)
   try:
     yield ctx
@@ -237,18 +246,14 @@ def adapt(
 
 def adapted(model: nnx.Module) -> dict[str, AdaptedLinear]:
   """{path: AdaptedLinear} for every wrapped layer, in model order."""
-  return {
-    _path_str(p): m for p, m in nnx.iter_modules(model) if isinstance(m, AdaptedLinear)
-  }
+  return {_path_str(p): m for p, m in nnx.iter_modules(model) if isinstance(m, AdaptedLinear)}
 
 
 def count_trainable(model_or_state: Any) -> int:
   """Scalars in the AdapterParams of a model (or of an abstract/concrete state)."""
   if isinstance(model_or_state, nnx.Module):
     model_or_state = nnx.state(model_or_state, AdapterParam)
-  leaves = jax.tree.leaves(
-    model_or_state, is_leaf=lambda x: isinstance(x, nnx.Variable)
-  )
+  leaves = jax.tree.leaves(model_or_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
   total = 0
   for leaf in leaves:
     if isinstance(leaf, nnx.Variable) and not isinstance(leaf, AdapterParam):
@@ -312,8 +317,12 @@ def save_adapters(directory: str | os.PathLike, model: nnx.Module, step: int = 0
   """Writes the adapter parameters alone (synchronously) as step `step` under `directory`."""
   state = adapter_state(model)
   with ckpt_lib.Checkpointer(directory, async_save=False, every_steps=0, keep=1) as ckpt:
-    ckpt.save(step, state, meta={'adapters': sorted(adapted(model)), 'scalars': count_trainable(
-      state)}, wait=True)
+    ckpt.save(
+      step,
+      state,
+      meta={'adapters': sorted(adapted(model)), 'scalars': count_trainable(state)},
+      wait=True,
+    )
 
 
 def load_adapters(directory: str | os.PathLike, model: nnx.Module) -> int:

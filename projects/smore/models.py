@@ -327,6 +327,7 @@ class TreeGate(nnx.Module):
     return top_k_gate(logits, self.k, self.kind, std, key)
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Routing:
   """Per layer l (index l, bottom to top): idx/weights [N, f_{L-1}, ..., f_l], probs [..., s_l]."""
@@ -472,6 +473,9 @@ class SMoRE(core.Adapter):
     xf = x.reshape(n, self.d_in)
     routing, bal = self.route(xf, _tokens_mask(n, lead))
     self.balance[...] = bal
+    record = core.current().record
+    if record is not None:
+      record[self.name] = jax.tree.map(lambda a: a.reshape(*lead, *a.shape[1:]), routing)
     h = self.hidden(xf, routing)
     out = h @ self.proj[...].astype(h.dtype) + self.proj_bias[...].astype(h.dtype)
     return out.reshape(*lead, self.d_out)

@@ -385,3 +385,24 @@ def test_flatten_helper_sees_all_leaves():
       ]
     )
   )
+
+
+def test_recorded_routing_and_tree_labels():
+  from projects.smore import analysis  # noqa: PLC0415
+
+  m = _smore(_spec(experts=(4, 4), ranks=(1, 1), fanouts=(2, 2)))
+  x = _x(6).reshape(2, 3, D_IN)
+  record = {}
+  m.name = 'adapter'
+  with core.context(record=record):
+    m(x)
+  routing = record['adapter']
+  assert routing.idx[1].shape == (2, 3, 2) and routing.idx[0].shape == (2, 3, 2, 2)
+  label = analysis.tree_label(routing, 1, 2)
+  top = sorted(int(e) for e in routing.idx[1][1, 2])
+  assert sorted(int(p.split('{')[0]) for p in label.split()) == top
+  batch = {'loss_mask': np.ones((2, 3)), 'task': np.array([0, 1])}
+  usage = analysis.usage_by_task(routing, batch, 2, (4, 4))
+  # Every token uses exactly 2 distinct top experts, so each task's top row sums to 2.
+  np.testing.assert_allclose(usage[1].sum(1), 2.0)
+  assert np.all((usage[0].sum(1) >= 2) & (usage[0].sum(1) <= 4))
