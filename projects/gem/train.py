@@ -125,7 +125,8 @@ def phases(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
 def schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   o = config.optimizer
   pre, mixed, cl = phases(config)
-  pieces = [optax.warmup_cosine_decay_schedule(0.0, o.lr_pretrain, o.warmup_steps, max(pre, 2))]
+  warmup = min(o.warmup_steps, pre // 2)
+  pieces = [optax.warmup_cosine_decay_schedule(0.0, o.lr_pretrain, warmup, max(pre, warmup + 1))]
   bounds = [pre]
   if mixed:
     pieces.append(optax.cosine_decay_schedule(o.lr_ntp, mixed))
