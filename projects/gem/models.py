@@ -34,13 +34,12 @@ POOLINGS = ('special', 'special_concat', 'mean', 'last')
 
 def gem_mask(roles: jax.Array, *, block_specials: bool = True) -> jax.Array:
   """[B, T, T] bool (True = may attend), before the causal mask; roles [B, T] int."""
+  roles = jnp.asarray(roles)
   r_row, r_col = roles[:, :, None], roles[:, None, :]
-  allowed = r_col != PAD
-  allowed &= ~((r_row == SUFFIX) & (r_col == PREFIX))
+  allowed = (r_col != PAD) & ~((r_row == SUFFIX) & (r_col == PREFIX))
   if block_specials:
-    t = roles.shape[1]
-    eye = jnp.eye(t, dtype=bool)[None]
-    allowed &= ~((r_row == SPECIAL) & (r_col == SPECIAL) & ~eye)
+    eye = jnp.eye(roles.shape[1], dtype=bool)[None]
+    allowed = allowed & ~((r_row == SPECIAL) & (r_col == SPECIAL) & ~eye)
   return allowed
 
 
