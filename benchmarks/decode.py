@@ -41,7 +41,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import train_step  # noqa: E402
 from common import testing  # noqa: E402
 from common.models import loader  # noqa: E402
 from common.sampling import sampler  # noqa: E402
@@ -116,7 +115,20 @@ class Limits:
       np.copyto(self.dst, self.host)
       self.memcpy_gbs.append(2 * self.host.nbytes / (time.perf_counter() - t0) / 1e9)
     n = 2048
-    self.peak_gflops += [2.0 * n**3 / t / 1e9 for t in train_step.matmul_times(n, 3)]
+    self.peak_gflops += [2.0 * n**3 / t / 1e9 for t in self.matmul_seconds(n, 3)]
+
+  @staticmethod
+  def matmul_seconds(n: int, reps: int) -> list[float]:
+    """Wall seconds of `reps` jitted f32 n x n matmuls after one warm-up."""
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    dot(a, a).block_until_ready()
+    out = []
+    for _ in range(reps):
+      t0 = time.perf_counter()
+      dot(a, a).block_until_ready()
+      out.append(time.perf_counter() - t0)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
