@@ -15,8 +15,9 @@ One step:
      optimizer step of the clipped token-level surrogate (common.rl.loss) through
      common.train_loop.make_train_step (jit, donated state).
 
-The behaviour logprobs come from the same forward the update differentiates, so with
-num_iterations=1 (one minibatch) the ratio is 1 up to float rounding (tested to 1e-6). Every key is
+With num_iterations=1 and one minibatch the update is on-policy and the behaviour logprobs are the
+training forward's own (stop-gradient), so the ratio is exactly 1; otherwise they come from one
+jit-ed forward of the policy right after the rollout (equal to the sampler's logprobs, tested). Every key is
 train_loop.step_key(seed, step, purpose) and per-row sampling keys come from the prompt uid, so a
 killed-and-resumed run replays the uninterrupted one (tested, EBPO state included).
 
@@ -167,12 +168,18 @@ def _score_model(graphdef, state, batch):
 def make_loss_fn(rl: ml_collections.ConfigDict):
   """loss_fn(model, batch, key) for train_loop.make_train_step: the clipped surrogate + k3 KL."""
 
+  on_policy = rl.num_iterations == 1 and rl.num_minibatches == 1
+
   def loss_fn(model, batch, key):
     del key
     logp = completion_logprobs(model, batch)
+    # One gradient step per rollout: the behaviour policy is the current one, so its logprobs are
+    # the forward's own (ratio exactly 1); the separately computed batch['old_logp'] agrees only up
+    # to the float rounding of a differently fused program (3e-5 measured on SmolLM2-135M).
+    old = jax.lax.stop_gradient(logp) if on_policy else batch['old_logp']
     loss, metrics = loss_lib.policy_loss(
       logp,
-      batch['old_logp'],
+      old,
       batch['advantages'],
       batch['completion_mask'],
       ref_logp=batch.get('ref_logp'),
@@ -181,6 +188,9 @@ def make_loss_fn(rl: ml_collections.ConfigDict):
       kl_coef=rl.kl_coef,
       agg=rl.loss_agg,
     )
+    valid = batch['completion_mask'] > 0
+    dev = jnp.where(valid, jnp.abs(jax.lax.stop_gradient(logp) - batch['old_logp']), 0.0)
+    metrics['behaviour_logp_dev'] = jnp.max(dev)
     return loss, metrics
 
   return loss_fn
@@ -439,9 +449,11 @@ def train(
   num_steps = config.train.num_steps
   counter = _Counter()
 
+  # The models are created before the mesh context: common.models.loader's nnx.eval_shape reads
+  # logical axis names as mesh axes under jax.set_mesh and fails.
+  policy = setup.create_model()
+  ref_graphdef, ref_state = nnx.split(setup.create_model())
   with jax.set_mesh(mesh), sharding.axis_rules(rules):
-    policy = setup.create_model()
-    ref_graphdef, ref_state = nnx.split(setup.create_model())
     graphdef, state = nnx.split(train_loop.TrainState(policy, setup.tx))
     shardings = sharding.state_shardings(state, mesh, rules)
     state = jax.device_put(state, shardings)
@@ -621,6 +633,7 @@ def _loop(
         'kl': float(np.mean([m['kl'] for m in step_metrics])),
         'clip_frac': float(np.mean([m['clip_frac'] for m in step_metrics])),
         'ratio_max_dev': float(step_metrics[0]['ratio_max_dev']),
+        'behaviour_logp_dev': float(step_metrics[0]['behaviour_logp_dev']),
         'response_len': float(ro.lengths.mean()),
         'grad_norm': float(np.mean([m['grad_norm'] for m in step_metrics])),
         'adv_abs_mean': float(np.abs(a[group_mask]).mean()) if group_mask.any() else 0.0,

@@ -58,6 +58,7 @@ SMOLLM2_TASKS = (
     max_terms=3,
     min_digits=1,
     max_digits=2,
+    operators=('+', '-', '*'),
     allow_parentheses=False,
     allow_negation=False,
   ),
@@ -79,7 +80,9 @@ def load_examples(task_set: str, split: str, seed: int = 0) -> list[dict[str, An
 def _load(task_set: str, split: str, seed: int) -> tuple[dict[str, Any], ...]:
   if task_set not in TASK_SETS:
     raise ValueError(f'unknown task set {task_set!r}; expected one of {sorted(TASK_SETS)}')
-  cfg = rgd.make_config(TASK_SETS[task_set], seed=seed, name=f'ebpo_{task_set}_s{seed}')
+  specs = TASK_SETS[task_set]
+  digest = rgd.make_config(specs, seed=seed).name[-6:]  # a new build whenever the specs change
+  cfg = rgd.make_config(specs, seed=seed, name=f'ebpo_{task_set}_s{seed}_{digest}')
   builder = rgd.ReasoningGym(config=cfg, data_dir=str(data.data_dir()))
   source = data.tfds_source(builder, split)
   out = []
@@ -139,7 +142,10 @@ def expression_prompt(example: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------------
 # Chat prompts (SmolLM2).
 
-CHAT_INSTRUCTION = ' Reply with only the final answer, as: The answer is N.'
+# Measured on 30 held-out questions, greedy, 48 new tokens (SmolLM2-135M-Instruct): no instruction
+# 0/30, ' Answer with a single number.' 0/30, this one 2/30 (an earlier 'Reply ... as: The answer
+# is N.' made it echo 'The answer is 1.' without computing: 1/50).
+CHAT_INSTRUCTION = ' Think step by step, then give the final answer as a number.'
 
 
 def chat_prompt_tokens(tokenizer, example: dict[str, Any]) -> list[int]:

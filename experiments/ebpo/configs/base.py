@@ -12,11 +12,15 @@ Variants:
          'basic_arithmetic' (three 1-digit terms), prompts rendered '36-38='. RL: 16 prompts x G=4
          samples per step, up to 4 new tokens, 60 steps (3,840 sampled responses), greedy held-out
          pass@1 on the deduplicated test split every 20 steps. No model weights.
-  smollm2: SmolLM2-135M-Instruct (python -m common.assets fetch smollm2) on short arithmetic and
-         leg-counting questions in its chat template, G=4, 8 prompts per step, up to 24 new
-         tokens, 100 steps: 3,200 sampled responses, at most 76,800 generated tokens and
-         100 updates of 32 sequences; eval on 100 held-out questions at steps 0, 50, 100. Sized
-         for about 2 hours on 2 shared CPU cores (rollout-bound); not yet measured end to end.
+  smollm2: SmolLM2-135M-Instruct (python -m common.assets fetch smollm2) on short arithmetic
+         (chain_sum, basic_arithmetic with + - *) and leg-counting questions in its chat template
+         with a step-by-step instruction, G=4, 8 prompts per step, up to 48 new tokens, 100 steps:
+         3,200 sampled responses, at most 153,600 generated tokens and 100 updates of 32
+         sequences; eval on 100 held-out questions at steps 0, 50, 100. Measured so far: greedy
+         pass@1 of the initial policy 2/30 held-out questions with this instruction (1/50 with an
+         earlier one); a 2-step probe (24 new tokens) took 9.5 minutes for its first step,
+         compilation included, at load average ~15 on 2 cores. The 100-step run has not been
+         measured; at that speed it does not fit the full suite's 2 hours.
   (default): the smoke setup at 300 steps.
 Ablation knobs: rl.estimator (grpo | dr_grpo | rloo | dapo | ebpo), rl.group_size,
   rl.curriculum (shuffled | clustered | difficulty), rl.ebpo_mode (cumulative | cluster | ewm),
