@@ -131,7 +131,6 @@ def test_smoke_run_writes_outputs_and_adapter_checkpoint(reference):
   testing.assert_trees_close(core.adapter_state(model), core.adapter_state(trained), rtol=0)
 
 
-@pytest.mark.slow
 def test_sigterm_then_resume_reproduces_the_run(reference, tmp_path):
   ref_dir, ref = reference
   arg = ','.join(('smoke', 'adapter.preset=mixlora', *SHORT))
