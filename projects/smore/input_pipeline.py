@@ -90,7 +90,13 @@ class TokenTasks:
 
 
 def rg_tasks(config: ml_collections.ConfigDict) -> list[tuple]:
-  return [tuple(t) for t in config.data.rg_tasks]
+  """(name, train, test, sorted kwargs items) per task: hashable, so the build is cached."""
+  out = []
+  for t in config.data.rg_tasks:
+    kwargs = t[3] if len(t) > 3 else {}
+    kwargs = kwargs.to_dict() if hasattr(kwargs, 'to_dict') else dict(kwargs)
+    out.append((t[0], int(t[1]), int(t[2]), tuple(sorted(kwargs.items()))))
+  return out
 
 
 @functools.lru_cache(maxsize=4)
