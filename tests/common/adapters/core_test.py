@@ -44,13 +44,19 @@ def _tokens(seed=0, shape=(2, 12)):
 def test_selection_regex_glob_exclude_and_errors():
   with nnx.use_eager_sharding(False):
     model = _base()
-  assert core.select(model, MLP) == [f'layers/{i}/mlp/{p}_proj' for i in range(2)
-                                     for p in ('down', 'gate', 'up')]
-  assert core.select(model, 'glob:layers/*/attn/q_proj') == ['layers/0/attn/q_proj',
-                                                             'layers/1/attn/q_proj']
+  assert core.select(model, MLP) == [
+    f'layers/{i}/mlp/{p}_proj' for i in range(2) for p in ('down', 'gate', 'up')
+  ]
+  assert core.select(model, 'glob:layers/*/attn/q_proj') == [
+    'layers/0/attn/q_proj',
+    'layers/1/attn/q_proj',
+  ]
   assert core.select(model, MLP, exclude=r'.*/down_proj') == [
-    'layers/0/mlp/gate_proj', 'layers/0/mlp/up_proj', 'layers/1/mlp/gate_proj',
-    'layers/1/mlp/up_proj']
+    'layers/0/mlp/gate_proj',
+    'layers/0/mlp/up_proj',
+    'layers/1/mlp/gate_proj',
+    'layers/1/mlp/up_proj',
+  ]
   with pytest.raises(core.AdapterError, match='matches no linear layer.*layers/0/attn'):
     core.select(model, r'layers/\d+/ffn/.*')
   with pytest.raises(core.AdapterError, match='not a valid regex'):
@@ -61,8 +67,10 @@ def test_adapt_freezes_everything_but_the_adapters():
   with nnx.use_eager_sharding(False):
     model = _adapted(rank=4)
   params = nnx.state(model, nnx.Param)
-  assert all(isinstance(v, core.AdapterParam)
-             for v in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+  assert all(
+    isinstance(v, core.AdapterParam)
+    for v in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  )
   # 6 wrapped layers: gate/up 32 -> 64, down 64 -> 32, each rank 4 * (in + out).
   assert core.count_trainable(model) == 6 * 4 * (32 + 64)
   n_frozen = train_loop.count_params(nnx.state(model, core.Frozen))
@@ -97,7 +105,8 @@ def test_merge_equals_unmerged_and_unmerge_restores():
   np.testing.assert_allclose(merged, unmerged, rtol=1e-5, atol=1e-5)
   assert core.unmerge(model) == 6
   np.testing.assert_allclose(
-    core.adapted(model)['layers/1/mlp/down_proj'].base.kernel[...], kernel0, atol=1e-6)
+    core.adapted(model)['layers/1/mlp/down_proj'].base.kernel[...], kernel0, atol=1e-6
+  )
   np.testing.assert_allclose(model(tokens), unmerged, rtol=1e-5, atol=1e-5)
 
 
@@ -144,8 +153,10 @@ def test_train_step_updates_only_adapters(mesh8):
   testing.assert_trees_equal(frozen, frozen0)
   adapters0 = core.adapter_state(train_loop.model_of(spec.graphdef, init))
   adapters = core.adapter_state(train_loop.model_of(spec.graphdef, state))
-  moved = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(adapters),
-                                                  jax.tree.leaves(adapters0), strict=True)]
+  moved = [
+    not np.allclose(a, b)
+    for a, b in zip(jax.tree.leaves(adapters), jax.tree.leaves(adapters0), strict=True)
+  ]
   assert all(moved)
   # The optimizer holds moments for the adapters only.
   mu = state['optimizer']['opt_state'][0]['mu']
