@@ -257,3 +257,21 @@ def test_sharded_run_matches_one_device(tmp_path):
     np.testing.assert_allclose(ra['loss'], rb['loss'], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(ra['grad_norm'], rb['grad_norm'], rtol=1e-4)
   assert one['eval']['pass_at_1'] == eight['eval']['pass_at_1']
+
+
+def test_verifier_exceptions_and_non_finite_rewards_score_zero_and_are_counted():
+  prompts = _prompts(2)
+
+  def flaky(prompt, completion):
+    if prompt.uid == 0 and len(completion) == 1:
+      raise RuntimeError('verifier crashed')
+    if prompt.uid == 1 and len(completion) == 2:
+      return float('nan')
+    return 1.0
+
+  counter = loop._Counter()  # noqa: SLF001
+  completions = np.array([[5, 0], [5, 6], [7, 0], [7, 8]], np.int32)
+  lengths = np.array([1, 2, 1, 2])
+  r = loop.safe_rewards(flaky, prompts, completions, lengths, 2, counter)
+  np.testing.assert_array_equal(r, [[0.0, 1.0], [1.0, 0.0]])
+  assert counter.failures == 2
