@@ -275,3 +275,17 @@ def test_verifier_exceptions_and_non_finite_rewards_score_zero_and_are_counted()
   r = loop.safe_rewards(flaky, prompts, completions, lengths, 2, counter)
   np.testing.assert_array_equal(r, [[0.0, 1.0], [1.0, 0.0]])
   assert counter.failures == 2
+
+
+def test_difficulty_curriculum_computes_pass_rates_once_and_caches_them(tmp_path):
+  cfg = _config(estimator='ebpo', curriculum='difficulty', difficulty_rollouts=2)
+  with cfg.unlocked():
+    cfg.train.num_steps = 1
+  cache = tmp_path / 'rates.json'
+  loop.train(cfg, tmp_path / 'a', _setup(), pass_rates_cache=cache)
+  saved = json.loads(cache.read_text())
+  assert len(saved['pass_rates']) == 32
+  assert all(v in (0.0, 0.5, 1.0) for v in saved['pass_rates'].values())  # K=2 rollouts each
+  stamp = cache.stat().st_mtime_ns
+  loop.train(cfg, tmp_path / 'b', _setup(), pass_rates_cache=cache)
+  assert cache.stat().st_mtime_ns == stamp  # reused, not recomputed
