@@ -1,5 +1,7 @@
 """GEM's mask, bottleneck, special independence, read-out and the unchanged base LM (spec 4(d))."""
 
+import dataclasses
+
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -166,3 +168,50 @@ def test_added_specials_leave_the_base_logits_unchanged(tmp_path, monkeypatch):
   roles = jnp.full(tokens.shape, models.PREFIX)
   after = np.asarray(nnx.jit(lambda m, t, r: m.logits(t, r))(gem, tokens, roles))
   np.testing.assert_allclose(after[..., : cfg.vocab_size], before[..., : cfg.vocab_size], atol=1e-5)
+
+
+def test_suffix_depends_on_the_prefix_only_through_the_specials_kv(model):
+  """Spec 4(d)2 with cached K/V: prefix B's cache with the specials' per-layer K/V taken from
+  prefix A's run (prefix slots then evicted) gives the suffix exactly prefix A's suffix outputs."""
+  from common.sampling import kv_cache  # noqa: PLC0415
+
+  rng = np.random.default_rng(6)
+  m, k, n = 5, 2, 4
+  seq_a, roles = _split_rows(rng, m, k, n)
+  seq_b = seq_a.copy()
+  seq_b[:m] = rng.integers(0, 50, size=m)
+  s = m + k + n
+  head = jnp.asarray(roles[None, : m + k])
+  head_mask = jnp.pad(models.gem_mask(head), ((0, 0), (0, 0), (0, s - m - k)), constant_values=True)
+
+  @nnx.jit
+  def prefill(model, tokens):
+    cache = kv_cache.KVCache.init(CFG, 1, s)
+    _, cache = model.lm.hidden_states(tokens, cache=cache, attention_mask=head_mask)
+    return cache
+
+  @nnx.jit
+  def suffix(model, tokens, cache):
+    return model.lm.hidden_states(tokens, cache=cache)[0]
+
+  cache_a = prefill(model, jnp.asarray(seq_a[None, : m + k]))
+  cache_b = prefill(model, jnp.asarray(seq_b[None, : m + k]))
+  specials = slice(m, m + k)
+  mixed = dataclasses.replace(
+    cache_b,
+    layers=tuple(
+      dataclasses.replace(
+        lb,
+        k=lb.k.at[:, :, specials].set(la.k[:, :, specials]),
+        v=lb.v.at[:, :, specials].set(la.v[:, :, specials]),
+      )
+      for la, lb in zip(cache_a.layers, cache_b.layers, strict=True)
+    ),
+  )
+  evict = jnp.zeros((1, s), bool).at[:, :m].set(True)  # suffix rows never read the prefix
+  got = np.asarray(suffix(model, jnp.asarray(seq_b[None, m + k :]), mixed.evict(evict)))[0]
+  full = np.asarray(
+    _hidden(model, jnp.asarray(np.stack([seq_a, seq_b])), jnp.asarray(np.stack([roles, roles])))
+  )
+  np.testing.assert_allclose(got, full[0, m + k :], rtol=1e-4, atol=1e-5)
+  assert np.abs(full[1, m + k :] - full[0, m + k :]).max() > 1e-4  # B's own specials differ
