@@ -71,7 +71,11 @@ def tokenizer(config: ml_collections.ConfigDict):
   from tokenizers import pre_tokenizers  # noqa: PLC0415
   from tokenizers import trainers  # noqa: PLC0415
 
-  key = hashlib.sha256(f'v1|{config.data.vocab_size}|{config.gem.num_special}'.encode()).hexdigest()
+  from common.datasets import text_corpus  # noqa: PLC0415
+
+  corpus = text_corpus.RdatasetsDocs.VERSION  # a rebuilt corpus retrains the tokenizer
+  spec = f'v1|{corpus}|{config.data.vocab_size}|{config.gem.num_special}'
+  key = hashlib.sha256(spec.encode()).hexdigest()
   path = testing.cache_dir('gem', 'tokenizers') / f'{key[:16]}.json'
   if path.exists():
     tok = Tokenizer.from_file(str(path))
