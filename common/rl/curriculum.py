@@ -5,8 +5,9 @@ Every sampler is a pure function of (step, seed): `batch(step)` returns the prom
 `refill(step, k)` gives the k-th extra batch of a step (DAPO's dynamic sampling).
 
   shuffled     a fresh permutation of the pool every epoch (EBPO-naive)
-  clustered    every epoch, clusters in a random order, each cluster's prompts shuffled and kept
-               contiguous, so consecutive batches come from one cluster (EBPO-topic)
+  clustered    every epoch, each cluster's prompts shuffled and kept contiguous (whole clusters,
+               or runs of `block_batches` batches rotating through the clusters), so consecutive
+               batches come from one cluster (EBPO-topic)
   difficulty   easy to hard by the initial policy's pass rate over K rollouts, the same order every
                epoch (EBPO-diff); the pass rates are computed once and cached (`cached_pass_rates`)
 """
@@ -91,16 +92,42 @@ class Shuffled(Sampler):
 
 
 class Clustered(Sampler):
+  """Each epoch: every cluster's prompts shuffled, then laid out in contiguous runs.
+
+  block_batches=0: each cluster is one run (cluster order shuffled per epoch), so a short training
+  run may see only the first cluster. block_batches=k: runs of k batches, rotating through the
+  clusters (in a random order per round) until each is used up, so every cluster recurs every
+  few blocks while consecutive batches still share a cluster.
+  """
+
+  def __init__(
+    self, prompts: Sequence[Prompt], batch_size: int, seed: int = 0, block_batches: int = 0
+  ):
+    super().__init__(prompts, batch_size, seed)
+    if block_batches < 0:
+      raise ValueError(f'block_batches must be >= 0, got {block_batches}')
+    self.block_batches = block_batches
+
   def order(self, epoch: int) -> np.ndarray:
     rng = _rng(self.seed, 2, epoch)
     clusters: dict[str, list[int]] = {}
     for i, p in enumerate(self.prompts):
       clusters.setdefault(p.cluster, []).append(i)
     names = sorted(clusters)
-    out = []
-    for c in rng.permutation(len(names)):
-      members = np.asarray(clusters[names[c]])
-      out.append(members[rng.permutation(len(members))])
+    shuffled = {}
+    for c in names:
+      members = np.asarray(clusters[c])
+      shuffled[c] = members[rng.permutation(len(members))]
+    if not self.block_batches:
+      return np.concatenate([shuffled[names[c]] for c in rng.permutation(len(names))])
+    block = self.block_batches * self.batch_size
+    out, pos = [], dict.fromkeys(names, 0)
+    while any(pos[c] < len(shuffled[c]) for c in names):
+      for c in rng.permutation(len(names)):
+        name = names[c]
+        if pos[name] < len(shuffled[name]):
+          out.append(shuffled[name][pos[name] : pos[name] + block])
+          pos[name] += block
     return np.concatenate(out)
 
 
@@ -132,11 +159,12 @@ def make_sampler(
   batch_size: int,
   seed: int = 0,
   pass_rates: Mapping[int, float] | None = None,
+  block_batches: int = 0,
 ) -> Sampler:
   if kind == 'shuffled':
     return Shuffled(prompts, batch_size, seed)
   if kind == 'clustered':
-    return Clustered(prompts, batch_size, seed)
+    return Clustered(prompts, batch_size, seed, block_batches)
   if kind == 'difficulty':
     if pass_rates is None:
       raise ValueError('the difficulty curriculum needs pass rates (cached_pass_rates)')

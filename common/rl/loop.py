@@ -84,6 +84,7 @@ def rl_config() -> ml_collections.ConfigDict:
       ebpo_ddof=1,
       ebpo_standardize=True,
       curriculum='shuffled',  # shuffled | clustered | difficulty
+      cluster_block_batches=0,  # clustered: 0 = whole clusters, k = runs of k batches per cluster
       difficulty_rollouts=8,  # K rollouts per prompt for the difficulty order's pass rates
       eval_batch=64,
     )
@@ -485,7 +486,12 @@ def train(
         ),
       )
     sampler = curriculum_lib.make_sampler(
-      sampler_kind, setup.train_prompts, rl.prompts_per_step, config.seed, rates
+      sampler_kind,
+      setup.train_prompts,
+      rl.prompts_per_step,
+      config.seed,
+      rates,
+      block_batches=rl.cluster_block_batches,
     )
 
     ckpt = ckpt_lib.Checkpointer(

@@ -51,3 +51,18 @@ def test_difficulty_orders_easy_to_hard_and_caches_pass_rates(tmp_path):
   with pytest.raises(ValueError, match='unknown curriculum'):
     curriculum.make_sampler('nope', _pool(), 5)
   assert np.isclose(seen[0], 6 / 7)
+
+
+def test_clustered_blocks_rotate_through_the_clusters():
+  s = curriculum.Clustered(_pool(), batch_size=2, seed=3, block_batches=2)  # runs of 4 prompts
+  order = [s.at(i).cluster for i in range(30)]
+  assert sorted(s.at(i).uid for i in range(30)) == list(range(30))
+  runs = []
+  for c in order:
+    if not runs or runs[-1][0] != c:
+      runs.append([c, 0])
+    runs[-1][1] += 1
+  assert all(n % 4 == 0 or n % 4 == 2 for _, n in runs)  # 10 per cluster = 4 + 4 + 2
+  assert {c for c, _ in runs[:3]} == {'k0', 'k1', 'k2'}  # every cluster in the first round
+  with pytest.raises(ValueError, match='block_batches'):
+    curriculum.Clustered(_pool(), 2, block_batches=-1)
