@@ -144,12 +144,21 @@ def alpha_of_step(config: ml_collections.ConfigDict, index: int) -> float:
   return losses.alpha_at(index, pre + mixed, config.gem.alpha_after)
 
 
+_IS_LOG_SCALE = embeddings.path_endswith('log_scale')
+
+
+def _decay_mask(params):
+  return jax.tree_util.tree_map_with_path(lambda p, x: not _IS_LOG_SCALE(p, x), params)
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   o = config.optimizer
   return optax.chain(
     optax.clip_by_global_norm(o.clip_norm),
-    optax.adamw(schedule(config), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay),
-    embeddings.clamp_transform(embeddings.path_endswith('log_scale')),  # CLIP's clamp
+    # No weight decay on the log-temperature (CLIP): it would pull lambda towards 0 during the NTP
+    # phases, where InfoNCE gives it no gradient.
+    optax.adamw(schedule(config), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=_decay_mask),
+    embeddings.clamp_transform(_IS_LOG_SCALE),  # CLIP's clamp
   )
 
 

@@ -85,3 +85,26 @@ def test_switch_schedule_and_lr_boundary():
   assert float(sched(9)) < 1e-5
   only_cl = losses.learning_rate(10, 0, lr_ntp=1e-4, lr_cl=1e-5)
   assert float(only_cl(0)) == pytest.approx(1e-5)
+
+
+def test_optimizer_leaves_the_log_scale_alone_in_ntp_steps(model):
+  from flax import nnx as nnx_  # noqa: PLC0415
+
+  from experiments.gem.configs import base  # noqa: PLC0415
+  from projects.gem import train  # noqa: PLC0415
+
+  cfg = base.get_config('smoke,gem.pretrain_steps=2,gem.mixed_steps=2,gem.cl_steps=2')
+  with nnx_.use_eager_sharding(False):
+    m = models.GemModel(decoder.Decoder(CFG, rngs=nnx_.Rngs(1)))
+    opt = nnx_.Optimizer(m, train.make_optimizer(cfg), wrt=nnx_.Param)
+  before = float(m.logit_scale.log_scale[...])
+  kernel = np.asarray(m.lm.layers[0].mlp.up_proj.kernel[...]).copy()
+
+  @nnx_.jit
+  def step(m, opt, batch):
+    opt.update(m, nnx_.grad(lambda m: losses.total_loss(m, batch)[0])(m))
+
+  for _ in range(3):
+    step(m, opt, _batch(0.0))
+  assert float(m.logit_scale.log_scale[...]) == before  # no gradient and no weight decay
+  assert np.abs(np.asarray(m.lm.layers[0].mlp.up_proj.kernel[...]) - kernel).max() > 0
