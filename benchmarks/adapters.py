@@ -79,11 +79,14 @@ def _setup(preset: str):
   keys = ('inputs', 'targets', 'loss_mask', 'segment_ids', 'positions')
   batch = sharding.to_global({k: np.stack([r[k] for r in rows]) for k in keys}, mesh, rules)
   key = jax.random.key(0)
-  mem = step.lower(state, batch, key).compile().memory_analysis()
+  # Time the executable compiled here: calling `step` would compile it a second time
+  # (lower().compile() does not fill jit's dispatch cache; SmolLM2's step takes minutes).
+  compiled = step.lower(state, batch, key).compile()
+  mem = compiled.memory_analysis()
   temp = getattr(mem, 'temp_size_in_bytes', float('nan')) if mem is not None else float('nan')
   return {
     'state': state,
-    'step': step,
+    'step': compiled,
     'batch': batch,
     'key': key,
     'count': plan['count'],
