@@ -8,10 +8,9 @@
      layers within config.adapter.tolerance (some layers may get rank k+1 and others k to land
      inside it); the plan, the budget and the real leaf count are logged and written to
      WORKDIR/adapter_plan.json; a budget that cannot be met is an AdapterError before anything runs;
-  3. the standard loop pieces of common.train_loop (sharded state, jit step with donation,
-     checkpoints of the whole state incl. the data iterator, resume, SIGTERM), with the pretrained
-     base placed into the initial state (train_loop.fit builds the initial state from scratch, so
-     this module runs the same steps with its own init);
+  3. common.train_loop.fit (sharded state, jit step with donation, checkpoints of the whole state
+     incl. the data iterator, resume, SIGTERM), started through its `initial_state` hook from the
+     pretrained base with fresh adapters;
   4. loss: the reply tokens' cross-entropy plus the adapters' load-balance losses;
   5. evaluation: held-out exact-match accuracy (teacher-forced, see input_pipeline), overall and per
      task, and the held-out reply loss; at the end the adapters alone are saved to WORKDIR/adapters.
@@ -29,7 +28,6 @@ import ml_collections
 import numpy as np
 import optax
 
-from common import checkpoint as ckpt_lib
 from common import config as config_lib
 from common import losses as common_losses
 from common import metrics as metrics_lib
@@ -303,43 +301,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   d = input_pipeline.make_data(config, tokenizer)
   train_iter = input_pipeline.train_iterator(config, d)
 
-  def init():
+  def pretrained_state(spec):
+    """Adapters initialised as configured around the REAL base weights (fit's default would
+    build the base from scratch)."""
     with nnx.use_eager_sharding(False):
       state = nnx.state(create(real_base)())
     return jax.tree.map(lambda v, s: jax.device_put(v, s), state, spec.shardings)
 
-  ckpt = ckpt_lib.Checkpointer(
-    workdir / 'checkpoints',
-    every_steps=config.checkpoint.every_steps,
-    keep=config.checkpoint.keep,
-    async_save=config.checkpoint.async_save,
+  result = train_loop.fit(
+    config,
+    workdir,
+    create_state=create(abstract_base),
+    loss_fn=loss_fn,
+    train_iter=train_iter,
+    eval_fn=make_eval_fn(config, mesh, d),
+    mesh=mesh,
+    initial_state=pretrained_state,
   )
-  sigterm = train_loop.SigtermFlag()
-  try:
-    with jax.set_mesh(mesh), sharding.axis_rules(rules), sigterm.installed():
-      start, state, _ = train_loop.restore_or_init(config, ckpt, spec, init, data_iter=train_iter)
-      writer = metrics_lib.MetricWriter(workdir, resume_step=start)
-      try:
-        result = train_loop._loop(  # noqa: SLF001 - fit's loop, with the pretrained init above
-          config,
-          workdir,
-          spec,
-          state,
-          start,
-          config.train.num_steps,
-          loss_fn,
-          train_iter,
-          make_eval_fn(config, mesh, d),
-          mesh,
-          rules,
-          ckpt,
-          writer,
-          sigterm,
-        )
-      finally:
-        writer.close()
-  finally:
-    ckpt.close()
   model = train_loop.model_of(result.graphdef, result.state)
   core.save_adapters(workdir / 'adapters', model, step=result.step)
   return result
