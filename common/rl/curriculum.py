@@ -14,6 +14,7 @@ Every sampler is a pure function of (step, seed): `batch(step)` returns the prom
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -45,7 +46,7 @@ def _rng(seed: int, *parts: int) -> np.random.Generator:
   return np.random.default_rng([seed & 0xFFFFFFFF, *(p & 0xFFFFFFFF for p in parts)])
 
 
-class Sampler:
+class Sampler(abc.ABC):
   """Base: an epoch-wise order of the pool, read `batch_size` prompts at a time."""
 
   def __init__(self, prompts: Sequence[Prompt], batch_size: int, seed: int = 0):
@@ -58,8 +59,9 @@ class Sampler:
     self.seed = seed
     self._orders: dict[int, np.ndarray] = {}
 
-  def order(self, epoch: int) -> np.ndarray:  # pragma: no cover - abstract
-    raise NotImplementedError
+  @abc.abstractmethod
+  def order(self, epoch: int) -> np.ndarray:
+    """The permutation of prompt indices for `epoch` (deterministic in seed and epoch)."""
 
   def _order(self, epoch: int) -> np.ndarray:
     if epoch not in self._orders:
