@@ -15,6 +15,8 @@ import inspect
 import json
 import os
 import pathlib
+import subprocess
+import sys
 from typing import Any
 
 from flax import nnx
@@ -40,6 +42,35 @@ def set_fake_cpu_devices(n: int = 8) -> None:
   if 'xla_force_host_platform_device_count' not in flags:
     os.environ['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count={n}'.strip()
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_notebook_script(name: str, *, timeout: float = 900) -> str:
+  """Runs `notebooks/<name>.py` the way a user would (fresh process, one CPU device, headless
+  matplotlib) and returns its stdout; a non-zero exit fails with the end of its stderr.
+
+  Tests run under 8 fake devices (tests/conftest.py); a notebook is written for one, so the
+  subprocess gets its own XLA_FLAGS.
+  """
+  env = {
+    **os.environ,
+    'JAX_PLATFORMS': 'cpu',
+    'MPLBACKEND': 'Agg',
+    'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
+  }
+  p = subprocess.run(
+    [sys.executable, f'notebooks/{name}.py'],
+    cwd=REPO_ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    check=False,
+  )
+  assert p.returncode == 0, p.stderr[-3000:]
+  return p.stdout
 
 
 def assert_trees_close(a: Any, b: Any, *, rtol: float = 1e-6, atol: float = 0.0) -> None:

@@ -7,15 +7,14 @@ The .py is the source of truth; regenerate the .ipynb with `jupytext --sync note
 
 from __future__ import annotations
 
-import os
 import pathlib
 import re
 import shutil
-import subprocess
-import sys
 
 import jupytext
 import pytest
+
+from common import testing
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / 'notebooks').glob('*.ipynb'))
@@ -50,28 +49,12 @@ def test_ipynb_has_no_outputs(ipynb):
 
 
 def test_lm_pretrain_notebook_runs_on_the_smoke_config():
-  env = {
-    **os.environ,
-    'JAX_PLATFORMS': 'cpu',
-    'MPLBACKEND': 'Agg',
-    # One device, as on a user's laptop (conftest gives this process 8 fake ones).
-    'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
-  }
-  p = subprocess.run(
-    [sys.executable, 'notebooks/lm_pretrain.py'],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-    check=False,
-  )
-  assert p.returncode == 0, p.stderr[-3000:]
-  workdir = pathlib.Path(re.search(r'^workdir: (.+)$', p.stdout, re.M).group(1))
+  stdout = testing.run_notebook_script('lm_pretrain', timeout=600)
+  workdir = pathlib.Path(re.search(r'^workdir: (.+)$', stdout, re.M).group(1))
   try:
     assert (workdir / 'loss.png').is_file()
     assert (workdir / 'results.json').is_file()
-    assert 'parameters' in p.stdout
-    assert re.search(r"^'The data set' -> .+ \(mean log p", p.stdout, re.M), p.stdout
+    assert 'parameters' in stdout
+    assert re.search(r"^'The data set' -> .+ \(mean log p", stdout, re.M), stdout
   finally:
     shutil.rmtree(workdir, ignore_errors=True)

@@ -4,41 +4,22 @@ tests/notebooks_test.py checks the pairing and stripped outputs of every noteboo
 script the way a user would (one device, a fresh process) and checks what each section prints.
 """
 
-import os
 import pathlib
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 from common import assets
-
-ROOT = pathlib.Path(__file__).resolve().parents[3]
+from common import testing
 
 
 @pytest.mark.real_model
 def test_lm_core_notebook_runs_on_smollm2():
   if not assets.is_fetched('smollm2'):
     pytest.skip('smollm2 is not fetched: python -m common.assets fetch smollm2')
-  env = {
-    **os.environ,
-    'JAX_PLATFORMS': 'cpu',
-    'MPLBACKEND': 'Agg',
-    'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
-  }
-  p = subprocess.run(
-    [sys.executable, 'notebooks/lm_core.py'],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=900,
-    check=False,
-  )
-  assert p.returncode == 0, p.stderr[-3000:]
-  out = p.stdout
+  stdout = testing.run_notebook_script('lm_core', timeout=900)
+  out = stdout
   assert re.search(r'^assistant: .*Paris', out, re.M), out
   plot = pathlib.Path(re.search(r'^plot: (.+)$', out, re.M).group(1))
   try:
