@@ -10,7 +10,9 @@ One step:
   4. advantages from `rl.estimator`: grpo | dr_grpo | rloo | dapo (dynamic sampling: groups with
      equal rewards are dropped and refilled from `curriculum.refill`, at most `dapo_max_refill`
      extra rollout rounds; slots still empty are masked out) | ebpo (host-side float64 Welford state,
-     checkpointed as JSON in the checkpoint's `extra`);
+     checkpointed as JSON in the checkpoint's `extra`); with rl.overlong_shaping the advantages see
+     the verifier reward plus DAPO's soft overlong penalty (common.rl.rewards), while pass@1,
+     reward_mean and DAPO's group filter keep the verifier's reward;
   5. update: `num_iterations` passes over the batch in `num_minibatches` minibatches, each one
      optimizer step of the clipped token-level surrogate (common.rl.loss) through
      common.train_loop.make_train_step (jit, donated state).
@@ -24,7 +26,8 @@ killed-and-resumed run replays the uninterrupted one (tested, EBPO state include
 Metrics per step (metrics.jsonl, TensorBoard): reward_mean, pass_at_1 (fraction of samples with
 reward 1), zero_signal_frac (groups whose advantages before batch standardisation are all
 |A| <= 1e-8), entropy (policy entropy per response token at temperature 1), kl, clip_frac,
-response_len, grad_norm, rollout_tok_s, update_tok_s, and for EBPO its shrinkage and prior mean.
+response_len, grad_norm, rollout_tok_s, update_tok_s, for EBPO its shrinkage and prior mean, and
+with overlong shaping the mean penalty and the fraction of penalised responses.
 Evaluation: greedy pass@1 on the held-out prompts (`eval/pass_at_1`, and per cluster).
 """
 
@@ -57,6 +60,7 @@ from common import train_loop
 from common.rl import advantages as adv_lib
 from common.rl import curriculum as curriculum_lib
 from common.rl import loss as loss_lib
+from common.rl import rewards as rewards_lib
 from common.sampling import sampler as sampler_lib
 
 Verifier = Callable[[curriculum_lib.Prompt, np.ndarray], float]
@@ -79,6 +83,11 @@ def rl_config() -> ml_collections.ConfigDict:
       kl_coef=0.001,  # k3 KL to the frozen initial policy; 0 skips the reference forward
       loss_agg='token-mean',  # token-mean | sequence-mean | sequence-sum-norm
       dapo_max_refill=2,
+      # DAPO's soft overlong punishment (common.rl.rewards.overlong_penalty) added to the verifier
+      # reward for the advantages; L_max = overlong_max_len (0: rl.max_new_tokens).
+      overlong_shaping=False,
+      overlong_cache_len=4,
+      overlong_max_len=0,
       ebpo_mode='cumulative',  # cumulative | cluster | ewm
       ebpo_half_life=50.0,
       ebpo_ddof=1,
@@ -406,6 +415,24 @@ def pass_rates(
 # The loop.
 
 
+def overlong_max_len(rl: ml_collections.ConfigDict) -> int:
+  """DAPO's L_max: rl.overlong_max_len, or the generation limit when that is 0."""
+  return int(rl.overlong_max_len or rl.max_new_tokens)
+
+
+def shaped_rewards(rl: ml_collections.ConfigDict, rewards: np.ndarray, lengths: np.ndarray):
+  """(rewards the advantages see [M, G], the shaping term [M, G]): the verifier's rewards plus
+  DAPO's overlong penalty when rl.overlong_shaping is on, else unchanged."""
+  if not rl.overlong_shaping:
+    return rewards, np.zeros_like(rewards)
+  pen = np.asarray(
+    rewards_lib.overlong_penalty(
+      np.asarray(lengths).reshape(rewards.shape), overlong_max_len(rl), rl.overlong_cache_len
+    )
+  )
+  return (rewards + pen).astype(np.float32), pen
+
+
 TIMING_KEYS = ('rollout_tok_s', 'update_tok_s', 'rollout_s', 'update_s', 'steps_per_sec')
 
 
@@ -439,6 +466,13 @@ def train(
     raise config_lib.ConfigError(f'rl.loss_agg={rl.loss_agg!r}; expected {loss_lib.AGGREGATIONS}')
   if rl.num_iterations < 1 or rl.num_minibatches < 1:
     raise config_lib.ConfigError('rl.num_iterations and rl.num_minibatches must be >= 1')
+  if rl.overlong_shaping:
+    l_max = overlong_max_len(rl)
+    if l_max <= 0 or not 0 <= rl.overlong_cache_len <= l_max:
+      raise config_lib.ConfigError(
+        f'rl.overlong_cache_len={rl.overlong_cache_len} must be in [0, L_max={l_max}] '
+        '(rl.overlong_max_len, or rl.max_new_tokens when it is 0)'
+      )
   rows = rl.prompts_per_step * rl.group_size
   if rows % rl.num_minibatches:
     raise config_lib.ConfigError(
@@ -600,7 +634,8 @@ def _loop(
           ro, model, sampler, step, config, setup, counter
         )
       clusters = [p.cluster for p in ro.prompts]
-      a, raw, extra = compute_advantages(rl.estimator, ro.rewards, group_mask, clusters, ebpo)
+      shaped, penalty = shaped_rewards(rl, ro.rewards, ro.lengths)
+      a, raw, extra = compute_advantages(rl.estimator, shaped, group_mask, clusters, ebpo)
       batch = dict(ro.batch)
       batch['completion_mask'] = batch['completion_mask'] * group_mask.reshape(-1)[:, None].astype(
         np.float32
@@ -652,6 +687,11 @@ def _loop(
       }
       if rl.estimator == 'dapo':
         metrics['dapo_discarded_frac'] = discarded
+      if rl.overlong_shaping:
+        metrics['overlong_penalty'] = float(penalty[group_mask].mean()) if group_mask.any() else 0.0
+        metrics['overlong_frac'] = (
+          float((penalty[group_mask] < 0).mean()) if group_mask.any() else 0.0
+        )
       if not math.isfinite(metrics['loss']):
         raise train_loop.NonFiniteLoss(
           f'loss is {metrics["loss"]} at step {step}; stopped, last good checkpoint is step '

@@ -21,10 +21,15 @@ Variants:
          earlier one); a 2-step probe (24 new tokens) took 9.5 minutes for its first step,
          compilation included, at load average ~15 on 2 cores. The 100-step run has not been
          measured; at that speed it does not fit the full suite's 2 hours.
+  smoke_dapo: the smoke setup trained with DAPO (arXiv 2503.14476) as a whole: dynamic sampling
+         (estimator dapo), clip-higher 0.28, token-level loss, and the soft overlong punishment
+         with L_max = 8 generated tokens and L_cache = 4 (the longest correct answer is 3
+         characters + EOS = 4 tokens, which is never penalised; 5-8 tokens get -0.25 .. -1).
   (default): the smoke setup at 300 steps.
 Ablation knobs: rl.estimator (grpo | dr_grpo | rloo | dapo | ebpo), rl.group_size,
   rl.curriculum (shuffled | clustered | difficulty), rl.ebpo_mode (cumulative | cluster | ewm),
-  rl.loss_agg, rl.clip_high, rl.kl_coef, rl.num_iterations; e.g.
+  rl.loss_agg, rl.clip_high, rl.kl_coef, rl.num_iterations, rl.overlong_shaping (DAPO's soft
+  overlong punishment: rl.overlong_cache_len, rl.overlong_max_len; off by default); e.g.
   base.py:smoke,rl.estimator=grpo,rl.group_size=2.
 """
 
@@ -35,7 +40,7 @@ from common.rl import loop
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant, overrides = config_lib.parse_arg(arg, variants=('smoke', 'smollm2'))
+  variant, overrides = config_lib.parse_arg(arg, variants=('smoke', 'smoke_dapo', 'smollm2'))
   c = config_lib.base_config()
   c.model = ml_collections.ConfigDict(dict(kind='tiny', name=''))
   # The tiny policy's SFT warm-up (projects/ebpo/warmup.WarmupConfig); unused for pretrained models.
@@ -73,7 +78,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.log_every = 10
   c.train.eval_every = 50
   c.checkpoint.every_steps = 50
-  if variant == 'smoke':
+  if variant == 'smoke_dapo':
+    c.rl.update(
+      estimator='dapo',
+      clip_high=0.28,
+      loss_agg='token-mean',
+      max_new_tokens=8,
+      overlong_shaping=True,
+      overlong_cache_len=4,
+      overlong_max_len=8,
+    )
+  if variant in ('smoke', 'smoke_dapo'):
     c.train.update(num_steps=60, log_every=5, eval_every=20)
     c.checkpoint.every_steps = 20
   if variant == 'smollm2':

@@ -1,6 +1,7 @@
 """The RL loop on a toy copy task with a tiny random decoder: logprob agreement, ratio = 1, the
 all-fail invariant on gradients, every estimator runs, DAPO refills, resume replays the run."""
 
+import dataclasses
 import json
 
 from flax import nnx
@@ -289,3 +290,37 @@ def test_difficulty_curriculum_computes_pass_rates_once_and_caches_them(tmp_path
   stamp = cache.stat().st_mtime_ns
   loop.train(cfg, tmp_path / 'b', _setup(), pass_rates_cache=cache)
   assert cache.stat().st_mtime_ns == stamp  # reused, not recomputed
+
+
+def test_overlong_shaping_adds_the_penalty_to_the_advantages_only(tmp_path):
+  rewards = np.array([[1.0, 1.0], [0.0, 1.0]], np.float32)
+  lengths = np.array([1, 3, 2, 3])
+  off = _config()
+  same, zero = loop.shaped_rewards(off.rl, rewards, lengths)
+  assert same is rewards and not zero.any()
+  on = _config(overlong_shaping=True, overlong_cache_len=2)  # L_max = max_new_tokens = 3
+  shaped, pen = loop.shaped_rewards(on.rl, rewards, lengths)
+  np.testing.assert_allclose(pen, [[0.0, -1.0], [-0.5, -1.0]])
+  np.testing.assert_allclose(shaped, rewards + pen)
+  # An all-pass group whose responses differ in length now has a GRPO signal.
+  assert np.abs(np.asarray(adv_lib.grpo(jnp.asarray(shaped))[0])).max() > 0.5
+
+  # Half the vocabulary stops generation, so response lengths vary within a group (with equal
+  # lengths the penalty is a per-batch constant that the standardised advantages do not see).
+  setup = dataclasses.replace(_setup(), stop_tokens=tuple(range(2, 10)))
+  runs = {}
+  for name, cfg in (('off', off), ('on', on)):
+    loop.train(cfg, tmp_path / name, setup)
+    runs[name] = [
+      r for r in metrics_lib.read_jsonl(tmp_path / name / 'metrics.jsonl') if r['split'] == 'train'
+    ]
+  # Step 1 samples from the same initial policy: same verifier rewards, different advantages.
+  first_off, first_on = runs['off'][0], runs['on'][0]
+  assert first_on['reward_mean'] == first_off['reward_mean']
+  assert first_on['pass_at_1'] == first_off['pass_at_1']
+  assert first_on['adv_abs_mean'] != first_off['adv_abs_mean']
+  for r in runs['on']:
+    assert -1.0 <= r['overlong_penalty'] <= 0.0 and 0.0 < r['overlong_frac'] < 1.0
+  assert 'overlong_penalty' not in first_off
+  with pytest.raises(config_lib.ConfigError, match='overlong_cache_len'):
+    loop.train(_config(overlong_shaping=True, overlong_cache_len=5), tmp_path / 'bad', _setup())
