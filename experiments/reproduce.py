@@ -479,6 +479,7 @@ def render(rows: Sequence[Row], runs: Mapping[str, Mapping[str, Any]]) -> str:
         + (f' **{run["budget_note"]}**' if run.get('budget_note') else ''),
         '',
       ]
+    lines += _paper_runs_table(run.get('papers', {}), BUDGET_PER_PAPER.get(suite))
     lines += [
       '| paper | claim | kind | paper\'s figure | ours | verdict | rule | wall s | command '
       '| commit |',
@@ -519,6 +520,38 @@ def render(rows: Sequence[Row], runs: Mapping[str, Mapping[str, Any]]) -> str:
   return '\n'.join(lines).rstrip() + '\n'
 
 
+def _paper_runs_table(papers: Mapping[str, Mapping[str, Any]], budget: float | None) -> list[str]:
+  """Which run last produced each paper's rows: a `--only` run updates only its papers' lines.
+
+  The "Last run" line above describes the latest invocation alone; with `--only` re-runs the rows
+  come from several invocations, and this table says for each paper when, at which commit and at
+  what cost (wall and CPU seconds, load average) its claims last ran.
+  """
+  if not papers:
+    return []
+  lines = [
+    '| paper | claims run | last run | commit | wall s | CPU s | load average | command |',
+    '|---|---|---|---|---|---|---|---|',
+  ]
+  for name in sorted(papers):
+    p = papers[name]
+    wall = f'{p.get("wall_s", 0):.0f}'
+    if budget and p.get('wall_s', 0) > budget:
+      wall = f'**{wall}** (budget {budget:.0f})'
+    cells = (
+      name,
+      p.get('claims', '?'),
+      p.get('date', '?'),
+      f'`{p.get("commit", "?")}`',
+      wall,
+      f'{p.get("cpu_s", 0):.0f}',
+      str(p.get('load_avg', '?')),
+      f'`{p.get("command", "")}`',
+    )
+    lines.append('| ' + ' | '.join(_cell(c) for c in cells) + ' |')
+  return lines + ['']
+
+
 def load_rows(path: pathlib.Path) -> tuple[list[Row], dict]:
   if not path.exists():
     return [], {}
@@ -550,7 +583,9 @@ def write_report(
   out.mkdir(parents=True, exist_ok=True)
   old, runs = load_rows(out / 'claims.json')
   rows = merge(old, new, set(complete))
-  runs = {**runs, suite: dict(run)}
+  # Per-paper records accumulate across --only runs; the rest describes this invocation.
+  papers = {**runs.get(suite, {}).get('papers', {}), **run.get('papers', {})}
+  runs = {**runs, suite: {**run, 'papers': papers}}
   data = {'rows': [dataclasses.asdict(r) for r in rows], 'runs': runs}
   _atomic_write(out / 'claims.json', json.dumps(data, indent=1, sort_keys=True) + '\n')
   _atomic_write(out / 'claims.md', render(rows, runs))
@@ -675,11 +710,12 @@ def main(argv: Sequence[str] | None = None, *, papers: Sequence[Paper] | None = 
   )
   rows: list[Row] = []
   over: list[str] = []
+  paper_runs: dict[str, dict[str, Any]] = {}
   t_suite, cpu0 = time.perf_counter(), cpu_seconds()
   for paper, claims in selected:
     workdir = paper_workdir(workdir_root, args.suite, commit, paper.name)
     print(f'== {paper.name}: {len(claims)} claim(s), workdirs in {workdir}', flush=True)
-    t_paper = time.perf_counter()
+    t_paper, cpu_paper = time.perf_counter(), cpu_seconds()
     for claim in claims:
       print(f'-- {paper.name}/{claim.name} ({claim.kind}) ...', flush=True)
       row = run_claim(paper, claim, args.suite, workdir, commit, out / 'plots')
@@ -688,6 +724,15 @@ def main(argv: Sequence[str] | None = None, *, papers: Sequence[Paper] | None = 
       rows.append(row)
       print(f'   {row.verdict}: {row.reason} | {format_ours(row)} | {row.wall_s:.1f} s', flush=True)
     paper_s = time.perf_counter() - t_paper
+    paper_runs[paper.name] = {
+      'command': command,
+      'commit': commit,
+      'date': datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC'),
+      'wall_s': round(paper_s, 1),
+      'cpu_s': round(cpu_seconds() - cpu_paper, 1),
+      'load_avg': round(os.getloadavg()[1], 1),
+      'claims': f'{len(claims)} of {sum(args.suite in c.suites for c in paper.claims)}',
+    }
     budget = BUDGET_PER_PAPER.get(args.suite)
     if budget and paper_s > budget:
       over.append(f'{paper.name} took {paper_s:.0f} s (budget {budget} s)')
@@ -707,6 +752,7 @@ def main(argv: Sequence[str] | None = None, *, papers: Sequence[Paper] | None = 
     'cpu_s': round(cpu_seconds() - cpu0, 1),
     'load_avg': round(os.getloadavg()[1], 1),
     'budget_note': 'Over budget: ' + '; '.join(over) if over else '',
+    'papers': paper_runs,
   }
   complete = {
     (args.suite, p.name)

@@ -271,3 +271,20 @@ def test_a_plot_that_fails_to_draw_keeps_the_verdict(tmp_path):
   row = _rows(out)['delta/p']
   assert rc == 0 and row['verdict'] == reproduce.HOLDS
   assert row['plot'] == '' and 'plot failed: ValueError' in row['detail']
+
+
+def test_per_paper_run_records_survive_only_reruns(tmp_path):
+  """The 'Last run' line is the latest invocation; each paper's own line says where its rows came from."""
+  _run(tmp_path, [GOOD, BROKEN])
+  first = json.loads((tmp_path / 'reports' / 'claims.json').read_text())['runs']['smoke']
+  assert set(first['papers']) == {'alpha', 'beta'}
+  assert first['papers']['alpha']['claims'] == '3 of 3'
+  _, out = _run(tmp_path, [GOOD, BROKEN], '--only=alpha/better')
+  runs = json.loads((out / 'claims.json').read_text())['runs']['smoke']
+  assert runs['command'].endswith('--only=alpha/better')
+  assert runs['papers']['beta'] == first['papers']['beta']  # untouched by the re-run
+  assert runs['papers']['alpha']['claims'] == '1 of 3'
+  assert runs['papers']['alpha']['command'].endswith('--only=alpha/better')
+  md = (out / 'claims.md').read_text()
+  assert '| paper | claims run | last run | commit |' in md
+  assert '| beta | 2 of 2 |' in md and '| alpha | 1 of 3 |' in md
