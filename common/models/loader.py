@@ -374,9 +374,21 @@ def _place(array: np.ndarray, shape: tuple[int, ...], target) -> jax.Array:
 
 
 def abstract_model(cfg: decoder.DecoderConfig) -> nnx.Module:
-  """The decoder with ShapeDtypeStruct leaves (no memory), carrying its logical sharding names."""
-  with nnx.use_eager_sharding(False):
-    return nnx.eval_shape(lambda: decoder.Decoder(cfg, rngs=nnx.Rngs(0)))
+  """The decoder with ShapeDtypeStruct leaves (no memory), carrying its logical sharding names.
+
+  Built with jax.eval_shape over a split, not nnx.eval_shape: under an active `jax.set_mesh` the
+  latter reads the logical names ('vocab', 'embed') as mesh axes and fails, and loading a model
+  inside a training script's mesh context is the common case.
+  """
+  captured = {}
+
+  def split():
+    with nnx.use_eager_sharding(False):
+      captured['graphdef'], state = nnx.split(decoder.Decoder(cfg, rngs=nnx.Rngs(0)))
+    return state
+
+  state = jax.eval_shape(split)
+  return nnx.merge(captured['graphdef'], state)
 
 
 @functools.lru_cache(maxsize=8)

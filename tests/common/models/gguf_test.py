@@ -166,6 +166,18 @@ def test_sharded_load_matches_unsharded(files):
   np.testing.assert_allclose(got, _run(single, TOKENS), rtol=1e-5, atol=1e-5)
 
 
+def test_loads_inside_an_active_mesh_context(files):
+  """Training scripts load their model inside `jax.set_mesh`; the abstract shapes must not read
+  logical names as mesh axes there (this failed with 'Resource axis: vocab ... not found')."""
+  path, _ = files['llama']
+  mesh = sharding.make_mesh((('data', 2), ('fsdp', 2), ('tensor', 2)))
+  with jax.set_mesh(mesh):
+    model, _, _ = loader.load_pretrained(path, mesh=mesh)
+    got = _run(model, TOKENS)
+  single, _, _ = loader.load_pretrained(path)
+  np.testing.assert_allclose(got, _run(single, TOKENS), rtol=1e-5, atol=1e-5)
+
+
 def test_converts_once_then_loads_from_cache(files, monkeypatch):
   path, _ = files['llama']
   first, cfg, tok = loader.load_pretrained(path, dtype='bfloat16')
