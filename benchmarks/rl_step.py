@@ -10,12 +10,31 @@ drawn from G tiled copies of each prompt (G prefills), the way a loop without fo
 Update: one clipped-surrogate optimizer step (`train_loop.make_train_step` on
 `loop.make_loss_fn`) over the M*G sequences; tokens/s counts every input position.
 
-Medians and ranges over --steps timed repetitions after 2 warm-up ones. The issue's peer,
-google-tunix's GRPO learner, is not measured here yet (see projects/ebpo/README.md).
+Medians and ranges over --steps timed repetitions after 2 warm-up ones.
+
+Peer (--peer=tunix, the default): google-tunix's GRPO learner (requirements-peers.txt; installed
+beside the pinned stack with `pip install --no-deps --target DIR -r requirements-peers.txt` and run
+with PYTHONPATH=DIR), in the same process and interleaved with ours. Its model is tunix's own
+Llama3 class with our decoder's shapes (d_model, layers, 4 heads of d_model/4, SwiGLU MLP 4 d_model,
+tied embeddings, vocabulary 128 = our padded vocabulary): the parameter counts are asserted equal.
+Prompts are the same token ids through a character tokenizer (no BOS, an EOS id that cannot be
+sampled, so both sides decode every row to the full length), temperature 1, no top-p/top-k.
+  rollout: `RLCluster.generate` (tunix's vanilla sampler on the M*G tiled prompts; it has no
+           forking) and `GRPOLearner._generate_and_compute_advantage` (generation, rewards,
+           GRPO advantages, its metrics) vs ours: generate (forked and tiled) and loop.rollout
+           plus GRPO advantages;
+  update:  `RLCluster.update_actor` on that TrainExample (one optimizer step of tunix's GRPO loss,
+           beta 0, epsilon 0.2, sequence-mean-token-mean, Adam 1e-4) vs our train step with
+           kl_coef 0, clip 0.2/0.2, loss_agg sequence-mean, Adam 1e-4.
+Work per step is equal up to two implementation choices the output states: tunix's training
+forward runs over all P+N positions and takes logits at every one, ours over P+N-1 positions
+with logits only at the N completion positions. Tokens/s count the same tokens on both sides
+(M*G*N generated; M*G*(P+N-1) trained), so the tokens/s ratio is the inverse ratio of times.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import statistics
 import time
 
@@ -39,6 +58,7 @@ flags.DEFINE_integer('prompts', 16, 'prompts per step (M)')
 flags.DEFINE_integer('group', 4, 'samples per prompt (G)')
 flags.DEFINE_integer('new_tokens', 8, 'generated tokens per sample')
 flags.DEFINE_integer('steps', 12, 'timed repetitions')
+flags.DEFINE_enum('peer', 'tunix', ['tunix', 'none'], 'peer measured in the same run')
 
 VOCAB, PROMPT_LEN = 21, 12
 
@@ -72,6 +92,121 @@ def _timed(fns, reps: int) -> list[list[float]]:
   return out
 
 
+class _CharTokenizer:
+  """Token id t <-> one character, for tunix's text interface; bos_id 0 means no BOS is added and
+  the EOS id is outside the vocabulary, so no row stops early."""
+
+  OFFSET = 0x100
+
+  def encode(self, text, **kwargs):
+    del kwargs
+    return [ord(c) - self.OFFSET for c in text]
+
+  def decode(self, ids, **kwargs):
+    del kwargs
+    return ''.join(chr(self.OFFSET + int(i)) for i in ids)
+
+  def bos_id(self):
+    return 0
+
+  def eos_id(self):
+    return 10**6
+
+  def pad_id(self):
+    return 0
+
+
+class _TunixPeer:
+  """tunix's GRPO learner on a tunix Llama3 with our decoder's shapes (see the module docstring)."""
+
+  def __init__(self, prompt_ids: list[list[int]], ours_params: int, padded_vocab: int):
+    # Imported here: tunix is a peer-only package, and importing it sets flax's
+    # flax_always_shard_variable=False process-wide (our models are built before, with
+    # use_eager_sharding(False), so nothing of ours changes).
+    from tunix.models.llama3 import model as tunix_llama  # noqa: PLC0415
+    from tunix.rl import rl_cluster  # noqa: PLC0415
+    from tunix.rl.grpo import grpo_learner  # noqa: PLC0415
+    from tunix.rl.rollout import base_rollout  # noqa: PLC0415
+
+    m, g, n = FLAGS.prompts, FLAGS.group, FLAGS.new_tokens
+    cfg = tunix_llama.ModelConfig(
+      num_layers=FLAGS.layers,
+      vocab_size=padded_vocab,
+      embed_dim=FLAGS.d_model,
+      hidden_dim=4 * FLAGS.d_model,
+      num_heads=4,
+      head_dim=FLAGS.d_model // 4,
+      num_kv_heads=4,
+      rope_theta=10_000,
+      norm_eps=1e-6,
+      weight_tying=True,
+    )
+    auto = (jax.sharding.AxisType.Auto,) * 2  # tunix's gathers fail under explicit axes
+    self.mesh = jax.make_mesh((1, 1), ('fsdp', 'tp'), axis_types=auto)
+    with jax.set_mesh(self.mesh):
+      actor = tunix_llama.Llama3(cfg, rngs=nnx.Rngs(0))
+      reference = tunix_llama.Llama3(cfg, rngs=nnx.Rngs(0))
+    self.params = sum(x.size for x in jax.tree.leaves(nnx.state(actor, nnx.Param)))
+    if self.params != ours_params:
+      raise AssertionError(f'tunix model has {self.params} parameters, ours {ours_params}')
+    training = rl_cluster.RLTrainingConfig(
+      actor_optimizer=optax.adam(1e-4),
+      eval_every_n_steps=10**9,
+      max_steps=None,
+      mini_batch_size=m,
+      train_micro_batch_size=m,
+      rollout_micro_batch_size=m,
+      compute_logps_micro_batch_size=m,
+      pbar_description=None,
+    )
+    rollout = base_rollout.RolloutConfig(
+      max_tokens_to_generate=n,
+      max_prompt_length=PROMPT_LEN,
+      kv_cache_size=PROMPT_LEN + n,
+      temperature=1.0,
+      top_p=None,
+      top_k=None,
+    )
+    roles = (rl_cluster.Role.ACTOR, rl_cluster.Role.REFERENCE, rl_cluster.Role.ROLLOUT)
+    self.cluster = rl_cluster.RLCluster(
+      actor=actor,
+      reference=reference,
+      tokenizer=_CharTokenizer(),
+      cluster_config=rl_cluster.ClusterConfig(
+        role_to_mesh={r: self.mesh for r in roles},
+        rollout_engine='vanilla',
+        offload_to_cpu=False,
+        training_config=training,
+        rollout_config=rollout,
+      ),
+    )
+    self.learner = grpo_learner.GRPOLearner(
+      rl_cluster=self.cluster,
+      algo_config=grpo_learner.GRPOConfig(num_generations=g, num_iterations=1, beta=0.0),
+      reward_fns=lambda prompts, completions, **kw: [
+        float(len(c) > 0 and (ord(c[0]) - _CharTokenizer.OFFSET) % 2 == 0) for c in completions
+      ],
+    )
+    tok = _CharTokenizer()
+    self.prompts = [tok.decode(p) for p in prompt_ids for _ in range(g)]  # G tiled copies
+    self.example = self.rollout()
+
+  def generate(self):
+    out = self.cluster.generate(prompts=self.prompts, micro_batch_size=len(self.prompts))
+    return jax.block_until_ready(out.tokens)
+
+  def rollout(self):
+    ex = self.learner._generate_and_compute_advantage({'prompts': list(self.prompts)})  # noqa: SLF001
+    return jax.block_until_ready(ex)
+
+  def update(self):
+    before = self.cluster.actor_trainer.train_steps
+    self.cluster.update_actor([self.example], None)
+    jax.block_until_ready(nnx.state(self.cluster.actor_trainer.model, nnx.Param))
+    if self.cluster.actor_trainer.train_steps != before + 1:
+      raise AssertionError('tunix update_actor did not take exactly one optimizer step')
+
+
 def _fmt(name: str, seconds: list[float], tokens: int) -> str:
   rates = sorted(tokens / s for s in seconds)
   return (
@@ -90,7 +225,14 @@ def main(argv):
     for i in range(m)
   ]
   rl = loop.rl_config()
-  rl.update(group_size=g, prompts_per_step=m, prompt_len=PROMPT_LEN, max_new_tokens=n)
+  rl.update(
+    group_size=g,
+    prompts_per_step=m,
+    prompt_len=PROMPT_LEN,
+    max_new_tokens=n,
+    kl_coef=0.0,  # as the peer's beta=0: no reference term
+    loss_agg='sequence-mean',  # the peer's default sequence-mean-token-mean
+  )
   setup = loop.RLSetup(
     create_model=_model,
     tx=optax.adam(1e-4),
@@ -104,7 +246,9 @@ def main(argv):
   key = jax.random.key(0)
 
   def full_rollout():
-    return loop.rollout(model, prompts, key, rl=rl, setup=setup, counter=counter)
+    ro = loop.rollout(model, prompts, key, rl=rl, setup=setup, counter=counter)
+    mask = np.ones(ro.rewards.shape, bool)
+    return ro, loop.compute_advantages('grpo', ro.rewards, mask, [''] * m, None)[0]
 
   p_tokens, p_mask = loop.pad_prompts(prompts, PROMPT_LEN, 0)
 
@@ -137,10 +281,7 @@ def main(argv):
     )
     return jax.block_until_ready(gen.tokens)
 
-  gen_tokens = m * g * n
-  fork_s, tile_s, full_s = _timed([forked, tiled, full_rollout], FLAGS.steps)
-
-  ro = full_rollout()
+  ro, _ = full_rollout()
   graphdef, state = nnx.split(train_loop.TrainState(_model(), setup.tx))
   shardings = jax.tree.map(lambda x: x.sharding, state)
   step = train_loop.make_train_step(graphdef, loop.make_loss_fn(rl), shardings)
@@ -154,17 +295,55 @@ def main(argv):
     holder['state'], metrics = step(holder['state'], batch, jax.random.key(1))
     jax.block_until_ready(metrics['loss'])
 
-  (upd_s,) = _timed([update], FLAGS.steps)
   params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  padded_vocab = model.cfg.padded_vocab
+  peer = None
+  if FLAGS.peer == 'tunix':
+    try:
+      peer = _TunixPeer([list(p.tokens) for p in prompts], params, padded_vocab)
+    except ImportError as e:
+      print(f'tunix peer not measured: {type(e).__name__}: {e}')
+
+  rollouts = [forked, tiled, lambda: full_rollout()]
+  updates = [update]
+  if peer is not None:
+    rollouts += [peer.generate, peer.rollout]
+    updates += [peer.update]
+  roll_s = _timed(rollouts, FLAGS.steps)
+  upd_s = _timed(updates, FLAGS.steps)
+
+  gen_tokens = m * g * n
+  train_tokens = int(batch['inputs'].size)  # M*G*(P+N-1)
   print(
-    f'd_model {FLAGS.d_model}, {FLAGS.layers} layers ({params / 1e6:.2f}M params), M={m}, G={g}, '
-    f'prompt {PROMPT_LEN}, {n} new tokens; {jax.devices()[0].platform}, {FLAGS.steps} reps'
+    f'd_model {FLAGS.d_model}, {FLAGS.layers} layers ({params:,} params), M={m}, G={g}, '
+    f'prompt {PROMPT_LEN} (8 real tokens), {n} new tokens, vocab {VOCAB} padded to '
+    f'{padded_vocab}; {jax.devices()[0].platform}, {FLAGS.steps} interleaved reps'
   )
-  print(_fmt('generate, forked (ours)', fork_s, gen_tokens))
-  print(_fmt('generate, G tiled prompts', tile_s, gen_tokens))
-  print(f'forked / tiled speed: {statistics.median(tile_s) / statistics.median(fork_s):.2f}x')
-  print(_fmt('loop.rollout (+ rewards)', full_s, gen_tokens))
-  print(_fmt('update (fwd+bwd+adam)', upd_s, int(batch['inputs'].size)))
+  print(_fmt('generate, forked (ours)', roll_s[0], gen_tokens))
+  print(_fmt('generate, G tiled prompts', roll_s[1], gen_tokens))
+  print(f'forked / tiled speed: {statistics.median(roll_s[1]) / statistics.median(roll_s[0]):.2f}x')
+  print(_fmt('loop.rollout + GRPO adv', roll_s[2], gen_tokens))
+  print(_fmt('update (fwd+bwd+adam)', upd_s[0], train_tokens))
+  if peer is None:
+    return
+  print(
+    f'tunix {importlib.metadata.version("google-tunix")} peer: Llama3 class, {peer.params:,} '
+    f'params (= ours), same M, G, prompt ids, lengths; generated tokens {gen_tokens} on both '
+    f'sides; trained sequences {m * g} x {n} scored tokens on both (tunix forward over '
+    f'{PROMPT_LEN + n} positions with logits at all, ours over {PROMPT_LEN + n - 1} with logits '
+    f'at the {n} completion positions)'
+  )
+  print(_fmt('tunix RLCluster.generate', roll_s[3], gen_tokens))
+  print(_fmt('tunix learner rollout+adv', roll_s[4], gen_tokens))
+  print(_fmt('tunix update_actor', upd_s[1], train_tokens))
+  med = statistics.median
+  print('ratios, ours / tunix speed (ratio of median times):')
+  print(
+    f'  generate: forked {med(roll_s[3]) / med(roll_s[0]):.2f}x, tiled '
+    f'{med(roll_s[3]) / med(roll_s[1]):.2f}x'
+  )
+  print(f'  rollout + rewards + advantages: {med(roll_s[4]) / med(roll_s[2]):.2f}x')
+  print(f'  update: {med(upd_s[1]) / med(upd_s[0]):.2f}x')
 
 
 if __name__ == '__main__':
