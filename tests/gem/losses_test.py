@@ -1,5 +1,7 @@
 """GEM's total loss, its switch schedule and the learning-rate switch at the same boundary."""
 
+import functools
+
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -52,6 +54,25 @@ def test_total_loss_is_the_alpha_mix(model):
     np.testing.assert_allclose(float(loss), (1 - alpha) * float(ntp) + alpha * float(cl), 1e-5)
     assert float(m['alpha']) == pytest.approx(alpha)
     assert float(m['empty_frac']) == pytest.approx(1 / 6)
+
+
+@functools.partial(nnx.jit, static_argnames='alphas')
+def _total_traced(model, batch, alphas):
+  return losses.total_loss(model, batch, alphas=alphas)
+
+
+def test_declared_alphas_trace_fewer_branches_with_the_same_loss(model):
+  assert losses.branches_for((0.0, 1.0)) == ('ntp', 'cl')
+  assert losses.branches_for((0.0, 0.5)) == ('ntp', 'both')
+  assert losses.branches_for((1.0,)) == ('cl',)
+  for alpha in (0.0, 1.0):
+    batch = _batch(alpha)
+    want, _ = _total(model, batch)
+    got, m = _total_traced(model, batch, (0.0, 1.0))
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+    assert float(m['alpha_untraced']) == 0.0
+  _, m = _total_traced(model, _batch(0.3), (0.0, 1.0))  # undeclared: flagged, not silent
+  assert float(m['alpha_untraced']) == 1.0
 
 
 def test_ntp_loss_equals_masked_cross_entropy_reference(model):

@@ -60,6 +60,10 @@ def test_run_writes_the_contract_and_follows_the_phases(reference):
   )
   for r in train_rows:
     assert 1.0 <= r['logit_scale'] <= 100.0 + 1e-4
+    assert r['alpha_untraced'] == 0  # the loss traced every branch the schedule selects
+  assert train.schedule_alphas(_config()) == (0.0, 1.0)
+  assert train.schedule_alphas(_config('gem.alpha_after=0.5')) == (0.0, 0.5)
+  assert train.schedule_alphas(_config('gem.pretrain_steps=0', 'gem.mixed_steps=0')) == (1.0,)
   res = json.loads((reference / 'results.json').read_text())
   for key in ('loss', 'perplexity', 'special/recall_at_10', 'mean/mrr', 'last/ndcg_at_10'):
     assert np.isfinite(res['eval'][key]), key

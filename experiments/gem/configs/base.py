@@ -67,7 +67,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
   )
   c.eval = ml_collections.ConfigDict(
-    dict(ppl_texts=256, retrieval_split='validation', batch_size=32)
+    dict(
+      ppl_texts=256,
+      retrieval_split='validation',
+      batch_size=32,
+      minilm=True,  # MiniLM baseline row + Spearman vs its similarities (needs the minilm asset)
+      qa_items=64,  # reasoning-gym basic_arithmetic, greedy exact match + answer NLL; 0 = off
+      qa_seed=0,
+      qa_shots=1,
+    )
   )
   c.train.num_steps = 900
   c.train.log_every = 25
@@ -78,7 +86,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.update(vocab_size=512, seq_len=64, batch_size=16)
     c.gem.update(pretrain_steps=40, mixed_steps=10, cl_steps=10)
     c.optimizer.update(warmup_steps=10)
-    c.eval.update(ppl_texts=64, batch_size=16)
+    c.eval.update(ppl_texts=64, batch_size=16, minilm=False, qa_items=16)
     c.train.update(num_steps=60, log_every=10, eval_every=40)
     c.checkpoint.every_steps = 20
   return config_lib.finalize(c, overrides)
