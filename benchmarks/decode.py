@@ -11,8 +11,11 @@ Both sides use float32 weights (JAX: --jax_weights=float32,bfloat16 adds a bf16-
 this CPU XLA's bf16 matmuls are slower than f32 ones, so it is not the default) dequantized from
 the same Q4_1 GGUF (`common.models.loader` for JAX;
 transformers' own GGUF loader, which also dequantizes to f32), greedy decoding of exactly
---new_tokens tokens (no early stop: min_new_tokens on the transformers side), ragged chat prompts
-left-padded, and all CPU threads (torch.set_num_threads(os.cpu_count())).
+--new_tokens tokens on both sides (JAX gets no stop tokens, transformers min_new_tokens; the run
+fails if any row generated another count), ragged chat prompts left-padded. Transformers runs with
+every thread count in --torch_threads (default 1 and all cores) and JAX is compared with the
+fastest: all cores is what it would use on a quiet machine, 1 thread is faster when other jobs
+load the VM.
 
   python -m benchmarks.decode                         # batch 1 and 16, 64 new tokens, 3 reps
   python -m benchmarks.decode --batches=16 --reps=5 --skip_transformers
@@ -20,7 +23,9 @@ left-padded, and all CPU threads (torch.set_num_threads(os.cpu_count())).
 Per rep: JAX prefill seconds come from the sampler's own phase timings (programs compiled ahead, so
 no compile is timed); decode tok/s = batch * new_tokens / decode seconds (the loop runs one forward
 per token). Transformers: prefill = generate(max_new_tokens=1), decode tok/s = batch * (N - 1) /
-(t(N) - t(1)). Reported: medians and min-max ranges over reps. Needs
+(t(N) - t(1)) (the same prefill and set-up cancel). Both sides also report decode CPU seconds of
+this process per token (time.process_time, all threads), steadier than wall time under load.
+Reported: medians and min-max ranges over reps. Needs
 `pip install -r requirements-reference.txt` for the transformers side and
 `python -m common.assets fetch smollm2` for the weights.
 """
@@ -28,6 +33,7 @@ per token). Transformers: prefill = generate(max_new_tokens=1), decode tok/s = b
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import statistics
@@ -44,6 +50,18 @@ import numpy as np  # noqa: E402
 from common import testing  # noqa: E402
 from common.models import loader  # noqa: E402
 from common.sampling import sampler  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One timed generation of one side."""
+
+  prefill_s: float
+  decode_s: float
+  decode_cpu_s: float  # this process's CPU seconds (all threads) in the decode phase
+  tokens: np.ndarray  # [B, N]
+  lengths: np.ndarray  # [B] tokens generated per row (all N: neither side stops early)
+
 
 PROMPTS = (
   'What is the capital of France?',
@@ -80,9 +98,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--skip_transformers', action='store_true')
   p.add_argument(
     '--torch_threads',
-    default=str(os.cpu_count() or 1),
+    default=','.join(sorted({'1', str(os.cpu_count() or 1)})),
     help='comma-separated torch thread counts to measure; ratios use the fastest (torch with all '
-    'threads collapses when other jobs load the machine, 1 thread does not)',
+    'threads collapses when other jobs load the machine, 1 thread does not; JAX always uses all '
+    'cores, so measuring only 1 thread would flatter JAX on a quiet machine)',
   )
   p.add_argument('--bw_mib', type=int, default=512, help='array size for the bandwidth probe')
   return p.parse_args(argv)
@@ -150,13 +169,19 @@ class JaxSide:
     self.compile_s: dict[int, float] = {}
 
   def run(self, batch: int):
-    """(prefill s, decode s, tokens [B, N])."""
+    """Run: prefill and decode wall and CPU seconds, tokens [B, N], tokens generated per row."""
     timings: dict[str, float] = {}
     out = sampler.generate(
       self.model, self.prompt_ids[:batch], config=self.config, prompt_bucket=16, timings=timings
     )
     self.compile_s.setdefault(batch, timings['compile_s'])
-    return timings['prefill_s'], timings['decode_s'], np.asarray(out.tokens)
+    return Run(
+      timings['prefill_s'],
+      timings['decode_s'],
+      timings['decode_cpu_s'],
+      np.asarray(out.tokens),
+      np.asarray(out.lengths),
+    )
 
 
 class TorchSide:
@@ -184,7 +209,7 @@ class TorchSide:
       ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
     self.torch.set_num_threads(self.threads)
     with self.torch.no_grad():
-      t0 = time.perf_counter()
+      t0, c0 = time.perf_counter(), time.process_time()
       out = self.model.generate(
         input_ids=self.torch.tensor(ids),
         attention_mask=self.torch.tensor(mask),
@@ -193,15 +218,41 @@ class TorchSide:
         do_sample=False,
         pad_token_id=self.pad_id,
       )
-      return time.perf_counter() - t0, out[:, width:].numpy()
+      return time.perf_counter() - t0, time.process_time() - c0, out[:, width:].numpy()
 
   def run(self, batch: int):
-    t1, _ = self._generate(batch, 1)
-    tn, tokens = self._generate(batch, self.n)
-    return t1, tn - t1, tokens
+    """Decode = generate(N) - generate(1): the same prefill and set-up cancel, N - 1 steps remain."""
+    t1, c1, _ = self._generate(batch, 1)
+    tn, cn, tokens = self._generate(batch, self.n)
+    lengths = np.full(batch, tokens.shape[1])  # min_new_tokens = N: no row stops early
+    return Run(t1, tn - t1, cn - c1, tokens, lengths)
 
 
 # ---------------------------------------------------------------------------------------------------
+
+
+def _record(rec, run: Run, prompt_tokens: int, decode_tokens: int) -> None:
+  rec[0].append(prompt_tokens / run.prefill_s)
+  rec[1].append(decode_tokens / run.decode_s)
+  rec[2].append(run.decode_cpu_s / decode_tokens * 1e3)
+
+
+def _agreement(jtok: np.ndarray, htok: np.ndarray, stops) -> tuple[int, int, int]:
+  """Greedy agreement of two [B, N] token arrays before each row's first JAX stop token.
+
+  Transformers suppresses EOS (min_new_tokens) to force N tokens, so it cannot emit that one.
+  Returns (tokens equal in a prefix, tokens compared, rows equal over the whole span).
+  """
+  same = total = rows = 0
+  for j, h in zip(jtok, htok, strict=True):
+    end = next((i for i, x in enumerate(j) if int(x) in stops), len(j))
+    prefix = int(np.cumprod(j[:end] == h[:end]).sum())
+    same, total, rows = same + prefix, total + end, rows + (prefix == end)
+  return same, total, rows
+
+
+def _range(xs, digits=2):
+  return f'{min(xs):.{digits}f}-{max(xs):.{digits}f}'
 
 
 def _med_range(xs, digits=1):
@@ -236,34 +287,37 @@ def main(argv=None) -> int:
   weight_bytes.update({f'hf{th.threads}': 4 * params for th in torches})
   impls = list(weight_bytes)
   results = {}
-  agree = {}  # batch-1 greedy tokens of each JAX variant vs the first transformers side
+  agree = {}  # (JAX dtype, batch) -> (tokens equal to transformers', tokens compared, rows all equal)
   stops = set(jx.tok.stop_ids)
+  counts = {}  # impl -> set of tokens generated per row seen (must be {N}: same work on both sides)
   for b in batches:
     for side in jaxes:
       side.run(b)  # compile (ahead of time inside) + warm-up
     for th in torches:
       th.run(b)  # warm-up
-    rec = {impl: ([], []) for impl in impls}
+    # impl -> prefill tok/s, decode tok/s, decode CPU ms per generated token, one entry per rep.
+    rec = {impl: ([], [], []) for impl in impls}
     prompt_tokens = sum(len(x) for x in prompt_ids[:b])
     for _ in range(args.reps):
-      jtoks = {}
+      jruns = {}
       for side in jaxes:
-        p, d, jtoks[side.dtype] = side.run(b)
-        rec[f'jax-{side.dtype}'][0].append(prompt_tokens / p)
-        rec[f'jax-{side.dtype}'][1].append(b * n / d)
+        r = jruns[side.dtype] = side.run(b)
+        _record(rec[f'jax-{side.dtype}'], r, prompt_tokens, b * n)  # n forward passes
+        counts.setdefault(f'jax-{side.dtype}', set()).update(r.lengths.tolist())
       for th in torches:
-        p, d, htok = th.run(b)
-        rec[f'hf{th.threads}'][0].append(prompt_tokens / p)
-        rec[f'hf{th.threads}'][1].append(b * (n - 1) / d)
-        for dtype, jtok in jtoks.items():
-          if b == 1 and dtype not in agree:
-            # Before JAX's first stop token: transformers suppresses EOS (min_new_tokens) to force
-            # N tokens, so it cannot emit that one.
-            end = next((i for i, x in enumerate(jtok[0]) if int(x) in stops), n)
-            agree[dtype] = (int(np.cumprod(jtok[0, :end] == htok[0, :end]).sum()), end)
+        r = th.run(b)
+        _record(rec[f'hf{th.threads}'], r, prompt_tokens, b * (n - 1))  # n - 1 forward passes
+        counts.setdefault(f'hf{th.threads}', set()).update(r.lengths.tolist())
+        for dtype, jr in jruns.items():
+          if (dtype, b) not in agree:
+            agree[dtype, b] = _agreement(jr.tokens, r.tokens, stops)
       limits.sample()
     results[b] = rec
     print(f'batch {b} done ({time.perf_counter() - t0:.0f} s)', file=sys.stderr)
+  unequal = {impl: sorted(c) for impl, c in counts.items() if c != {n}}
+  if unequal:
+    print(f'error: not every row generated {n} tokens: {unequal}', file=sys.stderr)
+    return 1
 
   read_bw = statistics.median(limits.read_gbs)
   peak = statistics.median(limits.peak_gflops)
@@ -282,24 +336,34 @@ def main(argv=None) -> int:
     f'{args.bw_mib} MiB), memcpy {_med_range(limits.memcpy_gbs)} GB/s (read+write), jnp.dot f32 '
     f'n=2048 peak {_med_range(limits.peak_gflops)} GFLOP/s.'
   )
-  for dtype, (same, end) in agree.items():
+  print(
+    f'Every row of every run generated exactly {n} tokens on both sides (JAX: no stop tokens; '
+    'transformers: min_new_tokens). Decode tok/s counts tokens over the forward passes that made '
+    f'them: JAX batch*{n} over {n} loop steps, transformers batch*{n - 1} over t({n}) - t(1).'
+  )
+  for (dtype, b), (same, total, rows) in agree.items():
     print(
-      f'Batch-1 greedy tokens: JAX {dtype} and transformers agree on {same}/{end} (before the '
-      'first JAX stop token).'
+      f'Batch-{b} greedy tokens, JAX {dtype} vs transformers: {same}/{total} equal before each '
+      f"row's first JAX stop token; {rows}/{b} rows equal throughout that span."
     )
   print(
-    '\n| impl | batch | prefill tok/s | decode tok/s | decode vs best transformers '
-    '| weight read GB/s (/ read bw) | GFLOP/s (/ dot peak) |'
+    '\n| impl | batch | prefill tok/s | decode tok/s | vs best transformers (paired range) '
+    '| decode CPU ms/token | CPU-time ratio | weight read GB/s (/ read bw) | GFLOP/s (/ dot peak) |'
   )
-  print('|---|---|---|---|---|---|---|')
+  print('|---|---|---|---|---|---|---|---|---|')
   flops_per_token = 2 * params + 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * 64
   for b in batches:
-    hf = [statistics.median(results[b][i][1]) for i in impls if i.startswith('hf')]
-    hf_best = max(hf, default=None)
+    hfs = [i for i in impls if i.startswith('hf')]
+    best = max(hfs, key=lambda i: statistics.median(results[b][i][1]), default=None)
+    cpu_best = min((statistics.median(results[b][i][2]) for i in hfs), default=None)
     for impl in impls:
-      pre, dec = results[b][impl]
+      pre, dec, cpu = results[b][impl]
       med = statistics.median(dec)
-      ratio = f'{med / hf_best:.2f}x' if impl.startswith('jax') and hf_best else ''
+      ratio = cpu_ratio = ''
+      if impl.startswith('jax') and best:
+        paired = [j / h for j, h in zip(dec, results[b][best][1], strict=True)]
+        ratio = f'**{med / statistics.median(results[b][best][1]):.2f}x** ({_range(paired)})'
+        cpu_ratio = f'{cpu_best / statistics.median(cpu):.2f}x'
       gbs = weight_bytes[impl] * med / b / 1e9  # one weight read per forward pass
       gflops = flops_per_token * med / 1e9
       if impl.startswith('jax'):
@@ -308,8 +372,15 @@ def main(argv=None) -> int:
         name = f'transformers.generate, {impl[2:]} thr'
       print(
         f'| {name} | {b} | {_med_range(pre)} | {_med_range(dec)} | {ratio} '
+        f'| {_med_range(cpu, 2)} | {cpu_ratio} '
         f'| {gbs:.1f} ({gbs / read_bw:.2f}) | {gflops:.1f} ({gflops / peak:.2f}) |'
       )
+  print(
+    '\nvs best transformers: JAX decode tok/s median over the fastest transformers thread count '
+    "(by median), range of the per-rep ratios. CPU-time ratio: the transformers side's lowest "
+    "median CPU ms/token over JAX's (CPU seconds of this process, all threads: steadier than wall "
+    'time under other jobs, but blind to how many cores each side keeps busy).'
+  )
   compile_s = {s.dtype: s.compile_s for s in jaxes}
   print(f'\nJAX compile s per batch (not timed above): {compile_s}', file=sys.stderr)
   return 0

@@ -93,8 +93,12 @@ def test_ragged_batch_matches_each_row_alone(lm, prompts):
 
 def test_greedy_is_deterministic_argmax(lm, prompts):
   a = _generate(lm.model, prompts, GREEDY, key=None)
-  b = _generate(lm.model, prompts, GREEDY, key=None)
+  # The timed path (ahead-of-time compiled phases, what benchmarks/decode.py uses) samples the same.
+  timings = {}
+  b = _generate(lm.model, prompts, GREEDY, key=None, timings=timings)
   np.testing.assert_array_equal(a.tokens, b.tokens)
+  phases = {'compile_s', 'prefill_s', 'prefill_cpu_s', 'decode_s', 'decode_cpu_s'}
+  assert set(timings) == phases and all(v >= 0 for v in timings.values()), timings
   ref = _reference(lm.model, prompts, a)
   np.testing.assert_array_equal(a.tokens, ref.argmax(-1))
   _close(a.logprobs, ref.max(-1))
