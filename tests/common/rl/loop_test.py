@@ -310,6 +310,8 @@ def test_overlong_shaping_adds_the_penalty_to_the_advantages_only(tmp_path):
   setup = dataclasses.replace(_setup(), stop_tokens=tuple(range(2, 10)))
   runs = {}
   for name, cfg in (('off', off), ('on', on)):
+    with cfg.unlocked():
+      cfg.train.update(num_steps=1, eval_every=0)  # one step is the comparison; keeps it cheap
     loop.train(cfg, tmp_path / name, setup)
     runs[name] = [
       r for r in metrics_lib.read_jsonl(tmp_path / name / 'metrics.jsonl') if r['split'] == 'train'
