@@ -13,7 +13,7 @@ shared VM's speed swings ~2x within minutes:
 
   python -m benchmarks.decode_breakdown --batches=1,16 --reps=5
 
-Prints medians and min-max per part and batch. `python -m common.assets fetch smollm2` first.
+Prints medians and min-max per part and batch, in wall and in CPU milliseconds (all threads). `python -m common.assets fetch smollm2` first.
 """
 
 from __future__ import annotations
@@ -104,7 +104,12 @@ def _parts(graphdef, cfg, steps: int):
 
     return loop(body, logits)
 
-  return {'step': step, 'layers': layers, 'no_attn': layers, 'head': head, 'sample': sample}
+  def no_attn(*args):
+    # A function object of its own: jax caches traces by function, so jitting `layers` again would
+    # reuse the trace made with the real attention and time the same program twice.
+    return layers(*args)
+
+  return {'step': step, 'layers': layers, 'no_attn': no_attn, 'head': head, 'sample': sample}
 
 
 def main(argv=None) -> int:
@@ -133,12 +138,14 @@ def main(argv=None) -> int:
         decoder.head_major_attention = original
       jax.block_until_ready(compiled[name](state, *inputs))
     times = {name: [] for name in compiled}
+    cpu = {name: [] for name in compiled}
     for _ in range(args.reps):
       for name, fn in compiled.items():
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         jax.block_until_ready(fn(state, *inputs))
         times[name].append((time.perf_counter() - t0) / args.steps * 1e3)
-    rows.append((b, times))
+        cpu[name].append((time.process_time() - c0) / args.steps * 1e3)
+    rows.append((b, times, cpu))
     print(f'batch {b} done', file=sys.stderr)
   print(
     f'\nSmolLM2 decode step parts, ms per step: median (min-max) over {args.reps} reps of '
@@ -146,12 +153,17 @@ def main(argv=None) -> int:
     f'start, {os.getloadavg()[0]:.1f} at the end.\n'
   )
   names = list(rows[0][1])
-  print('| batch | ' + ' | '.join(names) + ' | attention (layers - no_attn) |')
-  print('|---' * (len(names) + 2) + '|')
-  for b, times in rows:
-    cells = [f'{statistics.median(t):.1f} ({min(t):.1f}-{max(t):.1f})' for t in times.values()]
-    attn = statistics.median(times['layers']) - statistics.median(times['no_attn'])
-    print(f'| {b} | ' + ' | '.join(cells) + f' | {attn:.1f} |')
+  print('| batch | clock | ' + ' | '.join(names) + ' | attention (layers - no_attn) |')
+  print('|---' * (len(names) + 3) + '|')
+  for b, times, cpu in rows:
+    for clock, t in (('wall', times), ('CPU', cpu)):
+      cells = [f'{statistics.median(x):.1f} ({min(x):.1f}-{max(x):.1f})' for x in t.values()]
+      attn = statistics.median(t['layers']) - statistics.median(t['no_attn'])
+      print(f'| {b} | {clock} | ' + ' | '.join(cells) + f' | {attn:.1f} |')
+  print(
+    '\nCPU: this process\'s CPU milliseconds per step (time.process_time, all threads), steadier '
+    'than wall time when other jobs share the cores.'
+  )
   return 0
 
 
