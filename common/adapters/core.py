@@ -179,7 +179,10 @@ def select(model: nnx.Module, pattern: str, exclude: str | None = None) -> list[
   return chosen
 
 
-def _resolve(model: nnx.Module, path: str) -> tuple[Any, str | int]:
+def resolve(model: nnx.Module, path: str) -> tuple[Any, str | int]:
+  """(parent module, key) of the module at a '/'-joined path ('layers/3/mlp/up_proj' ->
+  (model.layers[3].mlp, 'up_proj')); numeric parts index lists. `wrap` swaps a layer through the
+  parent, since a module cannot replace itself in the graph."""
   parts: list[str | int] = [int(p) if p.isdigit() else p for p in path.split('/')]
   parent = model
   for p in parts[:-1]:
@@ -187,15 +190,22 @@ def _resolve(model: nnx.Module, path: str) -> tuple[Any, str | int]:
   return parent, parts[-1]
 
 
-def _set(parent: Any, key: str | int, value: Any) -> None:
+def set_child(parent: Any, key: str | int, value: Any) -> None:
+  """parent[key] = value for list indices, setattr(parent, key, value) for attribute names."""
   if isinstance(key, int):
     parent[key] = value
   else:
     setattr(parent, key, value)
 
 
-def _get(parent: Any, key: str | int) -> Any:
+def child(parent: Any, key: str | int) -> Any:
+  """parent[key] for list indices, getattr(parent, key) for attribute names."""
   return parent[key] if isinstance(key, int) else getattr(parent, key)
+
+
+def module_at(model: nnx.Module, path: str) -> Any:
+  """The module at a '/'-joined path of `model` (e.g. a path returned by `select`)."""
+  return child(*resolve(model, path))
 
 
 def wrap(
@@ -208,11 +218,11 @@ def wrap(
   """Replaces each selected nnx.Linear with AdaptedLinear(linear, make_adapter(path, linear))."""
   paths = select(model, pattern, exclude)
   for path in paths:
-    parent, key = _resolve(model, path)
-    linear = _get(parent, key)
+    parent, key = resolve(model, path)
+    linear = child(parent, key)
     adapter = make_adapter(path, linear)
     adapter.name = path
-    _set(parent, key, AdaptedLinear(linear, adapter))
+    set_child(parent, key, AdaptedLinear(linear, adapter))
   return paths
 
 

@@ -88,6 +88,57 @@ def _adapter_key(name: str, purpose: int) -> jax.Array | None:
   )
 
 
+SMALL_K = 4  # top-k with k <= SMALL_K runs as k argmax passes (no sort on CPU)
+SMALL_S = 16  # routed picks from <= SMALL_S experts are selects, not gathers (no scatter in grad)
+
+
+def top_k(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """jax.lax.top_k over the last axis: (values [..., k], int32 indices [..., k]).
+
+  Why not lax.top_k: on CPU it lowers to a sort per row, which cost more than the rest of a small
+  gate together. For k <= SMALL_K this takes k argmax passes instead, masking each pick with -inf;
+  the result is the same (descending values; among equal values the lower index first, as
+  lax.top_k; each value is the input's element, and its gradient reaches that element only).
+  """
+  s = values.shape[-1]
+  if k > SMALL_K or k > s:
+    v, i = jax.lax.top_k(values, k)
+    return v, i.astype(jnp.int32)
+  iota = jnp.arange(s, dtype=jnp.int32)
+  cur = values
+  vals, idxs = [], []
+  for j in range(k):
+    i = jnp.argmax(cur, axis=-1).astype(jnp.int32)
+    hit = iota == i[..., None]
+    vals.append(jnp.sum(jnp.where(hit, values, 0), axis=-1))
+    idxs.append(i)
+    if j + 1 < k:
+      cur = jnp.where(hit, -jnp.inf, cur)
+  return jnp.stack(vals, axis=-1), jnp.stack(idxs, axis=-1)
+
+
+def pick(table: jax.Array, idx: jax.Array, axis: int) -> jax.Array:
+  """take(table, idx) along `axis`, batched over the axes before it, for small expert counts.
+
+  table [*B, s, *rest], idx [*B, *I] (ints in [0, s)) -> [*B, *I, *rest]. For s <= SMALL_S the
+  pick is a masked sum over the s entries (one is kept, the rest contribute exact zeros), so its
+  gradient is a select instead of the scatter-add a gather's gradient needs (serial on CPU).
+  """
+  s = table.shape[axis]
+  batch = table.shape[:axis]
+  rest = table.shape[axis + 1 :]
+  inner = idx.shape[len(batch) :]
+  if s > SMALL_S:
+    flat = idx.reshape(*batch, -1)
+    flat = flat.reshape(*flat.shape, *([1] * len(rest)))
+    out = jnp.take_along_axis(table, flat, axis=axis)
+    return out.reshape(*batch, *inner, *rest)
+  hit = idx[..., None] == jnp.arange(s, dtype=idx.dtype)  # [*B, *I, s]
+  hit = hit.reshape(*hit.shape, *([1] * len(rest)))
+  t = table.reshape(*batch, *([1] * len(inner)), s, *rest)
+  return jnp.sum(jnp.where(hit, t, jnp.zeros((), table.dtype)), axis=len(batch) + len(inner))
+
+
 def top_k_gate(
   logits: jax.Array,
   k: int,
@@ -108,14 +159,14 @@ def top_k_gate(
     idx = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), logits.shape)
     return idx, probs, probs
   if kind == 'switch':
-    w, idx = jax.lax.top_k(probs, k)
-    return idx.astype(jnp.int32), w / jnp.sum(w, axis=-1, keepdims=True), probs
+    w, idx = top_k(probs, k)
+    return idx, w / jnp.sum(w, axis=-1, keepdims=True), probs
   if kind == 'noisy_topk':
     noisy = logits
     if key is not None and noise_std is not None:
       noisy = logits + noise_std * jax.random.normal(key, logits.shape, jnp.float32)
-    top, idx = jax.lax.top_k(noisy, k)
-    return idx.astype(jnp.int32), jax.nn.softmax(top, axis=-1), probs
+    top, idx = top_k(noisy, k)
+    return idx, jax.nn.softmax(top, axis=-1), probs
   raise core.AdapterError(f'unknown gate {kind!r}; use one of {GATES}')
 
 
@@ -411,7 +462,7 @@ class SMoRE(core.Adapter):
         )
         bal = bal + losses.balance_loss(p, i, m, spec.balance_weight)
       if l > 0:
-        sel_keys = self.gates[l].keys[...][i]  # [N, ..., f_l, m]
+        sel_keys = pick(self.gates[l].keys[...], i, axis=0)  # [N, ..., f_l, m]
         g = jnp.broadcast_to(g[..., None, :], (*i.shape, g.shape[-1]))
         g = jnp.concatenate([g, sel_keys], axis=-1)
     return Routing(idx, wts, probs), bal
@@ -421,12 +472,45 @@ class SMoRE(core.Adapter):
     p = 0 if self.spec.shared_pool else l
     return self.a[p][...], self.a_bias[p][...], self.b[p][...], self.b_bias[p][...]
 
-  def _residual_all(self, x, l):
-    """c_l (B (x A + a) + b) for every expert of layer l: [N, s_l, d_{l+1}]."""
+  def residual_all(self, x, l):
+    """c_l (B (x A + a) + b) for every expert of layer l: [N, s_l, d_{l+1}] (one layer alone)."""
     a, ab, b, bb = self._layer_params(l)
     dt = jnp.dtype(self.dtype)
     h = jnp.einsum('ni,sir->nsr', x.astype(dt), a.astype(dt)) + ab.astype(dt)
     return self.spec.scaling * (jnp.einsum('nsr,srd->nsd', h, b.astype(dt)) + bb.astype(dt))
+
+  def residual_pools(self, x) -> list[jax.Array]:
+    """residual_all(x, l) for every layer l, as two matmuls for the whole stack.
+
+    Why: at adapter sizes a step's time goes to the number of small ops, not to their FLOPs.
+    Every expert's A of every layer is one [d_in, sum_l s_l r_l] matrix (one x A), and every B
+    is one block of a block-diagonal [sum_l s_l r_l, sum_l s_l d_{l+1}] matrix, so the stack
+    costs 2 matmuls instead of 2 L batched ones (and 4 instead of 4 L in the gradient). The
+    off-diagonal blocks are exact zeros, so each output sums the same products as residual_all.
+    """
+    spec, dt = self.spec, jnp.dtype(self.dtype)
+    n = x.shape[0]
+    if spec.shared_pool:
+      return [self.residual_all(x, 0)] * spec.num_layers
+    a_cols, a_bias, blocks, b_bias = [], [], [], []
+    for l in range(spec.num_layers):
+      a, ab, b, bb = self._layer_params(l)
+      s, r, dn = b.shape
+      a_cols.append(jnp.transpose(a, (1, 0, 2)).reshape(self.d_in, s * r))
+      a_bias.append(ab.reshape(s * r))
+      eye = jnp.eye(s, dtype=bool)[:, None, :, None]  # expert e's rows feed only its columns
+      blocks.append(jnp.where(eye, b[:, :, None, :], 0.0).reshape(s * r, s * dn))
+      b_bias.append(bb.reshape(s * dn))
+    a_all = jnp.concatenate(a_cols, axis=1).astype(dt)
+    h = x.astype(dt) @ a_all + jnp.concatenate(a_bias).astype(dt)
+    b_all = jax.scipy.linalg.block_diag(*blocks).astype(dt)
+    out = spec.scaling * (h @ b_all + jnp.concatenate(b_bias).astype(dt))
+    pools, start = [], 0
+    for l in range(spec.num_layers):
+      s, dn = spec.experts[l], spec.dims[l + 1]
+      pools.append(out[:, start : start + s * dn].reshape(n, s, dn))
+      start += s * dn
+    return pools
 
   def _residual_tree(self, x, l, idx):
     """The same for the routed experts only, gathering their weights per node (reference)."""
@@ -445,17 +529,16 @@ class SMoRE(core.Adapter):
     spec = self.spec
     act = ACTIVATIONS[spec.activation]
     dt = jnp.dtype(self.dtype)
-    pool = None
+    # Every expert's residual for every token (S'MoRE#: one pool, computed once, reused by every
+    # layer), then each node picks its expert's row.
+    pools = None if self.forward_mode == 'tree' else self.residual_pools(x)
     h = None  # x_l for every node of the current layer: [N, f_{L-1}, ..., f_l, d_l]
     for l in range(spec.num_layers):
       idx, w = routing.idx[l], routing.weights[l]
       if self.forward_mode == 'tree':
         res = self._residual_tree(x, l, idx)
       else:
-        if pool is None or not spec.shared_pool:
-          pool = self._residual_all(x, l)  # S'MoRE#: computed once, reused by every layer
-        flat = idx.reshape(idx.shape[0], -1)
-        res = jnp.take_along_axis(pool, flat[..., None], axis=1).reshape(*idx.shape, -1)
+        res = pick(pools[l], idx, axis=1)
       if l == 0:
         v = act(res) if spec.position == 'all' else res
       else:

@@ -150,8 +150,7 @@ def target_shapes(cfg: decoder.DecoderConfig, a: ml_collections.ConfigDict) -> d
   paths = core.select(abstract, a.pattern, a.exclude or None)
   out = {}
   for p in paths:
-    parent, key = core._resolve(abstract, p)  # noqa: SLF001 - same package family, read-only
-    lin = core._get(parent, key)  # noqa: SLF001
+    lin = core.module_at(abstract, p)
     out[p] = (lin.in_features, lin.out_features)
   return out
 
@@ -188,7 +187,7 @@ def base_model(config: ml_collections.ConfigDict, *, abstract: bool = False):
   m = config.model
   if m.source == 'tiny_lm':
     tcfg = testing.TinyLMConfig()
-    dcfg = testing._decoder_config(tcfg)  # noqa: SLF001 - the shared tiny LM's own config
+    dcfg = testing.decoder_config(tcfg)
     if abstract:
       return dcfg, lambda: decoder.Decoder(dcfg, rngs=nnx.Rngs(0)), None
     return dcfg, lambda: testing.tiny_lm(tcfg).model, None

@@ -178,8 +178,8 @@ def test_identity_activation_is_the_linear_mixture_formula():
   x = _x(5)
   routing, _ = m.route(x)
   got = np.asarray(m.hidden(x, routing))
-  r0 = np.asarray(m._residual_all(x, 0))  # [N, s0, d1]
-  r1 = np.asarray(m._residual_all(x, 1))  # [N, s1, d2]
+  r0 = np.asarray(m.residual_all(x, 0))  # [N, s0, d1]
+  r1 = np.asarray(m.residual_all(x, 1))  # [N, s1, d2]
   w1m, w1b = np.asarray(m.w[0][...]), np.asarray(m.w_bias[0][...])
   i1, a1 = np.asarray(routing.idx[1]), np.asarray(routing.weights[1])
   i0, a0 = np.asarray(routing.idx[0]), np.asarray(routing.weights[0])
@@ -406,3 +406,57 @@ def test_recorded_routing_and_tree_labels():
   # Every token uses exactly 2 distinct top experts, so each task's top row sums to 2.
   np.testing.assert_allclose(usage[1].sum(1), 2.0)
   assert np.all((usage[0].sum(1) >= 2) & (usage[0].sum(1) <= 4))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The fast paths equal the library operations they replace.
+
+
+@pytest.mark.parametrize('k', [1, 2, 3, 4, 6])
+def test_top_k_equals_lax_top_k_including_ties_and_gradients(k):
+  v = jax.random.normal(jax.random.key(0), (5, 3, 6))
+  v = v.at[0, 0, 1].set(v[0, 0, 4]).at[1, 2, :].set(0.5)  # ties: the lower index comes first
+  got_v, got_i = models.top_k(v, k)
+  ref_v, ref_i = jax.lax.top_k(v, k)
+  np.testing.assert_array_equal(got_i, ref_i)
+  np.testing.assert_array_equal(got_v, ref_v)
+  cot = jax.random.normal(jax.random.key(1), ref_v.shape)
+  g = jax.grad(lambda x: jnp.sum(models.top_k(x, k)[0] * cot))(v)
+  g_ref = jax.grad(lambda x: jnp.sum(jax.lax.top_k(x, k)[0] * cot))(v)
+  np.testing.assert_array_equal(g, g_ref)
+
+
+@pytest.mark.parametrize('s', [3, models.SMALL_S + 2])  # the masked-sum path and the gather path
+def test_pick_equals_take_with_its_gradient(s):
+  table = jax.random.normal(jax.random.key(0), (4, s, 5))
+  idx = jax.random.randint(jax.random.key(1), (4, 2, 3), 0, s)
+  got = models.pick(table, idx, axis=1)
+  ref = jnp.stack([table[n][idx[n]] for n in range(4)])
+  np.testing.assert_array_equal(got, ref)
+  keys = table[0]
+  np.testing.assert_array_equal(models.pick(keys, idx, axis=0), keys[idx])
+  cot = jax.random.normal(jax.random.key(2), ref.shape)
+  g = jax.grad(lambda t: jnp.sum(models.pick(t, idx, axis=1) * cot))(table)
+  g_ref = jax.grad(lambda t: jnp.sum(jnp.stack([t[n][idx[n]] for n in range(4)]) * cot))(table)
+  np.testing.assert_allclose(g, g_ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+  'kw',
+  [
+    dict(),
+    dict(experts=(4, 2, 3), ranks=(2, 3, 1), fanouts=(2, 1, 2)),
+    dict(experts=(2,), ranks=(5,), fanouts=(1,)),
+  ],
+)
+def test_residual_pools_of_the_stack_equal_each_layer_alone(kw):
+  spec = _spec(**kw)
+  m = _smore(spec)
+  for l in range(spec.num_layers):
+    m.a_bias[l][...] = jax.random.normal(jax.random.key(10 + l), m.a_bias[l][...].shape)
+    m.b_bias[l][...] = jax.random.normal(jax.random.key(20 + l), m.b_bias[l][...].shape)
+  x = _x(7)
+  pools = m.residual_pools(x)
+  assert len(pools) == spec.num_layers
+  for l, pool in enumerate(pools):
+    np.testing.assert_allclose(pool, m.residual_all(x, l), rtol=1e-5, atol=1e-5)

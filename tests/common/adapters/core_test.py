@@ -63,6 +63,17 @@ def test_selection_regex_glob_exclude_and_errors():
     core.select(model, 'layers/(')
 
 
+def test_module_at_and_resolve_find_the_selected_layers():
+  with nnx.use_eager_sharding(False):
+    model = _base()
+  for path in core.select(model, MLP):
+    parent, key = core.resolve(model, path)
+    assert core.child(parent, key) is core.module_at(model, path)
+  assert core.module_at(model, 'layers/1/mlp/up_proj') is model.layers[1].mlp.up_proj
+  parent, key = core.resolve(model, 'layers/0')
+  assert key == 0 and core.child(parent, key) is model.layers[0]
+
+
 def test_adapt_freezes_everything_but_the_adapters():
   with nnx.use_eager_sharding(False):
     model = _adapted(rank=4)
