@@ -71,19 +71,29 @@ def _paragraphs(split: str) -> list[str]:
   return list(_paragraph_tuple(split))
 
 
+def _tok_key(config: ml_collections.ConfigDict) -> tuple[str, int, int]:
+  """What determines the tokenizer: (pretrained model name or '', BPE vocab size, k)."""
+  return (config.model.get('pretrained', ''), config.data.vocab_size, config.gem.num_special)
+
+
 def tokenizer(config: ml_collections.ConfigDict):
-  """Byte-level BPE trained on the train paragraphs, + pad, EOS, then the k specials (cached)."""
-  return _tokenizer(config.data.vocab_size, config.gem.num_special)
+  """The pretrained model's tokenizer + the k specials (model.pretrained set), else a byte-level
+  BPE trained on the train paragraphs, + pad, EOS, then the k specials (both cached)."""
+  return _tokenizer(*_tok_key(config))
 
 
 @functools.lru_cache(maxsize=4)
-def _encoded_paragraphs(vocab_size: int, num_special: int, split: str) -> tuple[np.ndarray, ...]:
+def _encoded_paragraphs(key: tuple[str, int, int], split: str) -> tuple[np.ndarray, ...]:
   """Token ids of every paragraph of `split` (memoised: encoding the train split costs ~2 s)."""
-  return tuple(encode(_tokenizer(vocab_size, num_special), _paragraphs(split)))
+  return tuple(encode(_tokenizer(*key), _paragraphs(split)))
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer(vocab_size: int, num_special: int):
+def _tokenizer(pretrained: str, vocab_size: int, num_special: int):
+  if pretrained:
+    from projects.gem import pretrained as pretrained_lib  # noqa: PLC0415
+
+    return pretrained_lib.tokenizer(pretrained, num_special)
   from tokenizers import Tokenizer  # noqa: PLC0415
   from tokenizers import decoders  # noqa: PLC0415
   from tokenizers import models as tok_models  # noqa: PLC0415
@@ -130,6 +140,11 @@ def encode(tok, texts: list[str]) -> list[np.ndarray]:
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> decoder.DecoderConfig:
+  """config.model's decoder, or the pretrained model's with its vocabulary grown to vocab_size."""
+  if config.model.get('pretrained'):
+    from projects.gem import pretrained as pretrained_lib  # noqa: PLC0415
+
+    return pretrained_lib.decoder_config(config.model.pretrained, vocab_size, config.dtype)
   return decoder.DecoderConfig.from_dict(
     {**config.model.to_dict(), 'vocab_size': vocab_size, 'dtype': config.dtype}
   )
@@ -189,6 +204,21 @@ def create_state_fn(config: ml_collections.ConfigDict, vocab_size: int):
   )
 
 
+def initial_state_fn(config: ml_collections.ConfigDict):
+  """fit's initial_state: the real pretrained weights + k special rows, or None (from scratch)."""
+  if not config.model.get('pretrained'):
+    return None
+  from projects.gem import pretrained as pretrained_lib  # noqa: PLC0415
+
+  tx = make_optimizer(config)
+  return pretrained_lib.initial_state_fn(
+    config.model.pretrained,
+    config.gem.num_special,
+    config.dtype,
+    lambda model: train_loop.TrainState(model, tx),
+  )
+
+
 def schedule_alphas(config: ml_collections.ConfigDict) -> tuple[float, ...]:
   """Every alpha the run's schedule produces (the loss traces only their branches)."""
   pre, mixed, cl = phases(config)
@@ -223,7 +253,10 @@ class Data:
     self.tok = tokenizer(c)
     self.vocab_size = self.tok.get_vocab_size()
     self.specials = special_ids(self.tok, c.gem.num_special)
-    self.pad_id = self.tok.token_to_id(PAD)
+    pad = self.tok.token_to_id(PAD)  # a pretrained vocabulary may have none: pad with EOS (the
+    self.pad_id = pad if pad is not None else self.tok.token_to_id(EOS)  # roles mask it anyway)
+    if self.pad_id is None:
+      raise ValueError(f'tokenizer has neither {PAD} nor {EOS} to pad with')
     self.layout = input_pipeline.Layout(
       seq_len=c.data.seq_len,
       special_ids=self.specials,
@@ -231,7 +264,7 @@ class Data:
       p_plain=c.gem.p_plain,
       dropout=c.gem.dropout,
     )
-    texts = list(_encoded_paragraphs(c.data.vocab_size, c.gem.num_special, 'train'))
+    texts = list(_encoded_paragraphs(_tok_key(c), 'train'))
     pre, _, _ = phases(c)
     batch = c.data.batch_size
     self.train = input_pipeline.TextStream(
@@ -241,7 +274,7 @@ class Data:
       alpha_of=lambda g: alpha_of_step(c, g // batch),
       plain_before=pre * batch,  # the base LM's phase: plain NTP only
     )
-    ppl = _encoded_paragraphs(c.data.vocab_size, c.gem.num_special, 'validation')
+    ppl = _encoded_paragraphs(_tok_key(c), 'validation')
     ppl = ppl[: c.eval.ppl_texts]
     plain = input_pipeline.Layout(
       seq_len=c.data.seq_len, special_ids=self.specials, pad_id=self.pad_id, p_plain=1.0
@@ -265,7 +298,7 @@ class Data:
       for prompt, answer in qa.prompts(c.eval.qa_items, seed=c.eval.qa_seed, shots=c.eval.qa_shots):
         ids = [int(i) for i in self.tok.encode(prompt).ids]
         self.qa_rows.append(qa.row(ids, self.tok.encode(answer).ids, c.data.seq_len, self.pad_id))
-      self.qa_continues = _continuation_table(c.data.vocab_size, c.gem.num_special)
+      self.qa_continues = _continuation_table(_tok_key(c))
     metrics_lib.log(
       'gem data: %d train paragraphs, vocab %d, specials %s, %d ppl texts, %d retrieval pairs (%s)',
       len(texts),
@@ -287,8 +320,8 @@ def _minilm_scores(queries: tuple[str, ...], docs: tuple[str, ...]) -> np.ndarra
 
 
 @functools.lru_cache(maxsize=4)
-def _continuation_table(vocab_size: int, num_special: int) -> np.ndarray:
-  tok = _tokenizer(vocab_size, num_special)
+def _continuation_table(key: tuple[str, int, int]) -> np.ndarray:
+  tok = _tokenizer(*key)
   return qa.number_continuation_table(lambda i: tok.decode([i]), tok.get_vocab_size())
 
 
@@ -384,4 +417,5 @@ def train_and_evaluate(
     train_iter=train_iter,
     eval_fn=make_eval_fn(config, mesh, d),
     mesh=mesh,
+    initial_state=initial_state_fn(config),
   )
