@@ -14,8 +14,8 @@ Variants:
     once and cached), 8 procedural token-map tasks in 2 families (input_pipeline.TokenTasks), preset
     smore22 by default (adapter.preset=lora|mixlora|hydralora|smore22|smore44), budget = LoRA rank 16
     on the 6 FFN projections (18,432 parameters; S'MoRE's router uses d_down = m = 4 at this
-    width, still about 12% of its budget), 300 steps of 32 sequences of 17 tokens, eval on
-    512 held-out sequences. No weights are fetched.
+    width, still about 12% of its budget), 200 steps of 32 sequences of 17 tokens, eval on
+    512 held-out sequences at the end, one checkpoint at the end. No weights are fetched.
   smollm2_{lora,mixlora,hydralora,smore22,smore44}: SmolLM2-135M-Instruct (30 layers, d_model 576,
     FFN 1536; `python -m common.assets fetch smollm2`), budget = LoRA rank 32 on the 90 FFN
     projections (6,082,560 parameters; S'MoRE d_down = m = 16), a reasoning-gym instruction mix of 5 task families
@@ -96,8 +96,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.adapter.update(budget_rank=16, gate_dim=4, down_dim=4)
     c.data.update(source='token_tasks', batch_size=32, eval_batch_size=128, eval_examples=512)
     c.optimizer.update(lr=1e-2, warmup_steps=20)
-    c.train.update(num_steps=300, log_every=50, eval_every=150)
-    c.checkpoint.update(every_steps=100, keep=2)
+    c.train.update(num_steps=200, log_every=50, eval_every=200)
+    c.checkpoint.update(every_steps=200, keep=1)
   if variant.startswith('smollm2_'):
     c.adapter.update(budget_rank=32, gate_dim=16, down_dim=16)
     preset = variant[len('smollm2_') :]
