@@ -25,7 +25,6 @@ from absl import flags
 from flax import nnx
 import jax
 import numpy as np
-import optax
 
 from common import sharding
 from common import train_loop
@@ -51,24 +50,30 @@ flags.DEFINE_integer('warmup', 2, 'untimed steps per preset')
 flags.DEFINE_list('presets', ['lora', 'mixlora', 'smore22', 'smore44'], 'presets to time')
 
 
+_BASE: dict = {}
+
+
 def _setup(preset: str):
   arg = 'smoke' if FLAGS.model == 'tiny' else f'smollm2_{preset}'
   config = _get_config(f'{arg},adapter.preset={preset}')
   dcfg, build, tok = train.base_model(config)
+  _, build_abstract, _ = train.base_model(config, abstract=True)
   a = config.adapter
   plan = train.plan(a, train.target_shapes(dcfg, a))
-  tx = optax.adamw(1e-3)
+  tx = train.make_optimizer(config)  # the experiment's optimizer (clip + AdamW, schedule)
   rules = sharding.DEFAULT_RULES
   mesh = sharding.make_mesh([('data', -1)], devices=jax.devices()[:1])
+  if 'model' not in _BASE:  # load (or train, for the tiny LM) the frozen base once, eagerly
+    _BASE['model'] = build()
 
-  def create():
+  def create(real: bool = False):
     with nnx.use_eager_sharding(False):
-      model = build()
+      model = nnx.clone(_BASE['model']) if real else build_abstract()
       train.add_adapters(model, a, plan, 0, 'float32')
       return train_loop.TrainState(model, tx)
 
   spec = train_loop.abstract_state(create, mesh, rules)
-  state = jax.tree.map(jax.device_put, nnx.state(create()), spec.shardings)
+  state = jax.tree.map(jax.device_put, nnx.state(create(real=True)), spec.shardings)
   step = train_loop.make_train_step(spec.graphdef, train.loss_fn, spec.shardings)
   if FLAGS.model == 'tiny':
     src = input_pipeline.TokenTasks(seed=0, split='train', items=config.data.triples)
@@ -95,12 +100,14 @@ def _setup(preset: str):
   }
 
 
-def _time(s) -> float:
+def _time(s) -> tuple[float, float]:
+  """(wall, CPU) seconds of one step; CPU time (all threads of this process) is the steadier
+  measure on a machine shared with other jobs."""
   with jax.set_mesh(s['mesh']):
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     s['state'], m = s['step'](s['state'], s['batch'], s['key'])
     jax.block_until_ready(m['loss'])
-  return time.perf_counter() - t0
+  return time.perf_counter() - t0, time.process_time() - c0
 
 
 def main(argv):
@@ -109,26 +116,34 @@ def main(argv):
   for s in setups.values():
     for _ in range(FLAGS.warmup):
       _time(s)
-  times = {p: [] for p in setups}
-  ratios = {p: [] for p in setups}
+  wall = {p: [] for p in setups}
+  cpu = {p: [] for p in setups}
   for _ in range(FLAGS.steps):
     for p, s in setups.items():
       t_lora = _time(setups['lora'])
       t = _time(s) if p != 'lora' else t_lora
-      times[p].append(t)
-      ratios[p].append(t / t_lora)
-  print(f'model={FLAGS.model} steps={FLAGS.steps} devices=1 load={np.round(np_load(), 1)}')
+      for i, out in enumerate((wall, cpu)):
+        out[p].append((t[i], t[i] / t_lora[i]))
+  load = np.round(np_load(), 1)
+  print(f'model={FLAGS.model} steps={FLAGS.steps} (each paired with a LoRA step) devices=1 {load=}')
   print(
-    '| preset | trainable | step s (median, range) | / LoRA (median of paired ratios, range) '
-    '| compiled temp MiB |'
+    '| preset | trainable | wall s/step (median, range) | wall / LoRA (median of paired ratios, '
+    'range) | CPU s/step | CPU / LoRA | compiled temp MiB |'
   )
-  print('|---|---|---|---|---|')
+  print('|---|---|---|---|---|---|---|')
+
+  def cell(pairs, fmt):
+    t = [x[0] for x in pairs]
+    r = [x[1] for x in pairs]
+    return (
+      f'{statistics.median(t):{fmt}} ({min(t):{fmt}}-{max(t):{fmt}}) | '
+      f'{statistics.median(r):.2f} ({min(r):.2f}-{max(r):.2f})'
+    )
+
   for p, s in setups.items():
-    t = times[p]
-    r = ratios[p]
     print(
-      f'| {p} | {s["count"]:,} | {statistics.median(t):.4f} ({min(t):.4f}-{max(t):.4f}) | '
-      f'{statistics.median(r):.2f} ({min(r):.2f}-{max(r):.2f}) | {s["temp_mib"]:.1f} |'
+      f'| {p} | {s["count"]:,} | {cell(wall[p], ".4f")} | {cell(cpu[p], ".4f")} '
+      f'| {s["temp_mib"]:.1f} |'
     )
   sys.stdout.flush()
 

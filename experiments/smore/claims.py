@@ -7,13 +7,16 @@ Invariants (exact, properties of the code):
   * param_count: for several layer stacks, the module's real trainable leaves split into core,
     bias and router equal the closed forms, and core == LoRA(rank d_L) + sum_l d_l^2 (Eq. 8-9);
     measured as the differences.
-Empirical (smoke: the shared tiny LM on the 8 token-map tasks, configs/base.py:smoke, seeds 0-2,
-equal trainable budget = LoRA rank 16 on the 6 FFN projections, within 2%):
+Empirical (smoke: the shared tiny LM on the 8 token-map tasks, configs/base.py:smoke, 200 steps,
+seeds 0-2, equal trainable budget = LoRA rank 16 on the 6 FFN projections, within 2%; the 12
+runs share each preset's compiled step through the persistent compilation cache):
   * smore_beats_mixlora: held-out exact-match accuracy of S'MoRE(2-2) minus MixLoRA(4 experts,
     top-2), per seed; the paper's claim is > 0.
   * mixlora_beats_lora: MixLoRA minus LoRA; the paper's claim is > 0.
   * identity_erases_gain: S'MoRE(2-2) with tanh minus S'MoRE(2-2) with identity activation (the
     theory says the gain needs the nonlinearity); claimed > 0.
+  Measured cost of the smoke claims (2026-11-22, commit bc10a9c, 2-core machine at load ~9-10,
+  cold compilation cache): 137 s CPU (user + sys), 375 s wall; see projects/smore/README.md.
   The full suite runs the same comparisons on SmolLM2-135M-Instruct (configs smollm2_*), seed 0
   only (each run is hours on 2 cores; see the config's docstring), resumable in its workdir.
 """
