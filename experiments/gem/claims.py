@@ -25,9 +25,11 @@ Invariants (micro runs of 6 steps in subprocesses; smoke scale in both suites):
   * sharded_first_steps: 8 devices (data=2, fsdp=2, tensor=2) vs 1 device, per-step train losses of
     the first 3 steps to 1e-5 relative (architecture doc).
 
-Budget: smoke PRETRAIN=150, MIXED=30, CL=60 steps of 16 x 64 tokens per seed; measured 640 s wall
-(203 s CPU) for all five claims at load average 12.4, over the 300 s smoke budget. The full suite
-reuses the smoke budget until a full-scale config is measured (projects/gem/README.md).
+Budget: smoke PRETRAIN=150, MIXED=30, CL=60 steps of 16 x 64 tokens per seed, QA_ITEMS=32, MiniLM
+once per process; measured 2026-11-22 at 91979c2: 159 s CPU (114.7 user + 44.3 sys), 317 s wall
+for all five claims at load average 5-9 on the shared 2-core machine (241 s CPU before the
+two-runs-per-seed and loss-branch changes, without MiniLM and QA). The full suite reuses the smoke
+budget until a full-scale config is measured (projects/gem/README.md).
 """
 
 from __future__ import annotations
