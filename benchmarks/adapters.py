@@ -2,6 +2,7 @@
 
     python -m benchmarks.adapters                       # the shared tiny LM (no weights needed)
     python -m benchmarks.adapters --model=smollm2       # SmolLM2-135M (python -m common.assets fetch smollm2)
+    python -m benchmarks.adapters --model=smollm2 --layers=4   # its first 4 of 30 layers, see below
 
 For each preset the equal-budget plan of experiments/smore/configs/base.py (smoke for the tiny LM,
 smollm2_* for SmolLM2) is built on the same frozen base, and one jit-compiled train step
@@ -14,6 +15,7 @@ temporary memory from XLA's memory analysis.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import pathlib
 import statistics
@@ -28,6 +30,7 @@ import numpy as np
 
 from common import sharding
 from common import train_loop
+from common.models import decoder
 from projects.smore import input_pipeline
 from projects.smore import train
 
@@ -48,6 +51,7 @@ flags.DEFINE_enum('model', 'tiny', ['tiny', 'smollm2'], 'base model')
 flags.DEFINE_integer('steps', 10, 'timed steps per preset')
 flags.DEFINE_integer('warmup', 2, 'untimed steps per preset')
 flags.DEFINE_list('presets', ['lora', 'mixlora', 'smore22', 'smore44'], 'presets to time')
+flags.DEFINE_integer('layers', 0, 'SmolLM2 only: keep this many layers (random weights); 0 = all')
 
 
 _BASE: dict = {}
@@ -58,13 +62,23 @@ def _setup(preset: str):
   config = _get_config(f'{arg},adapter.preset={preset}')
   dcfg, build, tok = train.base_model(config)
   _, build_abstract, _ = train.base_model(config, abstract=True)
+  if FLAGS.layers:
+    if FLAGS.model != 'smollm2':
+      raise app.UsageError('--layers applies to --model=smollm2 only')
+    dcfg = dataclasses.replace(dcfg, num_layers=FLAGS.layers)
+
+    def build_abstract():
+      return decoder.Decoder(dcfg, rngs=nnx.Rngs(0))
+
+    build = build_abstract
   a = config.adapter
   plan = train.plan(a, train.target_shapes(dcfg, a))
   tx = train.make_optimizer(config)  # the experiment's optimizer (clip + AdamW, schedule)
   rules = sharding.DEFAULT_RULES
   mesh = sharding.make_mesh([('data', -1)], devices=jax.devices()[:1])
   if 'model' not in _BASE:  # load (or train, for the tiny LM) the frozen base once, eagerly
-    _BASE['model'] = build()
+    with nnx.use_eager_sharding(False):
+      _BASE['model'] = build()
 
   def create(real: bool = False):
     with nnx.use_eager_sharding(False):
@@ -73,11 +87,29 @@ def _setup(preset: str):
       return train_loop.TrainState(model, tx)
 
   spec = train_loop.abstract_state(create, mesh, rules)
-  state = jax.tree.map(jax.device_put, nnx.state(create(real=True)), spec.shardings)
+  # Copies (the step donates its state; the shared base's buffers must survive for the next preset).
+  state = jax.tree.map(
+    lambda x, sh: jax.device_put(x, sh, may_alias=False),
+    nnx.state(create(real=True)),
+    spec.shardings,
+  )
   step = train_loop.make_train_step(spec.graphdef, train.loss_fn, spec.shardings)
   if FLAGS.model == 'tiny':
     src = input_pipeline.TokenTasks(seed=0, split='train', items=config.data.triples)
     rows = [src[i] for i in range(config.data.batch_size)]
+  elif FLAGS.layers:
+    rng = np.random.default_rng(0)
+    b, t = config.data.batch_size, config.data.seq_len
+    tokens = rng.integers(1, dcfg.vocab_size, (b, t + 1)).astype(np.int32)
+    positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
+    row = {
+      'inputs': tokens[:, :-1],
+      'targets': tokens[:, 1:],
+      'loss_mask': (positions >= t // 2).astype(np.int32),
+      'segment_ids': np.ones((b, t), np.int32),
+      'positions': positions,
+    }
+    rows = [{k: v[i] for k, v in row.items()} for i in range(b)]
   else:
     d = input_pipeline.make_data(config, tok)
     rows = [d.train[i] for i in range(config.data.batch_size)]
@@ -125,7 +157,10 @@ def main(argv):
       for i, out in enumerate((wall, cpu)):
         out[p].append((t[i], t[i] / t_lora[i]))
   load = np.round(np_load(), 1)
-  print(f'model={FLAGS.model} steps={FLAGS.steps} (each paired with a LoRA step) devices=1 {load=}')
+  layers = f' layers={FLAGS.layers} (random weights and tokens)' if FLAGS.layers else ''
+  print(
+    f'model={FLAGS.model}{layers} steps={FLAGS.steps} (each paired with a LoRA step) devices=1 {load=}'
+  )
   print(
     '| preset | trainable | wall s/step (median, range) | wall / LoRA (median of paired ratios, '
     'range) | CPU s/step | CPU / LoRA | compiled temp MiB |'
