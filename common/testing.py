@@ -147,9 +147,6 @@ def decoder_config(cfg: TinyLMConfig):
   )
 
 
-_decoder_config = decoder_config  # the name the tiny LM's training code (and fingerprint) uses
-
-
 def _train_tiny_lm(cfg: TinyLMConfig) -> tuple[dict, list[float]]:
   """Trains on one device (no mesh) and returns (pure parameter dict, loss curve)."""
   from common import data  # noqa: PLC0415
@@ -157,7 +154,7 @@ def _train_tiny_lm(cfg: TinyLMConfig) -> tuple[dict, list[float]]:
   from common.models import decoder  # noqa: PLC0415
 
   lang = data.MarkovLanguage(cfg.vocab_size, cfg.seq_len, seed=cfg.language_seed)
-  dcfg = _decoder_config(cfg)
+  dcfg = decoder_config(cfg)
   with nnx.use_eager_sharding(False):
     model = decoder.Decoder(dcfg, rngs=nnx.Rngs(cfg.seed))
     warmup = min(30, cfg.steps // 10)
@@ -217,7 +214,7 @@ def tiny_lm(cfg: TinyLMConfig | None = None, **overrides) -> TinyLM:
   ).hexdigest()[:20]
   path = cache_dir('tiny_lm') / f'{key}.npz'
   with nnx.use_eager_sharding(False):
-    model = decoder.Decoder(_decoder_config(cfg), rngs=nnx.Rngs(cfg.seed))
+    model = decoder.Decoder(decoder_config(cfg), rngs=nnx.Rngs(cfg.seed))
   template = nnx.state(model, nnx.Param).to_pure_dict()
   if path.exists():
     with np.load(path) as f:

@@ -290,9 +290,6 @@ def test_per_paper_run_records_survive_only_reruns(tmp_path):
   assert '| beta | 2 of 2 |' in md and '| alpha | 1 of 3 |' in md
 
 
-ASSET_CALLS: list[str] = []
-
-
 def _needs(name, assets_by_suite):
   return _paper(
     name,
@@ -308,20 +305,14 @@ def _needs(name, assets_by_suite):
 
 
 def test_a_claims_assets_are_fetched_before_it_runs(tmp_path, monkeypatch, capsys):
-  fetched = set()
-  monkeypatch.setattr(reproduce.assets, 'is_fetched', lambda name: name in fetched)
-
-  def fetch(name, log=None):
-    ASSET_CALLS.append(name)
-    fetched.add(name)
-
-  monkeypatch.setattr(reproduce.assets, 'fetch', fetch)
-  ASSET_CALLS.clear()
+  calls: list[str] = []
+  monkeypatch.setattr(reproduce.assets, 'is_fetched', lambda name: name in calls)
+  monkeypatch.setattr(reproduce.assets, 'fetch', lambda name, log=None: calls.append(name))
   rc, out = _run(tmp_path, [_needs('alpha', {'smoke': ('ml100k',)})])
-  assert rc == 0 and ASSET_CALLS == ['ml100k']
+  assert rc == 0 and calls == ['ml100k']
   assert 'fetching asset ml100k (2.1 MB)' in capsys.readouterr().out
   _run(tmp_path, [_needs('alpha', {'smoke': ('ml100k',)})])
-  assert ASSET_CALLS == ['ml100k']  # cached: not fetched again
+  assert calls == ['ml100k']  # cached: not fetched again
 
 
 def test_the_smoke_suite_refuses_model_weights(tmp_path, monkeypatch):

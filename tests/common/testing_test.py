@@ -140,7 +140,7 @@ def test_tiny_lm_cache_is_keyed_by_config_and_skips_training(tmp_path, monkeypat
   with nnx.use_eager_sharding(False):
     from common.models import decoder
 
-    untrained = decoder.Decoder(testing._decoder_config(first.config), rngs=nnx.Rngs(0))
+    untrained = decoder.Decoder(testing.decoder_config(first.config), rngs=nnx.Rngs(0))
   with pytest.raises(AssertionError):
     testing.assert_trees_equal(nnx.state(untrained, nnx.Param), nnx.state(first.model, nnx.Param))
 
