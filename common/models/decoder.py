@@ -237,9 +237,12 @@ def head_major_attention(q, k, v, mask, *, scale: float, softcap: float | None =
   b, t, h, d = q.shape
   kv = k.shape[1]
   q = q.reshape(b, t, kv, h // kv, d)
-  if t == 1:
-    # One query per row (decoding): multiply-and-reduce fusions beat XLA:CPU's batched matmul of
-    # [G, D] x [D, S] blocks (about 1.4x over 30 SmolLM2 layers at batch 16).
+  # One query per row (decoding) with grouped heads (G > 1): multiply-and-reduce fusions beat
+  # XLA:CPU's batched matmul of [G, D] x [D, S] blocks (about 1.4x over 30 SmolLM2 layers at batch
+  # 16). With G == 1 (multi-head attention) the same fusions are 4-25x slower than the einsums
+  # (a size-1 broadcast dim makes XLA:CPU emit a non-vectorised reduction; benchmarks/attention.py).
+  reduce = t == 1 and h // kv > 1
+  if reduce:
     qf = q[:, 0, :, :, None, :].astype(jnp.float32)  # [B, K, G, 1, D]
     logits = jnp.sum(qf * k[:, :, None].astype(jnp.float32), axis=-1)[:, :, :, None] * scale
   else:
@@ -249,7 +252,7 @@ def head_major_attention(q, k, v, mask, *, scale: float, softcap: float | None =
   mask = mask[:, :, None]  # [B, 1, 1, T, S]
   probs = jax.nn.softmax(jnp.where(mask, logits, MASKED_LOGIT), axis=-1)
   probs = jnp.where(jnp.any(mask, axis=-1, keepdims=True), probs, 0.0)
-  if t == 1:
+  if reduce:
     out = jnp.sum(probs[:, :, :, 0, :, None] * v[:, :, None].astype(jnp.float32), axis=3)
     out = out[:, None]  # [B, 1, K, G, D]
   else:

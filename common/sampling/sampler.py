@@ -119,10 +119,14 @@ def fork_keys(keys: Any, num_samples: int) -> jax.Array:
   return out.reshape(-1)
 
 
+# Jitted for the host-side entry point: run eagerly, the vmap costs milliseconds of Python per call.
+_row_keys = jax.jit(row_keys)
+
+
 def _batch_keys(key: Any, batch: int) -> jax.Array:
   keys = _as_typed_keys(key)
   if keys.ndim == 0:
-    return row_keys(keys, np.arange(batch))
+    return _row_keys(keys, np.arange(batch))
   if keys.shape != (batch,):
     raise ValueError(f'expected one key or {batch} per-row keys, got shape {keys.shape}')
   return keys
@@ -341,6 +345,14 @@ def _decode(graphdef, state, pre: _Prefilled, cache: kv_cache.KVCache, st: _Stat
   return gen, cache
 
 
+@functools.partial(jax.jit, static_argnames=('graphdef', 'cache_len', 'st'))
+def _generate(graphdef, state, tokens, mask, cache, keys, temps, cache_len, st: _Static):
+  """Prefill then decode as one program: one dispatch (and one graphdef hash) per call, which is
+  most of a small model's generate time on CPU. The intermediate cache needs no donation here."""
+  pre = _prefill(graphdef, state, tokens, mask, cache, keys, temps, cache_len, st.num_samples)
+  return _decode(graphdef, state, *_split_cache(pre), st)
+
+
 def _split_cache(pre: _Prefilled) -> tuple[_Prefilled, kv_cache.KVCache]:
   """(prefill outputs without the cache, the cache): `_decode` donates the cache only."""
   return dataclasses.replace(pre, cache=None), pre.cache
@@ -487,8 +499,7 @@ def generate(
   graphdef, state = nnx.split(model)
   prefill_args = (state, tokens, mask, cache, keys, temps)
   if timings is None:
-    pre = _prefill(graphdef, *prefill_args, cache_len, st.num_samples)
-    return _with_cache(*_decode(graphdef, state, *_split_cache(pre), st), return_cache)
+    return _with_cache(*_generate(graphdef, *prefill_args, cache_len, st), return_cache)
   # Timed: compile ahead of time so the reported prefill/decode seconds exclude compilation (which
   # the persistent compilation cache makes cheap on later runs), and sync between the phases.
   t0 = time.perf_counter()
