@@ -30,6 +30,7 @@ RESUME_MUTABLE = (
   'train.num_steps',
   'train.log_every',
   'train.eval_every',
+  'train.eval_at_start',
   'checkpoint.*',
   'mesh.*',
   'sharding.*',
@@ -51,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.num_steps = 100
   c.train.log_every = 10
   c.train.eval_every = 50
+  c.train.eval_at_start = False  # also evaluate the initial state (step 0), e.g. a pretrained base
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 50
   c.checkpoint.keep = 3

@@ -56,7 +56,9 @@ class MetricWriter:
     self._tb = None
     if not self.enabled:
       return
-    kept = [r for r in read_jsonl(self.path) if r.get('step', 0) <= resume_step]
+    # Rows past the resumed step are replayed; a fresh start (step 0) replays everything, including
+    # a step-0 evaluation of the initial state.
+    kept = [r for r in read_jsonl(self.path) if resume_step and r.get('step', 0) <= resume_step]
     tmp = self.path.with_suffix('.jsonl.tmp')
     tmp.write_text(''.join(json.dumps(r, sort_keys=True) + '\n' for r in kept))
     os.replace(tmp, self.path)

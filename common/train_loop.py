@@ -294,7 +294,8 @@ def fit(
   """Trains `create_state()` on `train_iter` with `loss_fn` for config.train.num_steps steps.
 
   train_iter: a grain DatasetIterator of process-local batches (checkpointed with the state).
-  eval_fn(model, step): evaluation metrics, run every config.train.eval_every steps and at the end.
+  eval_fn(model, step): evaluation metrics, run every config.train.eval_every steps and at the end
+    (and at step 0 on a fresh start when config.train.eval_at_start: the initial model's metrics).
   initial_state(spec): the state to start from when there is nothing to resume, laid out as
     `spec.shardings` (e.g. pretrained weights placed into a model with fresh adapters); default: a
     from-scratch `init_state(create_state)`. `config.checkpoint.init_from` still applies on top.
@@ -384,6 +385,10 @@ def _loop(
   last_eval: dict = {}
   last_ckpt = ckpt.latest_step()
   t0 = time.perf_counter()
+  if eval_fn is not None and start == 0 and config.train.get('eval_at_start', False):
+    last_eval = dict(eval_fn(model_of(spec.graphdef, state), 0))
+    writer.write(0, 'eval', last_eval)
+    metrics_lib.log('step 0 eval %s', {k: round(float(v), 5) for k, v in last_eval.items()})
 
   def save(step, wait=False):
     nonlocal last_ckpt

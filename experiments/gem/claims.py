@@ -21,6 +21,9 @@ Empirical claims (seeds 0-2):
     MMLU change, 31.7 -> 28.36).
   * cl_only_loses_more: perplexity(contrastive-only) / perplexity(base) minus perplexity(GEM) /
     perplexity(base); claimed > 0 (contrastive-only training loses more LM ability than GEM).
+SmolLM2 claims (full suite only, seed 0; configs/base.py:smollm2): the same three measurements with
+the real SmolLM2-135M-Instruct as the base (evaluated at step 0), GEM = 30 mixed-NTP + 60
+contrastive steps, contrastive-only = 90 contrastive steps from the same weights.
 Invariants (micro runs of 6 steps in subprocesses; smoke scale in both suites):
   * resume_bitwise: SIGKILL after step 3 and resume == uninterrupted, every metrics value;
   * sharded_first_steps: 8 devices (data=2, fsdp=2, tensor=2) vs 1 device, per-step train losses of
@@ -146,26 +149,68 @@ def all_runs(suite: str, root: pathlib.Path) -> dict[int, dict]:
   return _CACHE[key]
 
 
+def smollm2_runs(root: pathlib.Path, seed: int) -> dict[str, dict]:
+  """{'base' | 'gem' | 'contrastive_only': eval metrics} on SmolLM2-135M (configs/base.py:smollm2).
+
+  The base is the real pretrained model, evaluated at step 0 of the gem run (train.eval_at_start);
+  contrastive-only starts from the same weights for the same 90 steps, all contrastive.
+  """
+  gem_dir = root / 'smollm2' / f'seed{seed}' / 'gem'
+  out = {
+    'gem': dict(
+      train.train_and_evaluate(base.get_config(f'smollm2,seed={seed}'), str(gem_dir)).eval
+    )
+  }
+  at_base = [
+    r
+    for r in metrics.read_jsonl(gem_dir / 'metrics.jsonl')
+    if r['split'] == 'eval' and r['step'] == 0
+  ]
+  if len(at_base) != 1:
+    raise RuntimeError(f'{gem_dir}: expected one eval row at step 0, got {len(at_base)}')
+  out['base'] = {k: v for k, v in at_base[0].items() if k not in ('split', 'step')}
+  cfg = base.get_config(f'smollm2,seed={seed},gem.mode=contrastive_only,train.eval_at_start=False')
+  cl_dir = root / 'smollm2' / f'seed{seed}' / 'contrastive_only'
+  out['contrastive_only'] = dict(train.train_and_evaluate(cfg, str(cl_dir)).eval)
+  return out
+
+
+SMOLLM2_SEEDS = (0,)  # one seed fits the full suite's budget (configs/base.py:smollm2)
+
+
+def all_smollm2_runs(suite: str, root: pathlib.Path) -> dict[int, dict]:
+  key = ('smollm2', str(root))
+  if key not in _CACHE:
+    _CACHE[key] = {s: smollm2_runs(root, s) for s in SMOLLM2_SEEDS}
+  return _CACHE[key]
+
+
 def _fmt(runs, mode, key) -> str:
-  return ', '.join(f'{runs[s][mode][key]:.3f}' for s in SEEDS)
+  return ', '.join(f'{runs[s][mode][key]:.3f}' for s in runs)
 
 
-def measure_recall10_gain(suite: str, root: pathlib.Path) -> reproduce.Measurement:
-  runs = all_runs(suite, root)
+def _seed_names(runs) -> str:
+  seeds = list(runs)
+  return f'seed {seeds[0]}' if len(seeds) == 1 else f'seeds {seeds[0]}-{seeds[-1]}'
+
+
+def measure_recall10_gain(suite: str, root: pathlib.Path, runs=None) -> reproduce.Measurement:
+  runs = runs or all_runs(suite, root)
   values = {
     f'seed={s}': runs[s]['gem']['special/recall_at_10'] - runs[s]['base']['mean/recall_at_10']
-    for s in SEEDS
+    for s in runs
   }
   detail = (
     f'Recall@10 base mean-pool {_fmt(runs, "base", "mean/recall_at_10")}, base last-token '
     f'{_fmt(runs, "base", "last/recall_at_10")}, GEM special {_fmt(runs, "gem", "special/recall_at_10")}'
     f', GEM mean-pool {_fmt(runs, "gem", "mean/recall_at_10")}, contrastive-only special '
-    f'{_fmt(runs, "contrastive_only", "special/recall_at_10")} (seeds 0-2; chance 0.087).'
+    f'{_fmt(runs, "contrastive_only", "special/recall_at_10")} ({_seed_names(runs)}; chance 0.087).'
   )
   if uses_minilm(suite):
+    first = runs[next(iter(runs))]['base']
     detail += (
-      f' all-MiniLM-L6-v2 baseline Recall@10 {runs[SEEDS[0]]["base"]["minilm/recall_at_10"]:.3f}'
-      f', MRR {runs[SEEDS[0]]["base"]["minilm/mrr"]:.3f} (no training, the same in every seed). '
+      f' all-MiniLM-L6-v2 baseline Recall@10 {first["minilm/recall_at_10"]:.3f}'
+      f', MRR {first["minilm/mrr"]:.3f} (no training, the same in every seed). '
       "Spearman of query x doc cosines vs MiniLM's (a silver label, MiniLM's judgement, not "
       f'human ratings): base mean-pool {_fmt(runs, "base", "mean/spearman_minilm")}, base '
       f'last-token {_fmt(runs, "base", "last/spearman_minilm")}, GEM special '
@@ -175,16 +220,16 @@ def measure_recall10_gain(suite: str, root: pathlib.Path) -> reproduce.Measureme
   return reproduce.Measurement(values, detail)
 
 
-def measure_ppl_change(suite: str, root: pathlib.Path) -> reproduce.Measurement:
-  runs = all_runs(suite, root)
+def measure_ppl_change(suite: str, root: pathlib.Path, runs=None) -> reproduce.Measurement:
+  runs = runs or all_runs(suite, root)
   values = {
     f'seed={s}': abs(runs[s]['gem']['perplexity'] / runs[s]['base']['perplexity'] - 1.0)
-    for s in SEEDS
+    for s in runs
   }
   detail = (
     f'held-out perplexity base {_fmt(runs, "base", "perplexity")}, GEM '
     f'{_fmt(runs, "gem", "perplexity")}, contrastive-only {_fmt(runs, "contrastive_only", "perplexity")}'
-    f'. Arithmetic QA ({QA_ITEMS} reasoning-gym basic_arithmetic items, 1-shot): greedy exact '
+    f'. Arithmetic QA (reasoning-gym basic_arithmetic items): greedy exact '
     f'match base {_fmt(runs, "base", "qa/exact_match")}, GEM {_fmt(runs, "gem", "qa/exact_match")},'
     f' contrastive-only {_fmt(runs, "contrastive_only", "qa/exact_match")}; answer NLL base '
     f'{_fmt(runs, "base", "qa/answer_nll")}, GEM {_fmt(runs, "gem", "qa/answer_nll")}, '
@@ -193,10 +238,10 @@ def measure_ppl_change(suite: str, root: pathlib.Path) -> reproduce.Measurement:
   return reproduce.Measurement(values, detail)
 
 
-def measure_cl_only_loses_more(suite: str, root: pathlib.Path) -> reproduce.Measurement:
-  runs = all_runs(suite, root)
+def measure_cl_only_loses_more(suite: str, root: pathlib.Path, runs=None) -> reproduce.Measurement:
+  runs = runs or all_runs(suite, root)
   values = {}
-  for s in SEEDS:
+  for s in runs:
     b = runs[s]['base']['perplexity']
     values[f'seed={s}'] = (
       runs[s]['contrastive_only']['perplexity'] / b - runs[s]['gem']['perplexity'] / b
@@ -296,6 +341,38 @@ CLAIMS = [
     rule=reproduce.MeanAbove(0.0),
     assets={'full': (minilm.ASSET,)},
     unit='relative ppl increase (contrastive-only - GEM)',
+  ),
+  reproduce.Claim(
+    name='smollm2_recall10_gain',
+    kind=reproduce.EMPIRICAL,
+    paper_figure='Llama-3.2-1B MTEB avg 18.29 -> 54.35 (Table 4); issue: >= +10 Recall@10 points',
+    measure=lambda suite, root: measure_recall10_gain(suite, root, all_smollm2_runs(suite, root)),
+    rule=reproduce.MeanAbove(0.10),
+    suites=('full',),
+    assets={'full': ('smollm2', minilm.ASSET)},
+    unit='Recall@10 (GEM special - base mean-pool), SmolLM2-135M',
+  ),
+  reproduce.Claim(
+    name='smollm2_ppl_change',
+    kind=reproduce.EMPIRICAL,
+    paper_figure='MMLU 31.7 -> 28.36 (small LM loss); issue: held-out perplexity within 5%',
+    measure=lambda suite, root: measure_ppl_change(suite, root, all_smollm2_runs(suite, root)),
+    rule=reproduce.MeanBelow(0.05),
+    suites=('full',),
+    assets={'full': ('smollm2', minilm.ASSET)},
+    unit='|ppl GEM / ppl base - 1|, SmolLM2-135M',
+  ),
+  reproduce.Claim(
+    name='smollm2_cl_only_loses_more',
+    kind=reproduce.EMPIRICAL,
+    paper_figure='mixed NTP keeps generation; contrastive-only (LLM2Vec-style) loses it (Sec. 1)',
+    measure=lambda suite, root: measure_cl_only_loses_more(
+      suite, root, all_smollm2_runs(suite, root)
+    ),
+    rule=reproduce.MeanAbove(0.0),
+    suites=('full',),
+    assets={'full': ('smollm2', minilm.ASSET)},
+    unit='relative ppl increase (contrastive-only - GEM), SmolLM2-135M',
   ),
   reproduce.Claim(
     name='resume_bitwise',

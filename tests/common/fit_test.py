@@ -58,7 +58,7 @@ def make_config(**overrides):
   return config_lib.finalize(c, overrides)
 
 
-def fit(config, workdir, source, lr=0.05):
+def fit(config, workdir, source, lr=0.05, eval_fn=None):
   import jax  # noqa: PLC0415
 
   from common import sharding  # noqa: PLC0415
@@ -70,6 +70,7 @@ def fit(config, workdir, source, lr=0.05):
     create_state=lambda: train_loop.TrainState(Linear(nnx.Rngs(0)), optax.sgd(lr)),
     loss_fn=loss_fn,
     train_iter=data.batch_iterator(source, global_batch_size=4),
+    eval_fn=eval_fn,
     mesh=mesh,
   )
 
@@ -155,3 +156,32 @@ def test_initial_state_starts_from_the_given_weights_and_resume_ignores_it(tmp_p
   assert calls == [1]
   run(make_config(**{'train.num_steps': 15}))  # resumes from step 10's checkpoint
   assert calls == [1]
+
+
+def _kernel_norm(model, step):
+  del step
+  return {'kernel_norm': float(jnp.linalg.norm(model.proj.kernel[...]))}
+
+
+def _evals(workdir):
+  rows = [json.loads(x) for x in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  return [(r['step'], r['kernel_norm']) for r in rows if r['split'] == 'eval']
+
+
+def test_eval_at_start_evaluates_the_initial_state_once(tmp_path):
+  # Off by default: the first eval is at eval_every / the end.
+  fit(make_config(**{'train.num_steps': 10}), tmp_path / 'off', Regression(), eval_fn=_kernel_norm)
+  assert [s for s, _ in _evals(tmp_path / 'off')] == [10]
+  cfg = make_config(**{'train.num_steps': 10, 'train.eval_at_start': True})
+  fit(cfg, tmp_path / 'on', Regression(), eval_fn=_kernel_norm)
+  evals = _evals(tmp_path / 'on')
+  assert [s for s, _ in evals] == [0, 10]
+  assert evals[0][1] == 0.0 and evals[1][1] > 0.1  # zero-initialised kernel, then trained
+  # Resuming past step 0 keeps the step-0 row and does not evaluate step 0 again.
+  fit(
+    make_config(**{'train.num_steps': 15, 'train.eval_at_start': True}),
+    tmp_path / 'on',
+    Regression(),
+    eval_fn=_kernel_norm,
+  )
+  assert [s for s, _ in _evals(tmp_path / 'on')] == [0, 10, 15]

@@ -111,12 +111,15 @@ def test_resume_drops_later_lines_and_purges_tensorboard(tmp_path):
   assert 4 in starts
 
 
-def test_fresh_writer_keeps_only_step_zero_lines(tmp_path):
-  (tmp_path / 'metrics.jsonl').write_text(
-    '{"step": 0, "split": "eval"}\n{"step": 5, "split": "train"}\n'
-  )
-  metrics.MetricWriter(tmp_path, enabled=True).close()
+def test_fresh_writer_starts_empty_and_resume_keeps_step_zero(tmp_path):
+  lines = '{"step": 0, "split": "eval"}\n{"step": 5, "split": "train"}\n'
+  (tmp_path / 'metrics.jsonl').write_text(lines)
+  metrics.MetricWriter(tmp_path, resume_step=3, enabled=True).close()
   assert metrics.read_jsonl(tmp_path / 'metrics.jsonl') == [{'step': 0, 'split': 'eval'}]
+  # A fresh start replays everything, a step-0 evaluation of the initial state included.
+  (tmp_path / 'metrics.jsonl').write_text(lines)
+  metrics.MetricWriter(tmp_path, enabled=True).close()
+  assert metrics.read_jsonl(tmp_path / 'metrics.jsonl') == []
 
 
 def test_disabled_writer_writes_nothing(tmp_path):
