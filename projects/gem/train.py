@@ -18,11 +18,18 @@ steps and at the end, on data the training never saw:
     plain causal LM, no specials (the "keeps its language ability" half);
   * retrieval: `rdatasets_titles` (title -> description) on `eval.retrieval_split`, all pairs of the
     split as the candidate pool, with the model's embeddings read three ways: 'special' (GEM's
-    end-appended special tokens), 'mean' and 'last' (the vanilla baselines' pooling of the text).
+    end-appended special tokens), 'mean' and 'last' (the vanilla baselines' pooling of the text);
+    metric names '<pooling>/<metric>' (and 'minilm/<metric>', '<pooling>/spearman_minilm');
+  * with `eval.chatterbot`: `chatterbot_qa` (question -> answers, 78 validation questions, every
+    distinct answer of the split a candidate, any of a question's answers relevant; chance
+    Recall@10 = 10/91 = 0.110 on validation), the same read-outs and MiniLM rows under the prefix
+    'chatterbot/' ('chatterbot/special/recall_at_10', ...). Absent from a config = off (configs
+    written before the key existed).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import math
@@ -44,6 +51,7 @@ from common import metrics as metrics_lib
 from common import sharding
 from common import testing
 from common import train_loop
+from common.datasets import chatterbot_qa
 from common.datasets import rdatasets_titles
 from common.models import decoder
 from projects.gem import input_pipeline
@@ -245,6 +253,21 @@ def make_loss_fn(config: ml_collections.ConfigDict):
 # Data.
 
 
+@dataclasses.dataclass
+class RetrievalSet:
+  """One retrieval evaluation: queries against a candidate pool, metrics named prefix + name."""
+
+  prefix: (
+    str  # '' for rdatasets_titles (the names the claims read), 'chatterbot/' for chatterbot_qa
+  )
+  query_texts: list[str]
+  doc_texts: list[str]
+  queries: list[dict]  # end-appended rows
+  docs: list[dict]
+  relevant: np.ndarray  # [Q] target index per query, or [Q, N] bool (several relevant answers)
+  minilm_scores: np.ndarray | None  # [Q, N] MiniLM cosines, None when eval.minilm is off
+
+
 class Data:
   """Tokenizer, training stream and the fixed evaluation sets of a config."""
 
@@ -282,17 +305,21 @@ class Data:
     rng = np.random.default_rng(0)  # unused draws: plain examples
     self.ppl_rows = [input_pipeline.ntp_example(t, rng, plain) for t in ppl]
     pairs = rdatasets_titles.load(c.eval.retrieval_split)
-    self.query_texts, self.doc_texts = [p[1] for p in pairs], [p[2] for p in pairs]
-    self.queries = [
-      input_pipeline.end_appended(t, self.layout) for t in encode(self.tok, self.query_texts)
+    self.retrieval = [
+      self._retrieval_set(
+        '', [p[1] for p in pairs], [p[2] for p in pairs], np.arange(len(pairs)), c.eval.minilm
+      )
     ]
-    self.docs = [
-      input_pipeline.end_appended(t, self.layout) for t in encode(self.tok, self.doc_texts)
-    ]
-    # MiniLM's query x doc cosines (baseline row and silver label), or None when eval.minilm is off.
-    self.minilm_scores = (
-      _minilm_scores(tuple(self.query_texts), tuple(self.doc_texts)) if c.eval.minilm else None
-    )
+    if c.eval.get('chatterbot', False):
+      rows = chatterbot_qa.load(c.eval.retrieval_split)
+      answers, relevant = chatterbot_qa.pool(rows)
+      questions = [r.question for r in rows]
+      self.retrieval.append(
+        self._retrieval_set('chatterbot/', questions, answers, relevant, c.eval.minilm)
+      )
+    titles = self.retrieval[0]  # the names older code reads
+    self.query_texts, self.doc_texts = titles.query_texts, titles.doc_texts
+    self.queries, self.docs, self.minilm_scores = titles.queries, titles.docs, titles.minilm_scores
     self.qa_rows, self.qa_continues = [], None
     if c.eval.qa_items:
       for prompt, answer in qa.prompts(c.eval.qa_items, seed=c.eval.qa_seed, shots=c.eval.qa_shots):
@@ -308,6 +335,24 @@ class Data:
       len(pairs),
       c.eval.retrieval_split,
     )
+    if len(self.retrieval) > 1:
+      cb = self.retrieval[1]
+      metrics_lib.log(
+        'gem data: chatterbot_qa %s: %d questions, %d candidate answers (chance Recall@10 %.3f)',
+        c.eval.retrieval_split,
+        len(cb.queries),
+        len(cb.docs),
+        chatterbot_qa.chance_recall_at(10, len(cb.docs)),
+      )
+
+  def _retrieval_set(self, prefix, query_texts, doc_texts, relevant, minilm) -> RetrievalSet:
+    rows = [
+      [input_pipeline.end_appended(t, self.layout) for t in encode(self.tok, texts)]
+      for texts in (query_texts, doc_texts)
+    ]
+    # MiniLM's query x doc cosines (baseline row and silver label), or None when eval.minilm is off.
+    scores = _minilm_scores(tuple(query_texts), tuple(doc_texts)) if minilm else None
+    return RetrievalSet(prefix, query_texts, doc_texts, *rows, relevant, scores)
 
 
 @functools.lru_cache(maxsize=2)
@@ -373,17 +418,8 @@ def make_eval_fn(config: ml_collections.ConfigDict, mesh, d: Data):
       s, c = nll(model, sharding.to_global(b, mesh, rules))
       total, count = total + float(s), count + float(c)
     out = {'loss': total / count, 'perplexity': math.exp(total / count)}
-    q, r = embed_rows(model, d.queries), embed_rows(model, d.docs)
-    targets = np.arange(len(d.queries))
-    for p in POOLINGS:
-      scores = np.asarray(embeddings.cosine_matrix(jnp.asarray(q[p]), jnp.asarray(r[p])))
-      for name, v in embeddings.retrieval_metrics(scores, targets, ks=(1, 10)).items():
-        out[f'{p}/{name.replace("@", "_at_")}'] = v
-      if d.minilm_scores is not None:  # silver label: MiniLM's judgement, not human ratings
-        out[f'{p}/spearman_minilm'] = embeddings.spearman(scores, d.minilm_scores)
-    if d.minilm_scores is not None:  # the baseline row (the same in every run and step)
-      for name, v in embeddings.retrieval_metrics(d.minilm_scores, targets, ks=(1, 10)).items():
-        out[f'minilm/{name.replace("@", "_at_")}'] = v
+    for rs in d.retrieval:
+      out.update(retrieval_eval(rs, embed_rows(model, rs.queries), embed_rows(model, rs.docs)))
     if d.qa_rows:
       empty_qa = dict(d.qa_rows[0], loss_mask=np.zeros_like(d.qa_rows[0]['loss_mask']))
       nll_sum, tokens, exact = 0.0, 0.0, 0.0
@@ -398,6 +434,22 @@ def make_eval_fn(config: ml_collections.ConfigDict, mesh, d: Data):
     return out
 
   return evaluate
+
+
+def retrieval_eval(rs: RetrievalSet, q: dict, r: dict) -> dict[str, float]:
+  """Recall@1/10, MRR, nDCG@10 per read-out (+ Spearman vs MiniLM and MiniLM's own row), named
+  rs.prefix + '<pooling>/<metric>'; q, r: {pooling: [Q, d] / [N, d] embeddings}."""
+  out = {}
+  for p in POOLINGS:
+    scores = np.asarray(embeddings.cosine_matrix(jnp.asarray(q[p]), jnp.asarray(r[p])))
+    for name, v in embeddings.retrieval_metrics(scores, rs.relevant, ks=(1, 10)).items():
+      out[f'{rs.prefix}{p}/{name.replace("@", "_at_")}'] = v
+    if rs.minilm_scores is not None:  # silver label: MiniLM's judgement, not human ratings
+      out[f'{rs.prefix}{p}/spearman_minilm'] = embeddings.spearman(scores, rs.minilm_scores)
+  if rs.minilm_scores is not None:  # the baseline row (the same in every run and step)
+    for name, v in embeddings.retrieval_metrics(rs.minilm_scores, rs.relevant, ks=(1, 10)).items():
+      out[f'{rs.prefix}minilm/{name.replace("@", "_at_")}'] = v
+  return out
 
 
 def train_and_evaluate(

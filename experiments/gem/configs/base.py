@@ -80,6 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       retrieval_split='validation',
       batch_size=32,
       minilm=True,  # MiniLM baseline row + Spearman vs its similarities (needs the minilm asset)
+      chatterbot=True,  # + chatterbot_qa question -> answers retrieval ('chatterbot/...' metrics)
       qa_items=64,  # reasoning-gym basic_arithmetic, greedy exact match + answer NLL; 0 = off
       qa_seed=0,
       qa_shots=1,
