@@ -31,6 +31,7 @@ RESUME_MUTABLE = (
   'train.log_every',
   'train.eval_every',
   'train.eval_at_start',
+  'eval.*',  # what is measured, never what is trained
   'checkpoint.*',
   'mesh.*',
   'sharding.*',
