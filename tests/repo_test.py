@@ -10,6 +10,8 @@ import ast
 import importlib
 import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -116,3 +118,23 @@ def test_import_boundaries():
 def test_every_experiment_main_imports():
   for main in ROOT.glob('experiments/*/main.py'):
     importlib.import_module(_module(main))
+
+
+def test_all_modules_import_together():
+  """Every module of common/, projects/ and experiments/ imports into ONE process.
+
+  absl flags are process-global: two modules defining the same flag at import time only fail when
+  something imports both (a test run, a notebook), as experiments.gem.sweep and projects.gem.evaluate
+  once did over --workdir. A fresh interpreter keeps this independent of which tests ran before.
+  """
+  modules = [
+    _module(p.parent if p.name == '__init__.py' else p)
+    for top in ('common', 'projects', 'experiments')
+    for p in sorted((ROOT / top).rglob('*.py'))
+    if p.name != '__main__.py'
+  ]
+  code = 'import importlib, sys\nfor m in sys.argv[1:]:\n  importlib.import_module(m)\n'
+  run = subprocess.run(
+    [sys.executable, '-c', code, *modules], cwd=ROOT, capture_output=True, text=True, timeout=600
+  )
+  assert run.returncode == 0, run.stderr[-3000:]

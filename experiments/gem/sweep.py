@@ -49,11 +49,13 @@ finished runs. Wall and CPU time of the whole process are printed under the tabl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
 import sys
 import time
+import types
 
 from absl import app
 from absl import flags
@@ -64,14 +66,6 @@ from experiments import reproduce
 from experiments.gem import claims
 from experiments.gem.configs import base
 from projects.gem import train
-
-_WORKDIR = flags.DEFINE_string('workdir', '/tmp/gem_sweep', 'one workdir per run under here')
-_OUT = flags.DEFINE_string('out', '', 'markdown table path (default <workdir>/table.md)')
-_SEEDS = flags.DEFINE_string('seeds', '0,1,2', 'comma-separated seeds (one base per seed)')
-_VARIANTS = flags.DEFINE_string('variants', '', 'comma-separated variant names (default: all)')
-_BUDGET = flags.DEFINE_enum(
-  'budget', 'smoke', ['smoke', 'micro'], "'smoke': the claims' budget; 'micro': a 2+2+2-step check"
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,12 +276,28 @@ def selected_variants(spec: str):
   return tuple(v for v in VARIANTS if v.name in names or v.name in needed)
 
 
-def main(argv) -> None:
+def define_flags() -> types.SimpleNamespace:
+  """The CLI's flags, defined only when run as a program (importing never clashes on --workdir)."""
+  return types.SimpleNamespace(
+    workdir=flags.DEFINE_string('workdir', '/tmp/gem_sweep', 'one workdir per run under here'),
+    out=flags.DEFINE_string('out', '', 'markdown table path (default <workdir>/table.md)'),
+    seeds=flags.DEFINE_string('seeds', '0,1,2', 'comma-separated seeds (one base per seed)'),
+    variants=flags.DEFINE_string('variants', '', 'comma-separated variant names (default: all)'),
+    budget=flags.DEFINE_enum(
+      'budget',
+      'smoke',
+      ['smoke', 'micro'],
+      "'smoke': the claims' budget; 'micro': a 2+2+2-step check",
+    ),
+  )
+
+
+def main(argv, cli: types.SimpleNamespace) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   try:
-    variants = selected_variants(_VARIANTS.value)
-    seeds = [int(x) for x in _SEEDS.value.split(',') if x.strip()]
+    variants = selected_variants(cli.variants.value)
+    seeds = [int(x) for x in cli.seeds.value.split(',') if x.strip()]
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
@@ -298,8 +308,8 @@ def main(argv) -> None:
   jax.config.update('jax_compilation_cache_dir', str(reproduce.default_cache_root() / 'jax_cache'))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
-  root = pathlib.Path(_WORKDIR.value)
-  budget = BUDGETS[_BUDGET.value]
+  root = pathlib.Path(cli.workdir.value)
+  budget = BUDGETS[cli.budget.value]
   commit = reproduce.git_commit()
   t0, c0 = time.perf_counter(), reproduce.cpu_seconds()
   runs, trained = {}, 0
@@ -309,7 +319,7 @@ def main(argv) -> None:
   wall, cpu = time.perf_counter() - t0, reproduce.cpu_seconds() - c0
   command = 'nice -n 15 python -m experiments.gem.sweep ' + ' '.join(sys.argv[1:])
   text = (
-    f'GEM ablations, budget {_BUDGET.value} ({budget.pretrain} base + {budget.mixed} mixed-NTP +'
+    f'GEM ablations, budget {cli.budget.value} ({budget.pretrain} base + {budget.mixed} mixed-NTP +'
     f' {budget.cl} contrastive steps of 16 x 64 tokens), seeds {seeds}, commit {commit}.\n'
     f'Command: `{command}`\n\n'
     + table(runs, variants, budget.pretrain)
@@ -321,7 +331,7 @@ def main(argv) -> None:
     f'{os.getloadavg()[0]:.1f} at the end.\n'
   )
   print(text)
-  out = pathlib.Path(_OUT.value or root / 'table.md')
+  out = pathlib.Path(cli.out.value or root / 'table.md')
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(text)
   summary = {'commit': commit, 'command': command, 'budget': dataclasses.asdict(budget)}
@@ -331,4 +341,4 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(functools.partial(main, cli=define_flags()))

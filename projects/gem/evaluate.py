@@ -26,12 +26,14 @@ COMMAND:
 from __future__ import annotations
 
 from collections.abc import Sequence
+import functools
 import json
 import math
 import os
 import pathlib
 import sys
 import time
+import types
 
 from absl import app
 from absl import flags
@@ -180,29 +182,39 @@ def evaluate_workdir(
   return records
 
 
-_WORKDIR = flags.DEFINE_string(
-  'workdir', None, 'the run to evaluate (its config.json + checkpoints)'
-)
-_STEPS = flags.DEFINE_list('steps', ['latest'], "steps: 0 (initial state), N, or 'latest'")
-_SET = flags.DEFINE_multi_string(
-  'set', [], f'config overrides key=value, applied after {", ".join(DEFAULT_OVERRIDES)}'
-)
-_OUT_DIR = flags.DEFINE_string(
-  'out_dir', None, 'where step_<N>.json go (default WORKDIR/evaluations)'
-)
+def define_flags() -> types.SimpleNamespace:
+  """The CLI's flags, defined only when this module runs as a program.
+
+  Importing the module (tests, notebooks, experiments.gem.sweep) then never registers a second
+  --workdir next to another entry point's (absl flags are process-global).
+  """
+  return types.SimpleNamespace(
+    workdir=flags.DEFINE_string(
+      'workdir', None, 'the run to evaluate (its config.json + checkpoints)'
+    ),
+    steps=flags.DEFINE_list('steps', ['latest'], "steps: 0 (initial state), N, or 'latest'"),
+    overrides=flags.DEFINE_multi_string(
+      'set', [], f'config overrides key=value, applied after {", ".join(DEFAULT_OVERRIDES)}'
+    ),
+    out_dir=flags.DEFINE_string(
+      'out_dir', None, 'where step_<N>.json go (default WORKDIR/evaluations)'
+    ),
+  )
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], cli: types.SimpleNamespace) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not _WORKDIR.value:
+  if not cli.workdir.value:
     raise app.UsageError('--workdir is required')
   try:
-    evaluate_workdir(_WORKDIR.value, _STEPS.value, _SET.value, out_dir=_OUT_DIR.value)
+    evaluate_workdir(
+      cli.workdir.value, cli.steps.value, cli.overrides.value, out_dir=cli.out_dir.value
+    )
   except errors.UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(functools.partial(main, cli=define_flags()))
