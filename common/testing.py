@@ -44,6 +44,20 @@ def set_fake_cpu_devices(n: int = 8) -> None:
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 
+def xla_flags_with_devices(n: int) -> str:
+  """This process's XLA_FLAGS with the fake CPU device count set to `n`, for a subprocess.
+
+  The other flags (e.g. the test session's cheap-compile flags, tests/conftest.py) carry over, so a
+  subprocess compiles as its parent does and shares its persistent-cache entries.
+  """
+  kept = [
+    f
+    for f in os.environ.get('XLA_FLAGS', '').split()
+    if 'xla_force_host_platform_device_count' not in f
+  ]
+  return ' '.join([*kept, f'--xla_force_host_platform_device_count={n}'])
+
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -58,7 +72,7 @@ def run_notebook_script(name: str, *, timeout: float = 900) -> str:
     **os.environ,
     'JAX_PLATFORMS': 'cpu',
     'MPLBACKEND': 'Agg',
-    'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
+    'XLA_FLAGS': xla_flags_with_devices(1),
   }
   p = subprocess.run(
     [sys.executable, f'notebooks/{name}.py'],

@@ -155,3 +155,14 @@ def test_tiny_lm_accepts_few_steps(tmp_path, monkeypatch):
   monkeypatch.setenv('MONOREPO_CACHE_DIR', str(tmp_path))
   lm = testing.tiny_lm(**{**_MICRO, 'steps': 5})
   assert len(lm.loss_curve) == 5
+
+
+def test_subprocess_xla_flags_keep_other_flags_and_set_the_device_count(monkeypatch):
+  monkeypatch.setenv(
+    'XLA_FLAGS', '--xla_foo=1 --xla_force_host_platform_device_count=8 --xla_bar=2'
+  )
+  assert testing.xla_flags_with_devices(2) == (
+    '--xla_foo=1 --xla_bar=2 --xla_force_host_platform_device_count=2'
+  )
+  monkeypatch.delenv('XLA_FLAGS')
+  assert testing.xla_flags_with_devices(1) == '--xla_force_host_platform_device_count=1'

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from common import metrics
+from common import testing
 from common.rl import loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -33,7 +34,7 @@ def run(workdir, *overrides, check=True, timeout=600):
   env = {
     **os.environ,
     'JAX_PLATFORMS': 'cpu',
-    'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
+    'XLA_FLAGS': testing.xla_flags_with_devices(1),
   }
   cmd = [
     sys.executable,

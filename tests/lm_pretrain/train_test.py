@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from common import metrics
+from common import testing
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CONFIG = 'experiments/lm_pretrain/configs/base.py'
@@ -42,7 +43,7 @@ def run(workdir, *overrides: str, devices: int = 1, flags=(), timeout=300, check
   full_env = {
     **os.environ,
     'JAX_PLATFORMS': 'cpu',
-    'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+    'XLA_FLAGS': testing.xla_flags_with_devices(devices),
     **(env or {}),
   }
   cmd = [
@@ -142,7 +143,7 @@ def test_two_processes_match_one(reference, tmp_path):
   env = {
     **os.environ,
     'JAX_PLATFORMS': 'cpu',
-    'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
+    'XLA_FLAGS': testing.xla_flags_with_devices(4),
   }
   procs = [
     subprocess.Popen(

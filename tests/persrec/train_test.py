@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from common import metrics
+from common import testing
 from experiments.persrec.configs import base
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -33,7 +34,7 @@ def run(workdir, *overrides: str, devices: int = 1, check=True):
   env = {
     **os.environ,
     'JAX_PLATFORMS': 'cpu',
-    'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+    'XLA_FLAGS': testing.xla_flags_with_devices(devices),
   }
   cmd = [
     sys.executable,

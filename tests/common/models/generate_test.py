@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from common import assets
+from common import testing
 from common.models import generate
 from common.models import loader
 from common.sampling import sampler
@@ -126,7 +127,7 @@ def _cli(*flags: str, timeout: int = 900) -> str:
   env = {
     **os.environ,
     'JAX_PLATFORMS': 'cpu',
-    'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
+    'XLA_FLAGS': testing.xla_flags_with_devices(1),
   }
   env.pop('MONOREPO_CACHE_DIR')
   if _USER_CACHE:
