@@ -287,7 +287,7 @@ def main(argv):
   step = train_loop.make_train_step(graphdef, loop.make_loss_fn(rl), shardings)
   batch = dict(ro.batch)
   batch['advantages'] = rng.normal(size=m * g).astype(np.float32)
-  batch['old_logp'] = np.asarray(loop._score_train_state(graphdef, state, batch))  # noqa: SLF001
+  batch['old_logp'] = batch.pop('behaviour_logp')  # on-policy, as in the loop
   batch['ref_logp'] = batch['old_logp']
   holder = {'state': state}
 

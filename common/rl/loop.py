@@ -184,8 +184,9 @@ def make_loss_fn(rl: ml_collections.ConfigDict):
     del key
     logp = completion_logprobs(model, batch)
     # One gradient step per rollout: the behaviour policy is the current one, so its logprobs are
-    # the forward's own (ratio exactly 1); the separately computed batch['old_logp'] agrees only up
-    # to the float rounding of a differently fused program (3e-5 measured on SmolLM2-135M).
+    # the forward's own (ratio exactly 1); batch['old_logp'] (the sampler's logprobs when on-policy,
+    # else a scoring forward) agrees only up to the float rounding of a differently fused program
+    # (3e-5 measured on SmolLM2-135M), which the behaviour_logp_dev metric reports.
     old = jax.lax.stop_gradient(logp) if on_policy else batch['old_logp']
     loss, metrics = loss_lib.policy_loss(
       logp,
@@ -287,10 +288,15 @@ def rollout(
     num_samples=g,
     prompt_bucket=rl.prompt_len,
   )
-  completion, lengths, ent = jax.device_get((gen.tokens, gen.lengths, gen.model_entropies))
+  completion, lengths, ent, logp = jax.device_get(
+    (gen.tokens, gen.lengths, gen.model_entropies, gen.logprobs)
+  )
   seconds = time.perf_counter() - t0
   rep_tokens, rep_mask = np.repeat(tokens, g, axis=0), np.repeat(mask, g, axis=0)
   batch = build_batch(rep_tokens, rep_mask, completion, lengths)
+  # The behaviour policy's logprobs as sampled (model at temperature 1, whatever the sampling
+  # temperature): on-policy they stand in for a separate scoring forward (see _loop).
+  batch['behaviour_logp'] = np.where(batch['completion_mask'] > 0, logp, 0.0).astype(np.float32)
   rewards = safe_rewards(setup.verifier, prompts, completion, lengths, g, counter)
   return Rollout(list(prompts), batch, completion, lengths, ent, rewards, seconds)
 
@@ -584,6 +590,7 @@ def _loop(
   rl = config.rl
   g = rl.group_size
   num_steps = config.train.num_steps
+  on_policy = rl.num_iterations == 1 and rl.num_minibatches == 1
   train_step = train_loop.make_train_step(spec.graphdef, make_loss_fn(rl), spec.shardings)
   sigterm = train_loop.SigtermFlag()
   progress = metrics_lib.Progress(start, num_steps)
@@ -641,8 +648,14 @@ def _loop(
         np.float32
       )
       batch['advantages'] = a.reshape(-1).astype(np.float32)
+      behaviour = batch.pop('behaviour_logp')
       jbatch = jax.device_put(batch)
-      batch['old_logp'] = np.asarray(_score_train_state(spec.graphdef, state, jbatch))
+      if on_policy:
+        # The loss takes the ratio's denominator from its own forward (exactly 1); old_logp only
+        # feeds the behaviour_logp_dev metric, so the sampler's logprobs serve and save a forward.
+        batch['old_logp'] = behaviour
+      else:
+        batch['old_logp'] = np.asarray(_score_train_state(spec.graphdef, state, jbatch))
       if rl.kl_coef:
         batch['ref_logp'] = np.asarray(_score_model(ref_graphdef, ref_state, jbatch))
       else:

@@ -200,6 +200,7 @@ def test_every_estimator_trains_with_ratio_one_and_logs_the_metrics(tmp_path, es
     ):
       assert k in r and np.isfinite(r[k]), k
     assert r['ratio_max_dev'] < 1e-6  # num_iterations=1: behaviour logprobs == training forward
+    assert r['behaviour_logp_dev'] < 2e-5  # the sampler's logprobs, not a second forward
   evals = [r for r in metrics_lib.read_jsonl(tmp_path / 'metrics.jsonl') if r['split'] == 'eval']
   assert [r['step'] for r in evals] == [0, 2, 4]
   if estimator == 'dapo':
