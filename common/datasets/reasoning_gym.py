@@ -168,8 +168,8 @@ def _clean_span(span: str) -> str:
   number = _NUMBER_RE.fullmatch(span)
   if number:
     return normalize_number(span)
-  # "42 apples" / "= 42." -> the first number if the span starts with one.
-  lead = re.match(rf'\s*=?\s*({_NUMBER})(?![\w.])', span)
+  # "42 apples" / "= 42." / "6. Final answer" -> the first number if the span starts with one.
+  lead = re.match(rf'\s*=?\s*({_NUMBER})(?!\w|\.\d)', span)
   if lead:
     return normalize_number(lead.group(1))
   return span
@@ -187,10 +187,11 @@ def extract_answer(text: str | None) -> str | None:
   if not text:
     return None
   for pattern in _MARKERS:
-    found = pattern.findall(text)
-    found = [f for f in found if f.strip()]
-    if found:
-      return _clean_span(found[-1]) or None
+    # A marker with nothing after it ('... This is the final answer.') is not an answer: fall
+    # through to the next marker and finally to the last number.
+    spans = [c for c in map(_clean_span, pattern.findall(text)) if c]
+    if spans:
+      return spans[-1]
   numbers = _NUMBER_RE.findall(text)
   if numbers:
     return normalize_number(numbers[-1])

@@ -86,6 +86,9 @@ def test_custom_config_names_are_stable_and_bad_tasks_fail_clearly():
     ('it is 12.50', '12.5'),
     ('7.0', '7'),
     ('The answer is yes', 'yes'),
+    # SmolLM2-135M: a marker with no answer after it falls through to the last number.
+    ('1 - 8 - 10 = -17\n\nThis is the final answer.', '-17'),
+    ('The answer is: 6. Final answer.', '6'),
     ('no digits here\nFalse.', 'False'),
     ('', None),
     ('   \n ', None),
