@@ -20,12 +20,13 @@ Variants:
          held-out questions at steps 0, 20, 40. Learning rate 1e-5, not the paper's 1e-6: the
          paper's is for 8B-14B models over up to 1000 steps, and Adam at 1e-6 moves no weight by
          more than 4e-5 in 40 steps (chosen before any run, not tuned on results). Measured at
-         c9a2065 (2026-12-03, quiet 2 cores): a step is ~40 s: rollout 5-8 s and update 23-30 s
-         (logged), the rest the reference forward and host work; the GRPO run took 30 minutes with compilation and three evaluations,
-         so G=4 EBPO + GRPO is about 1 hour of the full suite and G=2 less. Greedy pass@1 of the
-         initial policy: 1/100 held-out questions at 24 new tokens (2/30 at 48); most responses
-         run into the 24-token limit (mean length ~23), so the task also rewards answering
-         concisely. Results: projects/ebpo/README.md.
+         c9a2065 (2026-12-03, quiet 2 cores): a step is ~40 s: rollout 5-8 s and update
+         23-30 s (logged), the rest the reference forward and host work; the GRPO run took 30
+         minutes with compilation and three evaluations, so G=4 EBPO + GRPO is about 1 hour of
+         the full suite and G=2 less. Greedy pass@1 of the initial policy: 1/100 held-out
+         questions at 24 new tokens (2/30 at 48); most responses run into the 24-token limit
+         (mean length ~23), so the task also rewards answering concisely. Results:
+         projects/ebpo/README.md.
   smoke_dapo: the smoke setup trained with DAPO (arXiv 2503.14476) as a whole: dynamic sampling
          (estimator dapo), clip-higher 0.28, token-level loss, and the soft overlong punishment
          with L_max = 8 generated tokens and L_cache = 4 (the longest correct answer is 3
