@@ -114,27 +114,59 @@ def _text(v: Any) -> str:
 
 
 class ChatTasks:
-  """reasoning-gym examples as tokenized single-example rows of `seq_len` (too long: dropped)."""
+  """reasoning-gym examples as tokenized single-example rows of `seq_len`.
 
-  def __init__(self, tokenizer, tasks: tuple, seed: int, split: str, seq_len: int, limit: int = -1):
+  An example longer than `seq_len` is dropped, but a task that loses more than `max_dropped` of
+  its examples is an error, and so is a task without gold answers (reasoning-gym states None for
+  tasks it scores by a verifier, e.g. propositional_logic): otherwise a task can silently vanish
+  from the mix, or be trained to answer 'None'. `kept` holds (kept, total) per task.
+  """
+
+  def __init__(
+    self,
+    tokenizer,
+    tasks: tuple,
+    seed: int,
+    split: str,
+    seq_len: int,
+    limit: int = -1,
+    max_dropped: float = 0.2,
+  ):
     source = _rg_builder(tasks, seed).as_data_source(split=split)
     self.task_names = tuple(t[0] for t in tasks)
     self.seq_len = seq_len
     self.rows = []
+    total = dict.fromkeys(self.task_names, 0)
+    kept = dict.fromkeys(self.task_names, 0)
     for i in range(len(source) if limit < 0 else min(limit, len(source))):
       ex = source[i]
+      task, answer = _text(ex['task']), _text(ex['answer'])
+      if answer in ('None', ''):
+        raise ValueError(
+          f'reasoning-gym task {task!r} has no gold answer ({answer!r}; it is scored by a '
+          'verifier): exact-match fine-tuning needs one, remove it from data.rg_tasks'
+        )
+      total[task] += 1
       chat = [
         {'role': 'user', 'content': _text(ex['question'])},
-        {'role': 'assistant', 'content': _text(ex['answer'])},
+        {'role': 'assistant', 'content': answer},
       ]
       tok = sft.tokenize(tokenizer, {'messages': chat})
       if len(tok.tokens) - 1 > seq_len:
         continue
+      kept[task] += 1
       row = sft.pack([tok], seq_len, num_rows=1, pad_id=0)
       row = {k: v[0] for k, v in row.items()}
       row['task'] = np.int32(self.task_names.index(_text(ex['task'])))
       row['example'] = np.int32(i)
       self.rows.append(row)
+    self.kept = {t: (kept[t], total[t]) for t in self.task_names}
+    for t, (k, n) in self.kept.items():
+      if n and k < (1 - max_dropped) * n:
+        raise ValueError(
+          f'reasoning-gym task {t!r} ({split}): only {k} of {n} examples fit data.seq_len='
+          f'{seq_len} tokens; raise data.seq_len or choose another task'
+        )
 
   def __len__(self) -> int:
     return len(self.rows)

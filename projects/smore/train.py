@@ -308,6 +308,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
 
   _, real_base, tokenizer = base_model(config)
   d = input_pipeline.make_data(config, tokenizer)
+  if hasattr(d.train, 'kept'):
+    metrics_lib.log(
+      'examples that fit data.seq_len, kept/total per task: train %s, test %s',
+      d.train.kept,
+      d.test.kept,
+    )
   train_iter = input_pipeline.train_iterator(config, d)
 
   def pretrained_state(spec):

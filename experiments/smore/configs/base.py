@@ -42,7 +42,7 @@ FFN = r'layers/\d+/mlp/(gate|up|down)_proj'
 RG_TASKS = (
   ('basic_arithmetic', 400, 50, {'min_terms': 2, 'max_terms': 2, 'min_digits': 1, 'max_digits': 2}),
   ('leg_counting', 400, 50, {}),
-  ('propositional_logic', 400, 50, {}),
+  ('syllogism', 400, 50, {}),  # Yes/No; propositional_logic has no gold answer
   ('spell_backward', 400, 50, {}),
   ('letter_counting', 400, 50, {}),
 )
