@@ -1,0 +1,120 @@
+"""Results table and training curves of a set of adapter runs, for the README.
+
+    python -m projects.smore.report RUNS_DIR [OUT.png]
+
+RUNS_DIR holds run workdirs named {name}_seed{S} (what experiments/smore/claims.py writes, e.g.
+lora_seed0, smore22_seed0). Prints one markdown row per run: trainable parameters (the real leaf
+count from adapter_plan.json), training step time, and held-out exact-match accuracy (overall and
+per task) at each evaluation. Step time comes from the wall-clock stamps of the TensorBoard events
+of consecutive train logs, leaving out intervals that contain an evaluation or the first compile,
+so it is the steady-state median (and range) of one run on its own machine: compare runs only
+when they ran under the same load.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import statistics
+import struct
+import sys
+
+from common import metrics
+
+_NAME = re.compile(r'(\w+?)_seed(\d+)$')
+
+
+def event_times(tb_dir: pathlib.Path, tag: str = 'train/loss') -> dict[int, float]:
+  """{step: wall time} of a scalar tag, read from the TFRecord event files (no TensorFlow)."""
+  from tensorboardX.proto import event_pb2  # noqa: PLC0415
+
+  out = {}
+  for path in sorted(tb_dir.glob('events.out.tfevents.*')):
+    buf = path.read_bytes()
+    pos = 0
+    while pos + 12 <= len(buf):
+      (length,) = struct.unpack_from('<Q', buf, pos)
+      record = buf[pos + 12 : pos + 12 + length]
+      pos += 12 + length + 4
+      event = event_pb2.Event.FromString(record)
+      if any(v.tag == tag for v in event.summary.value):
+        out[int(event.step)] = float(event.wall_time)  # a resumed run's later stamp wins
+  return out
+
+
+def step_seconds(workdir: pathlib.Path) -> list[float]:
+  """Seconds per train step between consecutive train logs without an evaluation in between."""
+  train = json.loads((workdir / 'config.json').read_text())['train']
+  times = event_times(workdir / 'tensorboard')
+  steps = sorted(times)
+  out = []
+  for a, b in zip(steps, steps[1:], strict=False):
+    if any(s % train['eval_every'] == 0 for s in range(a, b)):
+      continue  # the evaluation after step a (and its compile) is in this interval
+    out.append((times[b] - times[a]) / (b - a))
+  return out
+
+
+def summarize(workdir: pathlib.Path) -> dict:
+  rows = metrics.read_jsonl(workdir / 'metrics.jsonl')
+  plan = json.loads((workdir / 'adapter_plan.json').read_text())
+  secs = step_seconds(workdir)
+  return {
+    'trainable': plan['real_count'],
+    'sec_per_step': (statistics.median(secs), min(secs), max(secs)) if secs else None,
+    'evals': {r['step']: r for r in rows if r['split'] == 'eval'},
+    'train': [r for r in rows if r['split'] == 'train'],
+  }
+
+
+def runs(runs_dir: str | pathlib.Path) -> dict[str, dict]:
+  return {
+    d.name: summarize(d)
+    for d in sorted(pathlib.Path(runs_dir).iterdir())
+    if _NAME.match(d.name) and (d / 'metrics.jsonl').exists() and (d / 'adapter_plan.json').exists()
+  }
+
+
+def table(summaries: dict[str, dict]) -> str:
+  tasks = sorted(
+    {k[4:] for s in summaries.values() for e in s['evals'].values() for k in e if k[:4] == 'acc_'}
+  )
+  head = ['run', 'trainable', 's/step (median, range)', 'eval step', 'accuracy', *tasks]
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  for name, s in summaries.items():
+    t = s['sec_per_step']
+    time_cell = f'{t[0]:.1f} ({t[1]:.1f}-{t[2]:.1f})' if t else '-'
+    for step, e in sorted(s['evals'].items()) or [('-', {})]:
+      acc = f'{e["accuracy"]:.3f}' if e else '-'
+      cells = [name, f'{s["trainable"]:,}', time_cell, str(step), acc]
+      cells += [f'{e[f"acc_{k}"]:.2f}' if f'acc_{k}' in e else '-' for k in tasks]
+      lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def figure(summaries: dict[str, dict], out: str | pathlib.Path) -> None:
+  import matplotlib  # noqa: PLC0415
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  fig, (ax_ce, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.4))
+  for name, s in summaries.items():
+    ax_ce.plot([r['step'] for r in s['train']], [r['ce'] for r in s['train']], label=name)
+    last = s['evals'][max(s['evals'])] if s['evals'] else {}
+    tasks = sorted(k for k in last if k.startswith('acc_'))
+    ax_acc.plot([k[4:] for k in tasks], [last[k] for k in tasks], marker='o', label=name)
+  ax_ce.set(title='train cross-entropy (reply tokens)', xlabel='step')
+  ax_acc.set(title='held-out exact match, final', ylim=(0, 1))
+  ax_acc.tick_params(axis='x', labelrotation=20, labelsize=8)
+  ax_ce.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(out, dpi=90)
+
+
+if __name__ == '__main__':
+  summaries = runs(sys.argv[1])
+  print(table(summaries))
+  if len(sys.argv) > 2:
+    figure(summaries, sys.argv[2])

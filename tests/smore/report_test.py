@@ -1,0 +1,32 @@
+"""projects.smore.report: step times from TensorBoard stamps skip evaluations; one row per eval."""
+
+import json
+
+import tensorboardX
+
+from projects.smore import report
+
+
+def _run(path, times, evals):
+  path.mkdir()
+  (path / 'config.json').write_text(json.dumps({'train': {'eval_every': 20}}))
+  (path / 'adapter_plan.json').write_text(json.dumps({'real_count': 1234}))
+  rows = [{'step': s, 'split': 'train', 'ce': 1.0 / s} for s in times]
+  rows += [{'step': s, 'split': 'eval', 'accuracy': a, 'acc_x': a} for s, a in evals.items()]
+  (path / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  w = tensorboardX.SummaryWriter(str(path / 'tensorboard'))
+  for step, t in times.items():
+    w.add_scalar('train/loss', 1.0, step, walltime=t)
+  w.close()
+
+
+def test_step_time_leaves_out_intervals_with_an_evaluation(tmp_path):
+  # 2 s/step, except that the evaluation after step 20 costs 100 s.
+  times = {10: 1000.0, 20: 1020.0, 30: 1140.0, 40: 1160.0}
+  _run(tmp_path / 'lora_seed0', times, {20: 0.25, 40: 0.5})
+  assert report.step_seconds(tmp_path / 'lora_seed0') == [2.0, 2.0]
+  s = report.runs(tmp_path)['lora_seed0']
+  assert s['sec_per_step'] == (2.0, 2.0, 2.0) and s['trainable'] == 1234
+  lines = report.table({'lora_seed0': s}).splitlines()
+  assert lines[0].endswith('| x |') and len(lines) == 4
+  assert lines[3] == '| lora_seed0 | 1,234 | 2.0 (2.0-2.0) | 40 | 0.500 | 0.50 |'
