@@ -18,13 +18,14 @@ Variants:
     512 held-out sequences at the end, one checkpoint at the end. No weights are fetched.
   smollm2_{lora,mixlora,hydralora,smore22,smore44}: SmolLM2-135M-Instruct (30 layers, d_model 576,
     FFN 1536; `python -m common.assets fetch smollm2`), budget = LoRA rank 32 on the 90 FFN
-    projections (6,082,560 parameters; S'MoRE d_down = m = 16), a reasoning-gym instruction mix of 5 task families
-    (arithmetic, a word problem, logic, two string manipulations; 400 train / 50 test each) as
-    chat prompts, 200 steps of 8 single-example rows of 160 tokens (256k token slots), eval on the
-    250 held-out questions every 100 steps. Step time is estimated, not measured: the frozen base
-    still needs its activation gradients, about 4 * 135M FLOPs per token slot, 0.7 TFLOP per step,
-    so 15-25 s/step at 30-50 GFLOP/s on 2 cores: 1-1.5 hours per run plus about 5 minutes per
-    evaluation.
+    projections (6,082,560 parameters; S'MoRE d_down = m = 16), a reasoning-gym instruction mix of
+    5 task families (basic_arithmetic, leg_counting as the word problem, syllogism as the logic
+    task, spell_backward and letter_counting as string manipulations; 400 train / 50 test each,
+    246 test questions left after the builder's train/test de-duplication) as chat prompts, 200
+    steps of 8 single-example rows of 160 tokens (256k token slots), eval on the held-out
+    questions every 100 steps. Measured on 2 quiet cores (commit 4b6a34a): LoRA 11.1 s/step, so
+    37 min of training plus ~3 min per evaluation and a few minutes of start-up (compiles come
+    from the persistent cache after the first run of a preset); see projects/smore/README.md.
   smollm2_smore22_identity: the identity-activation ablation (the S'MoRE gain should vanish).
 Override any key: --config.train.num_steps=500 or base.py:smoke,adapter.preset=lora,seed=3.
 """
