@@ -7,7 +7,6 @@ import pytest
 
 from common import losses
 from common import sft
-from common.models import loader
 from tests.common.models import synthetic_gguf as syn
 
 SEQ_LEN = 64
@@ -16,11 +15,7 @@ SEQ_LEN = 64
 @pytest.fixture(scope='module')
 def lm(tmp_path_factory):
   """(model, tokenizer) from a tiny llama-layout GGUF, converted in a private cache."""
-  root = tmp_path_factory.mktemp('sft')
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setenv('MONOREPO_CACHE_DIR', str(root / 'cache'))
-    syn.write(root / 'tiny.gguf', syn.LLAMA)
-    model, _, tok = loader.load_pretrained(root / 'tiny.gguf')
+  model, _, tok = syn.load_private(tmp_path_factory.mktemp('sft'))
   return model, tok
 
 

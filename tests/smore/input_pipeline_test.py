@@ -2,18 +2,13 @@
 
 import pytest
 
-from common.models import loader
 from projects.smore import input_pipeline
 from tests.common.models import synthetic_gguf as syn
 
 
 @pytest.fixture(scope='module')
 def tok(tmp_path_factory):
-  root = tmp_path_factory.mktemp('smore_chat')
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setenv('MONOREPO_CACHE_DIR', str(root / 'cache'))
-    syn.write(root / 'tiny.gguf', syn.LLAMA)
-    _, _, tokenizer = loader.load_pretrained(root / 'tiny.gguf')
+  _, _, tokenizer = syn.load_private(tmp_path_factory.mktemp('smore_chat'))
   return tokenizer
 
 

@@ -321,3 +321,16 @@ def reference_logits(ref: dict, spec: Spec, tokens: np.ndarray) -> np.ndarray:
     x = x + m
   x = _rms(x, ref['output_norm.weight'], spec.eps)
   return x @ ref.get('output.weight', ref['token_embd.weight']).T
+
+
+def load_private(root: pathlib.Path, spec: Spec = LLAMA):
+  """(model, config, tokenizer) of a tiny GGUF written under `root`, converted in a private cache
+  there (so a test never reads or fills the user's cache)."""
+  import pytest  # noqa: PLC0415
+
+  from common.models import loader  # noqa: PLC0415
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv('MONOREPO_CACHE_DIR', str(root / 'cache'))
+    write(root / 'tiny.gguf', spec)
+    return loader.load_pretrained(root / 'tiny.gguf')
