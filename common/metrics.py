@@ -90,6 +90,29 @@ class MetricWriter:
       self._tb = None
 
 
+def read_events(workdir: str | os.PathLike) -> tuple[list[pathlib.Path], list[Any]]:
+  """(event files, their Event protos in file order) of `workdir/tensorboard`.
+
+  The files are TFRecords (8-byte length, 4-byte length CRC, payload, 4-byte payload CRC); read
+  here with tensorboardX's proto so that neither TensorFlow nor TensorBoard is needed.
+  CRCs are not checked.
+  """
+  import struct  # noqa: PLC0415
+
+  from tensorboardX.proto import event_pb2  # noqa: PLC0415
+
+  files = sorted(pathlib.Path(workdir, 'tensorboard').glob('events.out.tfevents.*'))
+  events = []
+  for path in files:
+    buf = path.read_bytes()
+    pos = 0
+    while pos + 12 <= len(buf):
+      (length,) = struct.unpack_from('<Q', buf, pos)
+      events.append(event_pb2.Event.FromString(buf[pos + 12 : pos + 12 + length]))
+      pos += 12 + length + 4
+  return files, events
+
+
 def format_duration(seconds: float) -> str:
   if not math.isfinite(seconds):
     return '?'

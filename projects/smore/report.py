@@ -17,7 +17,6 @@ import json
 import pathlib
 import re
 import statistics
-import struct
 import sys
 
 from common import metrics
@@ -25,28 +24,19 @@ from common import metrics
 _NAME = re.compile(r'(\w+?)_seed(\d+)$')
 
 
-def event_times(tb_dir: pathlib.Path, tag: str = 'train/loss') -> dict[int, float]:
-  """{step: wall time} of a scalar tag, read from the TFRecord event files (no TensorFlow)."""
-  from tensorboardX.proto import event_pb2  # noqa: PLC0415
-
-  out = {}
-  for path in sorted(tb_dir.glob('events.out.tfevents.*')):
-    buf = path.read_bytes()
-    pos = 0
-    while pos + 12 <= len(buf):
-      (length,) = struct.unpack_from('<Q', buf, pos)
-      record = buf[pos + 12 : pos + 12 + length]
-      pos += 12 + length + 4
-      event = event_pb2.Event.FromString(record)
-      if any(v.tag == tag for v in event.summary.value):
-        out[int(event.step)] = float(event.wall_time)  # a resumed run's later stamp wins
-  return out
+def event_times(workdir: pathlib.Path, tag: str = 'train/loss') -> dict[int, float]:
+  """{step: wall time} of a scalar tag in the run's TensorBoard events."""
+  _, events = metrics.read_events(workdir)
+  # A resumed run's later stamp wins.
+  return {
+    int(e.step): float(e.wall_time) for e in events if any(v.tag == tag for v in e.summary.value)
+  }
 
 
 def step_seconds(workdir: pathlib.Path) -> list[float]:
   """Seconds per train step between consecutive train logs without an evaluation in between."""
   train = json.loads((workdir / 'config.json').read_text())['train']
-  times = event_times(workdir / 'tensorboard')
+  times = event_times(workdir)
   steps = sorted(times)
   out = []
   for a, b in zip(steps, steps[1:], strict=False):

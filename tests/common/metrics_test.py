@@ -4,7 +4,6 @@ import json
 import math
 import os
 import pathlib
-import struct
 
 import jax.numpy as jnp
 import numpy as np
@@ -12,23 +11,6 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 from common import metrics
-
-
-def _events(workdir):
-  """All events of every TensorBoard file under workdir/tensorboard (TFRecord framing)."""
-  out = []
-  files = sorted(pathlib.Path(workdir, 'tensorboard').glob('events.out.tfevents.*'))
-  for path in files:
-    buf = path.read_bytes()
-    pos = 0
-    while pos < len(buf):
-      (length,) = struct.unpack('<Q', buf[pos : pos + 8])
-      record = buf[pos + 12 : pos + 12 + length]
-      pos += 12 + length + 4
-      event = event_pb2.Event()
-      event.ParseFromString(record)
-      out.append(event)
-  return files, out
 
 
 def _scalars(events):
@@ -68,7 +50,7 @@ def test_tensorboard_event_files_hold_the_scalars(tmp_path):
   w.write(2, 'eval', {'loss': 2.5})
   w.flush()
   w.close()
-  files, events = _events(tmp_path)
+  files, events = metrics.read_events(tmp_path)
   assert files and all(f.stat().st_size > 0 for f in files)
   assert sorted(_scalars(events)) == [
     (1, 'train/loss', 3.0),
@@ -102,7 +84,7 @@ def test_resume_drops_later_lines_and_purges_tensorboard(tmp_path):
   ]
   assert not list(tmp_path.glob('*.tmp'))
   # TensorBoard purges steps >= 4 from the earlier file when it reads the second one.
-  _, events = _events(tmp_path)
+  _, events = metrics.read_events(tmp_path)
   starts = [
     e.step
     for e in events
