@@ -100,7 +100,7 @@ def _persistent_cache(enabled: bool):
 
   Loading the cached 30-layer S'MoRE train step from disk crashed the process (SIGSEGV, twice, at
   commit 4b6a34a, right after start-up) while compiling it afresh worked; the cause was not found.
-  A fresh compile costs minutes (start-up log to step 10 took 9-11 min on 2 shared cores)
+  A fresh compile costs minutes (trainable-count log line to step 10: 9-11 min, 2 shared cores)
   against a ~45 min run, so the full suite does without the cache.
   """
   before = jax.config.jax_enable_compilation_cache

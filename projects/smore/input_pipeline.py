@@ -113,6 +113,14 @@ def _text(v: Any) -> str:
   return v.decode() if isinstance(v, bytes) else str(v)
 
 
+def rg_answers(config: ml_collections.ConfigDict, split: str) -> list[tuple[str, str]]:
+  """(task, gold answer) of each reasoning-gym example of a split, in order (no tokenizer needed;
+  the test split is cut to data.eval_examples as `make_data` cuts it)."""
+  source = _rg_builder(tuple(rg_tasks(config)), config.data.seed).as_data_source(split=split)
+  n = len(source) if split == 'train' else min(config.data.eval_examples, len(source))
+  return [(_text(source[i]['task']), _text(source[i]['answer'])) for i in range(n)]
+
+
 class ChatTasks:
   """reasoning-gym examples as tokenized single-example rows of `seq_len`.
 

@@ -3,16 +3,18 @@
     python -m projects.smore.report RUNS_DIR [OUT.png]
 
 RUNS_DIR holds run workdirs named {name}_seed{S} (what experiments/smore/claims.py writes, e.g.
-lora_seed0, smore22_seed0). Prints one markdown row per run: trainable parameters (the real leaf
-count from adapter_plan.json), training step time, and held-out exact-match accuracy (overall and
-per task) at each evaluation. Step time comes from the wall-clock stamps of the TensorBoard events
-of consecutive train logs, leaving out intervals that contain an evaluation or the first compile,
-so it is the steady-state median (and range) of one run on its own machine: compare runs only
-when they ran under the same load.
+lora_seed0, smore22_seed0). Prints one markdown row per run and evaluation: trainable parameters
+(the real leaf count from adapter_plan.json), training step time, and held-out exact-match
+accuracy (overall and per task) at each evaluation. Step time comes from the wall-clock stamps
+of the TensorBoard events of consecutive train logs, leaving out intervals that contain an
+evaluation or the first compile, so it is the steady-state median (and range) of one run on its
+own machine: compare runs only when they ran under the same load. For reasoning-gym runs the first row is the constant-answer
+floor on the same questions (`constant_answer`).
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import pathlib
 import re
@@ -66,6 +68,42 @@ def runs(runs_dir: str | pathlib.Path) -> dict[str, dict]:
   }
 
 
+def constant_answer(train: list[tuple[str, str]], test: list[tuple[str, str]]) -> dict:
+  """Exact-match accuracy of answering every question of a task with that task's most common
+  train answer: the floor a fine-tuned adapter must beat to have learned more than the format.
+
+  Returns {'accuracy': over all test questions, 'acc_<task>': per task}, as the runs' evals.
+  """
+  by_task: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+  for task, answer in train:
+    by_task[task][answer] += 1
+  guess = {t: c.most_common(1)[0][0] for t, c in by_task.items()}
+  hits: dict[str, list[bool]] = collections.defaultdict(list)
+  for task, answer in test:
+    hits[task].append(guess.get(task) == answer)
+  out = {'accuracy': sum(sum(h) for h in hits.values()) / max(1, len(test))}
+  out.update({f'acc_{t}': sum(h) / len(h) for t, h in hits.items()})
+  return out
+
+
+def constant_row(workdir: pathlib.Path) -> dict | None:
+  """The constant-answer summary for a reasoning-gym run's data (None for other data)."""
+  import ml_collections  # noqa: PLC0415
+
+  from projects.smore import input_pipeline  # noqa: PLC0415
+
+  config = ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text()))
+  if config.data.source != 'reasoning_gym':
+    return None
+  train, test = (input_pipeline.rg_answers(config, split) for split in ('train', 'test'))
+  return {
+    'trainable': 0,
+    'sec_per_step': None,
+    'evals': {'-': constant_answer(train, test)},
+    'train': [],
+  }
+
+
 def table(summaries: dict[str, dict]) -> str:
   tasks = sorted(
     {k[4:] for s in summaries.values() for e in s['evals'].values() for k in e if k[:4] == 'acc_'}
@@ -105,6 +143,7 @@ def figure(summaries: dict[str, dict], out: str | pathlib.Path) -> None:
 
 if __name__ == '__main__':
   summaries = runs(sys.argv[1])
-  print(table(summaries))
+  constant = constant_row(pathlib.Path(sys.argv[1]) / next(iter(summaries))) if summaries else None
+  print(table(({'constant (most common train answer)': constant} if constant else {}) | summaries))
   if len(sys.argv) > 2:
     figure(summaries, sys.argv[2])

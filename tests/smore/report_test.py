@@ -30,3 +30,10 @@ def test_step_time_leaves_out_intervals_with_an_evaluation(tmp_path):
   lines = report.table({'lora_seed0': s}).splitlines()
   assert lines[0].endswith('| x |') and len(lines) == 4
   assert lines[3] == '| lora_seed0 | 1,234 | 2.0 (2.0-2.0) | 40 | 0.500 | 0.50 |'
+
+
+def test_constant_answer_is_each_tasks_most_common_train_answer():
+  train = [('a', 'Yes'), ('a', 'Yes'), ('a', 'No'), ('b', '3'), ('b', '1'), ('b', '1')]
+  test = [('a', 'Yes'), ('a', 'No'), ('a', 'Yes'), ('a', 'Yes'), ('b', '1'), ('b', '2')]
+  out = report.constant_answer(train, test)
+  assert out == {'accuracy': 4 / 6, 'acc_a': 0.75, 'acc_b': 0.5}

@@ -24,8 +24,10 @@ Variants:
     246 test questions left after the builder's train/test de-duplication) as chat prompts, 200
     steps of 8 single-example rows of 160 tokens (256k token slots), eval on the held-out
     questions every 100 steps. Measured on 2 quiet cores (commit 4b6a34a): LoRA 11.1 s/step, so
-    37 min of training plus ~2 min per evaluation and a few minutes of start-up (compiles come
-    from the persistent cache after the first run of a preset); see projects/smore/README.md.
+    37 min of training plus ~2 min per evaluation; launch to step 10 took 3.5 min for LoRA and
+    12-16 min for S'MoRE with another run sharing the cores (building S'MoRE inside a trace is
+    quadratic in its leaves, and the full suite compiles without the persistent cache); see
+    projects/smore/README.md.
   smollm2_smore22_identity: the identity-activation ablation (the S'MoRE gain should vanish).
 Override any key: --config.train.num_steps=500 or base.py:smoke,adapter.preset=lora,seed=3.
 """
