@@ -47,6 +47,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import machine  # noqa: E402
 from common import testing  # noqa: E402
 from common.models import loader  # noqa: E402
 from common.sampling import sampler  # noqa: E402
@@ -328,7 +329,7 @@ def main(argv=None) -> int:
     f'{4 * params / 2**20:.0f} MiB), greedy, {n} new tokens, chat prompts of '
     f'{min(map(len, prompt_ids))}-{max(map(len, prompt_ids))} tokens; {args.reps} reps, medians '
     f'(min-max). JAX {jax.__version__}{versions}; python '
-    f'{platform.python_version()}, {os.cpu_count()} CPUs; load average {load_start:.1f} at the '
+    f'{platform.python_version()}; {machine.cpu()}; load average {load_start:.1f} at the '
     f'start, {os.getloadavg()[0]:.1f} at the end (other jobs on the VM).'
   )
   print(

@@ -30,6 +30,7 @@ from flax import nnx  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from benchmarks import machine  # noqa: E402
 from common import testing  # noqa: E402
 from common.models import decoder  # noqa: E402
 from common.models import loader  # noqa: E402
@@ -150,7 +151,7 @@ def main(argv=None) -> int:
   print(
     f'\nSmolLM2 decode step parts, ms per step: median (min-max) over {args.reps} reps of '
     f'{args.steps} steps; KV cache of {args.cache_len} slots; load average {load:.1f} at the '
-    f'start, {os.getloadavg()[0]:.1f} at the end.\n'
+    f'start, {os.getloadavg()[0]:.1f} at the end; {machine.cpu()}.\n'
   )
   names = list(rows[0][1])
   print('| batch | clock | ' + ' | '.join(names) + ' | attention (layers - no_attn) |')

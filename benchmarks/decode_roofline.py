@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import machine
+
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('reps', 15, 'timed repetitions per variant (after one warm-up), interleaved')
 flags.DEFINE_list('batches', ['1', '16', '64'], 'decode batch sizes')
@@ -109,7 +111,7 @@ def main(argv) -> None:
 
   print(
     f'SmolLM2-135M decode shapes, f32, {nbytes / 2**20:.0f} MiB of weights, jax {jax.__version__}, '
-    f'{FLAGS.reps} interleaved reps; median (range)\n'
+    f'{FLAGS.reps} interleaved reps; median (range); {machine.cpu()}\n'
   )
   print('| variant | ms | weights read GB/s | GFLOP/s | tok/s bound |')
   print('|---|---|---|---|---|')
