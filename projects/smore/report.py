@@ -26,25 +26,33 @@ from common import metrics
 _NAME = re.compile(r'(\w+?)_seed(\d+)$')
 
 
-def event_times(workdir: pathlib.Path, tag: str = 'train/loss') -> dict[int, float]:
-  """{step: wall time} of a scalar tag in the run's TensorBoard events."""
+def event_times(workdir: pathlib.Path, tag: str = 'train/loss') -> list[dict[int, float]]:
+  """{step: wall time} of a scalar tag, one dict per writer process (TensorBoard events file).
+
+  A resumed run has one events file per process: pairing a log of the killed process with the
+  resumed one's would time the gap between them (hours) as training.
+  """
   _, events = metrics.read_events(workdir)
-  # A resumed run's later stamp wins.
-  return {
-    int(e.step): float(e.wall_time) for e in events if any(v.tag == tag for v in e.summary.value)
-  }
+  segments: list[dict[int, float]] = []
+  for e in events:
+    if e.file_version or not segments:  # the first record of every events file
+      segments.append({})
+    if any(v.tag == tag for v in e.summary.value):
+      segments[-1][int(e.step)] = float(e.wall_time)
+  return [seg for seg in segments if seg]
 
 
 def step_seconds(workdir: pathlib.Path) -> list[float]:
-  """Seconds per train step between consecutive train logs without an evaluation in between."""
+  """Seconds per train step between consecutive train logs of one process, without an evaluation
+  in between."""
   train = json.loads((workdir / 'config.json').read_text())['train']
-  times = event_times(workdir)
-  steps = sorted(times)
   out = []
-  for a, b in zip(steps, steps[1:], strict=False):
-    if any(s % train['eval_every'] == 0 for s in range(a, b)):
-      continue  # the evaluation after step a (and its compile) is in this interval
-    out.append((times[b] - times[a]) / (b - a))
+  for times in event_times(workdir):
+    steps = sorted(times)
+    for a, b in zip(steps, steps[1:], strict=False):
+      if any(s % train['eval_every'] == 0 for s in range(a, b)):
+        continue  # the evaluation after step a (and its compile) is in this interval
+      out.append((times[b] - times[a]) / (b - a))
   return out
 
 

@@ -7,7 +7,7 @@ import tensorboardX
 from projects.smore import report
 
 
-def _run(path, times, evals):
+def _run(path, times, evals, resumed_times=None):
   path.mkdir()
   (path / 'config.json').write_text(json.dumps({'train': {'eval_every': 20}}))
   (path / 'adapter_plan.json').write_text(json.dumps({'real_count': 1234}))
@@ -18,6 +18,11 @@ def _run(path, times, evals):
   for step, t in times.items():
     w.add_scalar('train/loss', 1.0, step, walltime=t)
   w.close()
+  if resumed_times:  # a second process (killed, then resumed): its own events file
+    w = tensorboardX.SummaryWriter(str(path / 'tensorboard'), filename_suffix='.resumed')
+    for step, t in resumed_times.items():
+      w.add_scalar('train/loss', 1.0, step, walltime=t)
+    w.close()
 
 
 def test_step_time_leaves_out_intervals_with_an_evaluation(tmp_path):
@@ -30,6 +35,13 @@ def test_step_time_leaves_out_intervals_with_an_evaluation(tmp_path):
   lines = report.table({'lora_seed0': s}).splitlines()
   assert lines[0].endswith('| x |') and len(lines) == 4
   assert lines[3] == '| lora_seed0 | 1,234 | 2.0 (2.0-2.0) | 40 | 0.500 | 0.50 |'
+
+
+def test_step_time_does_not_pair_logs_across_a_resume(tmp_path):
+  # Killed after step 10, resumed an hour later from a checkpoint at step 9: 2 s/step in each
+  # process; the hour between step 10 and step 12 is not training time.
+  _run(tmp_path / 'lora_seed0', {8: 1000.0, 10: 1004.0}, {}, resumed_times={12: 4600.0, 14: 4604.0})
+  assert report.step_seconds(tmp_path / 'lora_seed0') == [2.0, 2.0]
 
 
 def test_constant_answer_is_each_tasks_most_common_train_answer():
