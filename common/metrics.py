@@ -64,9 +64,13 @@ class MetricWriter:
     os.replace(tmp, self.path)
     import tensorboardX  # noqa: PLC0415 - optional heavy import, process 0 only
 
+    # tensorboardX names the file by the second it opened it, and opens with 'wb': a writer made in
+    # the same second as the previous one (a quick resume) would truncate that file. The suffix
+    # makes each writer's file its own and keeps name order = time order.
     self._tb = tensorboardX.SummaryWriter(
       str(pathlib.Path(workdir) / 'tensorboard'),
       purge_step=resume_step + 1 if resume_step else None,
+      filename_suffix=f'.{time.time_ns()}',
     )
 
   def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> dict:
@@ -90,27 +94,28 @@ class MetricWriter:
       self._tb = None
 
 
-def read_events(workdir: str | os.PathLike) -> tuple[list[pathlib.Path], list[Any]]:
-  """(event files, their Event protos in file order) of `workdir/tensorboard`.
+def read_events(workdir: str | os.PathLike) -> dict[pathlib.Path, list[Any]]:
+  """{event file: its Event protos in order} of `workdir/tensorboard`, files in name (= time) order.
 
-  The files are TFRecords (8-byte length, 4-byte length CRC, payload, 4-byte payload CRC); read
-  here with tensorboardX's proto so that neither TensorFlow nor TensorBoard is needed.
-  CRCs are not checked.
+  One file per writer process, so a resumed run has one per start: readers that pair consecutive
+  events (step times) stay within a file. The files are TFRecords (8-byte length, 4-byte length
+  CRC, payload, 4-byte payload CRC); read here with tensorboardX's proto so that neither
+  TensorFlow nor TensorBoard is needed. CRCs are not checked.
   """
   import struct  # noqa: PLC0415
 
   from tensorboardX.proto import event_pb2  # noqa: PLC0415
 
-  files = sorted(pathlib.Path(workdir, 'tensorboard').glob('events.out.tfevents.*'))
-  events = []
-  for path in files:
+  out = {}
+  for path in sorted(pathlib.Path(workdir, 'tensorboard').glob('events.out.tfevents.*')):
     buf = path.read_bytes()
-    pos = 0
+    events, pos = [], 0
     while pos + 12 <= len(buf):
       (length,) = struct.unpack_from('<Q', buf, pos)
       events.append(event_pb2.Event.FromString(buf[pos + 12 : pos + 12 + length]))
       pos += 12 + length + 4
-  return files, events
+    out[path] = events
+  return out
 
 
 def format_duration(seconds: float) -> str:

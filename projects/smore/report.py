@@ -8,8 +8,9 @@ lora_seed0, smore22_seed0). Prints one markdown row per run and evaluation: trai
 accuracy (overall and per task) at each evaluation. Step time comes from the wall-clock stamps
 of the TensorBoard events of consecutive train logs, leaving out intervals that contain an
 evaluation or the first compile, so it is the steady-state median (and range) of one run on its
-own machine: compare runs only when they ran under the same load. For reasoning-gym runs the first row is the constant-answer
-floor on the same questions (`constant_answer`).
+own machine: compare runs only when they ran under the same load (a resumed run's processes are
+timed apart, never across the restart). For reasoning-gym runs the first row is the
+constant-answer floor on the same questions (`constant_answer`).
 """
 
 from __future__ import annotations
@@ -32,13 +33,10 @@ def event_times(workdir: pathlib.Path, tag: str = 'train/loss') -> list[dict[int
   A resumed run has one events file per process: pairing a log of the killed process with the
   resumed one's would time the gap between them (hours) as training.
   """
-  _, events = metrics.read_events(workdir)
-  segments: list[dict[int, float]] = []
-  for e in events:
-    if e.file_version or not segments:  # the first record of every events file
-      segments.append({})
-    if any(v.tag == tag for v in e.summary.value):
-      segments[-1][int(e.step)] = float(e.wall_time)
+  segments = [
+    {int(e.step): float(e.wall_time) for e in events if any(v.tag == tag for v in e.summary.value)}
+    for events in metrics.read_events(workdir).values()
+  ]
   return [seg for seg in segments if seg]
 
 

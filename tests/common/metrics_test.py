@@ -50,8 +50,9 @@ def test_tensorboard_event_files_hold_the_scalars(tmp_path):
   w.write(2, 'eval', {'loss': 2.5})
   w.flush()
   w.close()
-  files, events = metrics.read_events(tmp_path)
+  files = metrics.read_events(tmp_path)
   assert files and all(f.stat().st_size > 0 for f in files)
+  events = [e for file_events in files.values() for e in file_events]
   assert sorted(_scalars(events)) == [
     (1, 'train/loss', 3.0),
     (2, 'eval/loss', 2.5),
@@ -84,9 +85,11 @@ def test_resume_drops_later_lines_and_purges_tensorboard(tmp_path):
   ]
   assert not list(tmp_path.glob('*.tmp'))
   # TensorBoard purges steps >= 4 from the earlier file when it reads the second one.
-  _, events = metrics.read_events(tmp_path)
+  files = metrics.read_events(tmp_path)
+  assert len(files) == 2  # one events file per writer process (start, then resume)
   starts = [
     e.step
+    for events in files.values()
     for e in events
     if e.HasField('session_log') and e.session_log.status == event_pb2.SessionLog.START
   ]
