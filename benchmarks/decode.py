@@ -48,7 +48,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import machine  # noqa: E402
-from common import testing  # noqa: E402
+from common import cache as cache_lib  # noqa: E402
 from common.models import loader  # noqa: E402
 from common.sampling import sampler  # noqa: E402
 
@@ -157,7 +157,7 @@ class Limits:
 
 class JaxSide:
   def __init__(self, args, prompt_ids, dtype: str = 'float32'):
-    jax.config.update('jax_compilation_cache_dir', str(testing.cache_dir('jax_cache')))
+    jax.config.update('jax_compilation_cache_dir', str(cache_lib.cache_dir('jax_cache')))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
     self.dtype = dtype
     self.model, self.cfg, self.tok = loader.load_pretrained(args.model, dtype=dtype)

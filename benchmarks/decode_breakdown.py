@@ -31,7 +31,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import machine  # noqa: E402
-from common import testing  # noqa: E402
+from common import cache as cache_lib  # noqa: E402
 from common.models import decoder  # noqa: E402
 from common.models import loader  # noqa: E402
 from common.sampling import kv_cache  # noqa: E402
@@ -115,7 +115,7 @@ def _parts(graphdef, cfg, steps: int):
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  jax.config.update('jax_compilation_cache_dir', str(testing.cache_dir('jax_cache')))
+  jax.config.update('jax_compilation_cache_dir', str(cache_lib.cache_dir('jax_cache')))
   model, cfg, _ = loader.load_pretrained(args.model)
   graphdef, state = nnx.split(model)
   load = os.getloadavg()[0]

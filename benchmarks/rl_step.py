@@ -3,7 +3,7 @@
     python -m benchmarks.rl_step [--d_model=64] [--layers=2] [--prompts=16] [--group=4] [--steps=12]
 
 Rollout: `common.sampling.sampler.generate` with num_samples=G (one prefill per prompt, the KV
-cache forked G ways, jit-ed decode), and the whole `common.rl.loop.rollout` (plus host-side
+cache forked G ways, jit-ed decode), and the whole `common.rl.rollout.rollout` (plus host-side
 rewards and batch building), on a random decoder with the smoke's shapes (vocab 21, prompt 12, up to 8 new tokens, no
 stop token so every row decodes the full length); compared in the same run with the same samples
 drawn from G tiled copies of each prompt (G prefills), the way a loop without forking samples.
@@ -45,10 +45,13 @@ import jax
 import numpy as np
 import optax
 
+from common import sharding
 from common import train_loop
 from common.models import decoder
+from common.rl import advantages
 from common.rl import curriculum
 from common.rl import loop
+from common.rl import rollout
 from common.sampling import sampler as sampler_lib
 
 FLAGS = flags.FLAGS
@@ -238,19 +241,29 @@ def main(argv):
     tx=optax.adam(1e-4),
     train_prompts=prompts,
     eval_prompts=[],
-    verifier=lambda p, c: float(len(c) > 0 and c[0] % 2 == 0),
+    rewards=rollout.VerifierRewards(lambda p, c: float(len(c) > 0 and c[0] % 2 == 0)),
+    estimator=advantages.GRPO(),
     stop_tokens=(),
   )
   model = _model()
-  counter = loop._Counter()  # noqa: SLF001
   key = jax.random.key(0)
+  mesh = sharding.make_mesh([('data', 1)], devices=jax.devices()[:1])
 
   def full_rollout():
-    ro = loop.rollout(model, prompts, key, rl=rl, setup=setup, counter=counter)
+    ro = rollout.rollout(
+      model,
+      prompts,
+      key,
+      sampling=loop.sampling_of(rl, setup),
+      rewards=setup.rewards,
+      num_samples=g,
+      mesh=mesh,
+      rules=sharding.DEFAULT_RULES,
+    )
     mask = np.ones(ro.rewards.shape, bool)
-    return ro, loop.compute_advantages('grpo', ro.rewards, mask, [''] * m, None)[0]
+    return ro, setup.estimator.advantages(ro.rewards, mask, prompts).values
 
-  p_tokens, p_mask = loop.pad_prompts(prompts, PROMPT_LEN, 0)
+  p_tokens, p_mask = rollout.pad_prompts(prompts, PROMPT_LEN, 0)
 
   def forked():
     gen = sampler_lib.generate(
@@ -265,7 +278,7 @@ def main(argv):
     return jax.block_until_ready(gen.tokens)
 
   tiled_prompts = [p for p in prompts for _ in range(g)]
-  tokens, mask = loop.pad_prompts(tiled_prompts, PROMPT_LEN, 0)
+  tokens, mask = rollout.pad_prompts(tiled_prompts, PROMPT_LEN, 0)
   keys = sampler_lib.fork_keys(
     sampler_lib.row_keys(key, np.arange(m)), g
   )  # the forked run's per-sample keys
@@ -322,7 +335,7 @@ def main(argv):
   print(_fmt('generate, forked (ours)', roll_s[0], gen_tokens))
   print(_fmt('generate, G tiled prompts', roll_s[1], gen_tokens))
   print(f'forked / tiled speed: {statistics.median(roll_s[1]) / statistics.median(roll_s[0]):.2f}x')
-  print(_fmt('loop.rollout + GRPO adv', roll_s[2], gen_tokens))
+  print(_fmt('rollout + GRPO adv', roll_s[2], gen_tokens))
   print(_fmt('update (fwd+bwd+adam)', upd_s[0], train_tokens))
   if peer is None:
     return

@@ -6,25 +6,38 @@ One checkpoint holds, under one step directory, everything a run needs to contin
   data:  the grain iterator state (one JSON file per process, grain's own Orbax handler);
   extra: host-side algorithm state (e.g. EBPO's float64 running statistics) as JSON, which
          round-trips float64 exactly;
-  meta:  the step and anything informative (config, metrics).
+  meta:  the step, the run's last train/eval metrics, and integrity fingerprints of the rest.
 Saves are asynchronous and atomic (Orbax writes a temporary directory and renames it when
 complete), keep the newest N, and `close()` waits for the last one (MaxText PR #416: an exit during an
-async save left a partial checkpoint). Restoring the latest checkpoint falls back to the previous one
-with a warning if the latest cannot be read.
+async save left a partial checkpoint).
+
+Integrity: an atomic rename protects against a crash mid-save, not against bits that change on disk
+later (a flipped bit in a zarr chunk restores silently and surfaces steps later as a NaN blamed on
+training). So every save records a fingerprint of each state leaf (`fingerprints`: a position-weighted
+sum of the leaf's bit patterns mod 2^32, computed on device, so any single-bit flip changes it and
+sharding does not) and a sha256 of the extra and data-iterator states; a restore recomputes them and
+treats a mismatch like an unreadable step: it falls back to the previous step with a warning.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+import contextlib
 import dataclasses
+import errno
+import hashlib
+import json
 import logging as logging_std
 import os
 import pathlib
+import re
+import shutil
 from typing import Any
 
 from absl import logging
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from common import errors
@@ -42,6 +55,101 @@ logging.get_absl_logger().addFilter(_QuietOrbax())
 
 class CheckpointError(errors.UserError, RuntimeError):
   """A checkpoint that was asked for and cannot be used (missing, unreadable, incompatible)."""
+
+
+class CorruptCheckpoint(RuntimeError):
+  """A step whose restored contents do not match the fingerprints recorded when it was saved."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Integrity fingerprints.
+
+
+def _leaf_fingerprint(x: jax.Array) -> jax.Array:
+  """sum_i bits(x_i) * (2 i + 1) mod 2^32 over the leaf's elements in row-major order (uint32).
+
+  The weights are odd, so changing any one element by a single bit (2^k, k < 32) changes the sum;
+  the positions come from iotas of the leaf's own shape, so no reshape moves sharded data, and
+  integer sums mod 2^32 do not depend on the reduction order, so every mesh gives the same value.
+  """
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    bits = x.astype(jnp.uint32)
+  else:
+    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32)  # 8 bytes: a trailing [2]
+  index = jnp.zeros(bits.shape, jnp.uint32)
+  for d, n in enumerate(bits.shape):
+    index = index * jnp.uint32(n) + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, d)
+  return jnp.sum(bits * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+
+
+_fingerprint_leaves = jax.jit(lambda leaves: [_leaf_fingerprint(x) for x in leaves])
+
+
+def fingerprints(state: Any) -> dict[str, int]:
+  """{leaf path: fingerprint} of a pytree of arrays (see `_leaf_fingerprint`)."""
+  flat = jax.tree_util.tree_flatten_with_path(state)[0]
+  if not flat:
+    return {}
+  values = jax.device_get(_fingerprint_leaves([x for _, x in flat]))
+  return {jax.tree_util.keystr(p): int(v) for (p, _), v in zip(flat, values, strict=True)}
+
+
+def _sha256_json(obj: Any) -> str:
+  return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _sha256_data(data_iter: Any) -> str:
+  state = data_iter.get_state()
+  raw = state if isinstance(state, bytes) else json.dumps(state, sort_keys=True).encode()
+  return hashlib.sha256(raw).hexdigest()
+
+
+def _verify(step: int, restored: Restored, data_iter: Any) -> None:
+  """Raises CorruptCheckpoint when what was read differs from what was saved (see module doc)."""
+  meta = restored.meta or {}
+  saved = meta.get('fingerprints')
+  if saved is not None:
+    got = fingerprints(restored.state)
+    bad = [k for k, v in got.items() if k in saved and saved[k] != v]
+    if bad or set(saved) - set(got):
+      what = bad[0] if bad else sorted(set(saved) - set(got))[0]
+      raise CorruptCheckpoint(f'step {step}: state leaf {what} differs from what was saved')
+  if 'extra_sha256' in meta and _sha256_json(restored.extra) != meta['extra_sha256']:
+    raise CorruptCheckpoint(f'step {step}: the algorithm state differs from what was saved')
+  if (
+    data_iter is not None
+    and 'data_sha256' in meta
+    and _sha256_data(data_iter) != meta['data_sha256']
+  ):
+    raise CorruptCheckpoint(f'step {step}: the data iterator state differs from what was saved')
+
+
+_INTEGRITY_KEYS = ('fingerprints', 'extra_sha256', 'data_sha256')
+
+
+def _public(meta: Mapping) -> dict:
+  """The meta a caller saved (step, metrics, ...), without the integrity records."""
+  return {k: v for k, v in meta.items() if k not in _INTEGRITY_KEYS}
+
+
+def _one_line(e: BaseException) -> str:
+  """A short reason for a log line: the first line, without TensorStore's JSON spec dumps."""
+  text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+  text = re.sub(r'\{.*\}', '{...}', text)
+  return text[:200]
+
+
+def _is_disk_full(e: BaseException) -> bool:
+  while e is not None:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    if 'No space left on device' in str(e) or 'RESOURCE_EXHAUSTED' in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
 
 
 @dataclasses.dataclass
@@ -83,6 +191,10 @@ class Checkpointer:
     keep: int = 3,
     async_save: bool = True,
   ):
+    if int(keep) < 1:
+      raise CheckpointError(f'checkpoint.keep={keep}: at least 1 checkpoint must be kept')
+    if int(every_steps) < 0:
+      raise CheckpointError(f'checkpoint.every_steps={every_steps} must be >= 0 (0: final only)')
     self.directory = pathlib.Path(directory).absolute()
     self.every_steps = int(every_steps)
     options = ocp.CheckpointManagerOptions(
@@ -121,17 +233,42 @@ class Checkpointer:
     checkpoint, so the old directory is the broken one and must not survive.
     """
     if step in self._mngr.all_steps():
-      self._mngr.wait_until_finished()
+      self.wait()
       self._mngr.delete(step)
+    meta = {'step': int(step), **dict(meta or {}), 'fingerprints': fingerprints(state)}
     items = {'state': ocp.args.StandardSave(state)}
     if data_iter is not None:
       items['data'] = grain.checkpoint.CheckpointSave(data_iter)
+      meta['data_sha256'] = _sha256_data(data_iter)
     if extra is not None:
-      items['extra'] = ocp.args.JsonSave(dict(extra))
-    items['meta'] = ocp.args.JsonSave({'step': int(step), **dict(meta or {})})
-    self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
+      extra = json.loads(json.dumps(dict(extra)))  # what the JSON handler will give back
+      items['extra'] = ocp.args.JsonSave(extra)
+      meta['extra_sha256'] = _sha256_json(extra)
+    items['meta'] = ocp.args.JsonSave(meta)
+    with self._disk_errors(step):
+      self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
     if wait:
-      self._mngr.wait_until_finished()
+      self.wait()
+
+  @contextlib.contextmanager
+  def _disk_errors(self, step: int | None):
+    """Turns a failed write (disk full, read-only) into one CheckpointError line and removes the
+    partial step directory Orbax leaves behind."""
+    try:
+      yield
+    except CheckpointError:
+      raise
+    except Exception as e:
+      if not (isinstance(e, OSError) or _is_disk_full(e)):
+        raise
+      self._remove_partial_saves()
+      what = f'step {step}' if step is not None else 'a checkpoint'
+      reason = 'no space left on device' if _is_disk_full(e) else _one_line(e)
+      raise CheckpointError(f'cannot save {what} in {self.directory}: {reason}') from e
+
+  def _remove_partial_saves(self) -> None:
+    for tmp in self.directory.glob('*.orbax-checkpoint-tmp*'):
+      shutil.rmtree(tmp, ignore_errors=True)
 
   # -- restore --------------------------------------------------------------------------------------
   def _restore_step(self, step: int, abstract_state: Any, data_iter: Any) -> Restored:
@@ -147,12 +284,24 @@ class Checkpointer:
       if name in present:
         items[name] = ocp.args.JsonRestore()
     out = self._mngr.restore(step, args=ocp.args.Composite(**items))
-    return Restored(
+    restored = Restored(
       step=step,
       state=out['state'],
       extra=out['extra'] if 'extra' in items else None,
       meta=out['meta'] if 'meta' in items else None,
     )
+    _verify(step, restored, data_iter)
+    if restored.meta is not None:
+      restored.meta = _public(restored.meta)
+    return restored
+
+  def read_meta(self, step: int) -> dict | None:
+    """The JSON meta item of `step` (no array is read); None when absent or unreadable."""
+    try:
+      meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+      return _public(meta['meta'])
+    except Exception:  # noqa: BLE001 - an unreadable meta is reported by restore(), not here
+      return None
 
   def restore(
     self, abstract_state: Any, *, data_iter: Any = None, step: int | None = None
@@ -172,11 +321,10 @@ class Checkpointer:
       except CheckpointError:
         raise
       except Exception as e:  # noqa: BLE001 - any read failure means "try the previous one"
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        errors_seen.append(f'step {s}: {first_line[:300]}')
-        logging.warning(
-          'checkpoint step %d in %s is unreadable (%s)', s, self.directory, first_line
-        )
+        reason = _one_line(e)
+        errors_seen.append(f'step {s}: {reason}')
+        kind = 'corrupt' if isinstance(e, CorruptCheckpoint) else 'unreadable'
+        logging.warning('checkpoint step %d in %s is %s (%s)', s, self.directory, kind, reason)
         continue
       if errors_seen:
         logging.warning('restored the older checkpoint step %d instead', s)
@@ -185,11 +333,14 @@ class Checkpointer:
 
   # -- lifecycle ------------------------------------------------------------------------------------
   def wait(self) -> None:
-    self._mngr.wait_until_finished()
+    with self._disk_errors(None):
+      self._mngr.wait_until_finished()
 
   def close(self) -> None:
-    self._mngr.wait_until_finished()
-    self._mngr.close()
+    try:
+      self.wait()
+    finally:
+      self._mngr.close()
 
   def __enter__(self) -> Checkpointer:
     return self
@@ -234,7 +385,8 @@ def restore_params(path: str | os.PathLike, abstract_model_state: Any) -> Any:
   step = None
   if directory.name.isdigit():  # a step directory
     directory, step = directory.parent, int(directory.name)
-  mngr = ocp.CheckpointManager(directory, item_handlers={'state': ocp.PyTreeCheckpointHandler()})
+  handlers = {'state': ocp.PyTreeCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
+  mngr = ocp.CheckpointManager(directory, item_handlers=handlers)
   try:
     step = mngr.latest_step() if step is None else step
     if step is None:
@@ -253,6 +405,15 @@ def restore_params(path: str | os.PathLike, abstract_model_state: Any) -> Any:
       )
     except (ValueError, KeyError) as e:
       raise CheckpointError(f'cannot read model parameters from {directory}: {e}') from e
+    try:
+      meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    except Exception:  # noqa: BLE001 - a checkpoint without readable meta is not verified
+      meta = {}
+    saved = {k: v for k, v in (meta.get('fingerprints') or {}).items() if k.startswith("['model']")}
+    got = fingerprints({'model': out['state']['model']})
+    bad = [k for k, v in got.items() if k in saved and saved[k] != v]
+    if bad:
+      raise CheckpointError(f'model parameters in {directory} step {step} are corrupt ({bad[0]})')
     return out['state']['model']
   finally:
     mngr.close()

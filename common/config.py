@@ -60,10 +60,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.async_save = True
   c.checkpoint.resume_from = ''  # another run's checkpoint dir: full state (step, optimizer, data)
   c.checkpoint.init_from = ''  # another run's checkpoint dir: model parameters only
-  # Fault injection for tests: hard-kill (SIGKILL) or SIGTERM the process right after this step.
+  # Fault injection for tests: hard-kill (SIGKILL), SIGTERM or Ctrl-C (SIGINT) the process right
+  # after this step.
   c.debug = ml_collections.ConfigDict()
   c.debug.kill_after_step = -1
   c.debug.sigterm_after_step = -1
+  c.debug.sigint_after_step = -1
   return c
 
 
@@ -175,3 +177,17 @@ def resume_differences(
 def mesh_spec(config: ml_collections.ConfigDict) -> list[tuple[str, int]]:
   """The config's mesh as [(axis, size)] in canonical axis order."""
   return [(name, int(config.mesh[name])) for name in sharding.MESH_AXES if name in config.mesh]
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """The config named like --config: 'experiments/<p>/configs/<file>.py[:variant,key=value]'."""
+  import importlib.util  # noqa: PLC0415
+  import pathlib  # noqa: PLC0415
+
+  path, _, arg = spec.partition(':')
+  if not pathlib.Path(path).is_file():
+    raise ConfigError(f'config file {path} does not exist')
+  module_spec = importlib.util.spec_from_file_location(f'_config_{abs(hash(path))}', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)

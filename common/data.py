@@ -11,7 +11,7 @@ The contract every paper relies on:
 
 Real data sets are TFDS builders written with `file_format='array_record'` (no TensorFlow), built
 once into `data_dir()` (outside the repo) by `prepare` and read through `tfds_source`, a random-access
-source for `batch_iterator`; the shared builders live in `common.datasets`.
+source for `batch_iterator`; the shared builders and this plumbing live in `common.datasets`.
 
 `MarkovLanguage` is a procedural language (a seeded second-order Markov chain over a small vocabulary)
 whose exact entropy rate is known, so a model's loss can be compared with the best achievable.
@@ -21,13 +21,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from collections.abc import Sequence
-import contextlib
-import fcntl
 import functools
 import os
 import pathlib
-import shutil
-import time
 from typing import Any
 from typing import Protocol
 
@@ -103,34 +99,15 @@ def batch_iterator(
 
 # ---------------------------------------------------------------------------------------------------
 # TFDS builders (array_record, no TensorFlow): build once into a cache outside the repo, read back as
-# random-access sources.
+# random-access sources. The plumbing lives with the builders (common.datasets.base); these are its
+# entry points for input pipelines, imported on first use (tfds and the builders load only then).
 
 
 def data_dir() -> pathlib.Path:
   """Where TFDS data sets are built: $MONOREPO_DATA_DIR, else the monorepo cache's tfds/ folder."""
-  return _default_data_dir()
+  from common.datasets import base  # noqa: PLC0415
 
-
-def _default_data_dir() -> pathlib.Path:
-  env = os.environ.get('MONOREPO_DATA_DIR')
-  if env:
-    path = pathlib.Path(env)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-  from common import testing  # noqa: PLC0415  (cache_dir lives there; imported on first use)
-
-  return testing.cache_dir('tfds')
-
-
-@contextlib.contextmanager
-def _file_lock(path: pathlib.Path):
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with open(path, 'a') as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
+  return base.data_dir()
 
 
 def builder(builder_or_name: Any, data_dir: str | os.PathLike | None = None):
@@ -138,54 +115,19 @@ def builder(builder_or_name: Any, data_dir: str | os.PathLike | None = None):
 
   Names of the shared builders in `common.datasets` resolve without importing them first.
   """
-  import tensorflow_datasets as tfds  # noqa: PLC0415
+  from common.datasets import base  # noqa: PLC0415
 
-  from common import datasets  # noqa: F401, PLC0415  (registers the shared builders)
-
-  root = os.fspath(data_dir if data_dir is not None else _default_data_dir())
-  if isinstance(builder_or_name, tfds.core.DatasetBuilder):
-    return builder_or_name
-  if isinstance(builder_or_name, type):
-    return builder_or_name(data_dir=root, file_format='array_record')
-  return tfds.builder(builder_or_name, data_dir=root, file_format='array_record')
-
-
-def _is_built(b) -> bool:
-  # The version folder appears only through tfds' final rename, after dataset_info.json is written.
-  # (b.is_prepared() says the same but logs a warning for every missing folder.)
-  return pathlib.Path(os.fspath(b.data_dir), 'dataset_info.json').is_file()
+  return base.builder(builder_or_name, data_dir)
 
 
 def prepare(builder_or_name: Any, data_dir: str | os.PathLike | None = None):
   """Builds the data set once and returns its (prepared) builder; later calls only read it.
 
-  tfds writes into an `incomplete.*` directory and renames it to data_dir/name/config/version only
-  when every split is written, so a build killed midway is never taken for a finished one: the next
-  call removes the leftover and builds again. A file lock serialises concurrent builds of the same
-  data set (several processes on one machine starting together).
+  Atomic and serialised by a file lock: see common.datasets.base.prepare.
   """
-  import tensorflow_datasets as tfds  # noqa: PLC0415
+  from common.datasets import base  # noqa: PLC0415
 
-  b = builder(builder_or_name, data_dir)
-  if _is_built(b):
-    return b
-  final = pathlib.Path(os.fspath(b.data_dir))  # data_dir/name[/config]/version
-  with _file_lock(final.parent / f'.{final.name}.lock'):
-    b = builder(builder_or_name, data_dir)  # re-read: another process may have built it meanwhile
-    if _is_built(b):
-      return b
-    for stale in final.parent.glob(f'incomplete.*_{final.name}'):  # a killed build's leftovers
-      shutil.rmtree(stale, ignore_errors=True)
-    t0 = time.perf_counter()
-    tfds.disable_progress_bar()
-    b.download_and_prepare(
-      download_dir=os.path.join(os.fspath(b.data_dir_root), 'downloads'),
-      file_format='array_record',
-    )
-    from absl import logging  # noqa: PLC0415
-
-    logging.info('built %s in %.1f s into %s', b.info.full_name, time.perf_counter() - t0, final)
-  return b
+  return base.prepare(builder_or_name, data_dir)
 
 
 def tfds_source(
@@ -196,7 +138,9 @@ def tfds_source(
   `split` accepts tfds slicing ('train[:10%]'). Examples are dicts of numpy values; Text features
   come back as UTF-8 bytes (there is no TensorFlow to decode them).
   """
-  return prepare(builder_or_name, data_dir).as_data_source(split=split)
+  from common.datasets import base  # noqa: PLC0415
+
+  return base.tfds_source(builder_or_name, split, data_dir)
 
 
 # ---------------------------------------------------------------------------------------------------

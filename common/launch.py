@@ -14,6 +14,7 @@ checkpoint exits with 143; nothing else is swallowed.
 from __future__ import annotations
 
 from collections.abc import Callable
+import difflib
 import os
 import sys
 from typing import Any
@@ -47,7 +48,8 @@ _CPU_COLLECTIVES = flags.DEFINE_string(
   'cpu_collectives', 'gloo', 'CPU collectives implementation for multi-process CPU runs.'
 )
 
-SIGTERM_EXIT_CODE = 143
+SIGTERM_EXIT_CODE = 128 + 15  # a run stopped by SIGTERM after saving a checkpoint
+INTERRUPT_EXIT_CODE = 128 + 2  # Ctrl-C (SIGINT), likewise
 
 
 def initialize_distributed() -> None:
@@ -83,15 +85,14 @@ def log_environment() -> None:
 
 def _main(argv: list[str], train_and_evaluate: Callable[[Any, str], Any]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    _fail(f'unexpected argument {argv[1]!r}: every option is a --flag (see --help)')
   try:
     config = _CONFIG.value  # the config file is loaded lazily, on first use
     config_lib.to_dict(config)
   except Exception as e:  # noqa: BLE001 - any failure to load the file is the user's to fix
-    print(f'error: cannot load --config: {_one_line(e)}', file=sys.stderr)
-    sys.exit(2)
+    _fail(f'cannot load --config: {_one_line(e)}')
   if config is None or not _WORKDIR.value:
-    raise app.UsageError('--config and --workdir are required')
+    _fail('--config and --workdir are required')
   # Keep TF (pulled in by some tfds paths) off accelerators; JAX owns them.
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   try:
@@ -99,14 +100,23 @@ def _main(argv: list[str], train_and_evaluate: Callable[[Any, str], Any]) -> Non
     log_environment()
     if jax.process_index() != 0:
       logging.set_verbosity(logging.WARNING)
-    train_loop.prepare_workdir(config, _WORKDIR.value)
+    # The workdir is created by the run (common.train_loop.Run), after the config, the mesh and
+    # the paper's own checks have passed, so bad input leaves nothing behind.
     train_and_evaluate(config, _WORKDIR.value)
   except errors.UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    _fail(str(e))
   except train_loop.Preempted as e:
     print(str(e), file=sys.stderr)
-    sys.exit(SIGTERM_EXIT_CODE)
+    sys.exit(128 + int(e.signum))
+  except KeyboardInterrupt:
+    print('interrupted (Ctrl-C) before training started; nothing was saved', file=sys.stderr)
+    sys.exit(INTERRUPT_EXIT_CODE)
+
+
+def _fail(message: str) -> None:
+  """One line on stderr, exit code 2: how every bad input ends."""
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
 
 
 def _one_line(e: BaseException) -> str:
@@ -115,9 +125,39 @@ def _one_line(e: BaseException) -> str:
   text = lines[-1] if lines else type(e).__name__
   for prefix in ('common.config.ConfigError: ', 'ConfigError: '):
     text = text.split(prefix, 1)[-1]
+  # Wrapped reprs leave unbalanced quotes at the ends ('...?\''): drop them.
+  for q in '\'"':
+    if text.endswith(q) and text.count(q) % 2:
+      text = text[:-1]
+    if text.startswith(q) and text.count(q) % 2:
+      text = text[1:]
   if len(text) > 1 and text[0] == text[-1] and text[0] in '\'"':
     text = text[1:-1]
-  return text
+  return text.strip()
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+  """'unknown config key ...' naming the first --config.a.b=v whose path the config lacks."""
+  files = [a.split('=', 1)[1] for a in argv[1:] if a.startswith('--config=')]
+  if not files:
+    return None
+  try:
+    config = config_lib.load(files[-1])
+  except Exception:  # noqa: BLE001 - the file's own error is reported instead
+    return None
+  for arg in argv[1:]:
+    if not arg.startswith('--config.'):
+      continue
+    key = arg[len('--config.') :].split('=', 1)[0]
+    node, walked = config, []
+    for part in key.split('.'):
+      if not hasattr(node, 'keys') or part not in node:
+        where = '.'.join(walked) or 'the config'
+        close = difflib.get_close_matches(part, list(node.keys()) if hasattr(node, 'keys') else [])
+        hint = f'; did you mean {".".join([*walked, close[0]])!r}?' if close else ''
+        return f'unknown config key {".".join([*walked, part])!r} in {arg} ({where} has no {part!r}{hint})'
+      node, walked = node[part], [*walked, part]
+  return None
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -128,12 +168,8 @@ def parse_flags(argv: list[str]) -> list[str]:
   """
   try:
     return flags.FLAGS(argv)
-  except AttributeError as e:
-    bad = [a for a in argv[1:] if a.startswith('--config.')]
-    print(f'error: unknown config key in {" ".join(bad)} ({_one_line(e)})', file=sys.stderr)
-  except (flags.Error, errors.UserError, KeyError, TypeError, ValueError) as e:
-    print(f'error: {_one_line(e)}', file=sys.stderr)
-  sys.exit(2)
+  except (AttributeError, flags.Error, errors.UserError, KeyError, TypeError, ValueError) as e:
+    _fail(_unknown_override(argv) or _one_line(e))
 
 
 def run(train_and_evaluate: Callable[[Any, str], Any]) -> None:

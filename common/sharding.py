@@ -293,3 +293,36 @@ def to_global(local_batch: Any, mesh: jax.sharding.Mesh, rules: Rules = DEFAULT_
     return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim, rules), x)
 
   return jax.tree.map(one, local_batch)
+
+
+def global_rows(batch: Any, mesh: jax.sharding.Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+  """Global arrays, rows sharded like `batch_sharding`, from a batch every process holds WHOLE.
+
+  The RL loop's path: every host computes the same rollout rows (their order carries meaning:
+  prompt-major groups), so each device's shard is cut from the full host array by its global
+  index, whatever the process layout. (`to_global` is the path for iterators that already hand
+  each process its own slice.)
+  """
+
+  def one(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(
+      x.shape, batch_sharding(mesh, x.ndim, rules), lambda index: x[index]
+    )
+
+  return jax.tree.map(one, batch)
+
+
+def gather_rows(tree: Any) -> Any:
+  """The whole of each (possibly multi-process sharded) array on every host, as numpy."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+
+  return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
+
+
+def unsharded():
+  """Context for building logically annotated nnx modules with no mesh (flax's eager sharding
+  would otherwise ask for one): reference models in tests, host-side copies, abstract shapes."""
+  return nnx.use_eager_sharding(False)

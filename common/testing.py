@@ -1,39 +1,19 @@
-"""Shared test fixtures: fake devices, tree comparisons, and `tiny_lm`, a small model that has learnt.
+"""Test helpers only: fake CPU devices, XLA flags for subprocesses, notebook runs, tree comparisons.
 
-`tiny_lm()` trains a small decoder on the procedural MarkovLanguage deterministically (well under a
-minute on 2 CPU cores) and caches the parameters outside the repo under a key hashed from its config
-and the source of the code that produced it, so tests and smoke runs that need a model with real
-structure (samplers, RL, adapters, distillation) get one in milliseconds after the first call.
+Library code never imports this module (tests/repo_test.py checks it). The cache directory and its
+keys live in common.cache; the cached small trained model in common.models.tiny_lm.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-import dataclasses
-import hashlib
-import inspect
-import json
 import os
 import pathlib
 import subprocess
 import sys
 from typing import Any
 
-from flax import nnx
 import jax
 import numpy as np
-import optax
-
-
-def cache_dir(*parts: str) -> pathlib.Path:
-  """$MONOREPO_CACHE_DIR, else ${XDG_CACHE_HOME:-~/.cache}/meta-jax-monorepo (outside the repo)."""
-  root = os.environ.get('MONOREPO_CACHE_DIR') or (
-    pathlib.Path(os.environ.get('XDG_CACHE_HOME', pathlib.Path.home() / '.cache'))
-    / 'meta-jax-monorepo'
-  )
-  path = pathlib.Path(root, *parts)
-  path.mkdir(parents=True, exist_ok=True)
-  return path
 
 
 def set_fake_cpu_devices(n: int = 8) -> None:
@@ -102,153 +82,3 @@ def assert_trees_close(a: Any, b: Any, *, rtol: float = 1e-6, atol: float = 0.0)
 def assert_trees_equal(a: Any, b: Any) -> None:
   """Bitwise equality of every leaf."""
   assert_trees_close(a, b, rtol=0.0, atol=0.0)
-
-
-# ---------------------------------------------------------------------------------------------------
-# tiny_lm
-
-
-@dataclasses.dataclass(frozen=True)
-class TinyLMConfig:
-  vocab_size: int = 64
-  seq_len: int = 64
-  language_seed: int = 0
-  d_model: int = 64
-  num_layers: int = 2
-  num_heads: int = 4
-  num_kv_heads: int = 2
-  mlp_dim: int = 128
-  steps: int = 300
-  batch_size: int = 32
-  lr: float = 3e-3
-  seed: int = 0
-
-
-def _code_fingerprint() -> str:
-  from common import data  # noqa: PLC0415
-  from common import losses  # noqa: PLC0415
-  from common.models import decoder  # noqa: PLC0415
-
-  # The language, the loss and the model: edits elsewhere in these modules do not retrain.
-  src = ''.join(inspect.getsource(m) for m in (data.MarkovLanguage, losses, decoder))
-  src += inspect.getsource(_train_tiny_lm)
-  return hashlib.sha256(src.encode()).hexdigest()[:16]
-
-
-def _numerics_fingerprint() -> str:
-  """What changes the trained bits besides the code: XLA compiles differently for 1 and 8 (fake)
-  devices and per flag set and version (measured: the tiny LM's weights differ by 4.8e-7 between a
-  1-device and an 8-device process). Keying on these keeps a cached model bitwise what this process
-  would train, so a run's results do not depend on which process filled the cache."""
-  return json.dumps(
-    [jax.__version__, jax.default_backend(), jax.device_count(), os.environ.get('XLA_FLAGS', '')]
-  )
-
-
-def decoder_config(cfg: TinyLMConfig):
-  """The DecoderConfig of the tiny LM `cfg` describes: what an abstract (eval_shape) or fresh copy
-  of the shared tiny LM needs without loading or training it (e.g. adapter shape planning)."""
-  from common.models import decoder  # noqa: PLC0415
-
-  return decoder.DecoderConfig(
-    vocab_size=cfg.vocab_size,
-    d_model=cfg.d_model,
-    num_layers=cfg.num_layers,
-    num_heads=cfg.num_heads,
-    num_kv_heads=cfg.num_kv_heads,
-    head_dim=cfg.d_model // cfg.num_heads,
-    mlp_dim=cfg.mlp_dim,
-  )
-
-
-def _train_tiny_lm(cfg: TinyLMConfig) -> tuple[dict, list[float]]:
-  """Trains on one device (no mesh) and returns (pure parameter dict, loss curve)."""
-  from common import data  # noqa: PLC0415
-  from common import losses  # noqa: PLC0415
-  from common.models import decoder  # noqa: PLC0415
-
-  lang = data.MarkovLanguage(cfg.vocab_size, cfg.seq_len, seed=cfg.language_seed)
-  dcfg = decoder_config(cfg)
-  with nnx.use_eager_sharding(False):
-    model = decoder.Decoder(dcfg, rngs=nnx.Rngs(cfg.seed))
-    warmup = min(30, cfg.steps // 10)
-    tx = optax.adamw(
-      optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(cfg.steps, warmup + 1)), b2=0.98
-    )
-    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-  @nnx.jit
-  def step(model, opt, tokens):
-    def loss_fn(m):
-      return losses.next_token_loss(m, tokens)[0]
-
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    opt.update(model, grads)
-    return loss
-
-  curve = []
-  for i in range(cfg.steps):
-    first = i * cfg.batch_size
-    tokens = np.stack([lang[j]['tokens'] for j in range(first, first + cfg.batch_size)])
-    curve.append(float(step(model, opt, tokens)))
-  return nnx.state(model, nnx.Param).to_pure_dict(), curve
-
-
-def _flatten(d: Mapping, prefix: str = '') -> dict[str, np.ndarray]:
-  out = {}
-  for k, v in d.items():
-    key = f'{prefix}{k}'
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, key + '/'))
-    else:
-      out[key] = np.asarray(v)
-  return out
-
-
-@dataclasses.dataclass
-class TinyLM:
-  model: nnx.Module
-  language: Any  # common.data.MarkovLanguage
-  config: TinyLMConfig
-  loss_curve: list[float]
-
-
-def tiny_lm(cfg: TinyLMConfig | None = None, **overrides) -> TinyLM:
-  """A small decoder trained on the procedural language; cached outside the repo after first use."""
-  from common import data  # noqa: PLC0415
-  from common.models import decoder  # noqa: PLC0415
-
-  cfg = dataclasses.replace(cfg or TinyLMConfig(), **overrides)
-  key = hashlib.sha256(
-    (
-      json.dumps(dataclasses.asdict(cfg), sort_keys=True)
-      + _code_fingerprint()
-      + _numerics_fingerprint()
-    ).encode()
-  ).hexdigest()[:20]
-  path = cache_dir('tiny_lm') / f'{key}.npz'
-  with nnx.use_eager_sharding(False):
-    model = decoder.Decoder(decoder_config(cfg), rngs=nnx.Rngs(cfg.seed))
-  template = nnx.state(model, nnx.Param).to_pure_dict()
-  if path.exists():
-    with np.load(path) as f:
-      flat = {k: f[k] for k in f.files}
-    curve = [float(x) for x in flat.pop('__loss_curve__')]
-  else:
-    params, curve = _train_tiny_lm(cfg)
-    flat = _flatten(params)
-    tmp = path.with_suffix('.tmp.npz')
-    np.savez(tmp, __loss_curve__=np.asarray(curve), **flat)
-    os.replace(tmp, path)
-  restored = jax.tree_util.tree_map_with_path(
-    lambda p, _: flat['/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in p)], template
-  )
-  nnx.update(model, _as_state(model, restored))
-  lang = data.MarkovLanguage(cfg.vocab_size, cfg.seq_len, seed=cfg.language_seed)
-  return TinyLM(model, lang, cfg, curve)
-
-
-def _as_state(model: nnx.Module, pure: dict) -> Any:
-  state = nnx.state(model, nnx.Param)
-  nnx.replace_by_pure_dict(state, pure)
-  return state

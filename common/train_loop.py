@@ -16,12 +16,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from collections.abc import Iterator
 from collections.abc import Mapping
+from collections.abc import Sequence
 import contextlib
 import dataclasses
+import datetime
+import json
 import math
 import os
 import pathlib
+import platform
 import signal
+import subprocess
+import sys
 import time
 from typing import Any
 import zlib
@@ -30,6 +36,7 @@ from absl import logging
 from flax import nnx
 import jax
 import ml_collections
+import numpy as np
 import optax
 
 from common import checkpoint as ckpt_lib
@@ -41,10 +48,6 @@ from common import sharding
 
 class NonFiniteLoss(errors.UserError, FloatingPointError):
   """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-class Preempted(Exception):
-  """SIGTERM arrived; a checkpoint at the current step was written before raising."""
 
 
 class TrainState(nnx.Module):
@@ -146,7 +149,91 @@ def model_of(graphdef: nnx.GraphDef, state: Any) -> nnx.Module:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Workdir and resume.
+# Config checks that must pass before anything is written.
+
+
+DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """The infrastructure keys every run shares; a bad one is a one-line ConfigError, raised before
+  the workdir is touched (so a typo leaves nothing behind)."""
+  t, c = config.train, config.checkpoint
+  problems = []
+  if t.num_steps < 1:
+    problems.append(f'train.num_steps={t.num_steps} must be >= 1')
+  if t.log_every < 1:
+    problems.append(f'train.log_every={t.log_every} must be >= 1')
+  if t.eval_every < 0:
+    problems.append(f'train.eval_every={t.eval_every} must be >= 0 (0: no evaluation)')
+  if c.keep < 1:
+    problems.append(f'checkpoint.keep={c.keep} must be >= 1 (a finished run needs its checkpoint)')
+  if c.every_steps < 0:
+    problems.append(f'checkpoint.every_steps={c.every_steps} must be >= 0 (0: only the last step)')
+  if 'dtype' in config and str(config.dtype) not in DTYPES:
+    problems.append(f'dtype={config.dtype!r} is not one of {", ".join(DTYPES)}')
+  if problems:
+    raise config_lib.ConfigError('; '.join(problems))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Workdir: created, locked against a second run, checked against the config it holds.
+
+
+class WorkdirError(errors.UserError, OSError):
+  """The workdir cannot be used: a file, not writable, or in use by another run."""
+
+
+def _writable_dir(workdir: pathlib.Path) -> pathlib.Path:
+  if workdir.exists() and not workdir.is_dir():
+    raise WorkdirError(f'--workdir {workdir} is a file, not a directory')
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe = workdir / f'.write_test.{os.getpid()}'
+    probe.write_text('')
+    probe.unlink()
+  except OSError as e:
+    raise WorkdirError(f'cannot write to --workdir {workdir}: {e.strerror or e}') from e
+  return workdir
+
+
+class WorkdirLock:
+  """An exclusive flock on `<workdir>/.lock` for the life of a run (process 0 only).
+
+  Two runs of one command on one workdir would both train and interleave their metrics; the second
+  now stops at once. The kernel drops the lock when its process dies, SIGKILL included, so a killed
+  run never blocks its own resumption.
+  """
+
+  def __init__(self, workdir: pathlib.Path):
+    self.path = workdir / '.lock'
+    self._file = None
+
+  def acquire(self) -> WorkdirLock:
+    import fcntl  # noqa: PLC0415 - POSIX only
+
+    f = self.path.open('a+')
+    try:
+      fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      f.seek(0)
+      holder = f.read().strip() or 'another process'
+      f.close()
+      raise WorkdirError(
+        f'--workdir {self.path.parent} is in use by another run ({holder}); wait for it or use '
+        'another --workdir'
+      ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f'pid {os.getpid()} on {platform.node()}')
+    f.flush()
+    self._file = f
+    return self
+
+  def release(self) -> None:
+    if self._file is not None:
+      self._file.close()  # closing the descriptor releases the flock
+      self._file = None
 
 
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> pathlib.Path:
@@ -157,14 +244,12 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLik
   """
   workdir = pathlib.Path(workdir)
   if jax.process_index() == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
+    _writable_dir(workdir)
   saved_path = workdir / 'config.json'
   ckpt_dir = workdir / 'checkpoints'
   has_ckpt = ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
   current = config_lib.to_dict(config)
   if saved_path.exists() and has_ckpt:
-    import json  # noqa: PLC0415
-
     saved = json.loads(saved_path.read_text())
     diff = config_lib.resume_differences(saved, current)
     if diff:
@@ -193,8 +278,8 @@ def restore_or_init(
   init: Callable[[], Any],
   *,
   data_iter: Any = None,
-) -> tuple[int, Any, dict | None]:
-  """(start_step, state, extra) in the fixed order: workdir > resume_from > init_from > scratch.
+) -> tuple[int, Any, dict | None, dict | None]:
+  """(start_step, state, extra, meta) in the fixed order: workdir > resume_from > init_from > scratch.
 
   A requested resume_from / init_from that does not exist is an error, never a silent fresh start.
   init_from copies the model parameters only; the optimizer, step and data start fresh.
@@ -202,77 +287,391 @@ def restore_or_init(
   if ckpt.latest_step() is not None:
     r = ckpt.restore(spec.state, data_iter=data_iter)
     metrics_lib.log('resumed from %s at step %d', ckpt.directory, r.step)
-    return r.step, r.state, r.extra
+    return r.step, r.state, r.extra, r.meta
   if config.checkpoint.resume_from:
     r = ckpt_lib.restore_from(config.checkpoint.resume_from, spec.state, data_iter=data_iter)
     metrics_lib.log('resumed from %s at step %d', config.checkpoint.resume_from, r.step)
-    return r.step, r.state, r.extra
+    return r.step, r.state, r.extra, r.meta
   state = init()
   if config.checkpoint.init_from:
     params = ckpt_lib.restore_params(config.checkpoint.init_from, spec.state['model'])
     state['model'] = params
     metrics_lib.log('initialised model parameters from %s', config.checkpoint.init_from)
-  return 0, state, None
+  return 0, state, None, None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Provenance: run.json says what ran, where, from which code, and when.
+
+
+def _git_state() -> dict[str, Any]:
+  root = pathlib.Path(__file__).resolve().parents[1]
+  try:
+    commit = subprocess.run(
+      ['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True, timeout=10, check=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+      ['git', 'status', '--porcelain', '--untracked-files=no'],
+      cwd=root,
+      capture_output=True,
+      text=True,
+      timeout=10,
+      check=True,
+    ).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return {'commit': None, 'dirty': None}  # an installed package, not a clone
+  return {'commit': commit, 'dirty': bool(dirty)}
+
+
+def _versions() -> dict[str, str | None]:
+  import importlib.metadata as md  # noqa: PLC0415
+
+  out = {'python': platform.python_version()}
+  for name in ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain', 'numpy'):
+    try:
+      out[name] = md.version(name)
+    except md.PackageNotFoundError:
+      out[name] = None
+  return out
+
+
+def _now() -> str:
+  return datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')
+
+
+class Provenance:
+  """`run.json`: the command line, code (git commit, dirty flag), package versions, devices, and
+  one record per start of the run (start/end time, steps covered, how it ended). Timing lives here
+  rather than in results.json, so a killed-and-resumed run's results equal an uninterrupted one's.
+  """
+
+  def __init__(self, workdir: pathlib.Path, mesh: jax.sharding.Mesh):
+    self.path = workdir / 'run.json'
+    self.enabled = jax.process_index() == 0
+    self._t0 = time.perf_counter()
+    if not self.enabled:
+      return
+    old = json.loads(self.path.read_text()) if self.path.exists() else {}
+    starts = old.get('starts', [])
+    for s in starts:
+      if 'end' not in s:
+        s['status'] = 'killed'  # the process that wrote it never reached close()
+    device = jax.devices()[0]
+    self.record = {
+      'argv': list(sys.argv),
+      'git': _git_state(),
+      'versions': _versions(),
+      'host': platform.node(),
+      'devices': {
+        'platform': device.platform,
+        'kind': device.device_kind,
+        'count': jax.device_count(),
+        'processes': jax.process_count(),
+        'mesh': {k: int(v) for k, v in mesh.shape.items()},
+      },
+      'starts': [*starts, {'start': _now(), 'status': 'running'}],
+    }
+    self._write()
+
+  def _write(self) -> None:
+    starts = self.record['starts']
+    self.record['wall_time_sec'] = sum(s.get('wall_time_sec', 0.0) for s in starts)
+    self.record['status'] = starts[-1]['status']
+    metrics_lib.write_json(self.path, self.record)
+
+  def update(self, **fields: Any) -> None:
+    """Sets fields of this start's record (e.g. start_step)."""
+    if self.enabled:
+      self.record['starts'][-1].update(fields)
+      self._write()
+
+  def end(self, status: str, step: int | None) -> None:
+    if self.enabled:
+      self.record['starts'][-1].update(
+        end=_now(), end_step=step, status=status, wall_time_sec=time.perf_counter() - self._t0
+      )
+      self._write()
 
 
 # ---------------------------------------------------------------------------------------------------
 # Signals and fault injection.
 
 
-class SigtermFlag:
-  """Turns SIGTERM into a flag the loop polls between steps (saving mid-step would be unsafe)."""
+class Preempted(Exception):
+  """SIGTERM or Ctrl-C arrived; a checkpoint at the current step was written before raising."""
+
+  def __init__(self, message: str, signum: int = signal.SIGTERM):
+    super().__init__(message)
+    self.signum = signum
+
+
+class StopSignals:
+  """Turns SIGTERM and the first Ctrl-C (SIGINT) into a flag the loop polls between steps (saving
+  mid-step would be unsafe); a second Ctrl-C interrupts at once, as users expect."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.received = False
+    self.received: int | None = None
 
   def _handler(self, signum, frame):
-    del signum, frame
-    self.received = True
+    del frame
+    if signum == signal.SIGINT and self.received is not None:
+      raise KeyboardInterrupt
+    self.received = signum
+    if signum == signal.SIGINT:
+      metrics_lib.log('Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again: now)')
 
   @contextlib.contextmanager
-  def installed(self) -> Iterator[SigtermFlag]:
+  def installed(self) -> Iterator[StopSignals]:
+    previous = {}
     try:
-      previous = signal.signal(signal.SIGTERM, self._handler)
+      for s in self.SIGNALS:
+        previous[s] = signal.signal(s, self._handler)
     except ValueError:  # not the main thread: leave signals alone
-      yield self
-      return
+      pass
     try:
       yield self
     finally:
-      signal.signal(signal.SIGTERM, previous)
+      for s, handler in previous.items():
+        signal.signal(s, handler)
 
 
-def _inject_faults(
-  config: ml_collections.ConfigDict, step: int, ckpt: ckpt_lib.Checkpointer
-) -> None:
-  if step == config.debug.kill_after_step:
-    ckpt.wait()  # make the kill land between checkpoints, deterministically
-    logging.warning('debug.kill_after_step=%d: SIGKILL', step)
-    os.kill(os.getpid(), signal.SIGKILL)
-  if step == config.debug.sigterm_after_step:
-    os.kill(os.getpid(), signal.SIGTERM)
+def _any_process(flag: bool) -> bool:
+  """True on every process when it is True on any (a SIGTERM may reach only some hosts)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+
+  return bool(multihost_utils.process_allgather(np.int32(flag)).any())
 
 
 # ---------------------------------------------------------------------------------------------------
-# The standard loop.
+# The run object.
 
 
 @dataclasses.dataclass
 class FitResult:
   step: int
-  state: Any
-  graphdef: nnx.GraphDef
+  state: Any  # None when the run had already finished (nothing is restored then)
+  graphdef: nnx.GraphDef | None
   train: dict
   eval: dict
 
 
-def _check_finite(history: list[tuple[int, dict]], last_ckpt: int | None) -> None:
-  for step, m in history:
-    loss = float(m['loss'])
-    if not math.isfinite(loss):
-      raise NonFiniteLoss(
-        f'loss is {loss} at step {step}; stopped, last good checkpoint is step {last_ckpt}'
+class Run:
+  """One run's infrastructure, built once and shared by every loop (supervised `fit`, the RL loop,
+  a paper's own): config checks, mesh and sharding rules, the workdir (locked, config.json,
+  run.json), the checkpointer, the metric writer, SIGTERM / Ctrl-C, the non-finite stop, fault
+  injection and results.json.
+
+      with train_loop.Run(config, workdir) as run:
+        if run.finished:
+          return run.results
+        ...  # build data and model with run.mesh / run.rules
+        return train_loop.fit(run, create_state=..., loss_fn=..., train_iter=...)
+
+  Order of the checks: the config's infrastructure keys, the mesh (against the devices), `checks`
+  (callables of (config, mesh, rules) for a loop's or paper's own keys), then the workdir; so bad
+  input leaves no workdir behind. A finished run (results.json for
+  train.num_steps) is detected here, before any model is built or traced.
+  """
+
+  def __init__(
+    self,
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    checks: Sequence[Callable[[ml_collections.ConfigDict, jax.sharding.Mesh, Any], None]] = (),
+  ):
+    validate(config)
+    self.config = config
+    self.rules: sharding.Rules = tuple(tuple(r) for r in config.sharding.rules)
+    sharding.validate_rules(self.rules)
+    self.mesh = mesh or sharding.make_mesh(config_lib.mesh_spec(config))
+    for check in checks:  # the loop's / paper's own keys, e.g. common.rl.loop.check_config
+      check(config, self.mesh, self.rules)
+    self.num_steps = int(config.train.num_steps)
+    self._lock = None
+    self._closed = False
+    self.writer: metrics_lib.MetricWriter | None = None
+    self.checkpointer: ckpt_lib.Checkpointer | None = None
+    self.provenance: Provenance | None = None
+    self.signals = StopSignals()
+    self._signals_ctx = None
+    self.last_saved: int | None = None
+    self.step: int | None = None
+    workdir = pathlib.Path(workdir)
+    if jax.process_index() == 0:
+      _writable_dir(workdir)
+      self._lock = WorkdirLock(workdir).acquire()
+    try:
+      self.workdir = prepare_workdir(config, workdir)
+      self.results = self._finished_results()
+      self.checkpointer = ckpt_lib.Checkpointer(
+        self.workdir / 'checkpoints',
+        every_steps=config.checkpoint.every_steps,
+        keep=config.checkpoint.keep,
+        async_save=config.checkpoint.async_save,
       )
+      self.provenance = Provenance(self.workdir, self.mesh)
+    except BaseException:
+      self.close('failed')
+      raise
+    if self.results is not None:
+      metrics_lib.log(
+        'run already finished at step %d (%s); nothing to do',
+        self.results.get('step', self.num_steps),
+        self.workdir / 'results.json',
+      )
+
+  # -- lifecycle ------------------------------------------------------------------------------------
+  @property
+  def finished(self) -> bool:
+    return self.results is not None
+
+  def _finished_results(self) -> dict | None:
+    path = self.workdir / 'results.json'
+    if not path.exists():
+      return None
+    results = json.loads(path.read_text())
+    return results if results.get('step', -1) >= self.num_steps else None
+
+  def __enter__(self) -> Run:
+    return self
+
+  def __exit__(self, kind, exc, tb) -> None:
+    if exc is None:
+      status = 'finished' if self.finished else 'stopped'
+    elif isinstance(exc, Preempted):
+      status = 'preempted'
+    elif isinstance(exc, KeyboardInterrupt):
+      status = 'interrupted'
+    else:
+      status = f'failed: {type(exc).__name__}'
+    self.close(status)
+
+  def close(self, status: str = 'stopped') -> None:
+    """Waits for the last checkpoint, closes the writer, records the end in run.json, unlocks."""
+    if self._closed:
+      return
+    self._closed = True
+    try:
+      if self.checkpointer is not None:
+        self.checkpointer.close()
+    finally:
+      if self.writer is not None:
+        self.writer.close()
+      if self._signals_ctx is not None:
+        self._signals_ctx.__exit__(None, None, None)
+      if self.provenance is not None:
+        self.provenance.end(status, self.step)
+      if self._lock is not None:
+        self._lock.release()
+
+  # -- the loop's services --------------------------------------------------------------------------
+  def restore_or_init(
+    self, spec: ShardedState, init: Callable[[], Any], *, data_iter: Any = None
+  ) -> tuple[int, Any, dict | None, dict]:
+    """(start, state, extra, meta): the resume order, then the writer opened at `start`.
+
+    `meta` holds the restored checkpoint's last train/eval metrics ({} on a fresh start), so a run
+    stopped after its last checkpoint but before results.json completes with the right results.
+    """
+    with jax.set_mesh(self.mesh), sharding.axis_rules(self.rules):
+      start, state, extra, meta = restore_or_init(
+        self.config, self.checkpointer, spec, init, data_iter=data_iter
+      )
+    self.last_saved = self.checkpointer.latest_step()
+    self.step = start
+    # From here on a stop request ends with a checkpoint; before it (data preparation, model
+    # building) Ctrl-C simply interrupts, since there is nothing new to save.
+    self._signals_ctx = self.signals.installed()
+    self._signals_ctx.__enter__()
+    self.writer = metrics_lib.MetricWriter(self.workdir, resume_step=start)
+    self.provenance.update(start_step=start)
+    return start, state, extra, dict(meta or {})
+
+  def should_log(self, step: int) -> bool:
+    return step % self.config.train.log_every == 0 or step == self.num_steps
+
+  def should_eval(self, step: int) -> bool:
+    every = self.config.train.eval_every
+    return every > 0 and (step % every == 0 or step == self.num_steps)
+
+  def should_save(self, step: int) -> bool:
+    return self.checkpointer.should_save(step) or step == self.num_steps
+
+  def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
+    self.writer.write(step, split, metrics)
+
+  def check_finite(self, step: int, loss: float) -> None:
+    """Stops with NonFiniteLoss (and never checkpoints the diverged state)."""
+    if not math.isfinite(loss):
+      last = (
+        f'last good checkpoint is step {self.last_saved}'
+        if self.last_saved is not None
+        else 'no checkpoint was saved before it'
+      )
+      raise NonFiniteLoss(f'loss is {loss} at step {step}; stopped, {last}')
+
+  def save(self, step: int, state: Any, *, wait: bool = False, **kwargs: Any) -> None:
+    """Checkpoints `step` unless it is already saved (kwargs: data_iter, extra, meta)."""
+    if step != self.last_saved:
+      self.checkpointer.save(step, state, wait=wait, **kwargs)
+      self.last_saved = step
+    elif wait:
+      self.checkpointer.wait()
+
+  def end_step(self, step: int, save: Callable[[], None]) -> None:
+    """After a step's logging, evaluation and checkpointing: fault injection, then a stop request
+    (SIGTERM / Ctrl-C on any process) is answered with `save()` + Preempted."""
+    self.step = step
+    debug = self.config.debug
+    if step == debug.kill_after_step:
+      self.checkpointer.wait()  # make the kill land between checkpoints, deterministically
+      logging.warning('debug.kill_after_step=%d: SIGKILL', step)
+      os.kill(os.getpid(), signal.SIGKILL)
+    if step == debug.sigterm_after_step:
+      os.kill(os.getpid(), signal.SIGTERM)
+    if step == debug.get('sigint_after_step', -1):
+      os.kill(os.getpid(), signal.SIGINT)
+    if _any_process(self.signals.received is not None):
+      signum = self.signals.received or signal.SIGTERM
+      save()
+      self.checkpointer.wait()
+      self.writer.flush()
+      name = 'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'
+      raise Preempted(
+        f'{name}: saved a checkpoint at step {step} in {self.checkpointer.directory}; run the '
+        'same command to resume',
+        signum,
+      )
+
+  def finish(self, train: Mapping[str, Any], eval_: Mapping[str, Any]) -> dict[str, Any]:
+    """Waits for the last checkpoint and writes results.json (final metrics only: no timing)."""
+    self.checkpointer.wait()
+    results = {'step': self.num_steps, 'train': dict(train), 'eval': dict(eval_)}
+    if jax.process_index() == 0:
+      metrics_lib.write_json(self.workdir / 'results.json', results)
+    self.writer.flush()
+    self.results = json.loads(json.dumps(results, default=metrics_lib._scalar))  # noqa: SLF001
+    self.step = self.num_steps
+    return self.results
+
+  def log_progress(self, progress: metrics_lib.Progress, step: int, shown: Mapping[str, Any]):
+    metrics_lib.log(
+      '%s', metrics_lib.Progress.line(step, self.num_steps, shown, progress.update(step))
+    )
+
+  def log_eval(self, step: int, metrics: Mapping[str, Any]) -> None:
+    self.write(step, 'eval', metrics)
+    metrics_lib.log('step %d eval %s', step, {k: round(float(v), 5) for k, v in metrics.items()})
+
+
+# ---------------------------------------------------------------------------------------------------
+# The standard loop.
 
 
 def _mean_metrics(history: list[tuple[int, dict]]) -> dict:
@@ -281,15 +680,14 @@ def _mean_metrics(history: list[tuple[int, dict]]) -> dict:
 
 
 def fit(
-  config: ml_collections.ConfigDict,
-  workdir: str | os.PathLike,
+  run: Run,
   *,
   create_state: Callable[[], TrainState],
   loss_fn: Callable,
   train_iter: Any,
   eval_fn: Callable[[nnx.Module, int], Mapping[str, float]] | None = None,
-  mesh: jax.sharding.Mesh | None = None,
   initial_state: Callable[[ShardedState], Any] | None = None,
+  on_end: Callable[[nnx.Module, int], None] | None = None,
 ) -> FitResult:
   """Trains `create_state()` on `train_iter` with `loss_fn` for config.train.num_steps steps.
 
@@ -299,12 +697,12 @@ def fit(
   initial_state(spec): the state to start from when there is nothing to resume, laid out as
     `spec.shardings` (e.g. pretrained weights placed into a model with fresh adapters); default: a
     from-scratch `init_state(create_state)`. `config.checkpoint.init_from` still applies on top.
-  Writes config.json, metrics.jsonl, TensorBoard events, checkpoints/ and results.json.
+  on_end(model, step): runs once after the last step, before results.json (e.g. exporting adapters),
+    so a run stopped in between does it again when resumed.
   """
-  workdir = prepare_workdir(config, workdir)
-  rules = tuple(tuple(r) for r in config.sharding.rules)
-  mesh = mesh or sharding.make_mesh(config_lib.mesh_spec(config))
-  num_steps = config.train.num_steps
+  if run.finished:
+    return FitResult(run.results['step'], None, None, run.results['train'], run.results['eval'])
+  config, mesh, rules = run.config, run.mesh, run.rules
   spec = abstract_state(create_state, mesh, rules)
   metrics_lib.log(
     'mesh %s; %d model parameters, logical -> physical sharding:\n%s',
@@ -312,135 +710,55 @@ def fit(
     count_params(spec.state['model']),
     sharding.describe(spec.state['model'], mesh, rules),
   )
-  ckpt = ckpt_lib.Checkpointer(
-    workdir / 'checkpoints',
-    every_steps=config.checkpoint.every_steps,
-    keep=config.checkpoint.keep,
-    async_save=config.checkpoint.async_save,
-  )
-  sigterm = SigtermFlag()
-  try:
-    with jax.set_mesh(mesh), sharding.axis_rules(rules), sigterm.installed():
-      start, state, _ = restore_or_init(
-        config,
-        ckpt,
-        spec,
-        (lambda: initial_state(spec))
-        if initial_state is not None
-        else (lambda: init_state(create_state, mesh, rules).state),
-        data_iter=train_iter,
-      )
-      writer = metrics_lib.MetricWriter(workdir, resume_step=start)
-      try:
-        return _loop(
-          config,
-          workdir,
-          spec,
-          state,
-          start,
-          num_steps,
-          loss_fn,
-          train_iter,
-          eval_fn,
-          mesh,
-          rules,
-          ckpt,
-          writer,
-          sigterm,
-        )
-      finally:
-        writer.close()
-  finally:
-    ckpt.close()
 
+  def init():
+    if initial_state is not None:
+      return initial_state(spec)
+    return init_state(create_state, mesh, rules).state
 
-def _loop(
-  config,
-  workdir,
-  spec,
-  state,
-  start,
-  num_steps,
-  loss_fn,
-  train_iter,
-  eval_fn,
-  mesh,
-  rules,
-  ckpt,
-  writer,
-  sigterm,
-) -> FitResult:
-  results_path = pathlib.Path(workdir) / 'results.json'
-  if start >= num_steps and results_path.exists():
-    metrics_lib.log('run already finished at step %d (%s); nothing to do', start, results_path)
-    import json  # noqa: PLC0415
+  start, state, _, meta = run.restore_or_init(spec, init, data_iter=train_iter)
+  with jax.set_mesh(mesh), sharding.axis_rules(rules):
+    train_step = make_train_step(spec.graphdef, loss_fn, spec.shardings)
+    progress = metrics_lib.Progress(start, run.num_steps)
+    history: list[tuple[int, dict]] = []
+    last_train: dict = dict(meta.get('train', {}))
+    last_eval: dict = dict(meta.get('eval', {}))
+    if eval_fn is not None and start == 0 and config.train.get('eval_at_start', False):
+      last_eval = dict(eval_fn(model_of(spec.graphdef, state), 0))
+      run.log_eval(0, last_eval)
 
-    done = json.loads(results_path.read_text())
-    return FitResult(start, state, spec.graphdef, done.get('train', {}), done.get('eval', {}))
+    def check(items):
+      for step, m in items:
+        run.check_finite(step, float(m['loss']))
 
-  train_step = make_train_step(spec.graphdef, loss_fn, spec.shardings)
-  progress = metrics_lib.Progress(start, num_steps)
-  history: list[tuple[int, dict]] = []
-  last_train: dict = {}
-  last_eval: dict = {}
-  last_ckpt = ckpt.latest_step()
-  t0 = time.perf_counter()
-  if eval_fn is not None and start == 0 and config.train.get('eval_at_start', False):
-    last_eval = dict(eval_fn(model_of(spec.graphdef, state), 0))
-    writer.write(0, 'eval', last_eval)
-    metrics_lib.log('step 0 eval %s', {k: round(float(v), 5) for k, v in last_eval.items()})
-
-  def save(step, wait=False):
-    nonlocal last_ckpt
-    _check_finite(history, last_ckpt)  # never checkpoint a diverged state
-    if step == last_ckpt:
-      if wait:
-        ckpt.wait()
-      return
-    ckpt.save(step, state, data_iter=train_iter, meta={'train': last_train}, wait=wait)
-    last_ckpt = step
-
-  for step in range(start + 1, num_steps + 1):
-    batch = sharding.to_global(next(train_iter), mesh, rules)
-    state, m = train_step(state, batch, step_key(config.seed, step, 'train'))
-    history.append((step, m))
-
-    if step % config.train.log_every == 0 or step == num_steps:
+    def save(step):
+      nonlocal history
       history = jax.device_get(history)
-      _check_finite(history, last_ckpt)
-      last_train = _mean_metrics(history)
-      writer.write(step, 'train', last_train)
-      metrics_lib.log(
-        '%s', metrics_lib.Progress.line(step, num_steps, last_train, progress.update(step))
-      )
-      history = []
-    if eval_fn is not None and (step % config.train.eval_every == 0 or step == num_steps):
-      last_eval = dict(eval_fn(model_of(spec.graphdef, state), step))
-      writer.write(step, 'eval', last_eval)
-      metrics_lib.log(
-        'step %d eval %s', step, {k: round(float(v), 5) for k, v in last_eval.items()}
-      )
-    if ckpt.should_save(step) or step == num_steps:
-      history = jax.device_get(history)
-      save(step)
-    _inject_faults(config, step, ckpt)
-    if sigterm.received:
-      history = jax.device_get(history)
-      save(step, wait=True)
-      writer.flush()
-      raise Preempted(f'SIGTERM: saved a checkpoint at step {step} in {ckpt.directory}')
+      check(history)  # never checkpoint a diverged state
+      run.save(step, state, data_iter=train_iter, meta={'train': last_train, 'eval': last_eval})
 
-  ckpt.wait()
-  results = {
-    'step': num_steps,
-    'train': last_train,
-    'eval': last_eval,
-    'wall_time_sec': time.perf_counter() - t0,
-  }
-  if jax.process_index() == 0:
-    metrics_lib.write_json(results_path, results)
-  writer.flush()
-  return FitResult(num_steps, state, spec.graphdef, last_train, last_eval)
+    for step in range(start + 1, run.num_steps + 1):
+      batch = sharding.to_global(next(train_iter), mesh, rules)
+      state, m = train_step(state, batch, step_key(config.seed, step, 'train'))
+      history.append((step, m))
+      if run.should_log(step):
+        history = jax.device_get(history)
+        check(history)
+        last_train = _mean_metrics(history)
+        run.write(step, 'train', last_train)
+        run.log_progress(progress, step, last_train)
+        history = []
+      if eval_fn is not None and run.should_eval(step):
+        last_eval = dict(eval_fn(model_of(spec.graphdef, state), step))
+        run.log_eval(step, last_eval)
+      if run.should_save(step):
+        save(step)
+      run.end_step(step, lambda step=step: save(step))
+
+    if on_end is not None:
+      on_end(model_of(spec.graphdef, state), run.num_steps)
+    results = run.finish(last_train, last_eval)
+  return FitResult(run.num_steps, state, spec.graphdef, results['train'], results['eval'])
 
 
 def count_params(state: Any) -> int:

@@ -62,10 +62,10 @@ import jax
 import numpy as np
 
 from common import assets
-from common import testing
+from common import cache
 from common.models import loader
 
-jax.config.update('jax_compilation_cache_dir', str(testing.cache_dir('jax_cache')))
+jax.config.update('jax_compilation_cache_dir', str(cache.cache_dir('jax_cache')))
 if not assets.is_fetched('smollm2'):
   raise SystemExit('SmolLM2 is not fetched: python -m common.assets fetch smollm2')
 model, cfg, tokenizer = loader.load_pretrained('smollm2')

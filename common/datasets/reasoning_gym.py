@@ -36,16 +36,16 @@ from collections.abc import Sequence
 import dataclasses
 import functools
 import hashlib
-import inspect
 import json
 import re
 import threading
 from typing import Any
 
 from absl import logging
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
+
+from common.datasets import base
 
 SPLITS = ('train', 'test')
 # The test split's generator seed is derived from the config seed with this offset, so the two
@@ -361,7 +361,7 @@ BUILDER_CONFIGS = [
 ]
 
 
-class ReasoningGym(tfds.core.GeneratorBasedBuilder):
+class ReasoningGym(base.ArrayRecordBuilder):
   """reasoning-gym tasks with their scoring metadata (see the module docstring).
 
   Named configs: 'math' (default), 'arith_tiny', 'tiny'; any other task list through
@@ -372,35 +372,21 @@ class ReasoningGym(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {'1.0.0': 'reasoning-gym 0.1.25; train seed s, test seed s+1000003, dedup.'}
   BUILDER_CONFIGS = BUILDER_CONFIGS
   DEFAULT_BUILDER_CONFIG_NAME = 'math'
+  HOMEPAGE = 'https://pypi.org/project/reasoning-gym/0.1.25/'
+  LICENSE = 'Apache-2.0 (reasoning-gym)'
 
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    # See text_corpus.RdatasetsDocs.code_path: tfds' lookup needs a missing backport.
-    return epath.Path(inspect.getfile(cls))
-
-  def __init__(self, **kwargs):
-    kwargs.setdefault('file_format', 'array_record')  # tfrecord (tfds' default) needs TensorFlow
-    super().__init__(**kwargs)
-
-  def _info(self) -> tfds.core.DatasetInfo:
+  def _features(self) -> tfds.features.FeaturesDict:
     text = tfds.features.Text()
-    return tfds.core.DatasetInfo(
-      builder=self,
-      description=__doc__.split('\n\n')[0],
-      features=tfds.features.FeaturesDict(
-        {
-          'example_id': text,
-          'index': tfds.features.Scalar(dtype=np.int64),
-          'task': text,
-          'question': text,
-          'answer': text,
-          'metadata': text,
-          'task_config': text,
-        }
-      ),
-      homepage='https://pypi.org/project/reasoning-gym/0.1.25/',
-      license='Apache-2.0 (reasoning-gym)',
+    return tfds.features.FeaturesDict(
+      {
+        'example_id': text,
+        'index': tfds.features.Scalar(dtype=np.int64),
+        'task': text,
+        'question': text,
+        'answer': text,
+        'metadata': text,
+        'task_config': text,
+      }
     )
 
   def _split_generators(self, dl_manager):

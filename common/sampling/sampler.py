@@ -453,7 +453,8 @@ def generate(
   if tokens.ndim != 2 or mask.shape != tokens.shape:
     raise ValueError(f'prompts {tokens.shape} and mask {mask.shape} must both be [B, P]')
   b, p = tokens.shape
-  if not isinstance(mask, jax.core.Tracer) and not bool(np.all(np.asarray(mask).any(axis=1))):
+  checkable = not isinstance(mask, jax.core.Tracer) and mask.is_fully_addressable
+  if checkable and not bool(np.all(np.asarray(mask).any(axis=1))):
     raise ValueError('every prompt row needs at least one real token (prompt_mask row all False)')
   bucket = _round_up(p, max(1, prompt_bucket))
   if bucket > p:  # Extra padding on the right: invalid, so it changes nothing but the shape.

@@ -30,10 +30,11 @@ import numpy as np
 
 from common import metrics
 from common.rl import advantages as adv_lib
-from common.rl import loop
 from common.rl import loss as loss_lib
+from common.rl import rollout
 from experiments import reproduce
 from experiments.ebpo.configs import base
+from projects.ebpo import losses
 from projects.ebpo import simulate
 from projects.ebpo import train
 from projects.ebpo import warmup
@@ -54,7 +55,7 @@ def _grad_max(model, batch, advantages, agg):
   """max |d loss / d theta| over all parameters (jit-ed: eager dispatch is slow on busy CPUs)."""
 
   def f(m):
-    logp = loop.completion_logprobs(m, batch)
+    logp = rollout.completion_logprobs(m, batch)
     return loss_lib.policy_loss(
       logp,
       jax.lax.stop_gradient(logp),
@@ -80,7 +81,7 @@ def measure_all_fail(suite: str, root: pathlib.Path) -> reproduce.Measurement:
     completion = rng.integers(3, 21, size=(m * g, n)).astype(np.int32)
     lengths = rng.integers(1, n + 1, size=m * g)
     batch = jax.device_put(
-      loop.build_batch(prompt, np.ones_like(prompt, bool), completion, lengths)
+      rollout.build_batch(prompt, np.ones_like(prompt, bool), completion, lengths)
     )
     rewards = (rng.random((m, g)) < 0.5).astype(np.float32)
     rewards[: m // 2] = 0.0  # half the groups fail completely
@@ -92,7 +93,7 @@ def measure_all_fail(suite: str, root: pathlib.Path) -> reproduce.Measurement:
     for agg in loss_lib.AGGREGATIONS:
       key = f'trial {trial}: GRPO max|grad| from all-fail groups ({agg})'
       values[key] = float(_grad_max(model, batch, only_fail, agg))
-    est = adv_lib.EBPOEstimator(standardize=False)
+    est = losses.EBPOEstimator(standardize=False)
     _, raw, stats = est.advantages(rewards)
     expected = -stats.shrinkage[: m // 2, None] * stats.mu_glob[: m // 2, None]
     ok = np.allclose(raw[fail].reshape(m // 2, g), expected, rtol=1e-5) and np.all(raw[fail] < 0)

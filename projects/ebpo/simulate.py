@@ -8,7 +8,7 @@ rewards. Baselines for theta_q:
                   S = (sigma_w^2/G) / (sigma_w^2/G + tau^2); theory: MSE = (1-S) sigma_w^2 / G
                   against the group mean's sigma_w^2 / G (exact for this linear shrinkage).
   EBPO (plug-in)  what the algorithm computes: prompts streamed in batches of M through
-                  common.rl.advantages.EBPOEstimator (Welford over all rewards and all group means,
+                  projects.ebpo.losses.EBPOEstimator (Welford over all rewards and all group means,
                   updated before use), measured after a burn-in.
 MSE is against theta_q. The paper's theorem is for a Gaussian prior; the Beta prior with Bernoulli
 rewards is the RLVR case.
@@ -20,7 +20,7 @@ import dataclasses
 
 import numpy as np
 
-from common.rl import advantages as adv_lib
+from projects.ebpo import losses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,10 +60,10 @@ def baseline_mse(
   mean_theta = alpha / (alpha + beta)
   tau2 = alpha * beta / ((alpha + beta) ** 2 * (alpha + beta + 1))
   sigma_w2 = mean_theta - (tau2 + mean_theta**2)  # E[theta (1 - theta)]
-  s_oracle = adv_lib.shrinkage(sigma_w2, tau2, group_size)
+  s_oracle = losses.shrinkage(sigma_w2, tau2, group_size)
   v_oracle = (1 - s_oracle) * mu_q + s_oracle * mean_theta
 
-  est = adv_lib.EBPOEstimator(standardize=False)
+  est = losses.EBPOEstimator(standardize=False)
   v_plugin = np.full(num_prompts, np.nan)
   for start in range(0, num_prompts, batch_prompts):
     sl = slice(start, start + batch_prompts)

@@ -16,12 +16,16 @@ import jax
 import ml_collections
 import optax
 
+from common import cache as cache_lib
 from common import config as config_lib
 from common import sharding
+from common import train_loop
 from common.models import loader
 from common.models import tokenizer as tokenizer_lib
 from common.rl import loop
+from common.rl import rollout
 from projects.ebpo import input_pipeline
+from projects.ebpo import losses
 from projects.ebpo import warmup
 
 
@@ -37,7 +41,9 @@ def _subset(items: list, n: int) -> list:
   return items if n < 0 else items[:n]
 
 
-def build_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> loop.RLSetup:
+def build_setup(
+  config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules: sharding.Rules
+) -> loop.RLSetup:
   """The RLSetup of a config: policy factory, tokenizer-rendered prompts, verifier."""
   d = config.data
   train_ex = _subset(input_pipeline.load_examples(d.task_set, 'train', d.seed), d.max_train)
@@ -54,7 +60,6 @@ def build_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> l
 
     stop, pad = tuple(tok.stop_ids), tok.pad_id
   elif config.model.kind == 'pretrained':
-    rules = tuple(tuple(r) for r in config.sharding.rules)
 
     def create_model():
       return loader.load_pretrained(config.model.name, mesh=mesh, rules=rules, dtype=config.dtype)[
@@ -77,26 +82,32 @@ def build_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> l
     tx=make_optimizer(config),
     train_prompts=input_pipeline.prompts(train_ex, 'train', render),
     eval_prompts=input_pipeline.prompts(test_ex, 'test', render),
-    verifier=input_pipeline.make_verifier(tok.decode),
+    rewards=rollout.VerifierRewards(input_pipeline.make_verifier(tok.decode)),
+    estimator=make_estimator(config),
     stop_tokens=stop,
     pad_id=pad,
     decode=tok.decode,
-    mesh=mesh,
   )
+
+
+def make_estimator(config: ml_collections.ConfigDict):
+  """EBPO (config.ebpo) or one of the shared GRPO-family baselines, by rl.estimator."""
+  return loop.estimator_from_config(config.rl, ebpo=lambda: losses.EBPO.from_config(config.ebpo))
 
 
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str | pathlib.Path
 ) -> dict[str, Any]:
-  """Runs (or resumes) one RL run; returns results.json ({'step', 'train', 'eval', ...})."""
-  mesh = sharding.make_mesh(config_lib.mesh_spec(config))
-  setup = build_setup(config, mesh)
-  cache = None
-  if config.rl.curriculum == 'difficulty':
-    # Pass rates depend on the initial policy and the prompts only: shared by runs and seeds.
-    from common import testing  # noqa: PLC0415
-
-    cache = (
-      testing.cache_dir('ebpo_pass_rates') / f'{config.data.task_set}_{config.model.kind}.json'
-    )
-  return loop.train(config, workdir, setup, pass_rates_cache=cache)
+  """Runs (or resumes) one RL run; returns results.json ({'step', 'train', 'eval'})."""
+  make_estimator(config)  # an unknown rl.estimator stops here, before the workdir exists
+  with train_loop.Run(config, workdir, checks=[loop.check_config]) as run:
+    if run.finished:
+      return run.results
+    setup = build_setup(config, run.mesh, run.rules)
+    cache = None
+    if config.rl.curriculum == 'difficulty':
+      # Pass rates depend on the initial policy and the prompts only: shared by runs and seeds.
+      cache = (
+        cache_lib.cache_dir('ebpo_pass_rates') / f'{config.data.task_set}_{config.model.kind}.json'
+      )
+    return loop.train(run, setup, pass_rates_cache=cache)

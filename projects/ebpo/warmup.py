@@ -3,7 +3,7 @@
 RLVR needs a policy that already solves some prompts (else every group fails and no estimator
 learns anything) and not all of them. The warm-up trains a character-level decoder on `sft_examples`
 train examples rendered '36-38=' -> '-2<EOS>' for `steps` steps; its parameters are cached outside the
-repo keyed by the config and this module's code, like common.testing.tiny_lm, so every run and seed
+repo keyed by the config and this module's code, like common.models.tiny_lm, so every run and seed
 starts from the same policy and only the first run pays for it (about 10-30 s on 2 cores).
 """
 
@@ -13,15 +13,14 @@ import dataclasses
 import hashlib
 import inspect
 import json
-import os
 
 from flax import nnx
 import jax
 import numpy as np
 import optax
 
+from common import cache
 from common import sft
-from common import testing
 from common.models import decoder
 from projects.ebpo import input_pipeline
 
@@ -113,7 +112,7 @@ def _fingerprint(cfg: WarmupConfig) -> str:
 def warm_policy(cfg: WarmupConfig | None = None, dtype: str = 'float32') -> tuple[nnx.Module, list]:
   """(the warmed-up decoder, its SFT loss curve), trained on first use and cached."""
   cfg = cfg or WarmupConfig()
-  path = testing.cache_dir('ebpo_warmup') / f'{_fingerprint(cfg)}.npz'
+  path = cache.cache_dir('ebpo_warmup') / f'{_fingerprint(cfg)}.npz'
   with nnx.use_eager_sharding(False):
     model = decoder.Decoder(decoder_config(cfg, dtype), rngs=nnx.Rngs(cfg.seed))
   template = nnx.state(model, nnx.Param).to_pure_dict()
@@ -125,9 +124,7 @@ def warm_policy(cfg: WarmupConfig | None = None, dtype: str = 'float32') -> tupl
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
     flat['__loss_curve__'] = np.asarray(curve)
-    tmp = path.with_suffix('.tmp.npz')
-    np.savez(tmp, **flat)
-    os.replace(tmp, path)
+    cache.savez(path, **flat)
   curve = [float(x) for x in flat.pop('__loss_curve__')]
   restored = jax.tree_util.tree_map_with_path(lambda p, _: flat[jax.tree_util.keystr(p)], template)
   state = nnx.state(model, nnx.Param)

@@ -33,7 +33,6 @@ import dataclasses
 import functools
 import hashlib
 import math
-import os
 
 from absl import logging
 from flax import nnx
@@ -43,16 +42,18 @@ import ml_collections
 import numpy as np
 import optax
 
+from common import cache
 from common import config as config_lib
 from common import data
 from common import embeddings
 from common import losses as common_losses
 from common import metrics as metrics_lib
 from common import sharding
-from common import testing
 from common import train_loop
 from common.datasets import chatterbot_qa
 from common.datasets import rdatasets_titles
+from common.datasets import text_corpus
+from common.models import bpe
 from common.models import decoder
 from projects.gem import input_pipeline
 from projects.gem import losses
@@ -102,35 +103,19 @@ def _tokenizer(pretrained: str, vocab_size: int, num_special: int):
     from projects.gem import pretrained as pretrained_lib  # noqa: PLC0415
 
     return pretrained_lib.tokenizer(pretrained, num_special)
-  from tokenizers import Tokenizer  # noqa: PLC0415
-  from tokenizers import decoders  # noqa: PLC0415
-  from tokenizers import models as tok_models  # noqa: PLC0415
-  from tokenizers import pre_tokenizers  # noqa: PLC0415
-  from tokenizers import trainers  # noqa: PLC0415
-
-  from common.datasets import text_corpus  # noqa: PLC0415
+  import tokenizers  # noqa: PLC0415
 
   corpus = text_corpus.RdatasetsDocs.VERSION  # a rebuilt corpus retrains the tokenizer
   spec = f'v1|{corpus}|{vocab_size}|{num_special}'
   key = hashlib.sha256(spec.encode()).hexdigest()
-  path = testing.cache_dir('gem', 'tokenizers') / f'{key[:16]}.json'
+  path = cache.cache_dir('gem', 'tokenizers') / f'{key[:16]}.json'
   if path.exists():
-    tok = Tokenizer.from_file(str(path))
+    tok = tokenizers.Tokenizer.from_file(str(path))
   else:
-    tok = Tokenizer(tok_models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-      vocab_size=vocab_size,
-      special_tokens=[PAD, EOS],
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-      show_progress=False,
-    )
-    tok.train_from_iterator(_paragraphs('train'), trainer)
+    tok = bpe.train_byte_level(_paragraphs('train'), vocab_size, special_tokens=[PAD, EOS])
     tok.add_special_tokens(models.special_token_names(num_special))
-    tmp = path.with_suffix('.tmp')
-    tok.save(str(tmp))
-    os.replace(tmp, path)
+    with cache.atomic_path(path) as tmp:
+      tok.save(str(tmp))
   tok.encode_special_tokens = True  # text never produces a special id
   return tok
 
@@ -456,18 +441,17 @@ def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh | None = None
 ) -> train_loop.FitResult:
   """Trains and evaluates `config` in `workdir` (resuming it); `mesh` overrides config.mesh."""
-  mesh = mesh or sharding.make_mesh(config_lib.mesh_spec(config))
-  train_loop.prepare_workdir(config, workdir)
-  d = Data(config)
-  logging.info('phases (pretrain, mixed, contrastive) = %s', phases(config))
-  train_iter = data.batch_iterator(d.train, global_batch_size=config.data.batch_size)
-  return train_loop.fit(
-    config,
-    workdir,
-    create_state=create_state_fn(config, d.vocab_size),
-    loss_fn=make_loss_fn(config),
-    train_iter=train_iter,
-    eval_fn=make_eval_fn(config, mesh, d),
-    mesh=mesh,
-    initial_state=initial_state_fn(config),
-  )
+  with train_loop.Run(config, workdir, mesh=mesh) as run:
+    if run.finished:
+      return train_loop.fit(run, create_state=None, loss_fn=None, train_iter=None)
+    d = Data(config)
+    logging.info('phases (pretrain, mixed, contrastive) = %s', phases(config))
+    train_iter = data.batch_iterator(d.train, global_batch_size=config.data.batch_size)
+    return train_loop.fit(
+      run,
+      create_state=create_state_fn(config, d.vocab_size),
+      loss_fn=make_loss_fn(config),
+      train_iter=train_iter,
+      eval_fn=make_eval_fn(config, run.mesh, d),
+      initial_state=initial_state_fn(config),
+    )

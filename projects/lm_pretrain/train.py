@@ -120,16 +120,15 @@ def make_eval_fn(
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_loop.FitResult:
-  mesh = sharding.make_mesh([(n, int(config.mesh[n])) for n in sharding.MESH_AXES])
-  # Before anything is written to the workdir: refuse one that holds another config's checkpoints.
-  train_loop.prepare_workdir(config, workdir)
-  d = input_pipeline.make_data(config, workdir)
-  return train_loop.fit(
-    config,
-    workdir,
-    create_state=create_state_fn(config),
-    loss_fn=loss_fn,
-    train_iter=input_pipeline.train_iterator(config, d),
-    eval_fn=make_eval_fn(config, mesh, d),
-    mesh=mesh,
-  )
+  input_pipeline.check_config(config)  # before the run creates the workdir
+  with train_loop.Run(config, workdir) as run:
+    if run.finished:
+      return train_loop.fit(run, create_state=None, loss_fn=None, train_iter=None)
+    d = input_pipeline.make_data(config, run.workdir)
+    return train_loop.fit(
+      run,
+      create_state=create_state_fn(config),
+      loss_fn=loss_fn,
+      train_iter=input_pipeline.train_iterator(config, d),
+      eval_fn=make_eval_fn(config, run.mesh, d),
+    )

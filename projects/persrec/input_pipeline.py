@@ -33,6 +33,7 @@ import os
 from typing import Any
 
 from etils import epath
+import jax
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
@@ -492,3 +493,18 @@ def eval_batches(
     prefetch=0,
   )
   return list(it)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The data keys, checked before the run creates its workdir."""
+  d = config.data
+  if d.source != 'synthetic' and d.source not in MOVIELENS:
+    raise config_lib.ConfigError(
+      f"data.source={d.source!r}; expected 'synthetic' or one of {', '.join(MOVIELENS)}"
+    )
+  for key in ('batch_size', 'eval_batch_size'):
+    n = d[key]
+    if n < 1 or n % jax.process_count():
+      raise config_lib.ConfigError(
+        f'data.{key}={n} must be >= 1 and divisible by the {jax.process_count()} process(es)'
+      )

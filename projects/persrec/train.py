@@ -181,31 +181,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   reason = arms.check(config.arm, config.model)
   if reason:
     raise config_lib.ConfigError(reason)
-  mesh = sharding.make_mesh([(n, int(config.mesh[n])) for n in sharding.MESH_AXES])
-  train_loop.prepare_workdir(config, workdir)
-  d = input_pipeline.make_data(config)
-  mcfg = model_config(config, d)
-  result = train_loop.fit(
-    config,
-    workdir,
-    create_state=create_state_fn(config, mcfg),
-    loss_fn=make_loss_fn(config),
-    train_iter=input_pipeline.train_iterator(config, d),
-    eval_fn=make_eval_fn(config, mesh, d, mcfg),
-    mesh=mesh,
-  )
+  input_pipeline.check_config(config)  # before the run creates the workdir
+  with train_loop.Run(config, workdir) as run:
+    if run.finished:
+      return train_loop.fit(run, create_state=None, loss_fn=None, train_iter=None)
+    d = input_pipeline.make_data(config)
+    mcfg = model_config(config, d)
+    result = train_loop.fit(
+      run,
+      create_state=create_state_fn(config, mcfg),
+      loss_fn=make_loss_fn(config),
+      train_iter=input_pipeline.train_iterator(config, d),
+      eval_fn=make_eval_fn(config, run.mesh, d, mcfg),
+    )
   if jax.process_index() == 0:
     path = pathlib.Path(workdir) / 'results.json'
-    if path.exists():
-      res = json.loads(path.read_text())
-      res['serving_flops'] = models.serving_flops(mcfg)
-      res['model'] = {
-        'length': mcfg.length,
-        'num_tokens': mcfg.num_tokens,
-        'num_items': mcfg.num_items,
-        'num_params': train_loop.count_params(nnx.state(_abstract(mcfg), nnx.Param)),
-      }
-      metrics_lib.write_json(path, res)
+    res = json.loads(path.read_text())
+    res['serving_flops'] = models.serving_flops(mcfg)
+    res['model'] = {
+      'length': mcfg.length,
+      'num_tokens': mcfg.num_tokens,
+      'num_items': mcfg.num_items,
+      'num_params': train_loop.count_params(nnx.state(_abstract(mcfg), nnx.Param)),
+    }
+    metrics_lib.write_json(path, res)
   return result
 
 

@@ -1,7 +1,7 @@
 """Adapter fine-tuning of a frozen LM: LoRA, MixLoRA, HydraLoRA or S'MoRE at an equal budget.
 
 `train_and_evaluate(config, workdir)`:
-  1. the base model: the shared tiny LM (common.testing.tiny_lm, smoke) or a pretrained GGUF model
+  1. the base model: the shared tiny LM (common.models.tiny_lm, smoke) or a pretrained GGUF model
      (common.models.loader, e.g. SmolLM2-135M-Instruct);
   2. the adapter plan: the layers matching config.adapter.pattern get the preset's adapter, with its
      rank chosen so the trainable count equals a LoRA of rank config.adapter.budget_rank on the same
@@ -28,14 +28,13 @@ import ml_collections
 import numpy as np
 import optax
 
-from common import config as config_lib
 from common import losses as common_losses
 from common import metrics as metrics_lib
 from common import sharding
-from common import testing
 from common import train_loop
 from common.adapters import core
 from common.models import decoder
+from common.models import tiny_lm
 from projects.smore import input_pipeline
 from projects.smore import models
 
@@ -158,7 +157,9 @@ def target_shapes(cfg: decoder.DecoderConfig, a: ml_collections.ConfigDict) -> d
 def add_adapters(
   model: nnx.Module, a: ml_collections.ConfigDict, the_plan: dict, seed: int, dtype: str
 ) -> list[str]:
-  rngs = nnx.Rngs(params=jax.random.fold_in(jax.random.key(seed), 0xADA))
+  # A KeyStream, not nnx.Rngs: the same keys, but a draw inside abstract_state's trace costs O(1)
+  # instead of a walk over everything traced so far (models.KeyStream; tests/smore/init_test.py).
+  rngs = models.KeyStream(jax.random.fold_in(jax.random.key(seed), 0xADA))
 
   def make(path, linear):
     method, kw = _method_kwargs(a, the_plan['layers'][path])
@@ -196,11 +197,11 @@ def base_model(config: ml_collections.ConfigDict, *, abstract: bool = False):
   """(decoder config, a function building the base Decoder, tokenizer or None)."""
   m = config.model
   if m.source == 'tiny_lm':
-    tcfg = testing.TinyLMConfig()
-    dcfg = testing.decoder_config(tcfg)
+    tcfg = tiny_lm.TinyLMConfig()
+    dcfg = tiny_lm.decoder_config(tcfg)
     if abstract:
       return dcfg, lambda: decoder.Decoder(dcfg, rngs=nnx.Rngs(0)), None
-    return dcfg, lambda: testing.tiny_lm(tcfg).model, None
+    return dcfg, lambda: tiny_lm.tiny_lm(tcfg).model, None
   from common.models import loader  # noqa: PLC0415
 
   dcfg = loader.load_config(m.source, dtype=config.dtype)
@@ -263,13 +264,18 @@ def make_eval_fn(config, mesh, d: input_pipeline.Data) -> Callable:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_loop.FitResult:
-  mesh = sharding.make_mesh(config_lib.mesh_spec(config))
-  rules = tuple(tuple(r) for r in config.sharding.rules)
-  workdir = train_loop.prepare_workdir(config, workdir)
   a = config.adapter
   dcfg, _, _ = base_model(config, abstract=True)
   shapes = target_shapes(dcfg, a)
   the_plan = plan(a, shapes)  # raises before anything heavy when the budget cannot be met
+  with train_loop.Run(config, workdir) as run:
+    if run.finished:
+      return train_loop.fit(run, create_state=None, loss_fn=None, train_iter=None)
+    return _train(run, a, shapes, the_plan)
+
+
+def _train(run: train_loop.Run, a, shapes, the_plan) -> train_loop.FitResult:
+  config, workdir = run.config, run.workdir
   tx = make_optimizer(config)
 
   def create(build_base):
@@ -281,7 +287,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
     return fn
 
   _, abstract_base, _ = base_model(config, abstract=True)
-  spec = train_loop.abstract_state(create(abstract_base), mesh, rules)
+  spec = train_loop.abstract_state(create(abstract_base), run.mesh, run.rules)
   real = core.count_trainable(spec.state['model'])
   if real != the_plan['count']:
     raise AssertionError(f'closed-form count {the_plan["count"]} != real leaf count {real}')
@@ -314,25 +320,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
       d.train.kept,
       d.test.kept,
     )
-  train_iter = input_pipeline.train_iterator(config, d)
 
   def pretrained_state(spec):
     """Adapters initialised as configured around the REAL base weights (fit's default would
     build the base from scratch)."""
-    with nnx.use_eager_sharding(False):
+    with sharding.unsharded():
       state = nnx.state(create(real_base)())
     return jax.tree.map(lambda v, s: jax.device_put(v, s), state, spec.shardings)
 
-  result = train_loop.fit(
-    config,
-    workdir,
+  def save_adapters(model, step):
+    core.save_adapters(workdir / 'adapters', model, step=step)
+
+  return train_loop.fit(
+    run,
     create_state=create(abstract_base),
     loss_fn=loss_fn,
-    train_iter=train_iter,
-    eval_fn=make_eval_fn(config, mesh, d),
-    mesh=mesh,
+    train_iter=input_pipeline.train_iterator(config, d),
+    eval_fn=make_eval_fn(config, run.mesh, d),
     initial_state=pretrained_state,
+    on_end=save_adapters,
   )
-  model = train_loop.model_of(result.graphdef, result.state)
-  core.save_adapters(workdir / 'adapters', model, step=result.step)
-  return result

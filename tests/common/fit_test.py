@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 from flax import nnx
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -64,15 +65,14 @@ def fit(config, workdir, source, lr=0.05, eval_fn=None):
   from common import sharding  # noqa: PLC0415
 
   mesh = sharding.make_mesh([('data', 1)], devices=jax.devices()[:1])
-  return train_loop.fit(
-    config,
-    workdir,
-    create_state=lambda: train_loop.TrainState(Linear(nnx.Rngs(0)), optax.sgd(lr)),
-    loss_fn=loss_fn,
-    train_iter=data.batch_iterator(source, global_batch_size=4),
-    eval_fn=eval_fn,
-    mesh=mesh,
-  )
+  with train_loop.Run(config, workdir, mesh=mesh) as run:
+    return train_loop.fit(
+      run,
+      create_state=lambda: train_loop.TrainState(Linear(nnx.Rngs(0)), optax.sgd(lr)),
+      loss_fn=loss_fn,
+      train_iter=data.batch_iterator(source, global_batch_size=4),
+      eval_fn=eval_fn,
+    )
 
 
 def checkpoint_steps(workdir):
@@ -141,15 +141,14 @@ def test_initial_state_starts_from_the_given_weights_and_resume_ignores_it(tmp_p
   mesh = sharding.make_mesh([('data', 1)], devices=jax.devices()[:1])
 
   def run(cfg):
-    return train_loop.fit(
-      cfg,
-      tmp_path,
-      create_state=lambda: train_loop.TrainState(Linear(nnx.Rngs(0)), optax.sgd(0.0)),
-      loss_fn=loss_fn,
-      train_iter=data.batch_iterator(Regression(), global_batch_size=4),
-      mesh=mesh,
-      initial_state=initial_state,
-    )
+    with train_loop.Run(cfg, tmp_path, mesh=mesh) as r:
+      return train_loop.fit(
+        r,
+        create_state=lambda: train_loop.TrainState(Linear(nnx.Rngs(0)), optax.sgd(0.0)),
+        loss_fn=loss_fn,
+        train_iter=data.batch_iterator(Regression(), global_batch_size=4),
+        initial_state=initial_state,
+      )
 
   result = run(make_config(**{'train.num_steps': 10}))
   assert result.train['loss'] < 1e-10  # lr 0 from the exact weights; from zeros it would be ~14
@@ -185,3 +184,157 @@ def test_eval_at_start_evaluates_the_initial_state_once(tmp_path):
     eval_fn=_kernel_norm,
   )
   assert [s for s, _ in _evals(tmp_path / 'on')] == [0, 10, 15]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run skeleton's reliability: each test below failed before train_loop.Run.
+
+
+def test_stopped_after_the_last_step_completes_with_the_real_results(tmp_path):
+  """SIGTERM right after the last step (checkpoint saved, results.json not yet written): the
+  re-run restores that checkpoint and writes the uninterrupted run's results, not empty ones."""
+  done = fit(make_config(), tmp_path / 'full', Regression(), eval_fn=_kernel_norm)
+  with pytest.raises(train_loop.Preempted, match='step 20'):
+    fit(make_config(**{'debug.sigterm_after_step': 20}), tmp_path / 'cut', Regression())
+  assert not (tmp_path / 'cut' / 'results.json').exists()
+  again = fit(make_config(), tmp_path / 'cut', Regression(), eval_fn=_kernel_norm)
+  assert again.train == done.train and again.train
+  assert json.loads((tmp_path / 'cut' / 'results.json').read_text())['train'] == done.train
+
+
+def test_results_json_is_reproducible_and_timing_lives_in_run_json(tmp_path):
+  fit(make_config(), tmp_path / 'a', Regression())
+  with pytest.raises(train_loop.Preempted):
+    fit(make_config(**{'debug.sigterm_after_step': 7}), tmp_path / 'b', Regression())
+  fit(make_config(), tmp_path / 'b', Regression())
+  a, b = ((tmp_path / d / 'results.json').read_text() for d in 'ab')
+  assert a == b and 'wall_time' not in a
+  prov = json.loads((tmp_path / 'b' / 'run.json').read_text())
+  assert [s['status'] for s in prov['starts']] == ['preempted', 'finished']
+  assert [(s['start_step'], s['end_step']) for s in prov['starts']] == [(0, 7), (7, 20)]
+  assert prov['status'] == 'finished' and prov['wall_time_sec'] > 0
+  assert prov['versions']['jax'] and prov['devices']['count'] >= 1 and 'commit' in prov['git']
+
+
+def test_a_second_run_on_a_locked_workdir_stops_at_once(tmp_path):
+  mesh = _one_device()
+  with (
+    train_loop.Run(make_config(), tmp_path, mesh=mesh),
+    pytest.raises(train_loop.WorkdirError, match='in use by another run'),
+  ):
+    train_loop.Run(make_config(), tmp_path, mesh=mesh)
+  with train_loop.Run(make_config(), tmp_path, mesh=mesh):  # released on exit
+    pass
+
+
+@pytest.mark.parametrize(
+  'overrides, message',
+  [
+    ({'checkpoint.keep': 0}, 'checkpoint.keep=0 must be >= 1'),
+    ({'train.num_steps': 0}, 'train.num_steps=0 must be >= 1'),
+    ({'train.log_every': 0}, 'train.log_every=0 must be >= 1'),
+    ({'train.eval_every': -1}, 'train.eval_every=-1 must be >= 0'),
+    ({'dtype': 'float17'}, "dtype='float17' is not one of"),
+  ],
+)
+def test_bad_infrastructure_keys_stop_before_the_workdir_exists(tmp_path, overrides, message):
+  with pytest.raises(config_lib.ConfigError, match=message):
+    train_loop.Run(make_config(**overrides), tmp_path / 'w', mesh=_one_device())
+  assert not (tmp_path / 'w').exists()
+
+
+def test_eval_every_zero_means_no_evaluation(tmp_path):
+  result = fit(make_config(**{'train.eval_every': 0}), tmp_path, Regression(), eval_fn=_kernel_norm)
+  assert result.eval == {} and _evals(tmp_path) == []
+
+
+def test_workdir_that_is_a_file_or_not_writable_is_one_error(tmp_path):
+  (tmp_path / 'f').write_text('')
+  with pytest.raises(train_loop.WorkdirError, match='is a file'):
+    train_loop.Run(make_config(), tmp_path / 'f', mesh=_one_device())
+  mnt = tmp_path / 'ro'
+  mnt.mkdir()
+  import subprocess  # noqa: PLC0415
+
+  if subprocess.run(
+    ['mount', '-t', 'tmpfs', '-o', 'ro', 'tmpfs', str(mnt)], check=False
+  ).returncode:
+    pytest.skip('cannot mount a read-only tmpfs here')
+  try:
+    with pytest.raises(train_loop.WorkdirError, match='cannot write to --workdir .*Read-only'):
+      train_loop.Run(make_config(), mnt / 'run', mesh=_one_device())
+  finally:
+    subprocess.run(['umount', '-l', str(mnt)], check=False)
+
+
+def test_nan_before_any_checkpoint_says_so(tmp_path):
+  with pytest.raises(train_loop.NonFiniteLoss, match='at step 2; stopped, no checkpoint was saved'):
+    fit(make_config(), tmp_path, Regression(nan_from=4))
+
+
+class Wide(nnx.Module):
+  """Linear plus a large frozen-by-sgd-zero-grad vector, so the checkpoint holds a real data file
+  (small arrays sit inline in Orbax's checksummed index, where damage is already a read error)."""
+
+  def __init__(self, rngs):
+    self.linear = Linear(rngs)
+    self.pad = nnx.Param(jax.random.normal(rngs.params(), (100_000,)))
+
+  def __call__(self, x):
+    return self.linear(x)
+
+
+def _wide_fit(config, workdir):
+  with train_loop.Run(config, workdir, mesh=_one_device()) as run:
+    return train_loop.fit(
+      run,
+      create_state=lambda: train_loop.TrainState(Wide(nnx.Rngs(0)), optax.sgd(0.05)),
+      loss_fn=loss_fn,
+      train_iter=data.batch_iterator(Regression(), global_batch_size=4),
+    )
+
+
+def test_damaged_latest_checkpoint_of_a_finished_run_is_not_resumed(tmp_path, caplog):
+  """8 bytes overwritten in the latest step: continuing the run (more steps) falls back to the
+  previous step with a warning instead of training on from silently wrong weights."""
+  import logging  # noqa: PLC0415
+
+  _wide_fit(make_config(), tmp_path)
+  step_dir = tmp_path / 'checkpoints' / '20'
+  big = max((p for p in step_dir.rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
+  raw = bytearray(big.read_bytes())
+  raw[len(raw) // 2 : len(raw) // 2 + 8] = b'\xff' * 8
+  big.write_bytes(bytes(raw))
+  with caplog.at_level(logging.WARNING):
+    _wide_fit(make_config(**{'train.num_steps': 25}), tmp_path)
+  text = '\n'.join(r.getMessage() for r in caplog.records)
+  assert 'checkpoint step 20' in text and 'restored the older checkpoint step 15' in text
+  assert '{"' not in text  # no TensorStore spec dump in the warning
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+  import subprocess  # noqa: PLC0415
+
+  mnt = tmp_path / 'disk'
+  mnt.mkdir()
+  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=192k', 'tmpfs', str(mnt)]).returncode:
+    pytest.skip('cannot mount a tmpfs here')
+  yield mnt
+  subprocess.run(['umount', '-l', str(mnt)], check=False)
+
+
+def test_disk_full_is_one_error_and_leaves_no_partial_checkpoint(tiny_disk):
+  from common import checkpoint  # noqa: PLC0415
+
+  with pytest.raises(checkpoint.CheckpointError, match='no space left on device'):
+    _wide_fit(make_config(**{'checkpoint.async_save': True}), tiny_disk / 'run')
+  assert not list((tiny_disk / 'run' / 'checkpoints').glob('*tmp*'))
+
+
+def _one_device():
+  import jax  # noqa: PLC0415
+
+  from common import sharding  # noqa: PLC0415
+
+  return sharding.make_mesh([('data', 1)], devices=jax.devices()[:1])

@@ -339,7 +339,7 @@ def test_workdir_checkpoint_wins_over_resume_from_and_init_from(tmp_path, mesh, 
   init = _Init(mesh)
   c = _resume_config(resume_from=tmp_path / 'other', init_from=tmp_path / 'other')
   with checkpoint.Checkpointer(tmp_path / 'work' / 'checkpoints') as ckpt:
-    step, state, extra = train_loop.restore_or_init(c, ckpt, spec, init)
+    step, state, extra, _ = train_loop.restore_or_init(c, ckpt, spec, init)
   assert (step, extra, init.calls) == (3, {'who': 'workdir'}, 0)
   testing.assert_trees_equal(state, trained)
 
@@ -356,7 +356,7 @@ def test_resume_from_restores_full_state_and_data(tmp_path, mesh, spec, trained)
   init = _Init(mesh)
   fresh = make_iter()
   with checkpoint.Checkpointer(tmp_path / 'work') as ckpt:
-    step, state, extra = train_loop.restore_or_init(
+    step, state, extra, _ = train_loop.restore_or_init(
       _resume_config(resume_from=tmp_path / 'other'), ckpt, spec, init, data_iter=fresh
     )
   assert (step, extra, init.calls) == (7, {'who': 'other'}, 0)
@@ -379,7 +379,7 @@ def test_init_from_loads_only_model_params(tmp_path, mesh, spec, trained):
   _save(tmp_path / 'pretrained' / 'checkpoints', 9, trained)
   init = _Init(mesh)
   with checkpoint.Checkpointer(tmp_path / 'work') as ckpt:
-    step, state, extra = train_loop.restore_or_init(
+    step, state, extra, _ = train_loop.restore_or_init(
       _resume_config(init_from=tmp_path / 'pretrained'), ckpt, spec, init
     )
   assert (step, extra, init.calls) == (0, None, 1)
@@ -400,7 +400,7 @@ def test_init_from_loads_only_model_params(tmp_path, mesh, spec, trained):
 def test_scratch_when_nothing_to_restore(tmp_path, mesh, spec):
   init = _Init(mesh)
   with checkpoint.Checkpointer(tmp_path / 'work') as ckpt:
-    step, state, extra = train_loop.restore_or_init(_resume_config(), ckpt, spec, init)
+    step, state, extra, _ = train_loop.restore_or_init(_resume_config(), ckpt, spec, init)
   assert (step, extra, init.calls) == (0, None, 1)
   assert _opt_count(state) == 0
 
@@ -409,11 +409,20 @@ def test_scratch_when_nothing_to_restore(tmp_path, mesh, spec):
 # Signals.
 
 
-def test_sigterm_flag_is_set_and_handler_restored():
-  before = signal.getsignal(signal.SIGTERM)
-  flag = train_loop.SigtermFlag()
-  with flag.installed() as f:
-    assert f is flag and not flag.received
-    os.kill(os.getpid(), signal.SIGTERM)
-    assert flag.received
-  assert signal.getsignal(signal.SIGTERM) == before
+def test_stop_signals_set_the_flag_and_restore_the_handlers():
+  before = {sig: signal.getsignal(sig) for sig in train_loop.StopSignals.SIGNALS}
+  for sig in train_loop.StopSignals.SIGNALS:
+    stop = train_loop.StopSignals()
+    with stop.installed() as f:
+      assert f is stop and stop.received is None
+      os.kill(os.getpid(), sig)
+      assert stop.received == sig
+    assert {s: signal.getsignal(s) for s in train_loop.StopSignals.SIGNALS} == before
+
+
+def test_a_second_ctrl_c_interrupts_at_once():
+  stop = train_loop.StopSignals()
+  with stop.installed():
+    os.kill(os.getpid(), signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)

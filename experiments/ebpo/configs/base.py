@@ -33,7 +33,8 @@ Variants:
          characters + EOS = 4 tokens, which is never penalised; 5-8 tokens get -0.25 .. -1).
   (default): the smoke setup at 300 steps.
 Ablation knobs: rl.estimator (grpo | dr_grpo | rloo | dapo | ebpo), rl.group_size,
-  rl.curriculum (shuffled | clustered | difficulty), rl.ebpo_mode (cumulative | cluster | ewm),
+  rl.curriculum (shuffled | clustered | difficulty), ebpo.mode (cumulative | cluster | ewm),
+  ebpo.half_life, ebpo.ddof, ebpo.standardize (projects/ebpo/losses.py),
   rl.loss_agg, rl.clip_high, rl.kl_coef, rl.num_iterations, rl.overlong_shaping (DAPO's soft
   overlong punishment: rl.overlong_cache_len, rl.overlong_max_len; off by default); e.g.
   base.py:smoke,rl.estimator=grpo,rl.group_size=2.
@@ -43,6 +44,7 @@ import ml_collections
 
 from common import config as config_lib
 from common.rl import loop
+from projects.ebpo import losses
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -67,6 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
   c.data = ml_collections.ConfigDict(dict(task_set='smoke', seed=0, max_train=-1, max_eval=-1))
   c.rl = loop.rl_config()
+  c.ebpo = losses.ebpo_config()
   c.rl.update(
     estimator='ebpo',
     group_size=4,

@@ -1,91 +1,42 @@
-"""The RL loop on a toy copy task with a tiny random decoder: logprob agreement, ratio = 1, the
-all-fail invariant on gradients, every estimator runs, DAPO refills, resume replays the run."""
+"""The RL loop on a toy copy task with a tiny random decoder (tests/common/rl/toy.py): logprob
+agreement, ratio = 1, the all-fail invariant on gradients, every estimator runs, DAPO refills,
+resume replays the run with the estimator's state, 8 devices and 2 processes match 1."""
 
 import dataclasses
 import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
 
 from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 import pytest
 
 from common import checkpoint as ckpt_lib
 from common import config as config_lib
 from common import metrics as metrics_lib
-from common.models import decoder
+from common import sharding
+from common import testing
 from common.rl import advantages as adv_lib
-from common.rl import curriculum
 from common.rl import loop
 from common.rl import loss as loss_lib
+from common.rl import rollout
 from common.sampling import sampler as sampler_lib
+from tests.common.rl import toy
 
-VOCAB = 16
-EOS = 2
-
-
-def _model(seed=0):
-  cfg = decoder.DecoderConfig(
-    vocab_size=VOCAB,
-    d_model=32,
-    num_layers=1,
-    num_heads=2,
-    num_kv_heads=1,
-    head_dim=16,
-    mlp_dim=64,
-  )
-  with nnx.use_eager_sharding(False):
-    return decoder.Decoder(cfg, rngs=nnx.Rngs(seed))
-
-
-def _prompts(n, offset=0):
-  # Prompt [1, (1,) x]: ragged lengths; the answer is to copy x.
-  return [
-    curriculum.Prompt(
-      uid=offset + i,
-      tokens=(1,) * (1 + i % 2) + (3 + i % 8,),
-      cluster=f'c{i % 2}',
-      payload=3 + i % 8,
-    )
-    for i in range(n)
-  ]
-
-
-def _verifier(prompt, completion):
-  return float(len(completion) > 0 and int(completion[0]) == prompt.payload)
-
-
-def _setup(seed=0):
-  return loop.RLSetup(
-    create_model=lambda: _model(seed),
-    tx=optax.adam(3e-2),
-    train_prompts=_prompts(32),
-    eval_prompts=_prompts(8, offset=100),
-    verifier=_verifier,
-    stop_tokens=(EOS,),
-    pad_id=0,
-    mesh=jax.sharding.Mesh(
-      np.array(jax.devices()[:1]).reshape(1, 1, 1), ('data', 'fsdp', 'tensor')
-    ),
-  )
-
-
-def _config(**rl):
-  c = config_lib.base_config()
-  c.rl = loop.rl_config()
-  c.rl.update(prompts_per_step=8, group_size=2, prompt_len=4, max_new_tokens=3, eval_batch=8)
-  c.rl.update(**rl)
-  c.train.update(num_steps=4, log_every=1, eval_every=2)
-  c.checkpoint.update(every_steps=2, async_save=False)
-  return config_lib.finalize(c, {})
+EOS = toy.EOS
+_model, _prompts, _config, _train = toy.model, toy.prompts, toy.config, toy.train
 
 
 def test_training_forward_logprobs_equal_the_samplers():
   model = _model()
   prompts = _prompts(6)
-  tokens, mask = loop.pad_prompts(prompts, 4, 0)
+  tokens, mask = rollout.pad_prompts(prompts, 4, 0)
   gen = sampler_lib.generate(
     model,
     tokens,
@@ -96,8 +47,8 @@ def test_training_forward_logprobs_equal_the_samplers():
     prompt_bucket=4,
   )
   completion, lengths = np.asarray(gen.tokens), np.asarray(gen.lengths)
-  batch = loop.build_batch(np.repeat(tokens, 3, 0), np.repeat(mask, 3, 0), completion, lengths)
-  logp, ent = loop.completion_logprobs(model, jax.device_put(batch), with_entropy=True)
+  batch = rollout.build_batch(np.repeat(tokens, 3, 0), np.repeat(mask, 3, 0), completion, lengths)
+  logp, ent = rollout.completion_logprobs(model, jax.device_put(batch), with_entropy=True)
   valid = batch['completion_mask'] > 0
   assert valid.sum() > 6
   np.testing.assert_allclose(np.asarray(logp)[valid], np.asarray(gen.logprobs)[valid], atol=2e-5)
@@ -108,7 +59,7 @@ def test_training_forward_logprobs_equal_the_samplers():
 
 def _grads(model, batch, **kw):
   def f(m):
-    logp = loop.completion_logprobs(m, batch)
+    logp = rollout.completion_logprobs(m, batch)
     return loss_lib.policy_loss(
       logp, jax.lax.stop_gradient(logp), batch['advantages'], batch['completion_mask'], **kw
     )[0]
@@ -116,25 +67,25 @@ def _grads(model, batch, **kw):
   return nnx.grad(f)(model)
 
 
-def test_all_fail_group_gives_zero_gradient_for_grpo_and_not_for_ebpo():
+def test_all_fail_group_gives_zero_gradient_for_grpo_and_not_with_a_prior_baseline():
   model = _model()
   prompts = _prompts(2)
-  tokens, mask = loop.pad_prompts(prompts, 4, 0)
+  tokens, mask = rollout.pad_prompts(prompts, 4, 0)
   completion = np.array([[5, 6, 2], [7, 2, 0], [3, 3, 3], [4, 2, 0]], np.int32)
   lengths = np.array([3, 2, 3, 2])
-  batch = loop.build_batch(np.repeat(tokens, 2, 0), np.repeat(mask, 2, 0), completion, lengths)
+  batch = rollout.build_batch(np.repeat(tokens, 2, 0), np.repeat(mask, 2, 0), completion, lengths)
   rewards = np.zeros((2, 2), np.float32)  # both groups fail completely
-  a_grpo = np.asarray(adv_lib.grpo(jnp.asarray(rewards))).reshape(-1)
+  a_grpo = adv_lib.GRPO().advantages(rewards, np.ones((2, 2), bool), prompts).values.reshape(-1)
   assert np.all(a_grpo == 0.0)
   for agg in loss_lib.AGGREGATIONS:
     g = _grads(model, dict(batch, advantages=a_grpo), kl_coef=0.0, agg=agg)
     assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree.leaves(g))
-  # EBPO with a prior from earlier successes: A_raw = -S mu_glob != 0, so the gradient is not zero.
-  est = adv_lib.EBPOEstimator(standardize=False)
-  est.update(np.array([[1, 0], [1, 1], [0, 0]], np.float32))
-  _, raw, stats = est.advantages(rewards)
-  assert np.all(raw < 0) and np.all(stats.shrinkage > 0)
-  g = _grads(model, dict(batch, advantages=raw.reshape(-1)), kl_coef=0.0)
+  # A baseline with a prior from earlier successes gives A = r - prior < 0: a nonzero gradient.
+  est = toy.RunningMeanBaseline()
+  est.advantages(np.array([[1, 0], [1, 1]], np.float32), np.ones((2, 2), bool), prompts)
+  a = est.advantages(rewards, np.ones((2, 2), bool), prompts).values.reshape(-1)
+  assert np.all(a < 0)
+  g = _grads(model, dict(batch, advantages=a), kl_coef=0.0)
   assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(g)) > 1e-6
 
 
@@ -178,11 +129,11 @@ def _train_lines(workdir):
   return [{k: v for k, v in r.items() if k not in loop.TIMING_KEYS} for r in rows]
 
 
-@pytest.mark.parametrize('estimator', adv_lib.ESTIMATORS)
+@pytest.mark.parametrize('estimator', sorted(toy.ESTIMATORS))
 def test_every_estimator_trains_with_ratio_one_and_logs_the_metrics(tmp_path, estimator):
-  cfg = _config(estimator=estimator, kl_coef=0.01)
-  res = loop.train(cfg, tmp_path, _setup())
-  assert res['step'] == 4
+  cfg = _config(kl_coef=0.01)
+  res = _train(cfg, tmp_path, toy.setup(estimator))
+  assert res['step'] == 4 and set(res) == {'step', 'train', 'eval'}
   rows = [r for r in metrics_lib.read_jsonl(tmp_path / 'metrics.jsonl') if r['split'] == 'train']
   assert len(rows) == 4
   for r in rows:
@@ -197,59 +148,94 @@ def test_every_estimator_trains_with_ratio_one_and_logs_the_metrics(tmp_path, es
       'grad_norm',
       'rollout_tok_s',
       'update_tok_s',
+      'verifier_failures',
     ):
       assert k in r and np.isfinite(r[k]), k
     assert r['ratio_max_dev'] < 1e-6  # num_iterations=1: behaviour logprobs == training forward
     assert r['behaviour_logp_dev'] < 2e-5  # the sampler's logprobs, not a second forward
   evals = [r for r in metrics_lib.read_jsonl(tmp_path / 'metrics.jsonl') if r['split'] == 'eval']
   assert [r['step'] for r in evals] == [0, 2, 4]
-  if estimator == 'dapo':
-    assert all('dapo_discarded_frac' in r for r in rows)
-  if estimator == 'ebpo':
-    assert all(0 <= r['ebpo_shrinkage'] <= 1 for r in rows)
+  assert all(('dapo_discarded_frac' in r) == (estimator == 'dapo') for r in rows)
+  if estimator == 'running_mean':
+    assert all(0 <= r['running_mean'] <= 1 for r in rows)
+
+
+def test_estimator_names_resolve_at_setup_not_in_the_loop():
+  assert isinstance(loop.estimator_from_config(_config().rl), adv_lib.GRPO)
+  mine = object()
+  assert loop.estimator_from_config(_config(estimator='mine').rl, mine=lambda: mine) is mine
+  with pytest.raises(config_lib.ConfigError, match="rl.estimator='nope'; expected one of dapo"):
+    loop.estimator_from_config(_config(estimator='nope').rl)
+  src = (pathlib.Path(loop.__file__)).read_text()
+  assert 'rl.estimator ==' not in src and "== 'dapo'" not in src and "== 'ebpo'" not in src
 
 
 def test_several_iterations_move_the_ratio_and_clip(tmp_path):
-  cfg = _config(
-    estimator='grpo', num_iterations=3, num_minibatches=2, clip_low=0.01, clip_high=0.01
-  )
-  loop.train(cfg, tmp_path, _setup())
+  cfg = _config(num_iterations=3, num_minibatches=2, clip_low=0.01, clip_high=0.01)
+  _train(cfg, tmp_path, toy.setup('grpo'))
   rows = [r for r in metrics_lib.read_jsonl(tmp_path / 'metrics.jsonl') if r['split'] == 'train']
   assert max(r['clip_frac'] for r in rows) > 0
 
 
-def test_resume_replays_the_uninterrupted_run_with_the_ebpo_state(tmp_path):
+def _extra_at(workdir, step):
+  with ckpt_lib.Checkpointer(workdir / 'checkpoints', async_save=False) as c:
+    args = ocp.args.Composite(extra=ocp.args.JsonRestore())
+    return c._mngr.restore(step, args=args)['extra']  # noqa: SLF001
+
+
+def test_resume_replays_the_uninterrupted_run_with_the_estimator_state(tmp_path):
   full, part = tmp_path / 'full', tmp_path / 'part'
-  cfg = _config(estimator='ebpo', curriculum='clustered', ebpo_mode='cluster')
-  loop.train(cfg, full, _setup())
-  short = _config(estimator='ebpo', curriculum='clustered', ebpo_mode='cluster')
+  cfg = _config(curriculum='clustered')
+  _train(cfg, full, toy.setup('running_mean'))
+  short = _config(curriculum='clustered')
   with short.unlocked():
     short.train.num_steps = 2
-  loop.train(short, part, _setup())
-  loop.train(cfg, part, _setup())  # resumes at step 2 from the checkpoint
+  _train(short, part, toy.setup('running_mean'))
+  _train(cfg, part, toy.setup('running_mean'))  # resumes at step 2 from the checkpoint
   assert _train_lines(full) == _train_lines(part)
-  extras = []
-  for d in (full, part):
-    with ckpt_lib.Checkpointer(d / 'checkpoints', every_steps=2, keep=3, async_save=False) as c:
-      args = ocp.args.Composite(extra=ocp.args.JsonRestore())
-      extras.append(c._mngr.restore(4, args=args)['extra'])  # noqa: SLF001
-  assert extras[0] == extras[1] and json.loads(extras[0]['ebpo'])['num_updates'] == 4
+  extras = [_extra_at(d, 4) for d in (full, part)]
+  assert extras[0] == extras[1] and json.loads(extras[0]['running_mean'])[1] == 4 * 16
+  assert json.loads((full / 'results.json').read_text()) == json.loads(
+    (part / 'results.json').read_text()
+  )
+
+
+def test_a_kill_after_the_last_checkpoint_resumes_to_the_same_results(tmp_path):
+  """Stopped after the final step's checkpoint but before results.json: the re-run restores that
+  checkpoint and writes the uninterrupted run's results (not empty train/eval)."""
+  cfg = _config()
+  done = _train(cfg, tmp_path / 'full', toy.setup())
+  with cfg.unlocked():
+    cfg.debug.sigterm_after_step = 4
+  from common import train_loop  # noqa: PLC0415
+
+  with pytest.raises(train_loop.Preempted, match='step 4'):
+    _train(cfg, tmp_path / 'cut', toy.setup())
+  assert not (tmp_path / 'cut' / 'results.json').exists()
+  with cfg.unlocked():
+    cfg.debug.sigterm_after_step = -1
+  again = _train(cfg, tmp_path / 'cut', toy.setup())
+  assert again == done and again['train'] and again['eval']
 
 
 def test_sharded_run_matches_one_device(tmp_path):
-  """8 fake devices (data=2, fsdp=2, tensor=2) give the 1-device run's rollouts and losses."""
+  """8 fake devices (data=2, fsdp=2, tensor=2) give the 1-device run's rollouts and losses: the
+  update's rows are sharded over data x fsdp (2 x 2), the weights over fsdp and tensor."""
   if jax.device_count() < 8:
     pytest.skip('needs 8 devices')
-  cfg = _config(estimator='ebpo')
+  cfg = _config()
   with cfg.unlocked():
     cfg.train.num_steps = 2
-  one = loop.train(cfg, tmp_path / 'one', _setup())
-  setup = _setup()
-  setup.mesh = jax.sharding.Mesh(
-    np.array(jax.devices()[:8]).reshape(2, 2, 2), ('data', 'fsdp', 'tensor')
-  )
-  eight = loop.train(cfg, tmp_path / 'eight', setup)
-  a, b = _train_lines(tmp_path / 'one'), _train_lines(tmp_path / 'eight')
+  one = _train(cfg, tmp_path / 'one', toy.setup('running_mean'))
+  mesh = sharding.make_mesh([('data', 2), ('fsdp', 2), ('tensor', 2)])
+  eight = _train(cfg, tmp_path / 'eight', toy.setup('running_mean'), mesh=mesh)
+  _assert_same_run(tmp_path / 'one', tmp_path / 'eight')
+  assert one['eval']['pass_at_1'] == eight['eval']['pass_at_1']
+
+
+def _assert_same_run(a_dir, b_dir):
+  """Same rollouts (rewards, lengths: exact), losses and gradient norms to 1e-4 relative."""
+  a, b = _train_lines(a_dir), _train_lines(b_dir)
   assert len(a) == len(b)
   for ra, rb in zip(a, b, strict=True):
     if ra['split'] == 'eval':
@@ -258,7 +244,50 @@ def test_sharded_run_matches_one_device(tmp_path):
     assert ra['reward_mean'] == rb['reward_mean'] and ra['response_len'] == rb['response_len']
     np.testing.assert_allclose(ra['loss'], rb['loss'], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(ra['grad_norm'], rb['grad_norm'], rtol=1e-4)
-  assert one['eval']['pass_at_1'] == eight['eval']['pass_at_1']
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.multiprocess
+def test_two_processes_match_one(tmp_path):
+  """The loop as 2 processes x 4 CPU devices (gloo) == 1 process x 8 devices, same mesh (2, 2, 2):
+  identical rollouts and rewards, losses and gradient norms to 1e-4 relative."""
+
+  def launch(workdir, n):
+    port = _free_port()
+    env = {
+      **os.environ,
+      'JAX_PLATFORMS': 'cpu',
+      'XLA_FLAGS': testing.xla_flags_with_devices(8 // n),
+    }
+    dist = lambda i: (  # noqa: E731
+      [f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={n}', f'--process_id={i}']
+      if n > 1
+      else []
+    )
+    procs = [
+      subprocess.Popen(
+        [sys.executable, '-m', 'tests.common.rl.toy', f'--workdir={workdir}', *dist(i)],
+        cwd=testing.REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+      )
+      for i in range(n)
+    ]
+    for p in procs:
+      _, err = p.communicate(timeout=400)
+      assert p.returncode == 0, err[-3000:]
+
+  launch(tmp_path / 'one', 1)
+  launch(tmp_path / 'two', 2)
+  _assert_same_run(tmp_path / 'one', tmp_path / 'two')
+  assert json.loads((tmp_path / 'two' / 'run.json').read_text())['devices']['processes'] == 2
 
 
 def test_verifier_exceptions_and_non_finite_rewards_score_zero_and_are_counted():
@@ -271,25 +300,28 @@ def test_verifier_exceptions_and_non_finite_rewards_score_zero_and_are_counted()
       return float('nan')
     return 1.0
 
-  counter = loop._Counter()  # noqa: SLF001
+  source = rollout.VerifierRewards(flaky)
   completions = np.array([[5, 0], [5, 6], [7, 0], [7, 8]], np.int32)
   lengths = np.array([1, 2, 1, 2])
-  r = loop.safe_rewards(flaky, prompts, completions, lengths, 2, counter)
-  np.testing.assert_array_equal(r, [[0.0, 1.0], [1.0, 0.0]])
-  assert counter.failures == 2
+  r = source.score(prompts, completions, lengths, 2)
+  np.testing.assert_array_equal(r.sequence, [[0.0, 1.0], [1.0, 0.0]])
+  assert r.token is None and source.failures == 2
+  restored = rollout.VerifierRewards(flaky)
+  restored.load_state_dict(source.state_dict())
+  assert restored.failures == 2
 
 
 def test_difficulty_curriculum_computes_pass_rates_once_and_caches_them(tmp_path):
-  cfg = _config(estimator='ebpo', curriculum='difficulty', difficulty_rollouts=2)
+  cfg = _config(curriculum='difficulty', difficulty_rollouts=2)
   with cfg.unlocked():
     cfg.train.num_steps = 1
   cache = tmp_path / 'rates.json'
-  loop.train(cfg, tmp_path / 'a', _setup(), pass_rates_cache=cache)
+  _train(cfg, tmp_path / 'a', toy.setup(), pass_rates_cache=cache)
   saved = json.loads(cache.read_text())
   assert len(saved['pass_rates']) == 32
   assert all(v in (0.0, 0.5, 1.0) for v in saved['pass_rates'].values())  # K=2 rollouts each
   stamp = cache.stat().st_mtime_ns
-  loop.train(cfg, tmp_path / 'b', _setup(), pass_rates_cache=cache)
+  _train(cfg, tmp_path / 'b', toy.setup(), pass_rates_cache=cache)
   assert cache.stat().st_mtime_ns == stamp  # reused, not recomputed
 
 
@@ -308,12 +340,12 @@ def test_overlong_shaping_adds_the_penalty_to_the_advantages_only(tmp_path):
 
   # Half the vocabulary stops generation, so response lengths vary within a group (with equal
   # lengths the penalty is a per-batch constant that the standardised advantages do not see).
-  setup = dataclasses.replace(_setup(), stop_tokens=tuple(range(2, 10)))
   runs = {}
   for name, cfg in (('off', off), ('on', on)):
     with cfg.unlocked():
       cfg.train.update(num_steps=1, eval_every=0)  # one step is the comparison; keeps it cheap
-    loop.train(cfg, tmp_path / name, setup)
+    setup = dataclasses.replace(toy.setup(), stop_tokens=tuple(range(2, 10)))
+    _train(cfg, tmp_path / name, setup)
     runs[name] = [
       r for r in metrics_lib.read_jsonl(tmp_path / name / 'metrics.jsonl') if r['split'] == 'train'
     ]
@@ -326,4 +358,5 @@ def test_overlong_shaping_adds_the_penalty_to_the_advantages_only(tmp_path):
     assert -1.0 <= r['overlong_penalty'] <= 0.0 and 0.0 < r['overlong_frac'] < 1.0
   assert 'overlong_penalty' not in first_off
   with pytest.raises(config_lib.ConfigError, match='overlong_cache_len'):
-    loop.train(_config(overlong_shaping=True, overlong_cache_len=5), tmp_path / 'bad', _setup())
+    _train(_config(overlong_shaping=True, overlong_cache_len=5), tmp_path / 'bad', toy.setup())
+  assert not (tmp_path / 'bad').exists()  # checked before the run made its workdir

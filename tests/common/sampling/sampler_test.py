@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from common import sharding
-from common import testing
+from common.models import tiny_lm
 from common.sampling import sampler
 from common.sampling import schedules
 
@@ -25,7 +25,7 @@ LENGTHS = (5, 9, 2, 13)
 
 @pytest.fixture(scope='module')
 def lm():
-  return testing.tiny_lm()
+  return tiny_lm.tiny_lm()
 
 
 @pytest.fixture(scope='module')

@@ -1,0 +1,86 @@
+"""The monorepo's cache outside the repo: where derived artefacts live, how they are keyed and written.
+
+Trained fixtures (common.models.tiny_lm, EBPO's warm policy), converted model weights, built TFDS data
+sets, trained tokenizers and the persistent compilation cache all live under `cache_dir()`. A cached
+artefact is keyed by what produced it (`code_fingerprint`: the source of the code that computes it;
+`numerics_fingerprint`: the JAX version, backend, device count and XLA flags, which change the trained
+bits) and written atomically (`atomic_path`, `write_text`, `savez`), so a reader (another process
+starting at the same time) never sees half a file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+import contextlib
+import hashlib
+import inspect
+import json
+import os
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def cache_dir(*parts: str) -> pathlib.Path:
+  """$MONOREPO_CACHE_DIR, else ${XDG_CACHE_HOME:-~/.cache}/meta-jax-monorepo (outside the repo)."""
+  root = os.environ.get('MONOREPO_CACHE_DIR') or (
+    pathlib.Path(os.environ.get('XDG_CACHE_HOME', pathlib.Path.home() / '.cache'))
+    / 'meta-jax-monorepo'
+  )
+  path = pathlib.Path(root, *parts)
+  path.mkdir(parents=True, exist_ok=True)
+  return path
+
+
+def code_fingerprint(*objects: Any) -> str:
+  """16 hex digits of the sha256 of the objects' source (modules, classes, functions), in order.
+
+  Keys a cached artefact by the code that computes it: an edit to that code gives a new key (a
+  recomputation), an edit elsewhere does not.
+  """
+  src = ''.join(inspect.getsource(o) for o in objects)
+  return hashlib.sha256(src.encode()).hexdigest()[:16]
+
+
+def numerics_fingerprint() -> str:
+  """What changes trained bits besides the code: JAX's version, backend, device count and XLA flags.
+
+  XLA compiles differently for 1 and 8 (fake) devices and per flag set and version (measured: the
+  tiny LM's weights differ by 4.8e-7 between a 1-device and an 8-device process). Keying on these
+  keeps a cached model bitwise what this process would train, so a run's results do not depend on
+  which process filled the cache.
+  """
+  return json.dumps(
+    [jax.__version__, jax.default_backend(), jax.device_count(), os.environ.get('XLA_FLAGS', '')]
+  )
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
+  """A temporary path next to `path` to write to; renamed onto `path` when the block succeeds.
+
+  The temporary name is unique per process and keeps the suffix (np.save/np.savez would otherwise
+  append one), so concurrent writers never share it; on an error it is removed and `path` is left
+  as it was.
+  """
+  path = pathlib.Path(path)
+  tmp = path.with_name(f'.{path.stem}.{os.getpid()}.tmp{path.suffix}')
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+  """Writes `text` to `path` atomically."""
+  with atomic_path(path) as tmp:
+    tmp.write_text(text)
+
+
+def savez(path: str | os.PathLike, **arrays: Any) -> None:
+  """np.savez(path, **arrays), atomically; `path` should end in .npz (np.load reads it back)."""
+  with atomic_path(path) as tmp, open(tmp, 'wb') as f:
+    np.savez(f, **arrays)

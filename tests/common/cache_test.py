@@ -1,0 +1,63 @@
+"""Tests for common.cache: the cache directory, fingerprints and atomic writes."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from common import cache
+
+
+def test_cache_dir_is_outside_the_repo_and_honours_the_env(tmp_path, monkeypatch):
+  monkeypatch.setenv('MONOREPO_CACHE_DIR', str(tmp_path / 'cache'))
+  path = cache.cache_dir('tiny_lm', 'x')
+  assert path == tmp_path / 'cache' / 'tiny_lm' / 'x' and path.is_dir()
+
+
+def test_cache_dir_defaults_under_xdg_cache_home(tmp_path, monkeypatch):
+  monkeypatch.delenv('MONOREPO_CACHE_DIR', raising=False)
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
+  assert cache.cache_dir('a') == tmp_path / 'meta-jax-monorepo' / 'a'
+
+
+def _f(x):
+  return x + 1
+
+
+def _g(x):
+  return x + 2
+
+
+def test_code_fingerprint_hashes_the_source_in_order():
+  a = cache.code_fingerprint(_f, _g)
+  assert len(a) == 16 and a == cache.code_fingerprint(_f, _g)
+  assert a != cache.code_fingerprint(_g, _f)
+  assert a != cache.code_fingerprint(_f)
+  assert cache.code_fingerprint(cache) != cache.code_fingerprint(_f)  # modules work too
+
+
+def test_numerics_fingerprint_names_the_device_count_and_flags(monkeypatch):
+  monkeypatch.setenv('XLA_FLAGS', '--xla_foo=1')
+  version, backend, count, flags = json.loads(cache.numerics_fingerprint())
+  assert backend == 'cpu' and count >= 1 and flags == '--xla_foo=1' and version
+
+
+def test_savez_and_write_text_are_atomic(tmp_path):
+  path = tmp_path / 'x.npz'
+  cache.savez(path, a=np.arange(3), b=np.float32(2.0))
+  with np.load(path) as f:
+    assert sorted(f.files) == ['a', 'b'] and f['a'].tolist() == [0, 1, 2]
+  cache.write_text(tmp_path / 'y.json', '{}')
+  assert (tmp_path / 'y.json').read_text() == '{}'
+  assert sorted(os.listdir(tmp_path)) == ['x.npz', 'y.json']  # no temporary file left
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+  path = tmp_path / 'y.json'
+  cache.write_text(path, 'old')
+  with pytest.raises(RuntimeError), cache.atomic_path(path) as tmp:
+    tmp.write_text('half')
+    raise RuntimeError('killed')
+  assert path.read_text() == 'old'
+  assert os.listdir(tmp_path) == ['y.json']
