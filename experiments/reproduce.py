@@ -43,6 +43,7 @@ import pathlib
 import platform
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -311,6 +312,217 @@ def select(papers: Sequence[Paper], only: str, suite: str) -> list[tuple[Paper, 
 
 class UsageError(Exception):
   pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# The shared invariant claims: every paper's runs resume bitwise and shard like one device.
+#
+# Both need fresh processes (a SIGKILL, a different device count), launched exactly as a user would:
+# `python -m experiments.<paper>.main --config=FILE:ARG --workdir=DIR`. A paper declares its
+# launcher once and adds `*reproduce.invariant_claims(launcher, ...)` to its CLAIMS.
+
+
+@dataclasses.dataclass(frozen=True)
+class Launcher:
+  """How a paper's invariant runs start: its main module, config file and smoke arguments."""
+
+  paper: str  # experiments/<paper>/main.py
+  config: str  # experiments/<paper>/configs/<file>.py
+  args: tuple[str, ...]  # variant and overrides of every invariant run, e.g. ('smoke', 'seed=0')
+  timeout_s: int = 900
+
+  def launch(self, workdir: pathlib.Path, *extra: str, devices: int = 1):
+    """`python -m experiments.<paper>.main` in a fresh process with `devices` CPU devices."""
+    flags = [
+      f
+      for f in os.environ.get('XLA_FLAGS', '').split()
+      if not f.startswith('--xla_force_host_platform_device_count')
+    ]
+    env = {
+      **os.environ,
+      'JAX_PLATFORMS': 'cpu',
+      'XLA_FLAGS': ' '.join([*flags, f'--xla_force_host_platform_device_count={devices}']),
+    }
+    arg = ','.join(self.args + extra)
+    cmd = [
+      sys.executable,
+      '-m',
+      f'experiments.{self.paper}.main',
+      f'--config={self.config}:{arg}',
+      f'--workdir={workdir}',
+    ]
+    return subprocess.run(
+      cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=self.timeout_s, check=False
+    )
+
+  def ensure(self, workdir: pathlib.Path, *extra: str, devices: int = 1) -> pathlib.Path:
+    """A finished run in `workdir` (reused when results.json is there: claims share runs)."""
+    if not (workdir / 'results.json').is_file():
+      p = self.launch(workdir, *extra, devices=devices)
+      if p.returncode != 0:
+        raise RuntimeError(f'run in {workdir.name} exited {p.returncode}: {last_line(p)}')
+    return workdir
+
+
+def last_line(p: subprocess.CompletedProcess) -> str:
+  lines = (p.stderr or p.stdout or '').strip().splitlines()
+  return lines[-1][:200] if lines else ''
+
+
+def count_differences(a: Any, b: Any) -> tuple[int, int]:
+  """(leaves that differ bitwise or in presence, leaves compared) of two JSON trees."""
+  if isinstance(a, dict) and isinstance(b, dict):
+    pairs = [count_differences(a.get(k), b.get(k)) for k in sorted(set(a) | set(b))]
+    return sum(d for d, _ in pairs), sum(n for _, n in pairs)
+  if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+    pairs = [count_differences(x, y) for x, y in zip(a, b, strict=True)]
+    return sum(d for d, _ in pairs), sum(n for _, n in pairs)
+  return int(type(a) is not type(b) or a != b), 1
+
+
+def _jsonl(path: pathlib.Path) -> list[dict]:
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _curve(rows: Sequence[Mapping], split: str = 'train', key: str = 'loss'):
+  picked = [(r['step'], r[key]) for r in rows if r.get('split') == split and key in r]
+  return [s for s, _ in picked], [v for _, v in picked]
+
+
+def _max_rel(a: Sequence[float], b: Sequence[float]) -> float:
+  if len(a) != len(b) or not a:
+    raise ValueError(f'cannot compare {len(a)} with {len(b)} values')
+  return max(abs(x - y) / max(abs(y), 1e-30) for x, y in zip(a, b, strict=True))
+
+
+def invariant_claims(
+  launcher: Launcher,
+  *,
+  kill_after_step: int,
+  sharded_mesh: tuple[str, ...] = ('mesh.data=2', 'mesh.fsdp=2', 'mesh.tensor=2'),
+  first_steps: int = 5,
+  first_rtol: float = 1e-5,
+  final_rtol: float | None = None,
+  final_splits: tuple[str, ...] = ('train', 'eval'),
+  ignore_keys: tuple[str, ...] = (),
+) -> list[Claim]:
+  """The architecture doc's invariants as claims, on `launcher`'s smoke runs in both suites (they
+  are properties of the code, not of scale):
+
+    resume_bitwise: a run SIGKILLed right after step `kill_after_step` (between checkpoints) and
+      resumed with the same command writes exactly the uninterrupted run's metrics.jsonl and
+      results.json (values differing, must be 0; `ignore_keys`: wall-clock speeds).
+    sharded_first_steps: 8 devices (`sharded_mesh`) vs 1 device, the first `first_steps` per-step
+      train losses to `first_rtol` relative (the launcher's args must log every step).
+    sharded_final_loss (when `final_rtol`): the final losses of `final_splits` to `final_rtol`
+      (Adam amplifies rounding differences over a run).
+  """
+  name = launcher.paper
+
+  def run(root, label, *extra, devices=1):
+    return launcher.ensure(root / label, *extra, devices=devices)
+
+  def rows(workdir):
+    return [
+      {k: v for k, v in r.items() if k not in ignore_keys}
+      for r in _jsonl(workdir / 'metrics.jsonl')
+    ]
+
+  def results(workdir):
+    res = json.loads((workdir / 'results.json').read_text())
+    return {k: {m: v for m, v in res[k].items() if m not in ignore_keys} for k in ('train', 'eval')}
+
+  def measure_resume(suite, root):
+    del suite
+    ref = run(root, 'invariant_1dev')
+    workdir = root / 'invariant_killed'
+    if not (workdir / 'results.json').is_file():
+      killed = launcher.launch(workdir, f'debug.kill_after_step={kill_after_step}')
+      if killed.returncode != -signal.SIGKILL:
+        raise RuntimeError(f'expected SIGKILL after step {kill_after_step}: {last_line(killed)}')
+      logged = max((r['step'] for r in _jsonl(workdir / 'metrics.jsonl')), default=0)
+      if logged != kill_after_step:
+        raise RuntimeError(f'the killed run logged up to step {logged}, not {kill_after_step}')
+      launcher.ensure(workdir)  # the same command again: resumes from the last checkpoint
+    diff, compared = count_differences(
+      {'metrics': rows(ref), 'results': results(ref)},
+      {'metrics': rows(workdir), 'results': results(workdir)},
+    )
+    detail = (
+      f'{compared} values compared (every metrics.jsonl line and results.json train/eval'
+      f'{", speeds excluded" if ignore_keys else ""}); the run was SIGKILLed after step '
+      f'{kill_after_step} and resumed from its last checkpoint.'
+    )
+    plot = Plot(
+      title=f'{name}: SIGKILL + resume vs uninterrupted (smoke)',
+      xlabel='step',
+      ylabel='train loss',
+      curves={'uninterrupted': _curve(rows(ref)), 'killed + resumed': _curve(rows(workdir))},
+    )
+    return Measurement({'seed=0': diff}, detail, plot)
+
+  def sharded(root):
+    return run(root, 'invariant_8dev', *sharded_mesh, devices=8)
+
+  def measure_first_steps(suite, root):
+    del suite
+    ref, eight = run(root, 'invariant_1dev'), sharded(root)
+    a, b = _curve(rows(eight))[1][:first_steps], _curve(rows(ref))[1][:first_steps]
+    plot = Plot(
+      title=f'{name}: 8 devices vs 1 device (smoke)',
+      xlabel='step',
+      ylabel='train loss',
+      curves={'1 device': _curve(rows(ref)), '8 devices': _curve(rows(eight))},
+    )
+    detail = f'max relative difference of the first {first_steps} per-step train losses.'
+    return Measurement({'seed=0': _max_rel(a, b)}, detail, plot)
+
+  def measure_final(suite, root):
+    del suite
+    ref, eight = results(run(root, 'invariant_1dev')), results(sharded(root))
+    pairs = {k: (eight[k]['loss'], ref[k]['loss']) for k in final_splits}
+    detail = 'max relative difference of the final losses: ' + ', '.join(
+      f'{k} {a:.6f} vs {b:.6f}' for k, (a, b) in pairs.items()
+    )
+    return Measurement(
+      {'seed=0': _max_rel([a for a, _ in pairs.values()], [b for _, b in pairs.values()])}, detail
+    )
+
+  mesh = ' x '.join(m.split('=')[1] for m in sharded_mesh)
+  claims = [
+    Claim(
+      name='resume_bitwise',
+      kind=INVARIANT,
+      paper_figure='architecture doc: a killed and resumed run replays exactly',
+      measure=measure_resume,
+      rule=AllWithin(0.0),
+      unit='values differ',
+    ),
+    Claim(
+      name='sharded_first_steps',
+      kind=INVARIANT,
+      paper_figure=(
+        f'architecture doc: first steps on 8 devices ({mesh}) == 1 device to {first_rtol:g}'
+      ),
+      measure=measure_first_steps,
+      rule=AllWithin(first_rtol),
+      unit='max relative difference',
+    ),
+  ]
+  if final_rtol is not None:
+    claims.append(
+      Claim(
+        name='sharded_final_loss',
+        kind=INVARIANT,
+        paper_figure=f'architecture doc: final smoke loss sharded == 1 device to {final_rtol:g}',
+        measure=measure_final,
+        rule=AllWithin(final_rtol),
+        unit='max relative difference',
+      )
+    )
+  return claims
 
 
 # ---------------------------------------------------------------------------------------------------
