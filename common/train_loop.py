@@ -86,7 +86,7 @@ def abstract_state(
   captured = {}
 
   def split():
-    with nnx.use_eager_sharding(False):
+    with sharding.unsharded():
       captured['graphdef'], state = nnx.split(create_fn())
     return state
 
@@ -107,7 +107,7 @@ def init_state(
   spec = abstract_state(create_fn, mesh, rules)
 
   def create():
-    with nnx.use_eager_sharding(False):
+    with sharding.unsharded():
       return nnx.split(create_fn())[1]
 
   with jax.set_mesh(mesh):
@@ -545,7 +545,7 @@ class Run:
     if exc is None:
       status = 'finished' if self.finished else 'stopped'
     elif isinstance(exc, Preempted):
-      status = 'preempted'
+      status = 'interrupted' if exc.signum == signal.SIGINT else 'preempted'
     elif isinstance(exc, KeyboardInterrupt):
       status = 'interrupted'
     else:

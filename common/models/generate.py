@@ -75,6 +75,20 @@ def check_args(args: argparse.Namespace) -> None:
     raise errors.UserError('--top_k/--top_p need --temperature > 0 (temperature 0 is greedy)')
 
 
+def check_lengths(ids: list[list[int]], max_new_tokens: int, context: int | None) -> None:
+  """Every prompt has a token, and prompt + reply fit the model's context (the KV cache is
+  allocated for that many positions up front: 10^8 new tokens would ask for ~77 GB)."""
+  empty = [i for i, x in enumerate(ids) if not x]
+  if empty:
+    raise errors.UserError(f'prompt {empty[0]} is empty: nothing to continue (give some text)')
+  longest = max(len(x) for x in ids)
+  if context is not None and longest + max_new_tokens > context:
+    raise errors.UserError(
+      f'the longest prompt ({longest} tokens) plus --max_new_tokens={max_new_tokens} exceeds the '
+      f"model's context of {context} tokens; use --max_new_tokens <= {max(context - longest, 0)}"
+    )
+
+
 def read_prompts(args: argparse.Namespace) -> list[str]:
   prompts = list(args.prompt)
   if args.batch_file:
@@ -108,6 +122,11 @@ def main(argv=None) -> int:
   if raw and not args.raw:
     print(f'note: {args.model} has no chat template; continuing the raw text', file=sys.stderr)
   ids = encode(tokenizer, prompts, raw=raw, system=args.system)
+  try:
+    check_lengths(ids, args.max_new_tokens, loader.context_length(args.model))
+  except errors.UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
   pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
   stops = tuple(tokenizer.stop_ids) or ((tokenizer.eos_id,) if tokenizer.eos_id is not None else ())
   config = sampler.SamplingConfig(

@@ -322,6 +322,13 @@ def _read_record(directory: pathlib.Path) -> dict:
   return json.loads((directory / 'model.json').read_text())
 
 
+def context_length(name_or_path: str | os.PathLike) -> int | None:
+  """The model's trained context (GGUF `<arch>.context_length`), or None when the file omits it."""
+  record = _read_record(converted_dir(name_or_path))
+  value = record['metadata'].get(f'{record["architecture"]}.context_length')
+  return int(value) if value is not None else None
+
+
 def load_config(name_or_path: str | os.PathLike, **overrides) -> decoder.DecoderConfig:
   """The DecoderConfig of a model (converting it on first use); overrides e.g. dtype='bfloat16'."""
   cfg = decoder.DecoderConfig.from_dict(_read_record(converted_dir(name_or_path))['config'])
@@ -377,7 +384,7 @@ def abstract_model(cfg: decoder.DecoderConfig) -> nnx.Module:
   captured = {}
 
   def split():
-    with nnx.use_eager_sharding(False):
+    with sharding.unsharded():
       captured['graphdef'], state = nnx.split(decoder.Decoder(cfg, rngs=nnx.Rngs(0)))
     return state
 

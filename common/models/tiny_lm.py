@@ -23,6 +23,7 @@ import optax
 from common import cache
 from common import data
 from common import losses
+from common import sharding
 from common.models import decoder
 
 
@@ -65,7 +66,7 @@ def _train_tiny_lm(cfg: TinyLMConfig) -> tuple[dict, list[float]]:
   """Trains on one device (no mesh) and returns (pure parameter dict, loss curve)."""
   lang = data.MarkovLanguage(cfg.vocab_size, cfg.seq_len, seed=cfg.language_seed)
   dcfg = decoder_config(cfg)
-  with nnx.use_eager_sharding(False):
+  with sharding.unsharded():
     model = decoder.Decoder(dcfg, rngs=nnx.Rngs(cfg.seed))
     warmup = min(30, cfg.steps // 10)
     tx = optax.adamw(
@@ -120,7 +121,7 @@ def tiny_lm(cfg: TinyLMConfig | None = None, **overrides) -> TinyLM:
     ).encode()
   ).hexdigest()[:20]
   path = cache.cache_dir('tiny_lm') / f'{key}.npz'
-  with nnx.use_eager_sharding(False):
+  with sharding.unsharded():
     model = decoder.Decoder(decoder_config(cfg), rngs=nnx.Rngs(cfg.seed))
   template = nnx.state(model, nnx.Param).to_pure_dict()
   if path.exists():

@@ -195,3 +195,17 @@ def test_qwen_coder_writes_a_function_that_passes_the_assert(tmp_path):
     [sys.executable, '-I', str(script)], capture_output=True, text=True, timeout=30, check=False
   )
   assert p.returncode == 0 and 'assert passed' in p.stdout, p.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+  'flags, match',
+  [
+    (['--raw', '--prompt='], 'prompt 0 is empty'),
+    (['--prompt=hi', '--max_new_tokens=100000000'], "exceeds the model's context of 64 tokens"),
+  ],
+)
+def test_empty_raw_prompt_and_a_reply_past_the_context_are_one_line(
+  tiny_gguf, capsys, flags, match
+):
+  assert generate.main([f'--model={tiny_gguf}', *flags]) == 2
+  assert re.search(match, _one_error_line(capsys))
