@@ -1,8 +1,10 @@
 """Where results go: `metrics.jsonl` + TensorBoard events in the workdir, progress lines in the log.
 
-Only process 0 writes. On resume the writer drops metric lines past the restored step (they came
-from work that is about to be redone) and TensorBoard purges the same steps, so a killed-and-resumed
-run leaves the same files as an uninterrupted one.
+Only process 0 writes. Each metrics.jsonl line is `{"step", "split", "time", ...metrics}`, `time`
+being the wall clock (Unix seconds) when it was written. On resume the writer drops metric lines
+past the restored step (they came from work that is about to be redone) and TensorBoard purges the
+same steps, so a killed-and-resumed run leaves the same metrics as an uninterrupted one; only the
+wall-clock stamps differ, and `read_jsonl` leaves them out unless asked (`wall_clock=True`).
 """
 
 from __future__ import annotations
@@ -30,11 +32,19 @@ def _scalar(v: Any) -> float | int | str:
   return x if isinstance(x, int) and not isinstance(x, bool) else float(x)
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
+WALL_CLOCK = 'time'  # the stamp a replay cannot reproduce
+
+
+def read_jsonl(path: str | os.PathLike, *, wall_clock: bool = False) -> list[dict]:
+  """The lines of a metrics.jsonl, without their wall-clock stamps unless `wall_clock`."""
   p = pathlib.Path(path)
   if not p.exists():
     return []
-  return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+  rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+  if not wall_clock:
+    for r in rows:
+      r.pop(WALL_CLOCK, None)
+  return rows
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -58,7 +68,11 @@ class MetricWriter:
       return
     # Rows past the resumed step are replayed; a fresh start (step 0) replays everything, including
     # a step-0 evaluation of the initial state.
-    kept = [r for r in read_jsonl(self.path) if resume_step and r.get('step', 0) <= resume_step]
+    kept = [
+      r
+      for r in read_jsonl(self.path, wall_clock=True)
+      if resume_step and r.get('step', 0) <= resume_step
+    ]
     tmp = self.path.with_suffix('.jsonl.tmp')
     tmp.write_text(''.join(json.dumps(r, sort_keys=True) + '\n' for r in kept))
     os.replace(tmp, self.path)
@@ -74,11 +88,12 @@ class MetricWriter:
     )
 
   def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> dict:
+    """Appends one line (with its wall-clock stamp) and the scalars; returns the metrics record."""
     record = {'step': int(step), 'split': split, **{k: _scalar(v) for k, v in metrics.items()}}
     if not self.enabled:
       return record
     with self.path.open('a') as f:
-      f.write(json.dumps(record, sort_keys=True) + '\n')
+      f.write(json.dumps({**record, WALL_CLOCK: round(time.time(), 3)}, sort_keys=True) + '\n')
     for k, v in record.items():
       if k not in ('step', 'split') and isinstance(v, float | int):
         self._tb.add_scalar(f'{split}/{k}', v, int(step))
@@ -128,11 +143,22 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-  """Steps/s over the last reporting window and an ETA for the remaining steps."""
+  """Steps/s over the last reporting window and an ETA for the remaining steps.
+
+  The first step of a process compiles (tens of seconds for a real model), so a rate that includes
+  it predicts nothing: the loop calls `compiled(step)` once the first step's program is built, and
+  the first window is measured from there. Until then a line says it includes compilation.
+  """
 
   def __init__(self, start_step: int, num_steps: int):
     self.num_steps = num_steps
     self._last_step, self._last_time = start_step, time.perf_counter()
+    self._compiled = False
+
+  def compiled(self, step: int) -> None:
+    """Compilation is over; `step` steps are done (or dispatched): rates start here."""
+    self._last_step, self._last_time = step, time.perf_counter()
+    self._compiled = True
 
   def update(self, step: int) -> dict[str, float]:
     now = time.perf_counter()
@@ -140,7 +166,7 @@ class Progress:
     rate = (step - self._last_step) / dt
     self._last_step, self._last_time = step, now
     eta = (self.num_steps - step) / rate if rate > 0 else float('inf')
-    return {'steps_per_sec': rate, 'eta_sec': eta}
+    return {'steps_per_sec': rate, 'eta_sec': eta, 'with_compile': not self._compiled}
 
   @staticmethod
   def line(
@@ -151,10 +177,12 @@ class Progress:
       for k, v in metrics.items()
       if k not in ('step', 'split')
     )
-    return (
-      f'step {step}/{num_steps} {shown} | {speed["steps_per_sec"]:.2f} steps/s '
-      f'ETA {format_duration(speed["eta_sec"])}'
+    eta = (
+      'ETA after compilation'
+      if speed.get('with_compile')
+      else f'ETA {format_duration(speed["eta_sec"])}'
     )
+    return f'step {step}/{num_steps} {shown} | {speed["steps_per_sec"]:.2f} steps/s {eta}'
 
 
 def log(msg: str, *args) -> None:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -458,6 +459,11 @@ class FitResult:
   train: dict
   eval: dict
 
+  @classmethod
+  def of_finished(cls, run: Run) -> FitResult:
+    """The result of a run that had already finished (its results.json; no state)."""
+    return cls(run.results['step'], None, None, run.results['train'], run.results['eval'])
+
 
 class Run:
   """One run's infrastructure, built once and shared by every loop (supervised `fit`, the RL loop,
@@ -665,13 +671,24 @@ class Run:
       '%s', metrics_lib.Progress.line(step, self.num_steps, shown, progress.update(step))
     )
 
-  def log_eval(self, step: int, metrics: Mapping[str, Any]) -> None:
-    self.write(step, 'eval', metrics)
-    metrics_lib.log('step %d eval %s', step, {k: round(float(v), 5) for k, v in metrics.items()})
+  def evaluate(self, step: int, fn: Callable[[], Mapping[str, Any]]) -> dict:
+    """Runs an evaluation, announced (it can take minutes) and timed, and writes its metrics."""
+    metrics_lib.log('step %d: evaluating', step)
+    t0 = time.perf_counter()
+    out = dict(fn())
+    self.write(step, 'eval', out)
+    shown = {k: round(float(v), 5) for k, v in out.items()}
+    metrics_lib.log('step %d eval %s (%.1f s)', step, shown, time.perf_counter() - t0)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
 # The standard loop.
+
+
+def lr_at(learning_rate: float | Callable[[int], Any], step: int) -> float:
+  """The rate the update of (1-based) `step` used."""
+  return float(learning_rate(step - 1) if callable(learning_rate) else learning_rate)
 
 
 def _mean_metrics(history: list[tuple[int, dict]]) -> dict:
@@ -688,6 +705,7 @@ def fit(
   eval_fn: Callable[[nnx.Module, int], Mapping[str, float]] | None = None,
   initial_state: Callable[[ShardedState], Any] | None = None,
   on_end: Callable[[nnx.Module, int], None] | None = None,
+  learning_rate: float | Callable[[int], Any] | None = None,
 ) -> FitResult:
   """Trains `create_state()` on `train_iter` with `loss_fn` for config.train.num_steps steps.
 
@@ -699,9 +717,11 @@ def fit(
     from-scratch `init_state(create_state)`. `config.checkpoint.init_from` still applies on top.
   on_end(model, step): runs once after the last step, before results.json (e.g. exporting adapters),
     so a run stopped in between does it again when resumed.
+  learning_rate: the optimizer's rate or schedule (common.optim.learning_rate), logged as `lr`: the
+    rate of the window's last update (optax counts updates from 0, so step s used schedule(s - 1)).
   """
   if run.finished:
-    return FitResult(run.results['step'], None, None, run.results['train'], run.results['eval'])
+    return FitResult.of_finished(run)
   config, mesh, rules = run.config, run.mesh, run.rules
   spec = abstract_state(create_state, mesh, rules)
   metrics_lib.log(
@@ -724,8 +744,7 @@ def fit(
     last_train: dict = dict(meta.get('train', {}))
     last_eval: dict = dict(meta.get('eval', {}))
     if eval_fn is not None and start == 0 and config.train.get('eval_at_start', False):
-      last_eval = dict(eval_fn(model_of(spec.graphdef, state), 0))
-      run.log_eval(0, last_eval)
+      last_eval = run.evaluate(0, lambda: eval_fn(model_of(spec.graphdef, state), 0))
 
     def check(items):
       for step, m in items:
@@ -737,20 +756,26 @@ def fit(
       check(history)  # never checkpoint a diverged state
       run.save(step, state, data_iter=train_iter, meta={'train': last_train, 'eval': last_eval})
 
+    metrics_lib.log('steps %d-%d: the first one compiles the train step', start + 1, run.num_steps)
     for step in range(start + 1, run.num_steps + 1):
       batch = sharding.to_global(next(train_iter), mesh, rules)
       state, m = train_step(state, batch, step_key(config.seed, step, 'train'))
+      if step == start + 1:
+        progress.compiled(start)  # compiled on this call; it may still be running
       history.append((step, m))
       if run.should_log(step):
         history = jax.device_get(history)
         check(history)
         last_train = _mean_metrics(history)
+        if learning_rate is not None:
+          last_train['lr'] = lr_at(learning_rate, step)
         run.write(step, 'train', last_train)
         run.log_progress(progress, step, last_train)
         history = []
       if eval_fn is not None and run.should_eval(step):
-        last_eval = dict(eval_fn(model_of(spec.graphdef, state), step))
-        run.log_eval(step, last_eval)
+        last_eval = run.evaluate(
+          step, functools.partial(eval_fn, model_of(spec.graphdef, state), step)
+        )
       if run.should_save(step):
         save(step)
       run.end_step(step, lambda step=step: save(step))

@@ -381,9 +381,12 @@ def count_differences(a: Any, b: Any) -> tuple[int, int]:
 
 
 def _jsonl(path: pathlib.Path) -> list[dict]:
+  """metrics.jsonl lines without their wall-clock stamp (common.metrics.WALL_CLOCK; not imported
+  here so that JAX starts only after setup_jax_environment)."""
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return [{k: v for k, v in r.items() if k != 'time'} for r in rows]
 
 
 def _curve(rows: Sequence[Mapping], split: str = 'train', key: str = 'loss'):

@@ -252,3 +252,42 @@ def test_library_code_does_not_import_test_helpers():
         if name == 'common.testing' or name.startswith('common.testing.'):
           bad.append(f'{path.relative_to(ROOT)}: imports {name}')
   assert bad == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# One paper layout: knowing one paper's folder means knowing them all.
+
+PAPER_FILES = ('models.py', 'losses.py', 'input_pipeline.py', 'evaluate.py', 'train.py')
+EXPERIMENT_FILES = ('main.py', 'claims.py')
+
+
+def _papers() -> list[str]:
+  return sorted(p.name for p in (ROOT / 'projects').iterdir() if (p / '__init__.py').is_file())
+
+
+@pytest.mark.parametrize('paper', _papers())
+def test_every_paper_has_the_same_rooms(paper):
+  project, experiment = ROOT / 'projects' / paper, ROOT / 'experiments' / paper
+  missing = [f for f in PAPER_FILES if not (project / f).is_file()]
+  missing += [
+    f'experiments/{paper}/{f}' for f in EXPERIMENT_FILES if not (experiment / f).is_file()
+  ]
+  if not (experiment / 'configs').is_dir():
+    missing.append(f'experiments/{paper}/configs/')
+  if not (project / 'README.md').is_file():
+    missing.append('README.md')
+  assert not missing, f'projects/{paper} lacks {missing}'
+  for name in PAPER_FILES:  # a short file is fine, an empty one says nothing
+    assert ast.get_docstring(ast.parse((project / name).read_text())), f'{paper}/{name}: docstring'
+
+
+def _has_main_block(path: pathlib.Path) -> bool:
+  for node in ast.parse(path.read_text()).body:
+    if isinstance(node, ast.If) and '__main__' in ast.unparse(node.test):
+      return True
+  return False
+
+
+def test_scripts_live_in_experiments_not_projects():
+  scripts = [str(p.relative_to(ROOT)) for p in ROOT.glob('projects/**/*.py') if _has_main_block(p)]
+  assert not scripts, f'command-line scripts belong in experiments/<p>/: {scripts}'

@@ -108,6 +108,8 @@ class RLSetup:
   stop_tokens: tuple[int, ...] = ()
   pad_id: int = 0
   decode: Callable[[np.ndarray], str] | None = None  # for logged sample completions
+  # The optimizer's rate or schedule (common.optim.learning_rate), logged as `lr`.
+  learning_rate: float | Callable[[int], Any] | None = None
 
 
 def estimator_from_config(rl: ml_collections.ConfigDict, **extra: Callable[[], Any]):
@@ -349,23 +351,28 @@ def _loop(ctx: _Context, state, start: int, meta: dict) -> dict[str, Any]:
     run.save(step, state, extra=extra_state(), meta={'train': last_train, 'eval': last_eval})
 
   def evaluate(step):
-    out = evaluate_lib.greedy_pass_at_1(
-      train_loop.model_of(ctx.spec.graphdef, state),
-      setup.eval_prompts,
-      batch=rl.eval_batch,
-      sampling=ctx.sampling,
-      rewards=setup.rewards,
-      mesh=run.mesh,
-      rules=run.rules,
+    return run.evaluate(
+      step,
+      lambda: evaluate_lib.greedy_pass_at_1(
+        train_loop.model_of(ctx.spec.graphdef, state),
+        setup.eval_prompts,
+        batch=rl.eval_batch,
+        sampling=ctx.sampling,
+        rewards=setup.rewards,
+        mesh=run.mesh,
+        rules=run.rules,
+      ),
     )
-    run.write(step, 'eval', out)
-    metrics_lib.log('step %d eval %s', step, {k: round(v, 4) for k, v in out.items()})
-    return out
 
   if start == 0 and setup.eval_prompts and run.config.train.eval_every > 0:
     last_eval = evaluate(0)
+  metrics_lib.log(
+    'steps %d-%d: the first one compiles the sampler and the update', start + 1, run.num_steps
+  )
   for step in range(start + 1, run.num_steps + 1):
     state, metrics = _step(ctx, state, step)
+    if step == start + 1:
+      progress.compiled(step)  # rates from the second step on (steps here are synchronous)
     run.check_finite(step, metrics['loss'])
     last_train = metrics
     if run.should_log(step):
@@ -459,6 +466,9 @@ def _step(ctx: _Context, state, step: int):
   }
   if discarded is not None:
     metrics['dapo_discarded_frac'] = discarded
+  if setup.learning_rate is not None:  # the rate of this step's last optimizer update
+    updates = step * rl.num_iterations * rl.num_minibatches
+    metrics['lr'] = train_loop.lr_at(setup.learning_rate, updates)
   if rl.overlong_shaping:
     metrics['overlong_penalty'] = float(penalty[group_mask].mean()) if group_mask.any() else 0.0
     metrics['overlong_frac'] = float((penalty[group_mask] < 0).mean()) if group_mask.any() else 0.0

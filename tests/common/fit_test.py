@@ -338,3 +338,20 @@ def _one_device():
   from common import sharding  # noqa: PLC0415
 
   return sharding.make_mesh([('data', 1)], devices=jax.devices()[:1])
+
+
+def test_the_learning_rate_is_logged_at_each_window(tmp_path):
+  import optax  # noqa: PLC0415
+
+  schedule = optax.linear_schedule(0.1, 0.0, 20)
+  with train_loop.Run(make_config(), tmp_path, mesh=_one_device()) as run:
+    train_loop.fit(
+      run,
+      create_state=lambda: train_loop.TrainState(Linear(nnx.Rngs(0)), optax.sgd(schedule)),
+      loss_fn=loss_fn,
+      train_iter=data.batch_iterator(Regression(), global_batch_size=4),
+      learning_rate=schedule,
+    )
+  rows = [json.loads(x) for x in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  lrs = [(r['step'], r['lr']) for r in rows if r['split'] == 'train']
+  assert lrs == [(10, pytest.approx(0.1 * 11 / 20)), (20, pytest.approx(0.1 * 1 / 20))]

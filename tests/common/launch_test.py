@@ -22,6 +22,7 @@ import time
 
 import pytest
 
+from common import metrics
 from common import testing
 
 CONFIG = 'experiments/lm_pretrain/configs/base.py'
@@ -62,9 +63,12 @@ def run(workdir, *overrides, flags=(), timeout=300):
   )
 
 
-def _files(workdir: pathlib.Path) -> dict[str, str]:
+def _files(workdir: pathlib.Path) -> dict[str, object]:
+  """What a replay must reproduce: every metric line (without its wall-clock stamp), results.json
+  and config.json, as written."""
   return {
-    name: (workdir / name).read_text() for name in ('metrics.jsonl', 'results.json', 'config.json')
+    'metrics': metrics.read_jsonl(workdir / 'metrics.jsonl'),
+    **{name: (workdir / name).read_text() for name in ('results.json', 'config.json')},
   }
 
 

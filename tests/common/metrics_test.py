@@ -4,6 +4,7 @@ import json
 import math
 import os
 import pathlib
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -24,12 +25,17 @@ def test_writer_appends_jsonl_lines_with_step_and_split(tmp_path):
   w.close()
   assert rec == {'step': 1, 'split': 'train', 'loss': 2.5, 'n': 7, 'note': 'x'}
   assert type(rec['loss']) is float and type(rec['n']) is int
-  lines = (tmp_path / 'metrics.jsonl').read_text().splitlines()
-  assert [json.loads(ln) for ln in lines] == [
+  lines = [json.loads(ln) for ln in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  stamps = [ln.pop('time') for ln in lines]
+  assert all(abs(t - time.time()) < 600 for t in stamps)  # wall clock, Unix seconds
+  assert lines == [
     {'step': 1, 'split': 'train', 'loss': 2.5, 'n': 7, 'note': 'x'},
     {'step': 2, 'split': 'eval', 'acc': 0.75},
   ]
-  assert metrics.read_jsonl(tmp_path / 'metrics.jsonl') == [json.loads(ln) for ln in lines]
+  assert metrics.read_jsonl(tmp_path / 'metrics.jsonl') == lines
+  assert [
+    r['time'] for r in metrics.read_jsonl(tmp_path / 'metrics.jsonl', wall_clock=True)
+  ] == stamps
 
 
 def test_writer_rejects_non_scalar_metrics(tmp_path):
@@ -164,15 +170,21 @@ def test_progress_rate_and_eta(monkeypatch):
   now = [100.0]
   monkeypatch.setattr(metrics.time, 'perf_counter', lambda: now[0])
   p = metrics.Progress(start_step=10, num_steps=100)
-  now[0] = 104.0
+  now[0] = 190.0
+  first = p.update(11)  # the first step compiled for 90 s: no ETA from that
+  assert first['with_compile']
+  assert metrics.Progress.line(11, 100, {}, first).endswith('0.01 steps/s ETA after compilation')
+  p.compiled(10)  # the first step's program is built (it may still be running)
+  now[0] = 194.0
   speed = p.update(30)  # 20 steps in 4 s
+  assert not speed['with_compile']
   assert speed['steps_per_sec'] == pytest.approx(5.0)
   assert speed['eta_sec'] == pytest.approx(14.0)  # 70 steps left at 5/s
-  now[0] = 105.0
+  now[0] = 195.0
   speed = p.update(40)  # the rate is over the last window only: 10 steps in 1 s
   assert speed['steps_per_sec'] == pytest.approx(10.0)
   assert speed['eta_sec'] == pytest.approx(6.0)
-  now[0] = 106.0
+  now[0] = 196.0
   assert math.isinf(p.update(40)['eta_sec'])
   line = metrics.Progress.line(40, 100, {'step': 40, 'loss': 1.234567, 'n': 3}, speed)
   assert line == 'step 40/100 loss=1.235 n=3 | 10.00 steps/s ETA 6s'
