@@ -148,12 +148,13 @@ def to_dict(config: ml_collections.ConfigDict | Mapping) -> dict:
   return json.loads(json.dumps(config, default=list, sort_keys=True))
 
 
-def _flatten(d: Mapping, prefix: str = '') -> dict[str, Any]:
+def flatten(d: Mapping, prefix: str = '') -> dict[str, Any]:
+  """{'a.b': value} of a nested mapping, in its order."""
   out = {}
   for k, v in d.items():
     key = f'{prefix}{k}'
     if isinstance(v, Mapping):
-      out.update(_flatten(v, key + '.'))
+      out.update(flatten(v, key + '.'))
     else:
       out[key] = v
   return out
@@ -167,7 +168,7 @@ def resume_differences(
   saved: Mapping, current: Mapping, allow: Iterable[str] = RESUME_MUTABLE
 ) -> list[str]:
   """Dotted keys whose values differ between two config dicts, ignoring the allow-list."""
-  a, b = _flatten(to_dict(saved)), _flatten(to_dict(current))
+  a, b = flatten(to_dict(saved)), flatten(to_dict(current))
   keys = sorted(set(a) | set(b))
   return [
     k for k in keys if a.get(k, '<absent>') != b.get(k, '<absent>') and not _mutable(k, allow)

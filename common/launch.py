@@ -15,7 +15,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import difflib
+import json
 import os
+import pathlib
 import sys
 from typing import Any
 
@@ -166,10 +168,50 @@ def parse_flags(argv: list[str]) -> list[str]:
   ml_collections raises AttributeError for an unknown `--config.x` and absl wraps errors from the
   config file; both would otherwise end in a traceback or a multi-line FATAL message.
   """
+  if any(a in ('--help', '-h', '--helpshort') for a in argv[1:]):
+    print(help_text(argv))
+    sys.exit(0)
   try:
     return flags.FLAGS(argv)
   except (AttributeError, flags.Error, errors.UserError, KeyError, TypeError, ValueError) as e:
     _fail(_unknown_override(argv) or _one_line(e))
+
+
+def help_text(argv: list[str]) -> str:
+  """Usage, the launcher's flags, and, when --config is given, every config key with its value."""
+  module = pathlib.Path(argv[0]).parent.name if argv and argv[0].endswith('main.py') else '<p>'
+  lines = [
+    f'usage: python -m experiments.{module}.main --config=FILE.py[:variant,key=value] --workdir=DIR',
+    '       [--config.KEY=VALUE ...] [--coordinator_address=H:P --num_processes=N --process_id=I]',
+    '',
+    'flags:',
+  ]
+  for name in (
+    'config',
+    'workdir',
+    'coordinator_address',
+    'num_processes',
+    'process_id',
+    'jax_distributed',
+    'cpu_collectives',
+  ):
+    flag = flags.FLAGS[name]
+    lines.append(
+      f'  --{name}: {flag.help}' + (f' (default: {flag.default})' if flag.default else '')
+    )
+  files = [a.split('=', 1)[1] for a in argv[1:] if a.startswith('--config=')]
+  if not files:
+    lines += ['', 'Give --config=FILE.py[:variant] with --help to list its keys.']
+    return '\n'.join(lines)
+  try:
+    config = config_lib.load(files[-1])
+  except Exception as e:  # noqa: BLE001 - the file's own error, shown instead of the keys
+    return '\n'.join([*lines, '', f'cannot load {files[-1]}: {_one_line(e)}'])
+  lines += ['', f'config keys of {files[-1]} (override with --config.KEY=VALUE):']
+  flat = config_lib.flatten(config_lib.to_dict(config))
+  width = max(len(k) for k in flat)
+  lines += [f'  {k:<{width}}  {json.dumps(v)}' for k, v in flat.items()]
+  return '\n'.join(lines)
 
 
 def run(train_and_evaluate: Callable[[Any, str], Any]) -> None:

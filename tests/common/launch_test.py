@@ -154,3 +154,12 @@ def test_a_second_run_on_a_busy_workdir_stops_at_once(tmp_path):
     first.send_signal(signal.SIGTERM)
     first.communicate(timeout=120)
   assert first.returncode == 143  # SIGTERM: checkpoint at the current step, then exit
+
+
+def test_help_lists_the_config_keys_with_their_values(tmp_path):
+  p = run(tmp_path / 'w', flags=('--help',))
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert 'usage: python -m experiments.lm_pretrain.main --config=' in p.stdout
+  assert '  train.num_steps' in p.stdout and '  data.source ' in p.stdout
+  assert '"markov"' in p.stdout  # the variant's overrides are applied in the listing
+  assert not (tmp_path / 'w').exists()
