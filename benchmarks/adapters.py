@@ -28,6 +28,7 @@ from flax import nnx
 import jax
 import numpy as np
 
+from common import optim
 from common import sharding
 from common import train_loop
 from common.models import decoder
@@ -73,7 +74,8 @@ def _setup(preset: str):
     build = build_abstract
   a = config.adapter
   plan = train.plan(a, train.target_shapes(dcfg, a))
-  tx = train.make_optimizer(config)  # the experiment's optimizer (clip + AdamW, schedule)
+  # The experiment's optimizer (projects/smore/train.py): clip + AdamW, schedule, flattened.
+  tx = optim.make_optimizer(config.optimizer, config.train.num_steps, flatten=True)
   rules = sharding.DEFAULT_RULES
   mesh = sharding.make_mesh([('data', -1)], devices=jax.devices()[:1])
   if 'model' not in _BASE:  # load (or train, for the tiny LM) the frozen base once, eagerly

@@ -32,7 +32,8 @@
 #
 # It calls the tested code the launcher uses
 # (`python -m experiments.ebpo.main --config=experiments/ebpo/configs/base.py:smoke`): the smoke
-# config, `projects.ebpo.train` and the shared RL loop in `common/rl`.
+# config, `projects.ebpo.train`, EBPO's estimator (`projects.ebpo.losses`) and the shared RL loop in
+# `common/rl`.
 
 # %%
 # ruff: noqa: E402 (cells import what they use, after this cell puts the repository on sys.path)
@@ -59,28 +60,34 @@ import jax
 import matplotlib.pyplot as plt
 import numpy as np
 
+from common import sharding
 from common.rl import advantages
 from common.rl import loop
+from common.rl import rollout
 from experiments.ebpo.configs import base
+from projects.ebpo import losses
 from projects.ebpo import train
 
 NUM_STEPS = int(os.environ.get('EBPO_NOTEBOOK_STEPS', '20'))
 config = base.get_config(
   f'smoke,rl.group_size=2,rl.prompts_per_step=64,train.num_steps={NUM_STEPS}'
 )
-mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ('data', 'fsdp', 'tensor'))
-setup = train.build_setup(config, mesh)
+mesh = sharding.make_mesh([('data', 1)], devices=jax.devices()[:1])
+rules = sharding.DEFAULT_RULES  # the config's sharding.rules
+setup = train.build_setup(config, mesh, rules)
 policy = setup.create_model()
-ro = loop.rollout(
+ro = rollout.rollout(
   policy,
   setup.train_prompts[:64],
   jax.random.key(0),
-  rl=config.rl,
-  setup=setup,
-  counter=loop._Counter(),  # noqa: SLF001
+  sampling=loop.sampling_of(config.rl, setup),
+  rewards=setup.rewards,
+  num_samples=config.rl.group_size,
+  mesh=mesh,
+  rules=rules,
 )
 grpo = np.asarray(advantages.grpo(ro.rewards))
-est = advantages.EBPOEstimator(standardize=False)
+est = losses.EBPOEstimator(standardize=False)
 est.update(ro.rewards)  # a first batch gives the prior some history
 _, ebpo_raw, stats = est.advantages(ro.rewards)
 print(f'reward mean {ro.rewards.mean():.3f}; shrinkage S = {stats.shrinkage[0]:.3f}')

@@ -3,12 +3,13 @@
   * all_fail_zero_signal (invariant): on groups where every response fails, GRPO's advantages and
     its policy-gradient (KL coefficient 0, every loss aggregation) are exactly zero, while EBPO's raw
     advantages (before batch standardisation) equal -S mu_glob != 0 and give a nonzero gradient.
-    Measured on random batches of the tiny policy; values are GRPO's max |A|, max |grad| and, for
-    EBPO, 1 if its advantage or gradient vanished (else 0): all must be 0.
-  * baseline_mse (empirical): in simulation (projects/ebpo/simulate.py: Beta(0.7, 1.3) success
-    rates, Bernoulli rewards, 100k prompts streamed through the EBPO estimator in batches of 64),
-    the plug-in EBPO baseline's MSE against the true success rate divided by the group mean's, for
-    G in {2, 4, 8, 16} x seeds {0, 1}; the claim is that the ratio is below 1.
+    Measured on random batches of the tiny policy (projects/ebpo/evaluate.all_fail_signal); values
+    are GRPO's max |A|, max |grad| and, for EBPO, 1 if its advantage or gradient vanished (else 0):
+    all must be 0.
+  * baseline_mse (empirical): in simulation (projects/ebpo/evaluate.baseline_mse: Beta(0.7, 1.3)
+    success rates, Bernoulli rewards, 100k prompts streamed through the EBPO estimator in batches
+    of 64), the plug-in EBPO baseline's MSE against the true success rate divided by the group
+    mean's, for G in {2, 4, 8, 16} x seeds {0, 1}; the claim is that the ratio is below 1.
   * heldout_pass_g2 / heldout_pass_g4 (empirical): held-out greedy pass@1 of EBPO minus GRPO after
     the same number of steps on the same rollout budget (smoke: configs/base.py:smoke, seeds 0-2;
     full: the smollm2 config, seed 0 only, so the verdict there is inconclusive by construction).
@@ -20,24 +21,16 @@ configs/base.py) plus the same invariant and simulation.
 
 from __future__ import annotations
 
-import functools
 import pathlib
 
-from flax import nnx
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from common import metrics
-from common.rl import advantages as adv_lib
-from common.rl import loss as loss_lib
-from common.rl import rollout
 from experiments import reproduce
 from experiments.ebpo.configs import base
-from projects.ebpo import losses
-from projects.ebpo import simulate
+from projects.ebpo import evaluate
+from projects.ebpo import models
 from projects.ebpo import train
-from projects.ebpo import warmup
 
 TITLE = 'EBPO: Empirical Bayes shrinkage for GRPO'
 CONFIG = 'experiments/ebpo/configs/base.py'
@@ -50,57 +43,10 @@ SIM_SEEDS = (0, 1)
 # Invariant: all-fail groups.
 
 
-@functools.partial(nnx.jit, static_argnames='agg')
-def _grad_max(model, batch, advantages, agg):
-  """max |d loss / d theta| over all parameters (jit-ed: eager dispatch is slow on busy CPUs)."""
-
-  def f(m):
-    logp = rollout.completion_logprobs(m, batch)
-    return loss_lib.policy_loss(
-      logp,
-      jax.lax.stop_gradient(logp),
-      jnp.asarray(advantages, jnp.float32),
-      batch['completion_mask'],
-      kl_coef=0.0,
-      agg=agg,
-    )[0]
-
-  grads = nnx.grad(f)(model)
-  return jnp.max(jnp.stack([jnp.max(jnp.abs(g)) for g in jax.tree.leaves(grads)]))
-
-
 def measure_all_fail(suite: str, root: pathlib.Path) -> reproduce.Measurement:
   del suite, root
-  model, _ = warmup.warm_policy(warmup.WarmupConfig(**base.get_config('smoke').warmup.to_dict()))
-  values = {}
-  rng = np.random.default_rng(0)
-  g, m, p, n = 4, 6, 12, 4
-  for trial in range(3):
-    prompt = rng.integers(3, 21, size=(m * g, p)).astype(np.int32)
-    prompt[:, 0] = 1
-    completion = rng.integers(3, 21, size=(m * g, n)).astype(np.int32)
-    lengths = rng.integers(1, n + 1, size=m * g)
-    batch = jax.device_put(
-      rollout.build_batch(prompt, np.ones_like(prompt, bool), completion, lengths)
-    )
-    rewards = (rng.random((m, g)) < 0.5).astype(np.float32)
-    rewards[: m // 2] = 0.0  # half the groups fail completely
-    fail = np.zeros((m, g), bool)
-    fail[: m // 2] = True
-    a_grpo = np.asarray(adv_lib.grpo(jnp.asarray(rewards)))
-    only_fail = np.where(fail, a_grpo, 0.0).reshape(-1)
-    values[f'trial {trial}: GRPO max|A| on all-fail groups'] = float(np.abs(a_grpo[fail]).max())
-    for agg in loss_lib.AGGREGATIONS:
-      key = f'trial {trial}: GRPO max|grad| from all-fail groups ({agg})'
-      values[key] = float(_grad_max(model, batch, only_fail, agg))
-    est = losses.EBPOEstimator(standardize=False)
-    _, raw, stats = est.advantages(rewards)
-    expected = -stats.shrinkage[: m // 2, None] * stats.mu_glob[: m // 2, None]
-    ok = np.allclose(raw[fail].reshape(m // 2, g), expected, rtol=1e-5) and np.all(raw[fail] < 0)
-    ebpo_grad = float(_grad_max(model, batch, np.where(fail, raw, 0.0).reshape(-1), 'token-mean'))
-    values[f'trial {trial}: EBPO signal vanished (1) or not (0)'] = float(
-      not (ok and ebpo_grad > 1e-8)
-    )
+  model, _ = models.warm_policy(models.WarmupConfig(**base.get_config('smoke').warmup.to_dict()))
+  values = evaluate.all_fail_signal(model)
   return reproduce.Measurement(
     values,
     'GRPO advantages and gradients on all-fail groups are exactly 0; EBPO raw advantages equal '
@@ -117,7 +63,7 @@ def measure_baseline_mse(suite: str, root: pathlib.Path) -> reproduce.Measuremen
   values, plugin, oracle, theory = {}, [], [], []
   lines = []
   for g in SIM_GROUP_SIZES:
-    runs = [simulate.baseline_mse(g, seed=s) for s in SIM_SEEDS]
+    runs = [evaluate.baseline_mse(g, seed=s) for s in SIM_SEEDS]
     for s, r in zip(SIM_SEEDS, runs, strict=True):
       values[f'G={g},seed={s}'] = r.ratio_plugin
     plugin.append(float(np.mean([r.ratio_plugin for r in runs])))

@@ -1,9 +1,8 @@
 """Training-curve figures for the README: reward, zero-signal fraction and entropy per estimator.
 
-    python -m projects.ebpo.report RUNS_DIR OUT.png
-
 RUNS_DIR holds run workdirs named g{G}_{estimator}_seed{S} (what experiments/ebpo/claims.py
-writes); curves are the per-step train metrics averaged over seeds.
+writes); curves are the per-step train metrics averaged over seeds. The command line is
+`python -m experiments.ebpo.report RUNS_DIR OUT.png`.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ from __future__ import annotations
 import collections
 import pathlib
 import re
-import sys
 
 import numpy as np
 
@@ -53,7 +51,3 @@ def figure(runs_dir: str | pathlib.Path, out: str | pathlib.Path) -> None:
   axes[0].legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(out, dpi=90)
-
-
-if __name__ == '__main__':
-  figure(sys.argv[1], sys.argv[2])

@@ -1,10 +1,12 @@
 """EBPO / GRPO-family RLVR runs on reasoning-gym tasks: `train_and_evaluate(config, workdir)`.
 
-Wires the paper's pieces into the shared loop (common.rl.loop): the policy (the smoke's SFT-warmed
-tiny character LM, projects/ebpo/warmup.py, or a pretrained model through
-common.models.loader.load_pretrained), the prompts and verifier (projects/ebpo/input_pipeline.py:
-reasoning-gym tasks with their own scorers) and the optimizer. The estimator (EBPO or a baseline),
-group size, curriculum and loss settings are config.rl keys (common.rl.loop.rl_config).
+Wires the paper's pieces into the shared loop (common.rl.loop): the policy (projects/ebpo/models.py:
+the smoke's SFT-warmed tiny character LM or a pretrained model), the prompts and verifier
+(projects/ebpo/input_pipeline.py: reasoning-gym tasks with their own scorers), the estimator
+(projects/ebpo/losses.py's EBPO, or a GRPO-family baseline of common.rl.advantages, by rl.estimator)
+and the optimizer (common.optim: clipped AdamW, constant learning rate). Group size, curriculum and
+loss settings are config.rl keys (common.rl.loop.rl_config); evaluation is the loop's greedy
+held-out pass@1 (common.rl.evaluate).
 """
 
 from __future__ import annotations
@@ -14,10 +16,9 @@ from typing import Any
 
 import jax
 import ml_collections
-import optax
 
 from common import cache as cache_lib
-from common import config as config_lib
+from common import optim
 from common import sharding
 from common import train_loop
 from common.models import loader
@@ -26,15 +27,7 @@ from common.rl import loop
 from common.rl import rollout
 from projects.ebpo import input_pipeline
 from projects.ebpo import losses
-from projects.ebpo import warmup
-
-
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  o = config.optimizer
-  return optax.chain(
-    optax.clip_by_global_norm(o.clip_norm),
-    optax.adamw(o.lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay),
-  )
+from projects.ebpo import models
 
 
 def _subset(items: list, n: int) -> list:
@@ -48,24 +41,15 @@ def build_setup(
   d = config.data
   train_ex = _subset(input_pipeline.load_examples(d.task_set, 'train', d.seed), d.max_train)
   test_ex = _subset(input_pipeline.load_examples(d.task_set, 'test', d.seed), d.max_eval)
+  create_model = models.create_policy(config, mesh, rules)  # an unknown model.kind stops here
   if config.model.kind == 'tiny':
     tok = input_pipeline.CharTokenizer()
-    wcfg = warmup.WarmupConfig(**config.warmup.to_dict())
-
-    def create_model():
-      return warmup.warm_policy(wcfg, config.dtype)[0]
 
     def render(ex):
       return tok.encode(input_pipeline.expression_prompt(ex))
 
     stop, pad = tuple(tok.stop_ids), tok.pad_id
-  elif config.model.kind == 'pretrained':
-
-    def create_model():
-      return loader.load_pretrained(config.model.name, mesh=mesh, rules=rules, dtype=config.dtype)[
-        0
-      ]
-
+  else:
     tok = tokenizer_lib.load(loader.converted_dir(config.model.name) / 'tokenizer')
 
     def render(ex):
@@ -73,13 +57,9 @@ def build_setup(
 
     stop = tuple(tok.stop_ids)
     pad = tok.pad_id if getattr(tok, 'pad_id', None) is not None else stop[0]
-  else:
-    raise config_lib.ConfigError(
-      f"model.kind={config.model.kind!r}; expected 'tiny' or 'pretrained'"
-    )
   return loop.RLSetup(
     create_model=create_model,
-    tx=make_optimizer(config),
+    tx=optim.make_optimizer(config.optimizer, config.train.num_steps),
     train_prompts=input_pipeline.prompts(train_ex, 'train', render),
     eval_prompts=input_pipeline.prompts(test_ex, 'test', render),
     rewards=rollout.VerifierRewards(input_pipeline.make_verifier(tok.decode)),

@@ -8,10 +8,12 @@ COMMANDS:
 
 Variants:
   smoke: the character-level tiny decoder (2 layers, d_model 64) after a cached SFT warm-up
-         (projects/ebpo/warmup.py) on reasoning-gym 'chain_sum' (a +/- b, 1-2 digits) and
+         (projects/ebpo/models.py) on reasoning-gym 'chain_sum' (a +/- b, 1-2 digits) and
          'basic_arithmetic' (three 1-digit terms), prompts rendered '36-38='. RL: 16 prompts x G=4
          samples per step, up to 4 new tokens, 60 steps (3,840 sampled responses), greedy held-out
-         pass@1 on the deduplicated test split every 20 steps. No model weights.
+         pass@1 on the deduplicated test split every 20 steps. No model weights. About a minute on
+         2 cores once the warm-up is cached (the first run on a machine trains it: 1000 SFT steps,
+         1-10 minutes depending on load).
   smollm2: SmolLM2-135M-Instruct (python -m common.assets fetch smollm2) on short arithmetic
          (chain_sum, basic_arithmetic with + - *) and leg-counting questions in its chat template
          with a step-by-step instruction (prompts 51-94 tokens, left-padded to 96), G=4, 8 prompts
@@ -19,13 +21,9 @@ Variants:
          generated tokens and 40 updates of 32 sequences of 119 positions; greedy pass@1 on 100
          held-out questions at steps 0, 20, 40. Learning rate 1e-5, not the paper's 1e-6: the
          paper's is for 8B-14B models over up to 1000 steps, and Adam at 1e-6 moves no weight by
-         more than 4e-5 in 40 steps (chosen before any run, not tuned on results). Measured at
-         c9a2065 (2026-12-03, quiet 2 cores): a step is ~40 s: rollout 5-8 s and update
-         23-30 s (logged), the rest the reference forward and host work; the GRPO run took 30
-         minutes with compilation and three evaluations, so G=4 EBPO + GRPO is about 1 hour of
-         the full suite and G=2 less. Greedy pass@1 of the initial policy: 1/100 held-out
-         questions at 24 new tokens (2/30 at 48); most responses run into the 24-token limit
-         (mean length ~23), so the task also rewards answering concisely. Results:
+         more than 4e-5 in 40 steps (chosen before any run, not tuned on results). Expected time on
+         2 quiet cores: ~40 s per step (rollout 5-8 s, update 23-30 s), about 30 minutes per run
+         with compilation and three evaluations, so G=4 EBPO + GRPO is about 1 hour. Results:
          projects/ebpo/README.md.
   smoke_dapo: the smoke setup trained with DAPO (arXiv 2503.14476) as a whole: dynamic sampling
          (estimator dapo), clip-higher 0.28, token-level loss, and the soft overlong punishment
@@ -51,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant, overrides = config_lib.parse_arg(arg, variants=('smoke', 'smoke_dapo', 'smollm2'))
   c = config_lib.base_config()
   c.model = ml_collections.ConfigDict(dict(kind='tiny', name=''))
-  # The tiny policy's SFT warm-up (projects/ebpo/warmup.WarmupConfig); unused for pretrained models.
+  # The tiny policy's SFT warm-up (projects/ebpo/models.WarmupConfig); unused for pretrained models.
   c.warmup = ml_collections.ConfigDict(
     dict(
       d_model=64,

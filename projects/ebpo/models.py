@@ -1,14 +1,21 @@
-"""The smoke's policy: a tiny decoder made partly competent by a short SFT warm-up (common.sft).
+"""EBPO's policies: the smoke's warmed-up tiny character LM, or a pretrained decoder.
 
-RLVR needs a policy that already solves some prompts (else every group fails and no estimator
-learns anything) and not all of them. The warm-up trains a character-level decoder on `sft_examples`
-train examples rendered '36-38=' -> '-2<EOS>' for `steps` steps; its parameters are cached outside the
-repo keyed by the config and this module's code, like common.models.tiny_lm, so every run and seed
-starts from the same policy and only the first run pays for it (about 10-30 s on 2 cores).
+EBPO changes the advantage each response gets (projects/ebpo/losses.py), not the model; the policy
+is the shared decoder (common.models.decoder) in one of two forms, by config.model.kind:
+  * 'tiny': a character-level decoder made partly competent by a short SFT warm-up (common.sft).
+    RLVR needs a policy that already solves some prompts (else every group fails and no estimator
+    learns anything) and not all of them. The warm-up trains on `sft_examples` train examples
+    rendered '36-38=' -> '-2<EOS>' for `steps` steps; its parameters are cached outside the repo
+    keyed by the config and the warm-up code (`_fingerprint`, like common.models.tiny_lm), so every
+    run and seed starts from the same policy and only the first run pays for it (about 10-30 s on
+    2 cores when idle).
+  * 'pretrained': config.model.name through common.models.loader (e.g. SmolLM2-135M-Instruct),
+    its parameters placed on the run's mesh.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import hashlib
 import inspect
@@ -16,12 +23,16 @@ import json
 
 from flax import nnx
 import jax
+import ml_collections
 import numpy as np
 import optax
 
 from common import cache
+from common import config as config_lib
 from common import sft
+from common import sharding
 from common.models import decoder
+from common.models import loader
 from projects.ebpo import input_pipeline
 
 
@@ -64,7 +75,7 @@ def sft_examples(cfg: WarmupConfig) -> list[sft.Example]:
 
 def _train(cfg: WarmupConfig) -> tuple[dict, list[float]]:
   examples = sft_examples(cfg)
-  with nnx.use_eager_sharding(False):
+  with sharding.unsharded():
     model = decoder.Decoder(decoder_config(cfg), rngs=nnx.Rngs(cfg.seed))
     tx = optax.adamw(optax.cosine_decay_schedule(cfg.lr, cfg.steps, 0.1), b2=0.98)
     opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
@@ -102,7 +113,7 @@ def _fingerprint(cfg: WarmupConfig) -> str:
   ]
   src = ''.join(inspect.getsource(p) for p in parts) + repr(input_pipeline.SMOKE_TASKS)
   src += json.dumps(dataclasses.asdict(cfg), sort_keys=True)
-  with nnx.use_eager_sharding(False):  # a real (tiny) model: nnx.eval_shape under a mesh fails
+  with sharding.unsharded():  # a real (tiny) model: nnx.eval_shape under a mesh fails
     model = decoder.Decoder(decoder_config(cfg), rngs=nnx.Rngs(0))
   leaves = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param).to_pure_dict())[0]
   src += repr([(jax.tree_util.keystr(p), tuple(v.shape)) for p, v in leaves])
@@ -113,7 +124,7 @@ def warm_policy(cfg: WarmupConfig | None = None, dtype: str = 'float32') -> tupl
   """(the warmed-up decoder, its SFT loss curve), trained on first use and cached."""
   cfg = cfg or WarmupConfig()
   path = cache.cache_dir('ebpo_warmup') / f'{_fingerprint(cfg)}.npz'
-  with nnx.use_eager_sharding(False):
+  with sharding.unsharded():
     model = decoder.Decoder(decoder_config(cfg, dtype), rngs=nnx.Rngs(cfg.seed))
   template = nnx.state(model, nnx.Param).to_pure_dict()
   if path.exists():
@@ -131,3 +142,17 @@ def warm_policy(cfg: WarmupConfig | None = None, dtype: str = 'float32') -> tupl
   nnx.replace_by_pure_dict(state, restored)
   nnx.update(model, state)
   return model, curve
+
+
+def create_policy(
+  config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules: sharding.Rules
+) -> Callable[[], nnx.Module]:
+  """A factory of the initial policy of config.model.kind ('tiny' | 'pretrained')."""
+  if config.model.kind == 'tiny':
+    wcfg = WarmupConfig(**config.warmup.to_dict())
+    return lambda: warm_policy(wcfg, config.dtype)[0]
+  if config.model.kind == 'pretrained':
+    return lambda: loader.load_pretrained(
+      config.model.name, mesh=mesh, rules=rules, dtype=config.dtype
+    )[0]
+  raise config_lib.ConfigError(f"model.kind={config.model.kind!r}; expected 'tiny' or 'pretrained'")
