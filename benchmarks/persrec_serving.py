@@ -44,7 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--batch', type=int, default=1, help='users per call (a request is one user)')
   p.add_argument('--reps', type=int, default=10)
   p.add_argument('--warmup', type=int, default=2)
-  p.add_argument('--json', default='', help='also write the rows here (for projects.persrec.plots)')
+  p.add_argument(
+    '--json', default='', help='also write the rows here (for experiments.persrec.plots)'
+  )
   p.add_argument(
     '--from_json', default='', help='print the tables of a saved --json run instead of measuring'
   )

@@ -326,3 +326,12 @@ def unsharded():
   """Context for building logically annotated nnx modules with no mesh (flax's eager sharding
   would otherwise ask for one): reference models in tests, host-side copies, abstract shapes."""
   return nnx.use_eager_sharding(False)
+
+
+def rules_of(config: Any) -> Rules:
+  """The validated logical-axis rules of a config (`config.sharding.rules`), as tuples. Runs read
+  them from `train_loop.Run.rules`; this is for code that has a config but no run (re-evaluating a
+  finished workdir)."""
+  rules = tuple(tuple(r) for r in config.sharding.rules)
+  validate_rules(rules)
+  return rules

@@ -493,8 +493,7 @@ class Run:
   ):
     validate(config)
     self.config = config
-    self.rules: sharding.Rules = tuple(tuple(r) for r in config.sharding.rules)
-    sharding.validate_rules(self.rules)
+    self.rules: sharding.Rules = sharding.rules_of(config)
     self.mesh = mesh or sharding.make_mesh(config_lib.mesh_spec(config))
     for check in checks:  # the loop's / paper's own keys, e.g. common.rl.loop.check_config
       check(config, self.mesh, self.rules)

@@ -47,11 +47,12 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # %%
 from common import train_loop
 from experiments.gem.configs import base
+from projects.gem import losses
 from projects.gem import train
 
 cfg = base.get_config('smoke')
 print(
-  f'phases (pretrain, mixed NTP, contrastive): {train.phases(cfg)}; k={cfg.gem.num_special}, '
+  f'phases (pretrain, mixed NTP, contrastive): {losses.phases(cfg)}; k={cfg.gem.num_special}, '
   f'p={cfg.gem.p_plain}'
 )
 workdir = pathlib.Path(tempfile.mkdtemp(prefix='gem_notebook_'))
@@ -69,13 +70,14 @@ model = train_loop.model_of(result.graphdef, result.state)
 # %%
 from common.datasets import rdatasets_titles
 from projects.gem import inference
+from projects.gem import input_pipeline
 
-d = train.Data(cfg)
+d = input_pipeline.Data(cfg)
 pairs = rdatasets_titles.load('validation')[:40]
 titles = [p[1] for p in pairs]
 descriptions = [p[2] for p in pairs]
-q = inference.embed_token_lists(model, train.encode(d.tok, titles), d.layout)
-r = inference.embed_token_lists(model, train.encode(d.tok, descriptions), d.layout)
+q = inference.embed_token_lists(model, input_pipeline.encode(d.tok, titles), d.layout)
+r = inference.embed_token_lists(model, input_pipeline.encode(d.tok, descriptions), d.layout)
 idx, cos = inference.nearest(q, r, k=3)
 for i in range(5):
   print(f'{titles[i]!r}')
@@ -91,7 +93,7 @@ for i in range(5):
 # %%
 prompts = ['The data set', 'A data frame with']
 outs = inference.greedy_continuations(
-  model, train.encode(d.tok, prompts), max_new_tokens=20, pad_id=d.pad_id
+  model, input_pipeline.encode(d.tok, prompts), max_new_tokens=20, pad_id=d.pad_id
 )
 for p, o in zip(prompts, outs, strict=True):
   print(f'{p!r} -> {d.tok.decode(o)!r}')

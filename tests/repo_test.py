@@ -58,6 +58,11 @@ def test_documented_command_resolves(doc, module, args):
     return
   spec = importlib.util.find_spec(module)
   assert spec is not None, f'{doc}: module {module} does not exist'
+  runnable = (
+    spec.submodule_search_locations is not None
+    and importlib.util.find_spec(f'{module}.__main__') is not None
+  ) or (spec.origin and _has_main_block(pathlib.Path(spec.origin)))
+  assert runnable, f'{doc}: `python -m {module}` would do nothing (no __main__)'
   for m in re.finditer(r'--config=([^\s:]+)', args):
     assert (ROOT / m.group(1)).is_file(), f'{doc}: config {m.group(1)} does not exist'
 
@@ -124,7 +129,7 @@ def test_all_modules_import_together():
   """Every module of common/, projects/ and experiments/ imports into ONE process.
 
   absl flags are process-global: two modules defining the same flag at import time only fail when
-  something imports both (a test run, a notebook), as experiments.gem.sweep and projects.gem.evaluate
+  something imports both (a test run, a notebook), as experiments.gem.sweep and experiments.gem.evaluate
   once did over --workdir. A fresh interpreter keeps this independent of which tests ran before.
   """
   modules = [
@@ -291,3 +296,35 @@ def _has_main_block(path: pathlib.Path) -> bool:
 def test_scripts_live_in_experiments_not_projects():
   scripts = [str(p.relative_to(ROOT)) for p in ROOT.glob('projects/**/*.py') if _has_main_block(p)]
   assert not scripts, f'command-line scripts belong in experiments/<p>/: {scripts}'
+
+
+def test_claims_files_only_declare_claims():
+  """Model maths belongs to the paper's package, where it is tested; a claims file declares claims
+  and calls project functions."""
+  for path in sorted(ROOT.glob('experiments/*/claims.py')):
+    tree = ast.parse(path.read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not imported & {'flax', 'flax.nnx', 'jax.numpy', 'optax'}, f'{path}: {imported}'
+    src = path.read_text()
+    assert 'jax.jit' not in src and 'nnx.jit' not in src, f'{path} defines jitted functions'
+
+
+def test_one_helper_for_unsharded_construction_and_rules_read_from_the_run():
+  offenders = []
+  for path in [*ROOT.glob('projects/**/*.py'), *ROOT.glob('experiments/**/*.py')]:
+    src = path.read_text()
+    if 'use_eager_sharding(' in src or 'tuple(tuple(r) for r in config.sharding.rules)' in src:
+      offenders.append(str(path.relative_to(ROOT)))
+  assert not offenders, f'use sharding.unsharded() and run.rules: {offenders}'
+
+
+@pytest.mark.parametrize('doc', sorted(ROOT.glob('projects/*/README.md')) + [ROOT / 'WORKSPACE.md'])
+def test_docs_keep_one_current_table_not_a_diary(doc):
+  """At most 8 distinct commit hashes: the current table's; history lives in git and reports/."""
+  hashes = {
+    h
+    for h in re.findall(r'\b[0-9a-f]{7,12}\b', doc.read_text())
+    if re.search(r'[a-f]', h) and re.search(r'[0-9]', h)
+  }
+  assert len(hashes) <= 8, f'{doc.relative_to(ROOT)} names {len(hashes)} commits: {sorted(hashes)}'

@@ -29,23 +29,15 @@ Invariants (micro runs of 6 steps in subprocesses; smoke scale in both suites):
   * sharded_first_steps: 8 devices (data=2, fsdp=2, tensor=2) vs 1 device, per-step train losses of
     the first 3 steps to 1e-5 relative (architecture doc).
 
-Budget: smoke PRETRAIN=150, MIXED=30, CL=60 steps of 16 x 64 tokens per seed, QA_ITEMS=32;
-measured 2026-11-22 at 91979c2 (then with MiniLM in the smoke suite too): 159 s CPU (114.7 user +
-44.3 sys), 317 s wall for all five claims at load average 5-9 on the shared 2-core machine (241 s
-CPU before the two-runs-per-seed and loss-branch changes, without MiniLM and QA). The full suite
-reuses the smoke budget plus MiniLM (once per process) until a full-scale config is measured
-(projects/gem/README.md).
+Budget: smoke PRETRAIN=150, MIXED=30, CL=60 steps of 16 x 64 tokens per seed, QA_ITEMS=32: about
+5 minutes of wall time (under 3 CPU-minutes) for all five smoke claims on the shared 2-core machine
+(measurements: reports/gem/history.md). The full suite reuses the smoke budget plus MiniLM (once
+per process) and adds the SmolLM2 runs (~1.5 h).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import re
-import signal
-import subprocess
-import sys
 
 from common import metrics
 from experiments import reproduce
@@ -71,7 +63,6 @@ MICRO = (
   'eval.ppl_texts=16',
 )
 KILL_AFTER_STEP, FIRST_STEPS, FIRST_RTOL = 3, 3, 1e-5
-TIMEOUT_S = 900
 
 
 def uses_minilm(suite: str) -> bool:
@@ -250,70 +241,6 @@ def measure_cl_only_loses_more(suite: str, root: pathlib.Path, runs=None) -> rep
   return reproduce.Measurement(values, detail)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Invariants, in subprocesses (a SIGKILL and a different device count need a fresh process).
-
-
-def launch(workdir: pathlib.Path, arg: str, *, devices: int = 1) -> subprocess.CompletedProcess:
-  flags = re.sub(r'--xla_force_host_platform_device_count=\S+', '', os.environ.get('XLA_FLAGS', ''))
-  env = {
-    **os.environ,
-    'JAX_PLATFORMS': 'cpu',
-    'XLA_FLAGS': f'{flags} --xla_force_host_platform_device_count={devices}'.strip(),
-  }
-  cmd = [sys.executable, '-m', 'experiments.gem.main', f'--config={CONFIG}:{arg}']
-  cmd.append(f'--workdir={workdir}')
-  return subprocess.run(
-    cmd, cwd=reproduce.ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False
-  )
-
-
-def _last_line(p: subprocess.CompletedProcess) -> str:
-  lines = (p.stderr or p.stdout or '').strip().splitlines()
-  return lines[-1][:200] if lines else ''
-
-
-def ensure_run(workdir: pathlib.Path, *extra: str, devices: int = 1) -> pathlib.Path:
-  if not (workdir / 'results.json').is_file():
-    p = launch(workdir, ','.join(MICRO + extra), devices=devices)
-    if p.returncode != 0:
-      raise RuntimeError(f'run in {workdir.name} exited {p.returncode}: {_last_line(p)}')
-  return workdir
-
-
-def _train_losses(workdir: pathlib.Path) -> list[float]:
-  rows = metrics.read_jsonl(workdir / 'metrics.jsonl')
-  return [r['loss'] for r in rows if r['split'] == 'train']
-
-
-def measure_resume_bitwise(suite: str, root: pathlib.Path) -> reproduce.Measurement:
-  del suite
-  ref = ensure_run(root / 'invariant_1dev')
-  workdir = root / 'invariant_killed'
-  if not (workdir / 'results.json').is_file():
-    killed = launch(workdir, ','.join(MICRO + (f'debug.kill_after_step={KILL_AFTER_STEP}',)))
-    if killed.returncode != -signal.SIGKILL:
-      raise RuntimeError(f'expected SIGKILL after step {KILL_AFTER_STEP}: {_last_line(killed)}')
-    ensure_run(workdir)
-  a = metrics.read_jsonl(ref / 'metrics.jsonl')
-  b = metrics.read_jsonl(workdir / 'metrics.jsonl')
-  ra, rb = (json.loads((w / 'results.json').read_text()) for w in (ref, workdir))
-  diff = int(a != b) + int(ra['train'] != rb['train']) + int(ra['eval'] != rb['eval'])
-  detail = f'{len(a)} metrics lines and results.json train/eval compared after SIGKILL at step 3.'
-  return reproduce.Measurement({'seed=0': diff}, detail)
-
-
-def measure_sharded_first_steps(suite: str, root: pathlib.Path) -> reproduce.Measurement:
-  del suite
-  ref = ensure_run(root / 'invariant_1dev')
-  sharded = ensure_run(
-    root / 'invariant_8dev', 'mesh.data=2', 'mesh.fsdp=2', 'mesh.tensor=2', devices=8
-  )
-  a, b = _train_losses(sharded)[:FIRST_STEPS], _train_losses(ref)[:FIRST_STEPS]
-  rel = max(abs(x - y) / max(abs(y), 1e-30) for x, y in zip(a, b, strict=True))
-  return reproduce.Measurement({'seed=0': rel}, f'first {FIRST_STEPS} train losses: {a} vs {b}')
-
-
 CLAIMS = [
   reproduce.Claim(
     name='recall10_gain',
@@ -374,20 +301,13 @@ CLAIMS = [
     assets={'full': ('smollm2', minilm.ASSET)},
     unit='relative ppl increase (contrastive-only - GEM), SmolLM2-135M',
   ),
-  reproduce.Claim(
-    name='resume_bitwise',
-    kind=reproduce.INVARIANT,
-    paper_figure='architecture doc: a killed and resumed run replays exactly',
-    measure=measure_resume_bitwise,
-    rule=reproduce.AllWithin(0.0),
-    unit='differing artefacts',
-  ),
-  reproduce.Claim(
-    name='sharded_first_steps',
-    kind=reproduce.INVARIANT,
-    paper_figure=f'architecture doc: first steps sharded == 1 device to {FIRST_RTOL:g}',
-    measure=measure_sharded_first_steps,
-    rule=reproduce.AllWithin(FIRST_RTOL),
-    unit='max relative difference',
+  # Micro runs of 6 steps in subprocesses (a SIGKILL and a different device count need a fresh
+  # process), at smoke scale in both suites.
+  *reproduce.invariant_claims(
+    reproduce.Launcher(paper='gem', config=CONFIG, args=MICRO),
+    kill_after_step=KILL_AFTER_STEP,
+    sharded_mesh=('mesh.data=2', 'mesh.fsdp=2', 'mesh.tensor=2'),
+    first_steps=FIRST_STEPS,
+    first_rtol=FIRST_RTOL,
   ),
 ]

@@ -65,6 +65,8 @@ from common import metrics
 from experiments import reproduce
 from experiments.gem import claims
 from experiments.gem.configs import base
+from projects.gem import input_pipeline
+from projects.gem import models
 from projects.gem import train
 
 
@@ -165,13 +167,13 @@ def variant_config(budget: Budget, seed: int, variant: Variant, resume_from: str
 
 def check_resumable(base_cfg, cfg) -> None:
   """Raises unless `cfg`'s model can take the base checkpoint's arrays with the same meaning."""
-  a, b = train.tokenizer(base_cfg), train.tokenizer(cfg)
+  a, b = input_pipeline.tokenizer(base_cfg), input_pipeline.tokenizer(cfg)
   ka, kb = base_cfg.gem.num_special, cfg.gem.num_special
   ma, mb = (json.loads(t.to_str())['model'] for t in (a, b))
   if ma['vocab'] != mb['vocab'] or ma['merges'] != mb['merges']:
     raise ValueError(f'the k={kb} BPE differs from the base (k={ka}) one: cannot resume the base')
-  pa = train.model_config(base_cfg, a.get_vocab_size()).padded_vocab
-  pb = train.model_config(cfg, b.get_vocab_size()).padded_vocab
+  pa = models.model_config(base_cfg, a.get_vocab_size()).padded_vocab
+  pb = models.model_config(cfg, b.get_vocab_size()).padded_vocab
   if pa != pb:
     raise ValueError(f'k={kb} pads the vocabulary to {pb} rows, the base (k={ka}) to {pa}')
 

@@ -8,7 +8,8 @@ For each seed: one recent-only run (the last R items) and, for each P in --old_l
 run over P + R items and a PerSRec run with the P old items compressed into k tokens. Every run is
 an ordinary training run (projects/persrec/train.py) in <root>/<arm>_P<P>_seed<S>, so re-running
 the command reuses finished runs and resumes interrupted ones. Runs in this process (compiled code
-is shared through the persistent compilation cache). The figure: projects/persrec/plots.py --runs.
+is shared through the persistent compilation cache). The figure: python -m experiments.persrec.plots
+--runs=<root>.
 """
 
 from __future__ import annotations

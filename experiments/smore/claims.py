@@ -4,9 +4,9 @@ Invariants (exact, properties of the code):
   * flexibility: the structural-flexibility closed forms (Sec. 3.5) for s=4, f=2, L in {1, 2, 3}
     (S'MoRE's Gamma, the MoMOR bound, S'MoRE*'s Gamma*) equal brute-force counts of the routing
     structures themselves (projects/smore/theory.py); measured as closed form - brute force.
-  * param_count: for several layer stacks, the module's real trainable leaves split into core,
-    bias and router equal the closed forms, and core == LoRA(rank d_L) + sum_l d_l^2 (Eq. 8-9);
-    measured as the differences.
+  * param_count: for several layer stacks, the module's real trainable leaves equal the closed
+    forms, and core == LoRA(rank d_L) + sum_l d_l^2 (Eq. 8-9); measured as the differences
+    (projects/smore/evaluate.param_count_differences).
 Empirical (smoke: the shared tiny LM on the 8 token-map tasks, configs/base.py:smoke, 200 steps,
 seeds 0-2, equal trainable budget = LoRA rank 16 on the 6 FFN projections, within 2%; the 12
 runs share each preset's compiled step through the persistent compilation cache):
@@ -15,8 +15,7 @@ runs share each preset's compiled step through the persistent compilation cache)
   * mixlora_beats_lora: MixLoRA minus LoRA; the paper's claim is > 0.
   * identity_erases_gain: S'MoRE(2-2) with tanh minus S'MoRE(2-2) with identity activation (the
     theory says the gain needs the nonlinearity); claimed > 0.
-  Measured cost of the smoke claims (2026-11-22, commit bc10a9c, 2-core machine at load ~9-10,
-  cold compilation cache): 137 s CPU (user + sys), 375 s wall; see projects/smore/README.md.
+  Budget: 100-140 s CPU, about 4 minutes wall on 2 shared cores (1 minute with a warm cache).
   The full suite runs the same comparisons on SmolLM2-135M-Instruct (configs smollm2_*), seed 0
   only (each run is ~45 min on 2 cores; see the config's docstring), resumable in its workdir,
   with the persistent compilation cache off (`_persistent_cache`).
@@ -31,7 +30,7 @@ import jax
 
 from experiments import reproduce
 from experiments.smore.configs import base
-from projects.smore import models
+from projects.smore import evaluate
 from projects.smore import theory
 from projects.smore import train
 
@@ -57,22 +56,12 @@ def measure_flexibility(suite: str, root: pathlib.Path) -> reproduce.Measurement
 
 def measure_param_count(suite: str, root: pathlib.Path) -> reproduce.Measurement:
   del suite, root
-  from flax import nnx  # noqa: PLC0415
-
-  from common.adapters import core  # noqa: PLC0415
-
   values = {}
   for experts, ranks in (((4, 4), (8, 8)), ((2, 2), (4, 4)), ((4, 2, 3), (2, 3, 1))):
-    spec = models.SMoRESpec(
-      experts=experts, ranks=ranks, fanouts=(2,) * len(experts), gate_dim=8, down_dim=8
-    )
-    with nnx.use_eager_sharding(False):
-      m = nnx.eval_shape(lambda spec=spec: models.SMoRE(48, 48, spec, rngs=nnx.Rngs(0)))
-    counts = models.smore_num_params(spec, 48, 48)
-    d = spec.dims
+    diff = evaluate.param_count_differences(experts, ranks, d=48)
     key = f's={experts} r={ranks}'
-    values[f'{key} total'] = core.count_trainable(nnx.state(m, core.AdapterParam)) - counts['total']
-    values[f'{key} eq9'] = counts['core'] - (2 * 48 * d[-1] + sum(x * x for x in d[1:]))
+    values[f'{key} total'] = diff['total']
+    values[f'{key} eq9'] = diff['eq9']
   return reproduce.Measurement(
     values, detail='real leaves - closed form; core - (2 d d_L + sum d_l^2)'
   )
@@ -98,10 +87,9 @@ def _accuracy(suite: str, root: pathlib.Path, name: str, overrides: str, seed: i
 def _persistent_cache(enabled: bool):
   """Turns JAX's persistent compilation cache off for the SmolLM2 runs, and back on after.
 
-  Loading the cached 30-layer S'MoRE train step from disk crashed the process (SIGSEGV, twice, at
-  commit 4b6a34a, right after start-up) while compiling it afresh worked; the cause was not found.
-  A fresh compile costs minutes (trainable-count log line to step 10: 9-11 min, 2 shared cores)
-  against a ~45 min run, so the full suite does without the cache.
+  Loading the cached 30-layer S'MoRE train step from disk crashed the process (SIGSEGV) right after
+  start-up, while compiling it afresh worked; the cause was not found (reports/smore/history.md).
+  A fresh compile costs minutes against a ~45 min run, so the full suite does without the cache.
   """
   before = jax.config.jax_enable_compilation_cache
   jax.config.update('jax_enable_compilation_cache', enabled and before)

@@ -1,4 +1,12 @@
-"""GEM's training examples, built on the host from tokenized texts (numpy, deterministic).
+"""GEM's data: the tokenizer, the corpus, the training examples and the fixed evaluation sets.
+
+`Data(config)` is what a run reads: the tokenizer (a byte-level BPE trained on the train paragraphs
+of `rdatasets_docs`, + pad, EOS and the k GEM specials; or a pretrained model's tokenizer with the
+specials appended), the endless training stream (`TextStream`), the held-out perplexity rows, the
+retrieval sets (`RetrievalSet`: rdatasets_titles title -> description, optionally chatterbot_qa
+question -> answers, with MiniLM's scores when eval.minilm is on) and the QA rows (qa.py).
+
+The training examples are built on the host from tokenized texts (numpy, deterministic).
 
 One training example per text, carrying both halves of GEM's loss so the switch schedule needs no
 second pipeline:
@@ -28,10 +36,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 import dataclasses
 import functools
+import hashlib
 
+import ml_collections
 import numpy as np
 
+from common import cache
+from common import data
+from common import metrics as metrics_lib
+from common.datasets import chatterbot_qa
+from common.datasets import rdatasets_titles
+from common.datasets import text_corpus
+from common.models import bpe
+from projects.gem import losses
 from projects.gem import models
+from projects.gem import qa
+
+PAD, EOS = '<|pad|>', '<|endoftext|>'
 
 _PURPOSE_NTP, _PURPOSE_CL = 1, 2
 
@@ -209,3 +230,188 @@ class TextStream:
     if self.alpha_of is not None:
       ex['alpha'] = np.float32(self.alpha_of(g))
     return ex
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenizer and texts (memoised per process: the claims run several runs in one).
+
+
+@functools.lru_cache(maxsize=4)
+def _paragraph_tuple(split: str) -> tuple[str, ...]:
+  src = data.tfds_source('rdatasets_docs', split)
+  docs = [src[i]['text'].decode('utf-8') for i in range(len(src))]
+  return tuple(p.strip() for d in docs for p in d.split('\n\n') if p.strip())
+
+
+def _paragraphs(split: str) -> list[str]:
+  """The corpus split's paragraphs (memoised per process: the claims run nine runs in one)."""
+  return list(_paragraph_tuple(split))
+
+
+def _tok_key(config: ml_collections.ConfigDict) -> tuple[str, int, int]:
+  """What determines the tokenizer: (pretrained model name or '', BPE vocab size, k)."""
+  return (config.model.get('pretrained', ''), config.data.vocab_size, config.gem.num_special)
+
+
+def tokenizer(config: ml_collections.ConfigDict):
+  """The pretrained model's tokenizer + the k specials (model.pretrained set), else a byte-level
+  BPE trained on the train paragraphs, + pad, EOS, then the k specials (both cached)."""
+  return _tokenizer(*_tok_key(config))
+
+
+@functools.lru_cache(maxsize=4)
+def _encoded_paragraphs(key: tuple[str, int, int], split: str) -> tuple[np.ndarray, ...]:
+  """Token ids of every paragraph of `split` (memoised: encoding the train split costs ~2 s)."""
+  return tuple(encode(_tokenizer(*key), _paragraphs(split)))
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(pretrained: str, vocab_size: int, num_special: int):
+  if pretrained:
+    from projects.gem import pretrained as pretrained_lib  # noqa: PLC0415
+
+    return pretrained_lib.tokenizer(pretrained, num_special)
+  import tokenizers  # noqa: PLC0415
+
+  corpus = text_corpus.RdatasetsDocs.VERSION  # a rebuilt corpus retrains the tokenizer
+  spec = f'v1|{corpus}|{vocab_size}|{num_special}'
+  key = hashlib.sha256(spec.encode()).hexdigest()
+  path = cache.cache_dir('gem', 'tokenizers') / f'{key[:16]}.json'
+  if path.exists():
+    tok = tokenizers.Tokenizer.from_file(str(path))
+  else:
+    tok = bpe.train_byte_level(_paragraphs('train'), vocab_size, special_tokens=[PAD, EOS])
+    tok.add_special_tokens(models.special_token_names(num_special))
+    with cache.atomic_path(path) as tmp:
+      tok.save(str(tmp))
+  tok.encode_special_tokens = True  # text never produces a special id
+  return tok
+
+
+def special_ids(tok, k: int) -> tuple[int, ...]:
+  return tuple(tok.token_to_id(n) for n in models.special_token_names(k))
+
+
+def encode(tok, texts: list[str]) -> list[np.ndarray]:
+  return [np.asarray(e.ids, np.int32) for e in tok.encode_batch(texts)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# What a run reads.
+
+
+@dataclasses.dataclass
+class RetrievalSet:
+  """One retrieval evaluation: queries against a candidate pool, metrics named prefix + name."""
+
+  prefix: (
+    str  # '' for rdatasets_titles (the names the claims read), 'chatterbot/' for chatterbot_qa
+  )
+  query_texts: list[str]
+  doc_texts: list[str]
+  queries: list[dict]  # end-appended rows
+  docs: list[dict]
+  relevant: np.ndarray  # [Q] target index per query, or [Q, N] bool (several relevant answers)
+  minilm_scores: np.ndarray | None  # [Q, N] MiniLM cosines, None when eval.minilm is off
+
+
+class Data:
+  """Tokenizer, training stream and the fixed evaluation sets of a config."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    c = config
+    self.tok = tokenizer(c)
+    self.vocab_size = self.tok.get_vocab_size()
+    self.specials = special_ids(self.tok, c.gem.num_special)
+    pad = self.tok.token_to_id(PAD)  # a pretrained vocabulary may have none: pad with EOS (the
+    self.pad_id = pad if pad is not None else self.tok.token_to_id(EOS)  # roles mask it anyway)
+    if self.pad_id is None:
+      raise ValueError(f'tokenizer has neither {PAD} nor {EOS} to pad with')
+    self.layout = Layout(
+      seq_len=c.data.seq_len,
+      special_ids=self.specials,
+      pad_id=self.pad_id,
+      p_plain=c.gem.p_plain,
+      dropout=c.gem.dropout,
+    )
+    texts = list(_encoded_paragraphs(_tok_key(c), 'train'))
+    pre, _, _ = losses.phases(c)
+    batch = c.data.batch_size
+    self.train = TextStream(
+      texts,
+      self.layout,
+      c.data.seed,
+      alpha_of=lambda g: losses.alpha_of_step(c, g // batch),
+      plain_before=pre * batch,  # the base LM's phase: plain NTP only
+    )
+    ppl = _encoded_paragraphs(_tok_key(c), 'validation')
+    ppl = ppl[: c.eval.ppl_texts]
+    plain = Layout(
+      seq_len=c.data.seq_len, special_ids=self.specials, pad_id=self.pad_id, p_plain=1.0
+    )
+    rng = np.random.default_rng(0)  # unused draws: plain examples
+    self.ppl_rows = [ntp_example(t, rng, plain) for t in ppl]
+    pairs = rdatasets_titles.load(c.eval.retrieval_split)
+    self.retrieval = [
+      self._retrieval_set(
+        '', [p[1] for p in pairs], [p[2] for p in pairs], np.arange(len(pairs)), c.eval.minilm
+      )
+    ]
+    if c.eval.get('chatterbot', False):
+      rows = chatterbot_qa.load(c.eval.retrieval_split)
+      answers, relevant = chatterbot_qa.pool(rows)
+      questions = [r.question for r in rows]
+      self.retrieval.append(
+        self._retrieval_set('chatterbot/', questions, answers, relevant, c.eval.minilm)
+      )
+    titles = self.retrieval[0]  # the names older code reads
+    self.query_texts, self.doc_texts = titles.query_texts, titles.doc_texts
+    self.queries, self.docs, self.minilm_scores = titles.queries, titles.docs, titles.minilm_scores
+    self.qa_rows, self.qa_continues = [], None
+    if c.eval.qa_items:
+      for prompt, answer in qa.prompts(c.eval.qa_items, seed=c.eval.qa_seed, shots=c.eval.qa_shots):
+        ids = [int(i) for i in self.tok.encode(prompt).ids]
+        self.qa_rows.append(qa.row(ids, self.tok.encode(answer).ids, c.data.seq_len, self.pad_id))
+      self.qa_continues = _continuation_table(_tok_key(c))
+    metrics_lib.log(
+      'gem data: %d train paragraphs, vocab %d, specials %s, %d ppl texts, %d retrieval pairs (%s)',
+      len(texts),
+      self.vocab_size,
+      self.specials,
+      len(self.ppl_rows),
+      len(pairs),
+      c.eval.retrieval_split,
+    )
+    if len(self.retrieval) > 1:
+      cb = self.retrieval[1]
+      metrics_lib.log(
+        'gem data: chatterbot_qa %s: %d questions, %d candidate answers (chance Recall@10 %.3f)',
+        c.eval.retrieval_split,
+        len(cb.queries),
+        len(cb.docs),
+        chatterbot_qa.chance_recall_at(10, len(cb.docs)),
+      )
+
+  def _retrieval_set(self, prefix, query_texts, doc_texts, relevant, minilm) -> RetrievalSet:
+    rows = [
+      [end_appended(t, self.layout) for t in encode(self.tok, texts)]
+      for texts in (query_texts, doc_texts)
+    ]
+    # MiniLM's query x doc cosines (baseline row and silver label), or None when eval.minilm is off.
+    scores = _minilm_scores(tuple(query_texts), tuple(doc_texts)) if minilm else None
+    return RetrievalSet(prefix, query_texts, doc_texts, *rows, relevant, scores)
+
+
+@functools.lru_cache(maxsize=2)
+def _minilm_scores(queries: tuple[str, ...], docs: tuple[str, ...]) -> np.ndarray:
+  """[Q, D] cosines of all-MiniLM-L6-v2 (computed once per process: it is the same every run)."""
+  from projects.gem import minilm  # noqa: PLC0415
+
+  m = minilm.MiniLM()
+  return m.embed(queries) @ m.embed(docs).T
+
+
+@functools.lru_cache(maxsize=4)
+def _continuation_table(key: tuple[str, int, int]) -> np.ndarray:
+  tok = _tokenizer(*key)
+  return qa.number_continuation_table(lambda i: tok.decode([i]), tok.get_vocab_size())

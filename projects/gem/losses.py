@@ -6,14 +6,23 @@ and of its prefix-dropped copy, the other texts of the batch being the negatives
 learnable clamped logit scale. The recipe switches alpha from 0 to 1 after `switch_steps` steps and
 the learning rate from the NTP phase's to the contrastive phase's at the same boundary (each phase a
 cosine decay).
+
+A run's schedule: `phases(config)` gives the (pretrain, mixed NTP, contrastive) step counts for
+gem.mode; `alpha_of_step` the alpha of each step (0 until the contrastive phase, then
+gem.alpha_after); `make_loss_fn` the training loss common.train_loop.fit calls, tracing only the
+loss branches the schedule can select (`schedule_alphas`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from flax import nnx
 import jax.numpy as jnp
+import ml_collections
 import optax
 
+from common import config as config_lib
 from common import embeddings
 from common import losses
 from projects.gem import models
@@ -115,3 +124,46 @@ def total_loss(
     'empty_frac': 1.0 - jnp.mean(batch['valid']),
   }
   return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run's schedule and training loss.
+
+
+def phases(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """(pretrain, mixed, contrastive) step counts for the run's mode."""
+  g = config.gem
+  if g.mode == 'gem':
+    return g.pretrain_steps, g.mixed_steps, g.cl_steps
+  if g.mode == 'contrastive_only':
+    return g.pretrain_steps, 0, g.mixed_steps + g.cl_steps
+  raise config_lib.ConfigError(f"gem.mode must be 'gem' or 'contrastive_only', got {g.mode!r}")
+
+
+def alpha_of_step(config: ml_collections.ConfigDict, index: int) -> float:
+  """alpha of 0-based step `index`: 0 in the pretraining and mixed-NTP phases, then alpha_after."""
+  pre, mixed, _ = phases(config)
+  return alpha_at(index, pre + mixed, config.gem.alpha_after)
+
+
+def schedule_alphas(config: ml_collections.ConfigDict) -> tuple[float, ...]:
+  """Every alpha the run's schedule produces (the loss traces only their branches)."""
+  pre, mixed, cl = phases(config)
+  return tuple(sorted({alpha_of_step(config, i) for i in (0, pre + mixed) if i < pre + mixed + cl}))
+
+
+def make_loss_fn(config: ml_collections.ConfigDict) -> Callable:
+  """fit's loss_fn(model, batch, key): `total_loss` with the run's pooling, mask and alphas."""
+  alphas = schedule_alphas(config)
+
+  def loss_fn(model, batch, key):
+    del key  # deterministic: the data carry all randomness
+    return total_loss(
+      model,
+      batch,
+      pooling=config.gem.pooling,
+      block_specials=config.gem.block_specials,
+      alphas=alphas,
+    )
+
+  return loss_fn

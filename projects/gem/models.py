@@ -23,6 +23,7 @@ from __future__ import annotations
 from flax import nnx
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from common import embeddings
 from common.models import decoder
@@ -117,3 +118,19 @@ def add_special_tokens(
   embedding, so the old tokens' logits are unchanged; 'normal': distinct draws).
   """
   return vocab.extend_vocab(model, tokenizer, special_token_names(k), init=init, seed=seed)
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> decoder.DecoderConfig:
+  """config.model's decoder, or the pretrained model's with its vocabulary grown to vocab_size."""
+  if config.model.get('pretrained'):
+    from projects.gem import pretrained  # noqa: PLC0415 (imports this module)
+
+    return pretrained.decoder_config(config.model.pretrained, vocab_size, config.dtype)
+  return decoder.DecoderConfig.from_dict(
+    {**config.model.to_dict(), 'vocab_size': vocab_size, 'dtype': config.dtype}
+  )
+
+
+def create_model(mcfg: decoder.DecoderConfig, seed: int) -> GemModel:
+  """A GemModel around a decoder of shapes `mcfg` (`model_config`) initialised from `seed`."""
+  return GemModel(decoder.Decoder(mcfg, rngs=nnx.Rngs(seed)))

@@ -8,7 +8,7 @@ GGUF asset converted once and cached), the model's own BPE tokenizer with the sa
 order), and no pretraining phase (gem.pretrain_steps = 0: the base LM is the real model).
 
 `TokenizerAdapter` gives common.models.tokenizer.Tokenizer the few `tokenizers.Tokenizer` calls
-projects/gem/train.py makes, so the data code is the same for both tokenizers.
+projects/gem/input_pipeline.py makes, so the data code is the same for both tokenizers.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import dataclasses
 from flax import nnx
 import jax
 
+from common import sharding
 from common.models import decoder
 from common.models import loader
 from projects.gem import models
@@ -30,7 +31,7 @@ class _Encoding:
 
 
 class TokenizerAdapter:
-  """common.models.tokenizer.Tokenizer behind the `tokenizers.Tokenizer` API train.py uses."""
+  """common.models.tokenizer.Tokenizer behind the `tokenizers.Tokenizer` API input_pipeline uses."""
 
   def __init__(self, tok):
     self.tok = tok
@@ -77,7 +78,7 @@ def initial_state_fn(name: str, num_special: int, dtype: str, make_state):
   """fit's `initial_state`: make_state(GemModel with the real weights), laid out as spec.shardings."""
 
   def initial_state(spec):
-    with nnx.use_eager_sharding(False):
+    with sharding.unsharded():
       state = nnx.state(make_state(load_model(name, num_special, dtype)))
     return jax.tree.map(lambda v, s: jax.device_put(v, s), state, spec.shardings)
 

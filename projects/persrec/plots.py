@@ -1,21 +1,20 @@
 """The README figure: test recall@10 and serving time per request vs history length.
 
-  python -m projects.persrec.plots --runs=/tmp/persrec_sweep --serving=/tmp/persrec_serving.json \
-    --out=projects/persrec/history_length.png
-
 Left: test recall_10 of finished runs (results.json) against the history window they read (full
 and recent: P + R; persrec: P + R with P compressed into k tokens): the mean over the runs (seeds)
 at each window with their range as error bars (runs of experiments/persrec/sweep.py). Right: the
 measured per-request serving time (benchmarks/persrec_serving.py --json) against P, for the full
-model, PerSRec's cached request and the recent-only model.
+model, PerSRec's cached request and the recent-only model. The command line is
+experiments/persrec/plots.py.
 """
 
 from __future__ import annotations
 
-import argparse
+from collections.abc import Sequence
 import json
 import pathlib
 import statistics
+from typing import Any
 
 
 def run_points(runs: pathlib.Path) -> dict[str, list[tuple[int, float]]]:
@@ -40,13 +39,12 @@ def by_window(points: list[tuple[int, float]]) -> list[tuple[int, float, float, 
   return [(w, statistics.mean(v), min(v), max(v), len(v)) for w, v in sorted(groups.items())]
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument('--runs', required=True)
-  p.add_argument('--serving', required=True)
-  p.add_argument('--out', required=True)
-  p.add_argument('--title', default='synthetic histories: recall vs window')
-  args = p.parse_args(argv)
+def figure(
+  points: dict[str, list[tuple[int, float]]],
+  serving: Sequence[dict[str, Any]],
+  title: str = 'synthetic histories: recall vs window',
+):
+  """The two-panel matplotlib figure from `run_points(...)` and the serving benchmark's JSON rows."""
   import matplotlib  # noqa: PLC0415
 
   matplotlib.use('Agg')
@@ -54,7 +52,7 @@ def main(argv=None) -> int:
   import matplotlib.ticker  # noqa: PLC0415
 
   fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
-  for arm, pts in run_points(pathlib.Path(args.runs)).items():
+  for arm, pts in points.items():
     rows = by_window(pts)
     xs, means = [r[0] for r in rows], [r[1] for r in rows]
     err = [
@@ -71,11 +69,10 @@ def main(argv=None) -> int:
       label=f'{arm} (mean, range of {n} seeds)',
     )
   left.set(xscale='log', xlabel='history window P + R (items)', ylabel='test recall@10')
-  left.set_title(args.title)
-  rows = json.loads(pathlib.Path(args.serving).read_text())
+  left.set_title(title)
   for arm in ('full', 'persrec', 'recent'):
     pts = sorted(
-      (r['old_len'], statistics.median(r['times']) * 1e3) for r in rows if r['arm'] == arm
+      (r['old_len'], statistics.median(r['times']) * 1e3) for r in serving if r['arm'] == arm
     )
     if arm == 'recent':
       right.axhline(pts[0][1], linestyle='--', color='C2', label='recent (R only)')
@@ -98,10 +95,4 @@ def main(argv=None) -> int:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(args.out, metadata={'Software': None})
-  print(f'wrote {args.out}')
-  return 0
-
-
-if __name__ == '__main__':
-  raise SystemExit(main())
+  return fig

@@ -1,10 +1,9 @@
-"""Results table and training curves of a set of adapter runs, for the README.
-
-    python -m projects.smore.report RUNS_DIR [OUT.png]
+"""Results table and training curves of a set of adapter runs, for the README (command line:
+`python -m experiments.smore.report RUNS_DIR [OUT.png]`).
 
 RUNS_DIR holds run workdirs named {name}_seed{S} (what experiments/smore/claims.py writes, e.g.
-lora_seed0, smore22_seed0). Prints one markdown row per run and evaluation: trainable parameters
-(the real leaf count from adapter_plan.json), training step time, and held-out exact-match
+lora_seed0, smore22_seed0). The table has one markdown row per run and evaluation: trainable
+parameters (the real leaf count from adapter_plan.json), training step time, and held-out exact-match
 accuracy (overall and per task) at each evaluation. Step time comes from the wall-clock stamps
 of the TensorBoard events of consecutive train logs, leaving out intervals that contain an
 evaluation or the first compile, so it is the steady-state median (and range) of one run on its
@@ -20,7 +19,6 @@ import json
 import pathlib
 import re
 import statistics
-import sys
 
 from common import metrics
 
@@ -127,6 +125,15 @@ def table(summaries: dict[str, dict]) -> str:
   return '\n'.join(lines)
 
 
+def runs_table(runs_dir: str | pathlib.Path) -> tuple[str, dict[str, dict]]:
+  """(the markdown table of the runs in `runs_dir`, headed by the constant-answer floor of their
+  data when it is reasoning-gym, and the runs' summaries)."""
+  summaries = runs(runs_dir)
+  constant = constant_row(pathlib.Path(runs_dir) / next(iter(summaries))) if summaries else None
+  rows = ({'constant (most common train answer)': constant} if constant else {}) | summaries
+  return table(rows), summaries
+
+
 def figure(summaries: dict[str, dict], out: str | pathlib.Path) -> None:
   import matplotlib  # noqa: PLC0415
 
@@ -145,11 +152,3 @@ def figure(summaries: dict[str, dict], out: str | pathlib.Path) -> None:
   ax_ce.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(out, dpi=90)
-
-
-if __name__ == '__main__':
-  summaries = runs(sys.argv[1])
-  constant = constant_row(pathlib.Path(sys.argv[1]) / next(iter(summaries))) if summaries else None
-  print(table(({'constant (most common train answer)': constant} if constant else {}) | summaries))
-  if len(sys.argv) > 2:
-    figure(summaries, sys.argv[2])

@@ -12,29 +12,30 @@
      incl. the data iterator, resume, SIGTERM), started through its `initial_state` hook from the
      pretrained base with fresh adapters;
   4. loss: the reply tokens' cross-entropy plus the adapters' load-balance losses;
-  5. evaluation: held-out exact-match accuracy (teacher-forced, see input_pipeline), overall and per
-     task, and the held-out reply loss; at the end the adapters alone are saved to WORKDIR/adapters.
+  5. optimizer: common.optim's clipped AdamW with warm-up + cosine decay, flattened (see _train);
+  6. evaluation (projects/smore/evaluate.py): held-out exact-match accuracy (teacher-forced, see
+     input_pipeline), overall and per task, and the held-out reply loss; at the end the adapters
+     alone are saved to WORKDIR/adapters.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import itertools
 
 from flax import nnx
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from common import losses as common_losses
 from common import metrics as metrics_lib
+from common import optim
 from common import sharding
 from common import train_loop
 from common.adapters import core
 from common.models import decoder
 from common.models import tiny_lm
+from projects.smore import evaluate
 from projects.smore import input_pipeline
 from projects.smore import models
 
@@ -144,7 +145,7 @@ def plan(a: ml_collections.ConfigDict, shapes: dict[str, tuple[int, int]]) -> di
 
 def target_shapes(cfg: decoder.DecoderConfig, a: ml_collections.ConfigDict) -> dict:
   """{path: (d_in, d_out)} of the layers the adapter pattern selects (no memory allocated)."""
-  with nnx.use_eager_sharding(False):
+  with sharding.unsharded():
     abstract = nnx.eval_shape(lambda: decoder.Decoder(cfg, rngs=nnx.Rngs(0)))
   paths = core.select(abstract, a.pattern, a.exclude or None)
   out = {}
@@ -169,28 +170,7 @@ def add_adapters(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Model, optimizer, loss.
-
-
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Clipped AdamW with warm-up and cosine decay, on the adapters raveled into one vector.
-
-  Why optax.flatten: a mixture adapter has many small leaves (S'MoRE: 24 per layer, 144 on the
-  smoke model's 6 layers), and per-leaf Adam costs a few small ops and a Python (un)flatten per
-  moment and leaf each step; one vector makes it a handful (measured: S'MoRE (2-2) step CPU time
-  -19%, LoRA -1%; projects/smore/README.md). The update is elementwise, so it is the same AdamW.
-  The moments are one unsharded vector: fine for adapter-sized states (SmolLM2's: 6.1M floats).
-  """
-  o = config.optimizer
-  schedule = optax.warmup_cosine_decay_schedule(
-    0.0, o.lr, o.warmup_steps, max(config.train.num_steps, o.warmup_steps + 1), o.lr * 0.1
-  )
-  return optax.flatten(
-    optax.chain(
-      optax.clip_by_global_norm(o.clip_norm),
-      optax.adamw(schedule, weight_decay=o.weight_decay),
-    )
-  )
+# Model and loss.
 
 
 def base_model(config: ml_collections.ConfigDict, *, abstract: bool = False):
@@ -219,46 +199,6 @@ def loss_fn(model, batch, key):
   return ce + bal, {'ce': ce, 'balance': bal, 'reply_tokens': count}
 
 
-@nnx.jit
-def _eval_step(model, batch):
-  logits = model(batch['inputs'], segment_ids=batch['segment_ids'], positions=batch['positions'])
-  mask = batch['loss_mask'] > 0
-  ok = (jnp.argmax(logits, -1) == batch['targets']) | ~mask
-  row_ok = jnp.all(ok, axis=-1) & jnp.any(mask, axis=-1)
-  logp = jax.nn.log_softmax(logits, -1)
-  nll = -jnp.take_along_axis(logp, batch['targets'][..., None], -1)[..., 0]
-  return row_ok, jnp.sum(nll * mask), jnp.sum(mask)
-
-
-def make_eval_fn(config, mesh, d: input_pipeline.Data) -> Callable:
-  rules = tuple(tuple(r) for r in config.sharding.rules)
-  batches = input_pipeline.eval_batches(config, d)
-
-  def evaluate(model, step):
-    del step
-    correct, tasks, nll, count = [], [], 0.0, 0.0
-    for b in batches:
-      g = sharding.to_global(
-        {k: b[k] for k in ('inputs', 'targets', 'loss_mask', 'segment_ids', 'positions')},
-        mesh,
-        rules,
-      )
-      row_ok, s, c = _eval_step(model, g)
-      correct.append(np.asarray(jax.device_get(row_ok)))
-      tasks.append(b['task'])
-      nll, count = nll + float(s), count + float(c)
-    correct, tasks = np.concatenate(correct), np.concatenate(tasks)
-    real = tasks >= 0
-    out = {'accuracy': float(correct[real].mean()), 'loss': nll / max(count, 1.0)}
-    for i, name in enumerate(d.task_names):
-      sel = tasks == i
-      if sel.any():
-        out[f'acc_{name}'] = float(correct[sel].mean())
-    return out
-
-  return evaluate
-
-
 # ---------------------------------------------------------------------------------------------------
 # The run.
 
@@ -270,13 +210,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   the_plan = plan(a, shapes)  # raises before anything heavy when the budget cannot be met
   with train_loop.Run(config, workdir) as run:
     if run.finished:
-      return train_loop.fit(run, create_state=None, loss_fn=None, train_iter=None)
+      return train_loop.FitResult.of_finished(run)
     return _train(run, a, shapes, the_plan)
 
 
 def _train(run: train_loop.Run, a, shapes, the_plan) -> train_loop.FitResult:
   config, workdir = run.config, run.workdir
-  tx = make_optimizer(config)
+  # Clipped AdamW, warm-up + cosine to 0.1 x lr, on the adapters raveled into one vector
+  # (flatten): a mixture adapter has many small leaves (S'MoRE: 24 per layer), and per-leaf Adam
+  # costs a few small ops and a Python (un)flatten per moment and leaf each step; one vector makes
+  # it a handful (S'MoRE (2-2) step CPU time -19%, LoRA -1%; reports/smore/history.md). The update
+  # is elementwise, so it is the same AdamW. The moments are one unsharded vector: fine for
+  # adapter-sized states (SmolLM2's: 6.1M floats).
+  tx = optim.make_optimizer(config.optimizer, config.train.num_steps, flatten=True)
 
   def create(build_base):
     def fn():
@@ -336,7 +282,7 @@ def _train(run: train_loop.Run, a, shapes, the_plan) -> train_loop.FitResult:
     create_state=create(abstract_base),
     loss_fn=loss_fn,
     train_iter=input_pipeline.train_iterator(config, d),
-    eval_fn=make_eval_fn(config, run.mesh, d),
+    eval_fn=evaluate.make_eval_fn(config, run.mesh, run.rules, d),
     initial_state=pretrained_state,
     on_end=save_adapters,
   )

@@ -17,6 +17,7 @@ from common import metrics
 from common import sharding
 from experiments.gem.configs import base
 from projects.gem import evaluate
+from projects.gem import input_pipeline
 from projects.gem import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -52,7 +53,7 @@ def run(tmp_path_factory):
 def test_run_logs_chatterbot_beside_the_unchanged_names(run):
   _, logged = run
   row = logged[6]
-  for p in train.POOLINGS:
+  for p in evaluate.POOLINGS:
     for name in ('recall_at_1', 'recall_at_10', 'mrr', 'ndcg_at_10'):
       assert f'{p}/{name}' in row and f'chatterbot/{p}/{name}' in row
     assert 0 <= row[f'chatterbot/{p}/recall_at_1'] <= row[f'chatterbot/{p}/recall_at_10'] <= 1
@@ -98,24 +99,27 @@ def test_config_written_before_the_key_reads_as_off_then_defaults_on(run, tmp_pa
 def test_multi_answer_retrieval_reduces_to_one_target_and_ranks_all_answers():
   rng = np.random.default_rng(0)
   docs = np.linalg.qr(rng.normal(size=(8, 8)))[0]  # orthonormal answer embeddings
-  emb = lambda x: {p: x for p in train.POOLINGS}  # noqa: E731
-  one = train.RetrievalSet('', [], [], [], [], np.arange(5), None)
-  eye = train.RetrievalSet('x/', [], [], [], [], np.eye(5, 8, dtype=bool), None)
+  emb = lambda x: {p: x for p in evaluate.POOLINGS}  # noqa: E731
+  one = input_pipeline.RetrievalSet('', [], [], [], [], np.arange(5), None)
+  eye = input_pipeline.RetrievalSet('x/', [], [], [], [], np.eye(5, 8, dtype=bool), None)
   q = docs[:5] + 0.3 * rng.normal(size=(5, 8))
-  a, b = train.retrieval_eval(one, emb(q), emb(docs)), train.retrieval_eval(eye, emb(q), emb(docs))
+  a, b = (
+    evaluate.retrieval_eval(one, emb(q), emb(docs)),
+    evaluate.retrieval_eval(eye, emb(q), emb(docs)),
+  )
   assert a == {k[2:]: v for k, v in b.items()}
   # A question whose embedding is the sum of its 3 answers' ranks all 3 first: every metric is 1.
   relevant = np.zeros((1, 8), bool)
   relevant[0, [1, 4, 6]] = True
-  multi = train.RetrievalSet('c/', [], [], [], [], relevant, None)
-  m = train.retrieval_eval(multi, emb(docs[[1, 4, 6]].sum(0, keepdims=True)), emb(docs))
+  multi = input_pipeline.RetrievalSet('c/', [], [], [], [], relevant, None)
+  m = evaluate.retrieval_eval(multi, emb(docs[[1, 4, 6]].sum(0, keepdims=True)), emb(docs))
   assert m['c/special/recall_at_10'] == m['c/mean/mrr'] == m['c/last/ndcg_at_10'] == 1.0
   assert m['c/special/recall_at_1'] == pytest.approx(1 / 3)  # one of its three answers
 
 
 def test_cli_bad_workdir_is_one_error_line(tmp_path):
   p = subprocess.run(
-    [sys.executable, '-m', 'projects.gem.evaluate', f'--workdir={tmp_path}'],
+    [sys.executable, '-m', 'experiments.gem.evaluate', f'--workdir={tmp_path}'],
     cwd=ROOT,
     capture_output=True,
     text=True,

@@ -3,6 +3,7 @@
 from flax import nnx
 import numpy as np
 
+from common import sharding
 from common.models import decoder
 from projects.gem import inference
 from projects.gem import input_pipeline
@@ -15,7 +16,7 @@ LAYOUT = input_pipeline.Layout(seq_len=12, special_ids=(58,), pad_id=0)
 
 
 def _model():
-  with nnx.use_eager_sharding(False):
+  with sharding.unsharded():
     return models.GemModel(decoder.Decoder(CFG, rngs=nnx.Rngs(0)))
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from common import losses as common_losses
+from common import sharding
 from common.models import decoder
 from projects.gem import input_pipeline as ip
 from projects.gem import losses
@@ -32,7 +33,7 @@ def _batch(alpha, n=6, seed=0):
 
 @pytest.fixture(scope='module')
 def model():
-  with nnx.use_eager_sharding(False):
+  with sharding.unsharded():
     return models.GemModel(decoder.Decoder(CFG, rngs=nnx.Rngs(0)))
 
 
@@ -115,7 +116,7 @@ def test_optimizer_leaves_the_log_scale_alone_in_ntp_steps(model):
   from projects.gem import train  # noqa: PLC0415
 
   cfg = base.get_config('smoke,gem.pretrain_steps=2,gem.mixed_steps=2,gem.cl_steps=2')
-  with nnx_.use_eager_sharding(False):
+  with sharding.unsharded():
     m = models.GemModel(decoder.Decoder(CFG, rngs=nnx_.Rngs(1)))
     opt = nnx_.Optimizer(m, train.make_optimizer(cfg), wrt=nnx_.Param)
   before = float(m.logit_scale.log_scale[...])

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from common import sharding
 from common.models import decoder
 from projects.gem import input_pipeline
 from projects.gem import models
@@ -20,7 +21,7 @@ SPECIALS = (50, 51, 52)
 
 
 def _model(seed=0):
-  with nnx.use_eager_sharding(False):
+  with sharding.unsharded():
     return models.GemModel(decoder.Decoder(CFG, rngs=nnx.Rngs(seed)))
 
 

@@ -17,6 +17,8 @@ import pytest
 from common import sharding
 from common import train_loop
 from experiments.gem.configs import base
+from projects.gem import input_pipeline
+from projects.gem import losses
 from projects.gem import models
 from projects.gem import pretrained
 from projects.gem import train
@@ -48,11 +50,11 @@ def test_pretrained_initial_state_matches_spec_and_base_weights(tmp_path, monkey
   config = base.get_config('smoke,gem.num_special=2')
   with config.unlocked():
     config.model = ml_collections.ConfigDict(dict(pretrained=str(gguf)))
-  tok = train.tokenizer(config)
+  tok = input_pipeline.tokenizer(config)
   base_lm, base_cfg, _ = loader.load_pretrained(gguf)
   assert tok.get_vocab_size() == base_cfg.vocab_size + 2
-  assert train.special_ids(tok, 2) == (base_cfg.vocab_size, base_cfg.vocab_size + 1)
-  assert train.model_config(config, tok.get_vocab_size()).d_model == base_cfg.d_model
+  assert input_pipeline.special_ids(tok, 2) == (base_cfg.vocab_size, base_cfg.vocab_size + 1)
+  assert models.model_config(config, tok.get_vocab_size()).d_model == base_cfg.d_model
   with pytest.raises(ValueError, match='below'):
     pretrained.decoder_config(str(gguf), base_cfg.vocab_size - 1, 'float32')
 
@@ -93,12 +95,12 @@ def test_smollm2_config_builds():
   if not assets.is_fetched('smollm2'):
     pytest.skip('smollm2 is not fetched: python -m common.assets fetch smollm2')
   config = base.get_config('smollm2')
-  d = train.Data(config)
+  d = input_pipeline.Data(config)
   assert d.vocab_size == 49152 + config.gem.num_special
   assert d.specials == (49152,)
   assert len(d.qa_rows) == config.eval.qa_items and len(d.ppl_rows) == config.eval.ppl_texts
-  assert train.phases(config) == (0, 100, 200)
-  assert train.schedule_alphas(config) == (0.0, 1.0)
+  assert losses.phases(config) == (0, 100, 200)
+  assert losses.schedule_alphas(config) == (0.0, 1.0)
   spec, state = _spec_and_state(config, d.vocab_size)
   _check_against_spec(spec, state)
   n = sum(x.size for x in jax.tree.leaves(state['model']))

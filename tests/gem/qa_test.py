@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+from common import sharding
 from common.models import decoder
 from projects.gem import inference
 from projects.gem import models
@@ -19,7 +20,7 @@ SEQ, PAD = 16, 0
 
 @pytest.fixture(scope='module')
 def model():
-  with nnx.use_eager_sharding(False):
+  with sharding.unsharded():
     return models.GemModel(decoder.Decoder(CFG, rngs=nnx.Rngs(3)))
 
 

@@ -13,6 +13,7 @@ from common import metrics
 from experiments.gem import claims
 from experiments.gem import sweep
 from experiments.gem.configs import base
+from projects.gem import losses
 from projects.gem import models
 from projects.gem import train
 
@@ -59,7 +60,7 @@ def test_every_variant_builds_and_differs_from_its_reference_in_one_key(variant)
   ref = _flat(sweep.variant_config(sweep.SMOKE, 1, sweep.BY_NAME[variant.reference], '/b'))
   diff = sorted(k for k in cfg if cfg[k] != ref[k] and k != 'checkpoint.resume_from')
   assert len(diff) == 1 and diff[0].startswith('gem.'), diff
-  assert train.phases(sweep.variant_config(sweep.SMOKE, 1, variant))[0] == claims.PRETRAIN
+  assert losses.phases(sweep.variant_config(sweep.SMOKE, 1, variant))[0] == claims.PRETRAIN
 
 
 def test_variant_names_and_workdirs_are_unique_and_references_come_first():

@@ -14,6 +14,7 @@ from common import metrics
 from common import sharding
 from common import train_loop
 from experiments.gem.configs import base
+from projects.gem import losses
 from projects.gem import train
 
 MICRO = (
@@ -61,9 +62,9 @@ def test_run_writes_the_contract_and_follows_the_phases(reference):
   for r in train_rows:
     assert 1.0 <= r['logit_scale'] <= 100.0 + 1e-4
     assert r['alpha_untraced'] == 0  # the loss traced every branch the schedule selects
-  assert train.schedule_alphas(_config()) == (0.0, 1.0)
-  assert train.schedule_alphas(_config('gem.alpha_after=0.5')) == (0.0, 0.5)
-  assert train.schedule_alphas(_config('gem.pretrain_steps=0', 'gem.mixed_steps=0')) == (1.0,)
+  assert losses.schedule_alphas(_config()) == (0.0, 1.0)
+  assert losses.schedule_alphas(_config('gem.alpha_after=0.5')) == (0.0, 0.5)
+  assert losses.schedule_alphas(_config('gem.pretrain_steps=0', 'gem.mixed_steps=0')) == (1.0,)
   res = json.loads((reference / 'results.json').read_text())
   for key in ('loss', 'perplexity', 'special/recall_at_10', 'mean/mrr', 'last/ndcg_at_10'):
     assert np.isfinite(res['eval'][key]), key
@@ -99,4 +100,35 @@ def test_bad_mode_is_a_config_error():
   from common import config as config_lib  # noqa: PLC0415
 
   with pytest.raises(config_lib.ConfigError, match='gem.mode'):
-    train.phases(_config('gem.mode=simcse'))
+    losses.phases(_config('gem.mode=simcse'))
+
+
+def test_optimizer_is_the_phase_recipe_with_decay_mask_and_clamp():
+  """common.optim.make_optimizer with GEM's schedule, decay mask and clamp gives bitwise the updates
+  and the optax state structure of the recipe runs were checkpointed with: clip -> AdamW (no decay
+  on the log-temperature) -> CLIP's clamp."""
+  import optax  # noqa: PLC0415
+
+  from common import embeddings  # noqa: PLC0415
+
+  config = _config()
+  o, is_log_scale = config.optimizer, embeddings.path_endswith('log_scale')
+  mask = lambda p: jax.tree_util.tree_map_with_path(lambda k, x: not is_log_scale(k, x), p)  # noqa: E731
+  ref = optax.chain(
+    optax.clip_by_global_norm(o.clip_norm),
+    optax.adamw(train.schedule(config), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=mask),
+    embeddings.clamp_transform(is_log_scale),
+  )
+  params = {'w': np.linspace(-1.0, 1.0, 12, dtype=np.float32), 'log_scale': np.float32(4.5)}
+  got_state, ref_state = train.make_optimizer(config).init(params), ref.init(params)
+  assert jax.tree.structure(got_state) == jax.tree.structure(ref_state)
+  got, want = params, params
+  for i in range(6):
+    grads = jax.tree.map(lambda p, i=i: np.sin(p * (i + 1)) * 3.0 - 1.0, params)
+    u, got_state = train.make_optimizer(config).update(grads, got_state, got)
+    got = optax.apply_updates(got, u)
+    u, ref_state = ref.update(grads, ref_state, want)
+    want = optax.apply_updates(want, u)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert float(got['log_scale']) <= embeddings.LOG_SCALE_MAX

@@ -1,5 +1,5 @@
-"""Tests for lm_pretrain's text pipeline: packing, the BPE tokenizer, the data a run reads, and the
-unigram baseline / bits-per-byte bookkeeping of the evaluation.
+"""Tests for lm_pretrain's text pipeline: packing, the BPE tokenizer, the data a run reads, and a
+short run on the tiny corpus (tokenizer saved, eval metrics written).
 
 Everything is built under a temporary MONOREPO_CACHE_DIR / MONOREPO_DATA_DIR from the 'tiny' config
 of rdatasets_docs (8 documents per split), so nothing touches the shared cache.
@@ -10,7 +10,6 @@ import json
 import numpy as np
 import pytest
 
-from common import data
 from experiments.lm_pretrain.configs import base
 from projects.lm_pretrain import input_pipeline
 from projects.lm_pretrain import train
@@ -26,13 +25,6 @@ UNSEEN = [
   '',
   '<|endoftext|> typed as text',
 ]
-
-
-@pytest.fixture
-def isolated_cache(tmp_path, monkeypatch):
-  monkeypatch.setenv('MONOREPO_CACHE_DIR', str(tmp_path / 'cache'))
-  monkeypatch.setenv('MONOREPO_DATA_DIR', str(tmp_path / 'tfds'))
-  return tmp_path
 
 
 def _config(**data_overrides):
@@ -150,40 +142,6 @@ def test_eval_set_is_fixed_and_batched(isolated_cache):
   np.testing.assert_array_equal(a[0]['tokens'], b[0]['tokens'])
   halves = [input_pipeline.eval_batches(config, d, p, 2)[0]['tokens'] for p in range(2)]
   np.testing.assert_array_equal(np.concatenate(halves), a[0]['tokens'])
-
-
-# ---------------------------------------------------------------------------------------------------
-# Evaluation bookkeeping.
-
-
-def test_unigram_baseline_is_add_one_smoothed():
-  logp = train.unigram_logprobs(np.array([3, 0, 1]))
-  np.testing.assert_allclose(np.exp(logp), [4 / 7, 1 / 7, 2 / 7])
-
-
-def test_eval_statistics_count_tokens_and_bytes(isolated_cache):
-  config = _config(**{'data.eval_examples': 16})
-  d = input_pipeline.make_data(config, isolated_cache / 'run')
-  stats = train.eval_statistics(d, d.eval)
-  targets = np.concatenate([d.eval[i]['tokens'][1:] for i in range(len(d.eval))])
-  assert stats['tokens'] == targets.size == 16 * config.data.seq_len
-  # Bytes: the UTF-8 text the targets decode to, plus one per EOS.
-  eos = input_pipeline.eos_id(d.tokenizer)
-  text = d.tokenizer.decode(targets[targets != eos].tolist())
-  assert stats['bytes'] == len(text.encode()) + (targets == eos).sum()
-  logp = train.unigram_logprobs(d.train_counts)
-  np.testing.assert_allclose(stats['unigram_nll'], -logp[targets].sum(), rtol=1e-12)
-
-
-def test_markov_source_keeps_its_optimum(isolated_cache):
-  config = base.get_config('smoke,data.source=markov,data.vocab_size=64,data.eval_examples=32')
-  d = input_pipeline.make_data(config, None)
-  assert d.language is not None and d.tokenizer is None and len(d.eval) == 32
-  assert d.train_counts.sum() == 512 * config.data.seq_len
-  lang = data.MarkovLanguage(64, config.data.seq_len, seed=config.data.seed)
-  np.testing.assert_array_equal(d.train[3]['tokens'], lang[3]['tokens'])
-  stats = train.eval_statistics(d, d.eval)
-  assert 'bytes' not in stats and stats['unigram_nll'] / stats['tokens'] < np.log(64)
 
 
 @pytest.mark.slow  # compiles a model and trains in-process: ~20-80 s on 2 busy cores

@@ -313,34 +313,6 @@ def test_serving_cost_is_flat_in_p_and_full_cost_is_quadratic():
   assert counts[0] == counts[1] == counts[2] == 3 * K + 6
 
 
-def test_eval_scores_fall_back_to_popularity_without_a_known_item():
-  """The evaluation's defined behaviour (train.scores / candidates): a user whose window holds no
-  known item (empty, or only unknown ids) is ranked by training popularity; others by cosine;
-  padding, the rows padded up to vocab_size and (optionally) seen items are never candidates."""
-  from projects.persrec import metrics  # noqa: PLC0415
-  from projects.persrec import train  # noqa: PLC0415
-
-  cfg = _cfg()
-  m = util.model(cfg)
-  items, ts = util.histories(cfg, 3, seed=7, lengths=[P + R, 0, P + R])
-  items[2] = cfg.num_items + 5  # only unknown ids
-  vec = util.forward(m, items, ts)[:, -1]
-  fallback = train.fallback_scores(np.arange(cfg.num_items + 1), cfg.vocab_size)
-  s = np.asarray(train.scores(m, vec, jnp.asarray(items), jnp.asarray(fallback)))
-  np.testing.assert_array_equal(s[1], fallback)
-  np.testing.assert_array_equal(s[2], fallback)
-  assert not np.array_equal(s[0], fallback)
-  # Popularity order for the cold users: the most popular item (the last id) ranks first.
-  cand = np.asarray(train.candidates(m, jnp.asarray(items)))
-  assert cand.shape == (3, cfg.vocab_size) and not cand[:, 0].any()
-  assert not cand[:, cfg.num_items + 1 :].any()
-  seen = set(items[0].tolist()) - {0}
-  assert not cand[0, sorted(seen)].any() and cand[1, 1 : cfg.num_items + 1].all()
-  target = jnp.asarray([1, cfg.num_items, cfg.num_items])
-  ranks = np.asarray(metrics.ranks(jnp.asarray(s), target, jnp.asarray(cand)))
-  assert ranks[1] == 1 and ranks[2] == 1
-
-
 def test_cost_measure_returns_the_requested_arms_with_their_flops():
   """benchmarks/persrec_serving.py's measurement (projects/persrec/cost.py) on a tiny model: one
   row per requested arm and P, FLOPs from serving_flops, one time per repetition. No speed check

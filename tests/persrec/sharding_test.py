@@ -16,6 +16,7 @@ from common import sharding
 from common import train_loop
 from experiments.persrec.configs import base
 from projects.persrec import input_pipeline
+from projects.persrec import losses
 from projects.persrec import models
 from projects.persrec import train
 
@@ -25,20 +26,20 @@ def _steps(mesh, config, mcfg, batches):
   create = train.create_state_fn(config, mcfg)
   with jax.set_mesh(mesh), sharding.axis_rules(rules):
     spec = train_loop.init_state(create, mesh, rules)
-    step = train_loop.make_train_step(spec.graphdef, train.make_loss_fn(config), spec.shardings)
-    state, losses = spec.state, []
+    step = train_loop.make_train_step(spec.graphdef, losses.make_loss_fn(config), spec.shardings)
+    state, step_losses = spec.state, []
     for i, b in enumerate(batches):
       state, m = step(state, sharding.to_global(b, mesh, rules), train_loop.step_key(0, i, 'train'))
-      losses.append(float(m['loss']))
+      step_losses.append(float(m['loss']))
     params = jax.device_get(nnx.state(train_loop.model_of(spec.graphdef, state), nnx.Param))
-  return losses, params
+  return step_losses, params
 
 
 def test_sharded_steps_match_one_device():
   assert jax.device_count() == 8
   config = base.get_config('smoke')
   d = input_pipeline.make_data(config)
-  mcfg = train.model_config(config, d)
+  mcfg = models.model_config(config, d)
   assert mcfg.vocab_size % 2 == 0 and config.data.batch_size % 4 == 0
   it = input_pipeline.train_iterator(config, d)
   batches = [next(it) for _ in range(3)]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 
 from flax import nnx
-import jax
 import numpy as np
 
 from projects.persrec import models
@@ -13,21 +12,10 @@ from projects.persrec import models
 
 @functools.lru_cache(maxsize=32)
 def model(cfg: models.ModelConfig, seed: int = 0) -> models.SeqRec:
-  """A SeqRec built under jit (eager nnx init costs a compile per op) without a mesh."""
-
-  def create():
-    with nnx.use_eager_sharding(False):
-      return models.SeqRec(cfg, rngs=nnx.Rngs(seed))
-
-  with nnx.use_eager_sharding(False):
-    graphdef, abstract = nnx.split(nnx.eval_shape(create))
-  del abstract
-  state = jax.jit(lambda: nnx.split(create())[1])()
-  m = nnx.merge(graphdef, state)
-  # Item embeddings of order 1 rather than the 0.02 init, so outputs (and the differences the tests
-  # look for) are far from zero and tolerances are meaningful.
-  m.item_embedding.embedding[...] = m.item_embedding.embedding[...] * 25.0
-  return m
+  """A SeqRec built under jit without a mesh, with item embeddings of order 1 rather than the 0.02
+  init, so outputs (and the differences the tests look for) are far from zero and tolerances are
+  meaningful."""
+  return models.build(cfg, seed, item_scale=25.0)
 
 
 def histories(cfg: models.ModelConfig, batch: int, seed: int = 0, lengths=None):

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from common import sharding
 from common.adapters import core
 from common.adapters import lora
 from projects.smore import losses
@@ -19,7 +20,7 @@ D_IN, D_OUT = 12, 10
 
 
 def _smore(spec, seed=0, d_in=D_IN, d_out=D_OUT, **kw):
-  with nnx.use_eager_sharding(False):
+  with sharding.unsharded():
     return models.SMoRE(d_in, d_out, spec, rngs=nnx.Rngs(seed), **kw)
 
 
@@ -107,7 +108,7 @@ def test_core_count_is_lora_of_rank_dL_plus_sum_of_squares(experts, ranks):
   ],
 )
 def test_closed_form_counts_of_every_method(method, kw):
-  with nnx.use_eager_sharding(False):
+  with sharding.unsharded():
     lin = nnx.Linear(D_IN, D_OUT, rngs=nnx.Rngs(0))
     adapter = models.factory(method, nnx.Rngs(1), **kw)('x', lin)
   assert core.count_trainable(adapter) == models.num_params(method, D_IN, D_OUT, **kw)
@@ -306,7 +307,7 @@ def test_adapter_balance_loss_respects_the_context_mask():
 
 
 def test_mixlora_matches_a_per_token_loop():
-  with nnx.use_eager_sharding(False):
+  with sharding.unsharded():
     m = models.MixLoRA(D_IN, D_OUT, experts=4, rank=3, top_k=2, rngs=nnx.Rngs(0))
   m.b[...] = jax.random.normal(jax.random.key(3), m.b[...].shape)
   x = np.asarray(_x(5))
@@ -323,7 +324,7 @@ def test_mixlora_matches_a_per_token_loop():
 
 
 def test_hydralora_matches_a_per_token_loop():
-  with nnx.use_eager_sharding(False):
+  with sharding.unsharded():
     m = models.HydraLoRA(D_IN, D_OUT, heads=3, rank=2, rngs=nnx.Rngs(0))
   np.testing.assert_array_equal(m(_x()), 0.0)  # zero B heads: exact identity at init
   m.b[...] = jax.random.normal(jax.random.key(3), m.b[...].shape)

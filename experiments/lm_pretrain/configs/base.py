@@ -14,20 +14,17 @@ COMMAND:
   python -m experiments.lm_pretrain.main \
     --config=experiments/lm_pretrain/configs/base.py:smoke --workdir=/tmp/lm_pretrain_smoke
 
-Variants (times measured on the 2-core project machine while other jobs shared it, load average
-7-12; an idle machine is several times faster):
+Variants (times on the shared 2-core machine; an idle machine is several times faster):
   smoke: 2-layer d=64 model, BPE vocab 512 (1.20M train tokens), 60 steps of 16 x 64 tokens, eval on
-         256 x 64 validation tokens. 62-73 s wall with the corpus cached (the markov smoke took the
-         same 73 s side by side), about 10 s more on a fresh machine (corpus build, tokenizer
-         training and tokenization are cached after the first run). Measured: eval loss 5.00 vs
-         unigram 5.27 nats/token (3.77 vs 3.97 bits/byte); the train loss is still falling.
+         256 x 64 validation tokens. About 1 minute with the corpus cached (corpus build, tokenizer
+         training and tokenization are cached after the first run, ~10 s). Expected: eval loss
+         about 5.0 vs the unigram baseline's 5.27 nats/token; the train loss still falling.
   (default): 4-layer d=256 model (4.46M parameters), BPE vocab 2048 (0.83M train tokens, 2.72 bytes
          per token), 600 steps of 32 x 128 tokens (2.46M tokens, about 3 epochs), eval on 320 of the
-         351 validation sequences (whole batches: 41k tokens). Measured (one run, seed 0): 73 min
-         wall, at 4 s/step when the load was ~4 and 17-20 s/step at ~12; an idle machine's ~50-80
-         GFLOP/s predicts 1.5-2.5 s/step (15-25 min). Eval loss 5.00, 4.40, 4.06, 3.83, 3.68, 3.60
-         nats/token at steps 100, 200, ..., 600 vs the unigram baseline's 6.24 (final: 1.86 vs 3.22
-         bits/byte, perplexity 36.7 vs 514); final train loss 3.48 (still falling).
+         351 validation sequences (whole batches: 41k tokens). Budget: 15-25 min on an idle 2-core
+         machine (1.5-2.5 s/step), about 75 min when it is shared. Expected: eval
+         loss about 3.6 nats/token vs the unigram baseline's 6.24 (about 1.86 vs 3.22 bits/byte);
+         the train loss still falling. Measurements: reports/lm_pretrain/history.md.
 Override any key: --config.train.num_steps=500 or base.py:smoke,seed=3.
 """
 

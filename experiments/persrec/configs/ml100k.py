@@ -12,10 +12,10 @@ Variants (the issue's ml100k_{sasrec,hstu,persrec}):
   smoke:   a 1-layer d=16 PerSRec for 20 steps (under a minute after the data set is built).
   Other arms: ml100k.py:arm=recent (HSTU over the last R=32 items), arm=mean_pool, arm=noblock,
   arm=per_user, arm=multiseg. Second data set: add data.source=ml_latest_small.
-Budget: 2-layer d=64 models, 1500 steps of 32 users (about 50 epochs of the 943 training windows).
-Measured (persrec, seed 0, commit a8e01b9): 41 min wall on the 2 shared CPU cores at load average
-8-15 (0.4-1.7 steps/s); test Recall@10 0.187, NDCG@10 0.089, MRR 0.077 (validation Recall@10
-0.206); see projects/persrec/README.md. arm=recent is cheaper (32-item window).
+Budget: 2-layer d=64 models, 1500 steps of 32 users (about 50 epochs of the 943 training windows):
+about 40 min wall per run on the 2 shared CPU cores (arm=recent is cheaper: a 32-item window).
+Expected (persrec, seed 0): test Recall@10 about 0.19, NDCG@10 0.09, MRR 0.08 (projects/persrec/
+README.md; measurements in reports/persrec/history.md).
 MovieLens histories are short (median 65 items), so the value of old history is small here.
 """
 

@@ -10,12 +10,13 @@ COMMAND:
     --config=experiments/smore/configs/base.py:smoke --workdir=/tmp/smore_smoke
 
 Variants:
-  smoke: the shared tiny LM (common.testing.tiny_lm: 2 layers, d_model 64, vocab 64; trained
+  smoke: the shared tiny LM (common.models.tiny_lm: 2 layers, d_model 64, vocab 64; trained
     once and cached), 8 procedural token-map tasks in 2 families (input_pipeline.TokenTasks), preset
     smore22 by default (adapter.preset=lora|mixlora|hydralora|smore22|smore44), budget = LoRA rank 16
     on the 6 FFN projections (18,432 parameters; S'MoRE's router uses d_down = m = 4 at this
     width, still about 12% of its budget), 200 steps of 32 sequences of 17 tokens, eval on
-    512 held-out sequences at the end, one checkpoint at the end. No weights are fetched.
+    512 held-out sequences at the end, one checkpoint at the end. No weights are fetched. Well
+    under a minute on 2 cores once compiled.
   smollm2_{lora,mixlora,hydralora,smore22,smore44}: SmolLM2-135M-Instruct (30 layers, d_model 576,
     FFN 1536; `python -m common.assets fetch smollm2`), budget = LoRA rank 32 on the 90 FFN
     projections (6,082,560 parameters; S'MoRE d_down = m = 16), a reasoning-gym instruction mix of
@@ -23,11 +24,12 @@ Variants:
     task, spell_backward and letter_counting as string manipulations; 400 train / 50 test each,
     246 test questions left after the builder's train/test de-duplication) as chat prompts, 200
     steps of 8 single-example rows of 160 tokens (256k token slots), eval on the held-out
-    questions every 100 steps. Measured on 2 quiet cores (commit 4b6a34a): LoRA 11.1 s/step, so
-    37 min of training plus ~2 min per evaluation; launch to step 10 took 3.5 min for LoRA and
-    12-16 min for S'MoRE with another run sharing the cores (building S'MoRE inside a trace is
-    quadratic in its leaves, and the full suite compiles without the persistent cache); see
-    projects/smore/README.md.
+    questions every 100 steps. Expected time on 2 quiet cores: 5-11 s per step, so 20-40 minutes
+    of training plus ~2 minutes per evaluation and a few minutes of compilation (the full suite
+    compiles without the persistent cache). Launch to step 10 of smollm2_smore22, 2026-12-05,
+    2 cores shared with other jobs: median 5.4 min (3.8-6.1, 3 runs), was 8.7 min (5.8-8.8)
+    while building the adapters inside abstract_state's trace was quadratic in their number
+    (fixed by models.KeyStream); results in projects/smore/README.md.
   smollm2_smore22_identity: the identity-activation ablation (the S'MoRE gain should vanish).
 Override any key: --config.train.num_steps=500 or base.py:smoke,adapter.preset=lora,seed=3.
 """

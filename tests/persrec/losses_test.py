@@ -1,9 +1,7 @@
 """InfoNCE against a numpy reference (false negatives, temperature, weights); no loss at token
-slots; ranking metrics against hand-computed rankings."""
+slots."""
 
 from __future__ import annotations
-
-import math
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +9,6 @@ import numpy as np
 import pytest
 
 from projects.persrec import losses
-from projects.persrec import metrics
 from projects.persrec import models
 from tests.persrec import util
 
@@ -134,40 +131,3 @@ def test_no_loss_at_token_slots():
 
   assert m.item_outputs(out).shape == (2, 7, 8)  # P + R item slots, no token slot
   assert float(jnp.abs(grad_wrt_token_outputs(jnp.float32(0.0)))) == 0.0
-
-
-# ---------------------------------------------------------------------------------------------------
-# Metrics.
-
-
-def test_ranks_and_metrics_match_hand_computed_rankings():
-  scores = jnp.asarray(
-    [
-      [0.0, 0.9, 0.8, 0.1, 0.5],  # target 2: only item 1 beats it -> rank 2
-      [0.0, 0.2, 0.2, 0.2, 0.9],  # target 1: ties with 2, 3 count against it; 4 beats -> rank 4
-      [0.0, 0.3, 0.1, 0.7, 0.2],  # target 3: best -> rank 1
-      [0.0, 0.5, 0.6, 0.4, np.nan],  # target 4 scores NaN -> last: rank 5 (4 candidates + 1)
-    ],
-    jnp.float32,
-  )
-  cand = jnp.asarray([False, True, True, True, True])
-  rank = np.asarray(metrics.ranks(scores, jnp.asarray([2, 1, 3, 4]), cand))
-  assert rank.tolist() == [2, 4, 1, 5]
-  m = metrics.from_ranks(rank, recall_ks=(1, 2, 4), ndcg_ks=(2,))
-  assert m['recall_1'] == 0.25 and m['recall_2'] == 0.5 and m['recall_4'] == 0.75
-  assert m['ndcg_2'] == pytest.approx((1 / math.log2(3) + 1) / 4)
-  assert m['mrr'] == pytest.approx((1 / 2 + 1 / 4 + 1 + 1 / 5) / 4)
-  # Excluding seen items: for user 0, hiding item 1 makes the target first.
-  seen = jnp.asarray([[False, True, False, False, False]])
-  assert int(metrics.ranks(scores[:1], jnp.asarray([2]), cand & ~seen)[0]) == 1
-  sums = metrics.rank_sums(jnp.asarray(rank), jnp.asarray([1.0, 1.0, 0.0, 1.0]), (1, 2, 4), (2,))
-  got = metrics.from_sums({k: float(v) for k, v in sums.items()})
-  want = metrics.from_ranks(rank, np.array([1.0, 1.0, 0.0, 1.0]), (1, 2, 4), (2,))
-  assert got == pytest.approx(want)
-  assert metrics.from_sums({'users': 0.0}) == {'users': 0.0}
-
-
-def test_a_constant_scorer_ranks_every_target_last():
-  scores = jnp.zeros((3, 6))
-  rank = np.asarray(metrics.ranks(scores, jnp.asarray([1, 3, 5]), jnp.arange(6) > 0))
-  assert rank.tolist() == [5, 5, 5]
