@@ -79,11 +79,11 @@ def _setup(preset: str):
   rules = sharding.DEFAULT_RULES
   mesh = sharding.make_mesh([('data', -1)], devices=jax.devices()[:1])
   if 'model' not in _BASE:  # load (or train, for the tiny LM) the frozen base once, eagerly
-    with nnx.use_eager_sharding(False):
+    with sharding.unsharded():
       _BASE['model'] = build()
 
   def create(real: bool = False):
-    with nnx.use_eager_sharding(False):
+    with sharding.unsharded():
       model = nnx.clone(_BASE['model']) if real else build_abstract()
       train.add_adapters(model, a, plan, 0, 'float32')
       return train_loop.TrainState(model, tx)

@@ -76,7 +76,7 @@ def _model():
     head_dim=FLAGS.d_model // 4,
     mlp_dim=4 * FLAGS.d_model,
   )
-  with nnx.use_eager_sharding(False):
+  with sharding.unsharded():
     return decoder.Decoder(cfg, rngs=nnx.Rngs(0))
 
 
@@ -125,7 +125,7 @@ class _TunixPeer:
   def __init__(self, prompt_ids: list[list[int]], ours_params: int, padded_vocab: int):
     # Imported here: tunix is a peer-only package, and importing it sets flax's
     # flax_always_shard_variable=False process-wide (our models are built before, with
-    # use_eager_sharding(False), so nothing of ours changes).
+    # sharding.unsharded(), so nothing of ours changes).
     from tunix.models.llama3 import model as tunix_llama  # noqa: PLC0415
     from tunix.rl import rl_cluster  # noqa: PLC0415
     from tunix.rl.grpo import grpo_learner  # noqa: PLC0415
