@@ -328,3 +328,11 @@ def test_docs_keep_one_current_table_not_a_diary(doc):
     if re.search(r'[a-f]', h) and re.search(r'[0-9]', h)
   }
   assert len(hashes) <= 8, f'{doc.relative_to(ROOT)} names {len(hashes)} commits: {sorted(hashes)}'
+
+
+def test_docs_link_only_inside_the_repo():
+  docs = [ROOT / 'README.md', ROOT / 'WORKSPACE.md', *ROOT.glob('projects/*/README.md')]
+  outside = [
+    f'{d.relative_to(ROOT)}: {u}' for d in docs for u in re.findall(r'https?://\S+', d.read_text())
+  ]
+  assert not outside, outside
