@@ -79,6 +79,31 @@ def _tokens_mask(n: int, leading: tuple[int, ...]) -> jax.Array | None:
   return mask.reshape(n).astype(bool)
 
 
+class KeyStream:
+  """The keys `nnx.Rngs(params=key).params()` draws, fold_in(key, 0), fold_in(key, 1), ...,
+  with the count kept as a Python int.
+
+  Why: an nnx.RngStream keeps its count in a Variable. The adapters are built inside a trace
+  (`train_loop.abstract_state`'s eval_shape, `init_state`'s jit), where every draw writes a traced
+  count back, and flax's `Variable.set_value` then asks the traced value for `.sharding`. JAX
+  answers with an AttributeError whose message (`_origin_msg` -> `find_progenitors`) walks every
+  equation traced so far, so N draws cost O(N^2): the SmolLM2 S'MoRE run (90 adapters, 24 draws
+  each, after the 30-layer base) spent minutes there per trace (projects/smore/README.md). Here a
+  draw is one fold_in with a constant. The keys, and so every initial value, are bitwise those of
+  nnx.Rngs(params=key) (fold_in casts the count to uint32 either way; tested). Everything that
+  takes `rngs` in this module (and lora.LoRA) calls only `rngs.params()`.
+  """
+
+  def __init__(self, key: jax.Array | int):
+    self.key = jax.random.key(key) if isinstance(key, int) else key
+    self.count = 0
+
+  def params(self) -> jax.Array:
+    key = jax.random.fold_in(self.key, self.count)
+    self.count += 1
+    return key
+
+
 def _adapter_key(name: str, purpose: int) -> jax.Array | None:
   key = core.current().key
   if key is None:
@@ -195,7 +220,7 @@ class MixLoRA(core.Adapter):
     balance_weight: float = 1e-2,
     axes=(None, None),
     dtype='float32',
-    rngs: nnx.Rngs,
+    rngs: nnx.Rngs | KeyStream,
   ):
     _check_gate(gate)
     if not 1 <= top_k <= experts:
@@ -250,7 +275,7 @@ class HydraLoRA(core.Adapter):
     alpha: float | None = None,
     axes=(None, None),
     dtype='float32',
-    rngs: nnx.Rngs,
+    rngs: nnx.Rngs | KeyStream,
   ):
     self.d_in, self.d_out, self.heads, self.rank, self.dtype = d_in, d_out, heads, rank, dtype
     self.scaling = float(alpha if alpha is not None else rank) / rank
@@ -356,7 +381,7 @@ def smore_num_params(spec: SMoRESpec, d_in: int, d_out: int) -> dict[str, int]:
 class TreeGate(nnx.Module):
   """One S'MoRE layer's gate: q = MLP(g) (relu), scores softmax(q . k_e) over learnt keys."""
 
-  def __init__(self, d_gate_in: int, spec: SMoRESpec, layer: int, *, rngs: nnx.Rngs):
+  def __init__(self, d_gate_in: int, spec: SMoRESpec, layer: int, *, rngs: nnx.Rngs | KeyStream):
     m, s = spec.gate_dim, spec.experts[layer]
     self.kind = spec.gate
     self.k = spec.effective_fanouts[layer]
@@ -400,7 +425,7 @@ class SMoRE(core.Adapter):
     axes=(None, None),
     dtype='float32',
     forward_mode='subgraph',
-    rngs: nnx.Rngs,
+    rngs: nnx.Rngs | KeyStream,
   ):
     self.d_in, self.d_out, self.spec, self.dtype = d_in, d_out, spec, dtype
     self.forward_mode = forward_mode
@@ -568,8 +593,11 @@ class SMoRE(core.Adapter):
 # Factories for core.adapt and closed-form counts (the equal-budget configs use these).
 
 
-def factory(method: str, rngs: nnx.Rngs, *, dtype='float32', **kw) -> Callable:
-  """make_adapter(path, linear) for method in lora | mixlora | hydralora | smore."""
+def factory(method: str, rngs: nnx.Rngs | KeyStream, *, dtype='float32', **kw) -> Callable:
+  """make_adapter(path, linear) for method in lora | mixlora | hydralora | smore.
+
+  Pass a KeyStream (not an nnx.Rngs) when the adapters are built inside a trace: see KeyStream.
+  """
 
   def make(path: str, linear: nnx.Linear):
     del path
