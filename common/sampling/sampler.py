@@ -20,6 +20,8 @@ What callers get, and why it is shaped this way:
   and token, inverse-CDF sampling: `sample_categorical`), never a function of the other rows, so pass
   per-example keys (`row_keys(key, example_ids)`) to make samples independent of batch composition.
   A single key is split by row index.
+- Streaming: `generate_chunks` hands out the tokens every `chunk` decode steps (the same loop body,
+  stopped and resumed with its donated carry) and ends with exactly what `generate` returns.
 
 Compiles are keyed on (model graph, batch, bucketed prompt length, max_new_tokens, top-k/top-p, stop
 lists, greedy or not); the temperature schedule is a traced array, so changing it never recompiles.
@@ -29,11 +31,13 @@ Prompt lengths are rounded up to `prompt_bucket` so varying prompts reuse one pr
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections.abc import Iterator
 from collections.abc import Sequence
 import dataclasses
 import functools
 import time
 from typing import Any
+from typing import NamedTuple
 
 from flax import nnx
 import jax
@@ -283,24 +287,28 @@ def _prefill(graphdef, state, tokens, mask, cache, keys, temps, cache_len, num_s
   return _Prefilled(logits=logits, cache=cache, keys=keys, temps=temps)
 
 
-# The cache is donated: the loop updates it in place instead of first copying every layer's keys
-# and values (tens to hundreds of MB at batch 16) into the loop's carry.
-@functools.partial(jax.jit, static_argnames=('graphdef', 'st'), donate_argnames=('cache',))
-def _decode(graphdef, state, pre: _Prefilled, cache: kv_cache.KVCache, st: _Static):
-  """(Generation without its cache, the final cache): always returned, so the donated input
-  buffers alias the output ones (a donated buffer with no output to alias is not reused)."""
-  model = nnx.merge(graphdef, state)
-  logits, keys, temps = pre.logits, pre.keys, pre.temps
-  b, n = temps.shape
-  temp_at = lambda t: temps[:, t]  # noqa: E731
+def _decode_start(pre: _Prefilled, cache: kv_cache.KVCache, st: _Static) -> tuple:
+  """The decode loop's initial carry: (t, logits, cache, outs, done, lengths, recent)."""
+  b, n = pre.temps.shape
   m = max([len(s) for s in st.stop_sequences] + [1])
   out_tok = jnp.full((b, n), st.pad_id, jnp.int32)
   zeros = jnp.zeros((b, n), jnp.float32)
   outs = (out_tok, zeros, zeros, zeros, zeros)
+  return (
+    jnp.zeros((), jnp.int32),
+    pre.logits,
+    cache,
+    outs,
+    jnp.zeros((b,), bool),
+    jnp.zeros((b,), jnp.int32),
+    jnp.full((b, m), -1, jnp.int32),
+  )
 
-  def cond(loop):
-    t, _, _, _, done, _, _ = loop
-    return (t < n) & ~jnp.all(done)
+
+def _decode_step(model, pre: _Prefilled, st: _Static) -> Callable[[tuple], tuple]:
+  """The decode loop's body (one generated position), shared by `_decode` and `_decode_until`."""
+  keys, temps = pre.keys, pre.temps
+  temp_at = lambda t: temps[:, t]  # noqa: E731
 
   def body(loop):
     # Sample position t from the carried logits, then feed the token back. One sampling site and
@@ -322,16 +330,12 @@ def _decode(graphdef, state, pre: _Prefilled, cache: kv_cache.KVCache, st: _Stat
     logits, cache = model(tok[:, None], cache=cache, input_mask=active[:, None])
     return t + 1, logits[:, 0], cache, outs, done, lengths + active.astype(jnp.int32), recent
 
-  loop = (
-    jnp.zeros((), jnp.int32),
-    logits,
-    cache,
-    outs,
-    jnp.zeros((b,), bool),
-    jnp.zeros((b,), jnp.int32),
-    jnp.full((b, m), -1, jnp.int32),
-  )
-  _, _, cache, outs, done, lengths, _ = jax.lax.while_loop(cond, body, loop)
+  return body
+
+
+def _decode_result(loop: tuple) -> tuple[Generation, kv_cache.KVCache]:
+  """(Generation without its cache, the final cache) from the decode loop's final carry."""
+  _, _, cache, outs, done, lengths, _ = loop
   tokens_out, lp, s_lp, ent, m_ent = outs
   gen = Generation(
     tokens=tokens_out,
@@ -343,6 +347,47 @@ def _decode(graphdef, state, pre: _Prefilled, cache: kv_cache.KVCache, st: _Stat
     done=done,
   )
   return gen, cache
+
+
+# The cache is donated: the loop updates it in place instead of first copying every layer's keys
+# and values (tens to hundreds of MB at batch 16) into the loop's carry.
+@functools.partial(jax.jit, static_argnames=('graphdef', 'st'), donate_argnames=('cache',))
+def _decode(graphdef, state, pre: _Prefilled, cache: kv_cache.KVCache, st: _Static):
+  """(Generation without its cache, the final cache): always returned, so the donated input
+  buffers alias the output ones (a donated buffer with no output to alias is not reused)."""
+  model = nnx.merge(graphdef, state)
+  n = pre.temps.shape[1]
+
+  def cond(loop):
+    t, _, _, _, done, _, _ = loop
+    return (t < n) & ~jnp.all(done)
+
+  loop = _decode_start(pre, cache, st)
+  return _decode_result(jax.lax.while_loop(cond, _decode_step(model, pre, st), loop))
+
+
+# Streaming (`generate_chunks`): the same loop, stopped every few positions to hand tokens out.
+@functools.partial(jax.jit, static_argnames=('graphdef', 'cache_len', 'st'))
+def _prefill_start(graphdef, state, tokens, mask, cache, keys, temps, cache_len, st: _Static):
+  """Prefill, then the decode loop's initial carry: (prefill outputs without logits or cache,
+  carry)."""
+  pre = _prefill(graphdef, state, tokens, mask, cache, keys, temps, cache_len, st.num_samples)
+  pre, cache = _split_cache(pre)
+  return dataclasses.replace(pre, logits=None), _decode_start(pre, cache, st)
+
+
+# The carry (cache and outputs) is donated, as in `_decode`: each chunk updates it in place.
+@functools.partial(jax.jit, static_argnames=('graphdef', 'st'), donate_argnames=('loop',))
+def _decode_until(graphdef, state, pre: _Prefilled, loop: tuple, stop: jax.Array, st: _Static):
+  """Runs `_decode`'s loop body from the carry until position `stop` (or every row is done)."""
+  model = nnx.merge(graphdef, state)
+  n = pre.temps.shape[1]
+
+  def cond(loop):
+    t, _, _, _, done, _, _ = loop
+    return (t < jnp.minimum(stop, n)) & ~jnp.all(done)
+
+  return jax.lax.while_loop(cond, _decode_step(model, pre, st), loop)
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'cache_len', 'st'))
@@ -412,40 +457,18 @@ def _round_up(x: int, m: int) -> int:
   return -(-x // m) * m
 
 
-def generate(
-  model: decoder.Decoder,
-  prompts: Any,
-  prompt_mask: Any = None,
-  *,
-  config: SamplingConfig = SamplingConfig(),
-  key: Any = None,
-  num_samples: int = 1,
-  cache: kv_cache.KVCache | None = None,
-  prompt_bucket: int = 16,
-  return_cache: bool = False,
-  timings: dict[str, float] | None = None,
-) -> Generation:
-  """Samples continuations of a batch of prompts (see the module docstring).
+class _Call(NamedTuple):
+  """A `generate` call's arguments, checked and shaped for the compiled programs."""
 
-  Args:
-    model: a `Decoder` (any nnx module with its `hidden_states(..., cache=, input_mask=)`,
-      `logits_from_hidden` and `__call__(..., cache=)`), sharded or not.
-    prompts: int [B, P] (with `prompt_mask` bool [B, P], True = real token; default all real) or a
-      list of token lists (left-padded here).
-    config: `SamplingConfig`.
-    key: a PRNG key (split by row index), or [B] per-row keys (see `row_keys`); an int is a seed.
-      May be None only when every temperature is <= 0 (greedy).
-    num_samples: K continuations per prompt from one prefill; output rows b*K .. b*K+K-1.
-    cache: continue from an existing cache (its rows are the prompts' rows; it needs room for the
-      bucketed prompt plus max_new_tokens more slots after its `length`). Not donated.
-    prompt_bucket: prompt lengths are padded up to a multiple of this (fewer recompiles).
-    return_cache: also return the final cache (`Generation.cache`).
-    timings: if a dict, receives 'compile_s', 'prefill_s' and 'decode_s' (wall seconds; the
-      programs are compiled ahead of time so the phases exclude compilation; costs a re-trace
-      and a device sync per call, so leave it None in loops that do not report speed), and
-      'prefill_cpu_s' / 'decode_cpu_s': this process's CPU seconds (all threads) in those phases,
-      steadier than wall time when other jobs share the machine.
-  """
+  graphdef: Any
+  state: Any
+  prefill_args: tuple  # (state, tokens, mask, cache, keys, temps)
+  cache_len: int
+  st: _Static
+
+
+def _setup(model, prompts, prompt_mask, config, key, num_samples, cache, prompt_bucket) -> _Call:
+  """Checks and shapes `generate`'s arguments (see there)."""
   if isinstance(prompts, (list, tuple)) and prompt_mask is None:
     prompts, prompt_mask = pad_prompts(prompts, side='left', pad_id=config.pad_id)
   tokens = jnp.asarray(prompts, jnp.int32)
@@ -498,7 +521,46 @@ def generate(
     num_samples=int(num_samples),
   )
   graphdef, state = nnx.split(model)
-  prefill_args = (state, tokens, mask, cache, keys, temps)
+  return _Call(graphdef, state, (state, tokens, mask, cache, keys, temps), cache_len, st)
+
+
+def generate(
+  model: decoder.Decoder,
+  prompts: Any,
+  prompt_mask: Any = None,
+  *,
+  config: SamplingConfig = SamplingConfig(),
+  key: Any = None,
+  num_samples: int = 1,
+  cache: kv_cache.KVCache | None = None,
+  prompt_bucket: int = 16,
+  return_cache: bool = False,
+  timings: dict[str, float] | None = None,
+) -> Generation:
+  """Samples continuations of a batch of prompts (see the module docstring).
+
+  Args:
+    model: a `Decoder` (any nnx module with its `hidden_states(..., cache=, input_mask=)`,
+      `logits_from_hidden` and `__call__(..., cache=)`), sharded or not.
+    prompts: int [B, P] (with `prompt_mask` bool [B, P], True = real token; default all real) or a
+      list of token lists (left-padded here).
+    config: `SamplingConfig`.
+    key: a PRNG key (split by row index), or [B] per-row keys (see `row_keys`); an int is a seed.
+      May be None only when every temperature is <= 0 (greedy).
+    num_samples: K continuations per prompt from one prefill; output rows b*K .. b*K+K-1.
+    cache: continue from an existing cache (its rows are the prompts' rows; it needs room for the
+      bucketed prompt plus max_new_tokens more slots after its `length`). Not donated.
+    prompt_bucket: prompt lengths are padded up to a multiple of this (fewer recompiles).
+    return_cache: also return the final cache (`Generation.cache`).
+    timings: if a dict, receives 'compile_s', 'prefill_s' and 'decode_s' (wall seconds; the
+      programs are compiled ahead of time so the phases exclude compilation; costs a re-trace
+      and a device sync per call, so leave it None in loops that do not report speed), and
+      'prefill_cpu_s' / 'decode_cpu_s': this process's CPU seconds (all threads) in those phases,
+      steadier than wall time when other jobs share the machine.
+  """
+  graphdef, state, prefill_args, cache_len, st = _setup(
+    model, prompts, prompt_mask, config, key, num_samples, cache, prompt_bucket
+  )
   if timings is None:
     return _with_cache(*_generate(graphdef, *prefill_args, cache_len, st), return_cache)
   # Timed: compile ahead of time so the reported prefill/decode seconds exclude compilation (which
@@ -519,6 +581,72 @@ def generate(
   timings['decode_s'] = time.perf_counter() - t0
   timings['decode_cpu_s'] = time.process_time() - c0
   return _with_cache(*out, return_cache)
+
+
+def generate_chunks(
+  model: decoder.Decoder,
+  prompts: Any,
+  prompt_mask: Any = None,
+  *,
+  config: SamplingConfig = SamplingConfig(),
+  key: Any = None,
+  num_samples: int = 1,
+  cache: kv_cache.KVCache | None = None,
+  prompt_bucket: int = 16,
+  chunk: int = 8,
+  return_cache: bool = False,
+  timings: dict[str, float] | None = None,
+) -> Iterator[Generation]:
+  """`generate`, handing out the tokens every `chunk` decode steps (streaming: CLIs, servers).
+
+  Yields the `Generation` so far after each chunk: host (numpy) copies, rows' tokens past their
+  `lengths` are pad_id, `done` so far, no cache. The last one yielded is the result, exactly what
+  `generate` returns for the same arguments (the same prefill and loop body; the loop is stopped
+  and resumed with its carry, cache included, donated: tested bitwise), with its cache if
+  `return_cache`. Arguments as `generate`'s; `timings` also counts the host syncs between chunks in
+  'decode_s' (and excludes the time the caller spends between yields). Programs do not depend on
+  `chunk` (the stop position is traced), and use the persistent compilation cache (a host callback
+  in the loop would keep its program out of it).
+  """
+  if chunk < 1:
+    raise ValueError(f'chunk must be >= 1, got {chunk}')
+  graphdef, state, prefill_args, cache_len, st = _setup(
+    model, prompts, prompt_mask, config, key, num_samples, cache, prompt_bucket
+  )
+  n = st.max_new_tokens
+  stop = np.int32(min(chunk, n))
+  clock = {'decode_s': 0.0, 'decode_cpu_s': 0.0}
+  if timings is None:
+    prefill_fn = functools.partial(_prefill_start, graphdef, cache_len=cache_len, st=st)
+    pre, loop = prefill_fn(*prefill_args)
+    decode_fn = functools.partial(_decode_until, graphdef, st=st)
+  else:
+    t0 = time.perf_counter()
+    prefill_fn = _prefill_start.lower(graphdef, *prefill_args, cache_len, st).compile()
+    compile_s = time.perf_counter() - t0
+    t0, c0 = time.perf_counter(), time.process_time()
+    pre, loop = jax.block_until_ready(prefill_fn(*prefill_args))
+    timings['prefill_s'] = time.perf_counter() - t0
+    timings['prefill_cpu_s'] = time.process_time() - c0
+    t0 = time.perf_counter()
+    decode_fn = _decode_until.lower(graphdef, state, pre, loop, stop, st).compile()
+    timings['compile_s'] = compile_s + time.perf_counter() - t0
+  while True:
+    t0, c0 = time.perf_counter(), time.process_time()
+    loop = decode_fn(state, pre, loop, stop)
+    t, done = int(loop[0]), np.asarray(loop[4])
+    finished = t >= n or bool(done.all())
+    if not finished:
+      snapshot = jax.tree.map(np.array, _decode_result(loop)[0])  # copies: the next call donates
+    clock['decode_s'] += time.perf_counter() - t0
+    clock['decode_cpu_s'] += time.process_time() - c0
+    if timings is not None:
+      timings.update(clock)
+    if finished:
+      yield _with_cache(*_decode_result(loop), return_cache)
+      return
+    yield snapshot
+    stop = np.int32(min(t + chunk, n))
 
 
 def cast_weights(model: nnx.Module, dtype: Any) -> nnx.Module:
