@@ -108,3 +108,32 @@ def test_chunks_continue_a_cache_and_fork(lm, prompts):
 def test_chunk_must_be_positive(lm, prompts):
   with pytest.raises(ValueError, match='chunk must be >= 1'):
     next(sampler.generate_chunks(lm.model, prompts, chunk=0))
+
+
+def test_chunks_update_the_donated_cache_in_place(lm, prompts, monkeypatch):
+  # As sampler_test.py's test of `_decode`: a copy of a layer's [B, K, S, D] buffer in the chunk
+  # program would move the whole cache on every step (or chunk).
+  texts = []
+  real = sampler._decode_until
+
+  class CaptureCompiled:
+    def lower(self, *args, **kwargs):
+      lowered = real.lower(*args, **kwargs)
+
+      class Lowered:
+        def compile(self):
+          compiled = lowered.compile()
+          texts.append(compiled.as_text())
+          return compiled
+
+      return Lowered()
+
+  monkeypatch.setattr(sampler, '_decode_until', CaptureCompiled())
+  greedy = sampler.SamplingConfig(N, temperature=0.0)
+  gen = _chunks(lm.model, prompts, greedy, None, 4, timings={}, return_cache=True)[-1]
+  (text,) = texts
+  layer = gen.cache.layers[0].k
+  shape = f'f32[{",".join(map(str, layer.shape))}]'
+  assert shape in text
+  copies = [line for line in text.splitlines() if ' copy(' in line and shape in line]
+  assert copies == [], copies[:3]
