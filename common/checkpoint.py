@@ -38,6 +38,7 @@ from absl import logging
 import grain
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from common import errors
@@ -385,7 +386,11 @@ def restore_params(path: str | os.PathLike, abstract_model_state: Any) -> Any:
   step = None
   if directory.name.isdigit():  # a step directory
     directory, step = directory.parent, int(directory.name)
-  handlers = {'state': ocp.PyTreeCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
+  handlers = {
+    'state': ocp.PyTreeCheckpointHandler(),
+    'meta': ocp.JsonCheckpointHandler(),
+    'data': grain.checkpoint.CheckpointHandler(),  # not read; known, so Orbax does not warn
+  }
   mngr = ocp.CheckpointManager(directory, item_handlers=handlers)
   try:
     step = mngr.latest_step() if step is None else step
@@ -415,5 +420,82 @@ def restore_params(path: str | os.PathLike, abstract_model_state: Any) -> Any:
     if bad:
       raise CheckpointError(f'model parameters in {directory} step {step} are corrupt ({bad[0]})')
     return out['state']['model']
+  finally:
+    mngr.close()
+
+
+_KEY_PART = re.compile(r"\['((?:[^'\\]|\\.)*)'\]|\[(\d+)\]|\.(\w+)")
+
+
+def _key_parts(keystr: str) -> tuple[str, ...]:
+  """A jax key string's parts: ['model']['layers'][0].value -> ('model', 'layers', '0', 'value')."""
+  return tuple(next(g for g in m.groups() if g is not None) for m in _KEY_PART.finditer(keystr))
+
+
+def restore_tree(path: str | os.PathLike, prefix: tuple[str, ...] = ('model',)) -> tuple[int, dict]:
+  """(step, arrays) of the subtree `prefix` of a run's newest checkpoint, with no model to restore
+  onto: the structure comes from the checkpoint's own metadata.
+
+  For code that cannot rebuild the module that was saved (e.g. an exporter reading a paper's
+  adapters): the result is nested dicts keyed by the saved names, strings throughout (list
+  indices too, nnx variables as a 'value' key), with numpy leaves on the host. Fingerprints are
+  verified as in `restore_params`.
+  """
+  directory = latest_checkpoint_dir(path)
+  step = None
+  if directory.name.isdigit():
+    directory, step = directory.parent, int(directory.name)
+  handlers = {
+    'state': ocp.PyTreeCheckpointHandler(),
+    'meta': ocp.JsonCheckpointHandler(),
+    'data': grain.checkpoint.CheckpointHandler(),  # not read; known, so Orbax does not warn
+  }
+  mngr = ocp.CheckpointManager(directory, item_handlers=handlers)
+  try:
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f'no checkpoint in {directory}')
+    tree = mngr.item_metadata(step)['state']
+    tree = getattr(tree, 'tree', tree)
+    for key in prefix:
+      if not isinstance(tree, Mapping) or key not in tree:
+        raise CheckpointError(f'checkpoint step {step} in {directory} has no {"/".join(prefix)}')
+      tree = tree[key]
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+    for key in reversed(prefix):
+      target = {key: target}
+    restore_args = jax.tree.map(
+      lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
+      target,
+    )
+    try:
+      out = mngr.restore(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+        ),
+      )['state']
+    except (ValueError, KeyError) as e:
+      raise CheckpointError(f'cannot read {"/".join(prefix)} from {directory}: {e}') from e
+    try:
+      meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    except Exception:  # noqa: BLE001 - a checkpoint without readable meta is not verified
+      meta = {}
+    saved = {_key_parts(k): v for k, v in (meta.get('fingerprints') or {}).items()}
+    flat = jax.tree_util.tree_flatten_with_path(out)[0]
+    values = jax.device_get(_fingerprint_leaves([x for _, x in flat])) if flat else []
+    got = {
+      tuple(str(getattr(k, 'key', k)) for k in path): int(v)
+      for (path, _), v in zip(flat, values, strict=True)
+    }
+    bad = [k for k, v in got.items() if k in saved and saved[k] != v]
+    if bad:
+      raise CheckpointError(
+        f'{"/".join(prefix)} in {directory} step {step} is corrupt ({"/".join(bad[0])})'
+      )
+    for key in prefix:
+      out = out[key]
+    return step, jax.tree.map(lambda x: np.asarray(jax.device_get(x)), out)
   finally:
     mngr.close()

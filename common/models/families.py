@@ -273,3 +273,82 @@ def to_decoder(
   if leaf == 'kernel':
     w = w.T
   return path, np.ascontiguousarray(w)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The other way (export): which family a DecoderConfig is, and decoder parameters as GGUF tensors.
+
+# The switches that make a decoder a Gemma-3: all of them, or none.
+_GEMMA3_SWITCHES = {
+  'activation': 'gelu_tanh',
+  'qk_norm': True,
+  'post_norms': True,
+  'embed_scale': True,
+  'norm_plus_one': True,
+}
+
+
+def arch_of(cfg: decoder.DecoderConfig) -> str:
+  """The family ('llama' | 'qwen2' | 'gemma3') whose published architecture computes exactly `cfg`.
+
+  gemma3 needs every Gemma switch (gelu_tanh, qk_norm, post_norms, embed_scale, norm_plus_one) and
+  no qkv bias; otherwise qkv_bias makes qwen2 and none makes llama, both without sliding windows,
+  attention softcaps or a query scale other than head_dim. Anything in between (a llama with
+  qk-norm, say) is an UnsupportedModelError naming the switches, since no family computes it.
+  """
+  gemma = {k: getattr(cfg, k) == v for k, v in _GEMMA3_SWITCHES.items()}
+  problems = []
+  if any(gemma.values()):
+    arch = 'gemma3'
+    missing = [k for k, ok in gemma.items() if not ok]
+    if missing:
+      problems.append(f'gemma3 switches {", ".join(missing)} are not set like the others')
+    if cfg.qkv_bias:
+      problems.append('qkv_bias (gemma3 has none)')
+  else:
+    arch = 'qwen2' if cfg.qkv_bias else 'llama'
+    if cfg.sliding_window is not None and cfg.sliding_window_pattern:
+      problems.append(f'sliding_window={cfg.sliding_window} (only gemma3 has local layers)')
+    if cfg.attn_logit_softcap:
+      problems.append(f'attn_logit_softcap={cfg.attn_logit_softcap} (only gemma3)')
+    if cfg.query_pre_attn_scalar not in (None, float(cfg.head_dim)):
+      problems.append(f'query_pre_attn_scalar={cfg.query_pre_attn_scalar} (only gemma3)')
+  if problems:
+    raise UnsupportedModelError(
+      f'this decoder is no {arch} model that other tools can load: {"; ".join(problems)}'
+    )
+  return arch
+
+
+_GLOBAL_TENSORS = {v: k for k, v in _GLOBAL_NAMES.items()}
+_BLOCK_TENSORS = {v: k for k, v in _BLOCK_NAMES.items()}
+
+
+def tensor_name(path: tuple[str | int, ...]) -> str:
+  """GGUF tensor name of a decoder parameter path (the inverse of `param_path`)."""
+  path = tuple(path)
+  if path in _GLOBAL_TENSORS:
+    return _GLOBAL_TENSORS[path]
+  if len(path) > 2 and path[0] == 'layers' and tuple(path[2:]) in _BLOCK_TENSORS:
+    return f'blk.{int(path[1])}.{_BLOCK_TENSORS[tuple(path[2:])]}'
+  raise UnsupportedModelError(f'decoder parameter {"/".join(map(str, path))} has no GGUF name')
+
+
+def from_decoder(
+  fam: Family, cfg: decoder.DecoderConfig, path: tuple[str | int, ...], w: np.ndarray
+) -> tuple[str, np.ndarray]:
+  """(GGUF name, f32 array in numpy's GGUF shape) of one decoder parameter: `to_decoder` reversed.
+
+  Kernels are transposed to (out, in), llama's Q/K rows permuted to llama.cpp's order and Gemma's
+  norm scales stored as 1 + w. Exact except that last one: (1 + w) - 1 rounds in float32.
+  """
+  name = tensor_name(path)
+  w = np.asarray(w, np.float32)
+  leaf, module = path[-1], path[-2]
+  if leaf == 'kernel':
+    w = w.T
+  if leaf == 'scale' and fam.norm_offset:
+    w = w + np.float32(fam.norm_offset)
+  if fam.permuted_qk and module in ('q_proj', 'k_proj'):
+    w = permute_rows(w, cfg.num_heads if module == 'q_proj' else cfg.num_kv_heads)
+  return name, np.ascontiguousarray(w)

@@ -5,12 +5,15 @@
   python -m common.models.generate --model=smollm2 --chat --system="You are terse."
   python -m common.models.generate --model=smollm2 --batch_file=prompts.txt --temperature=0.7 --top_p=0.9
   python -m common.models.generate --model=gemma3_270m --raw --prompt="The old lighthouse keeper"
+  python -m common.models.generate --workdir=/tmp/lm_pretrain_smoke --raw --prompt="The data set"
 
 Chat mode (the default) wraps each prompt in the model's own chat template (`tokenizer.encode_chat`)
 and stops at its end-of-turn tokens; `--raw` feeds the text as is (base models such as Gemma-3-270M
 have no template, so they default to raw). Greedy unless --temperature > 0. `--batch_file` holds one
 prompt per line, generated as one ragged batch. The weights come from `common.models.loader` (fetch
 them first: `python -m common.assets fetch smollm2`); sampling from `common.sampling.sampler`.
+`--workdir=RUN` instead chats with a model trained in this repo: the run's model.json and newest
+checkpoint (`common.models.spec.load_model`; LoRA adapters merged), its context from model.json.
 
 `--stream` prints the reply as it is decoded (`sampler.generate_chunks`: the same decode loop,
 stopped every --stream_chunk tokens with its cache carried), so it prints exactly what the run
@@ -59,6 +62,7 @@ import numpy as np  # noqa: E402
 from common import cache  # noqa: E402
 from common import errors  # noqa: E402
 from common.models import loader  # noqa: E402
+from common.models import spec  # noqa: E402
 from common.sampling import kv_cache  # noqa: E402
 from common.sampling import sampler  # noqa: E402
 
@@ -72,6 +76,7 @@ _DEFAULT_CACHE_LIMIT = 4096
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument('--model', default='smollm2', help='asset name, alias or GGUF path')
+  p.add_argument('--workdir', default=None, help="a run's directory (model.json): its newest model")
   p.add_argument('--prompt', action='append', default=[], help='a prompt (repeat for a batch)')
   p.add_argument('--batch_file', default=None, help='a file with one prompt per line')
   p.add_argument('--system', default=None, help='system message (chat template)')
@@ -110,6 +115,13 @@ def _enable_compilation_cache() -> None:
     return
   jax.config.update('jax_compilation_cache_dir', str(cache.cache_dir('jax_cache')))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
+
+def _context_length(args: argparse.Namespace) -> int | None:
+  """The model's context: the run's (model.json) with --workdir, else the GGUF's."""
+  if args.workdir:
+    return spec.read(args.workdir).context_length
+  return loader.context_length(args.model)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -280,10 +292,11 @@ def run_prompts(args: argparse.Namespace, model, tokenizer, prompts: list[str]) 
   """One-shot: every prompt (one ragged batch), replies printed in order."""
   raw = args.raw or tokenizer.chat_template is None
   if raw and not args.raw:
-    print(f'note: {args.model} has no chat template; continuing the raw text', file=sys.stderr)
+    shown = args.workdir or args.model
+    print(f'note: {shown} has no chat template; continuing the raw text', file=sys.stderr)
   ids = encode(tokenizer, prompts, raw=raw, system=args.system)
   try:
-    check_lengths(ids, args.max_new_tokens, loader.context_length(args.model))
+    check_lengths(ids, args.max_new_tokens, _context_length(args))
   except errors.UserError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
@@ -382,7 +395,7 @@ def run_chat(args: argparse.Namespace, model, tokenizer, lines: TextIO) -> int:
       file=sys.stderr,
     )
     return 2
-  context = loader.context_length(args.model)
+  context = _context_length(args)
   if args.cache_len is not None:
     limit = args.cache_len
   else:
@@ -461,7 +474,10 @@ def main(argv=None) -> int:
     check_args(args)
     prompts = [] if args.chat else read_prompts(args)
     _enable_compilation_cache()
-    model, _, tokenizer = loader.load_pretrained(args.model, dtype=args.dtype)
+    if args.workdir:  # a model trained here: model.json + the newest checkpoint, LoRA merged
+      model, tokenizer = spec.load_model(args.workdir, dtype=args.dtype)
+    else:
+      model, _, tokenizer = loader.load_pretrained(args.model, dtype=args.dtype)
   except errors.UserError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -33,6 +33,7 @@ from common import sft
 from common import sharding
 from common.models import decoder
 from common.models import loader
+from common.models import spec
 from projects.ebpo import input_pipeline
 
 
@@ -155,4 +156,33 @@ def create_policy(
     return lambda: loader.load_pretrained(
       config.model.name, mesh=mesh, rules=rules, dtype=config.dtype
     )[0]
+  raise config_lib.ConfigError(f"model.kind={config.model.kind!r}; expected 'tiny' or 'pretrained'")
+
+
+def description(config: ml_collections.ConfigDict) -> dict:
+  """`common.models.spec.write`'s arguments for the initial policy of config.model.kind: its decoder
+  config, tokenizer and context (the RL loop trains the Decoder itself, at the model's root).
+
+  The tiny LM's CharTokenizer becomes a no-merge byte-level BPE with the same ids (pad 0, BOS 1,
+  EOS 2, then the characters), so it leaves the repo with the model.
+  """
+  if config.model.kind == 'tiny':
+    wcfg = WarmupConfig(**config.warmup.to_dict())
+    specials = ['<pad>', '<s>', '</s>']
+    tok = spec.tokenizer_from_vocab(
+      [*specials, *input_pipeline.CharTokenizer.CHARS],
+      specials=specials,
+      pad='<pad>',
+      bos='<s>',
+      eos='</s>',
+      add_bos=True,
+    )
+    return {'config': decoder_config(wcfg, config.dtype), 'tokenizer': tok, 'context_length': None}
+  if config.model.kind == 'pretrained':
+    name = config.model.name
+    return {
+      'config': loader.load_config(name, dtype=config.dtype),
+      'tokenizer': name,
+      'context_length': loader.context_length(name),
+    }
   raise config_lib.ConfigError(f"model.kind={config.model.kind!r}; expected 'tiny' or 'pretrained'")

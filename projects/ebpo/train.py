@@ -22,6 +22,7 @@ from common import optim
 from common import sharding
 from common import train_loop
 from common.models import loader
+from common.models import spec
 from common.models import tokenizer as tokenizer_lib
 from common.rl import loop
 from common.rl import rollout
@@ -81,6 +82,7 @@ def train_and_evaluate(
   """Runs (or resumes) one RL run; returns results.json ({'step', 'train', 'eval'})."""
   make_estimator(config)  # an unknown rl.estimator stops here, before the workdir exists
   with train_loop.Run(config, workdir, checks=[loop.check_config]) as run:
+    spec.write(run.workdir, **models.description(config))  # model.json, for common.export
     if run.finished:
       return run.results
     setup = build_setup(config, run.mesh, run.rules)

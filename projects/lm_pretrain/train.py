@@ -20,6 +20,7 @@ import ml_collections
 
 from common import optim
 from common import train_loop
+from common.models import spec
 from projects.lm_pretrain import evaluate
 from projects.lm_pretrain import input_pipeline
 from projects.lm_pretrain import losses
@@ -35,6 +36,11 @@ def create_state_fn(config: ml_collections.ConfigDict) -> Callable[[], train_loo
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_loop.FitResult:
   input_pipeline.check_config(config)  # before the run creates the workdir
   with train_loop.Run(config, workdir) as run:
+    text = config.data.source != input_pipeline.MARKOV  # the Markov language has no text
+    tok = {'file': input_pipeline.TOKENIZER_FILE, 'eos': input_pipeline.EOS} if text else None
+    spec.write(  # model.json: how common.export / generate --workdir rebuild the model
+      run.workdir, models.model_config(config), tokenizer=tok, context_length=config.data.seq_len
+    )
     if run.finished:
       return train_loop.FitResult.of_finished(run)
     d = input_pipeline.make_data(config, run.workdir)

@@ -34,6 +34,7 @@ from common import sharding
 from common import train_loop
 from common.adapters import core
 from common.models import decoder
+from common.models import spec
 from common.models import tiny_lm
 from projects.smore import evaluate
 from projects.smore import input_pipeline
@@ -209,6 +210,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   shapes = target_shapes(dcfg, a)
   the_plan = plan(a, shapes)  # raises before anything heavy when the budget cannot be met
   with train_loop.Run(config, workdir) as run:
+    method, layers = the_plan['method'], the_plan['layers']
+    spec.write(  # model.json: LoRA merges into the base; the mixtures export beside it
+      run.workdir,
+      dcfg,
+      tokenizer=None if config.model.source == 'tiny_lm' else config.model.source,
+      adapters=spec.lora_adapters(layers)
+      if method == 'lora'
+      else spec.mixture_adapters(method, layers, preset=a.preset, adapter=a.to_dict()),
+      context_length=config.data.seq_len,
+    )
     if run.finished:
       return train_loop.FitResult.of_finished(run)
     return _train(run, a, shapes, the_plan)

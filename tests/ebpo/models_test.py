@@ -11,6 +11,7 @@ from common import data
 from common import sharding
 from common.models import decoder
 from experiments.ebpo.configs import base
+from projects.ebpo import input_pipeline
 from projects.ebpo import models
 
 TINY = models.WarmupConfig(
@@ -47,3 +48,15 @@ def test_unknown_model_kind_is_a_config_error():
   config = base.get_config('smoke,model.kind=other')
   with pytest.raises(config_lib.ConfigError, match="model.kind='other'"):
     models.create_policy(config, None, sharding.DEFAULT_RULES)
+
+
+def test_description_exports_the_tiny_policy_with_its_tokenizer():
+  config = base.get_config('smoke')
+  d = models.description(config)
+  assert d['config'] == models.decoder_config(models.WarmupConfig(**config.warmup.to_dict()))
+  chars = input_pipeline.CharTokenizer()
+  for text in ('36-38=', '(7*8)/2=', '-2'):
+    assert d['tokenizer'].encode(text) == chars.encode(text)
+    assert d['tokenizer'].decode(chars.encode(text, add_eos=True)) == text
+  assert d['tokenizer'].stop_ids == tuple(chars.stop_ids)
+  assert d['tokenizer'].pad_id == chars.pad_id

@@ -18,8 +18,11 @@ import sys
 import numpy as np
 import pytest
 
+from common import export
 from common import metrics
 from common import testing
+from common.models import hf
+from common.models import spec
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CONFIG = 'experiments/lm_pretrain/configs/base.py'
@@ -91,6 +94,18 @@ def test_run_writes_the_workdir_contract(reference):
   # exact optimum, which no model can beat.
   assert res['eval']['optimal_loss'] < res['eval']['loss'] < 4.2
   assert json.loads((reference / 'config.json').read_text())['train']['num_steps'] == 20
+
+
+def test_the_run_records_its_model_for_export(reference, tmp_path, capsys):
+  s = spec.read(reference)
+  assert s.tokenizer is None and s.context_length == 64  # the Markov language: token ids only
+  done = export.export(reference, out=tmp_path)
+  assert done.step == 20 and 'tokenizer.json' not in done.files
+  back, _, _ = hf.load(tmp_path)
+  x = np.arange(16, dtype=np.int32)[None] % 64
+  np.testing.assert_array_equal(np.asarray(back(x)), np.asarray(spec.restore(reference)[0](x)))
+  assert export.main([str(reference), '--format=gguf']) == 2  # GGUF carries a tokenizer
+  assert 'carry their tokenizer' in capsys.readouterr().err
 
 
 def test_rerun_finishes_immediately(reference):

@@ -9,12 +9,15 @@ import numpy as np
 import optax
 import pytest
 
+from common import export
 from common import metrics
 from common import sharding
 from common import testing
 from common import train_loop
 from common.adapters import core
 from common.models import decoder
+from common.models import hf
+from common.models import spec
 from experiments.smore.configs import base
 from projects.smore import input_pipeline
 from projects.smore import train
@@ -130,6 +133,26 @@ def test_smoke_run_writes_outputs_and_adapter_checkpoint(reference):
   assert core.load_adapters(workdir / 'adapters', model) == 8
   trained = train_loop.model_of(result.graphdef, result.state)
   testing.assert_trees_close(core.adapter_state(model), core.adapter_state(trained), rtol=0)
+
+
+def test_smoke_run_exports_base_and_mixture_adapters_separately(reference, tmp_path):
+  workdir, result = reference
+  assert spec.read(workdir).adapters['kind'] == 'mixture'  # MixLoRA routes by token: no merge
+  done = export.export(workdir, out=tmp_path)
+  assert done.adapters == 'separate' and 'adapters.safetensors' in done.files
+  trained = train_loop.model_of(result.graphdef, result.state)
+  from safetensors import numpy as st_numpy  # noqa: PLC0415
+
+  arrays = st_numpy.load_file(str(tmp_path / 'adapters.safetensors'))
+  for path, layer in core.adapted(trained).items():
+    for leaf, var in nnx.to_flat_state(nnx.state(layer.adapter, core.AdapterParam)):
+      name = f'{path}/{"/".join(map(str, leaf))}'
+      np.testing.assert_array_equal(arrays[name], np.asarray(var.get_value()))
+  base, _, _ = hf.load(tmp_path)  # the frozen tiny LM, bitwise
+  x = np.arange(12, dtype=np.int32)[None] % base.cfg.vocab_size
+  np.testing.assert_array_equal(
+    np.asarray(base(x)), np.asarray(spec.build(base.cfg, spec.decoder_params(trained))(x))
+  )
 
 
 def test_sigterm_then_resume_reproduces_the_run(reference, tmp_path):

@@ -29,7 +29,9 @@ from common import assets
 from common import testing
 from common.models import generate
 from common.models import loader
+from common.models import spec
 from common.sampling import sampler
+from tests.common.models import model_runs
 from tests.common.models import synthetic_gguf as syn
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
@@ -244,6 +246,33 @@ def test_empty_raw_prompt_and_a_reply_past_the_context_are_one_line(
 ):
   assert generate.main([f'--model={tiny_gguf}', *flags]) == 2
   assert re.search(match, _one_error_line(capsys))
+
+
+def test_workdir_chats_with_the_run_s_model(tmp_path, capsys):
+  """--workdir: a LoRA run's model (merged) and tokenizer from model.json + its checkpoint."""
+  workdir = tmp_path / 'run'
+  model_runs.fit_run(workdir, 'lora')
+  prompts = ['the world', 'hello there']
+  argv = [f'--workdir={workdir}', *(f'--prompt={p}' for p in prompts), '--max_new_tokens=5']
+  rc = generate.main(argv)
+  out = capsys.readouterr()
+  assert rc == 0, out.err
+  model, tok = spec.load_model(workdir)
+  ids = [tok.encode_chat([{'role': 'user', 'content': p}]) for p in prompts]
+  config = sampler.SamplingConfig(
+    max_new_tokens=5, temperature=0.0, stop_tokens=tok.stop_ids, pad_id=tok.pad_id
+  )
+  gen = sampler.generate(model, ids, config=config)
+  tokens, lengths = np.asarray(gen.tokens), np.asarray(gen.lengths)
+  expected = []
+  for i, p in enumerate(prompts):
+    expected += [f'=== [{i}] {p}', tok.decode(tokens[i, : lengths[i]]).strip()]
+  assert out.out == ''.join(line + '\n' for line in expected)
+  # The context is the run's (model.json: 64 tokens), and a bad workdir is one line.
+  assert generate.main([f'--workdir={workdir}', '--prompt=the world', '--max_new_tokens=60']) == 2
+  assert 'context of 64 tokens' in _one_error_line(capsys)
+  assert generate.main([f'--workdir={tmp_path / "nowhere"}', '--prompt=x']) == 2
+  assert 'is not a run directory' in _one_error_line(capsys)
 
 
 # ---------------------------------------------------------------------------------------------------
