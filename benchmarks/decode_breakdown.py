@@ -30,8 +30,8 @@ from flax import nnx  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks import machine  # noqa: E402
 from common import cache as cache_lib  # noqa: E402
+from common import machine  # noqa: E402
 from common.models import decoder  # noqa: E402
 from common.models import loader  # noqa: E402
 from common.sampling import kv_cache  # noqa: E402

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import machine
+from common import machine
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('reps', 15, 'timed repetitions per variant (after one warm-up), interleaved')

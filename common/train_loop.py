@@ -43,6 +43,7 @@ import optax
 from common import checkpoint as ckpt_lib
 from common import config as config_lib
 from common import errors
+from common import machine
 from common import metrics as metrics_lib
 from common import sharding
 
@@ -363,6 +364,7 @@ class Provenance:
       'git': _git_state(),
       'versions': _versions(),
       'host': platform.node(),
+      'cpu': machine.cpu(),
       'devices': {
         'platform': device.platform,
         'kind': device.device_kind,

@@ -51,6 +51,7 @@ import traceback
 from typing import Any
 
 from common import assets
+from common import machine
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SUITES = ('smoke', 'full')
@@ -988,7 +989,7 @@ def main(argv: Sequence[str] | None = None, *, papers: Sequence[Paper] | None = 
     'commit': commit,
     'date': datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC'),
     'wall_s': round(wall, 1),
-    'machine': f'{platform.machine()} {os.cpu_count()} CPUs, python {platform.python_version()}',
+    'machine': f'{machine.cpu()}, python {platform.python_version()}',
     # Wall time on a shared machine depends on its other load; CPU time and load average say how
     # much of a budget overrun was this suite's own work.
     'cpu_s': round(cpu_seconds() - cpu0, 1),

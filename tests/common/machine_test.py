@@ -1,6 +1,6 @@
-"""benchmarks.machine: the CPU line in the decode benchmarks' headers."""
+"""common.machine: the CPU line in benchmark headers and reports."""
 
-from benchmarks import machine
+from common import machine
 
 _ZEN5 = """processor\t: 0
 vendor_id\t: AuthenticAMD

@@ -1,11 +1,10 @@
-"""Which CPU a benchmark ran on, printed in the decode benchmarks' headers.
+"""Which CPU something ran on: printed in the benchmarks' headers and recorded with the claims
+suite's runs (experiments/reproduce.py) and in each run's run.json.
 
-Why: the same code and the same jaxlib gave batch-16 decode at 1.39x transformers on the VM used
-until 2026-12-03 (f32 dot peak 185 GFLOP/s; its M = 16 step matmuls ran at 47 GFLOP/s) and 2.22x on
-the VM the environment moved to that day (an EPYC of x86 family 26, i.e. Zen 5; dot peak 306, M = 16 at
-122 GFLOP/s), while transformers' speed barely moved. The first VM's CPU was not recorded, so whether
-it was another generation (Zen 4 splits each AVX-512 FMA in two) or the same one under contention
-is unknown. A ratio is only comparable with one measured on the same kind of core: say which.
+Why: the same code and the same jaxlib gave batch-16 decode at 1.39x transformers on one VM and
+2.22x on the next (an EPYC of x86 family 26, i.e. Zen 5), and the EBPO smoke verdict flipped
+between two VMs; XLA's numerics and speed depend on the core. A ratio or a value is only comparable
+with one measured on the same kind of core: say which.
 """
 
 from __future__ import annotations
