@@ -134,6 +134,7 @@ def prepare(builder_or_name: Any, data_dir: str | os.PathLike | None = None):
       return b
     for stale in final.parent.glob(f'incomplete.*_{final.name}'):  # a killed build's leftovers
       shutil.rmtree(stale, ignore_errors=True)
+    logging.info('building data set %s (first use; cached in %s)', b.info.full_name, final.parent)
     t0 = time.perf_counter()
     tfds.disable_progress_bar()
     b.download_and_prepare(

@@ -15,6 +15,7 @@ import hashlib
 import json
 from typing import Any
 
+from absl import logging
 from flax import nnx
 import jax
 import numpy as np
@@ -129,6 +130,11 @@ def tiny_lm(cfg: TinyLMConfig | None = None, **overrides) -> TinyLM:
       flat = {k: f[k] for k in f.files}
     curve = [float(x) for x in flat.pop('__loss_curve__')]
   else:
+    logging.info(
+      'training the shared tiny LM (%d steps; once per machine and config, cached in %s)',
+      cfg.steps,
+      path.parent,
+    )
     params, curve = _train_tiny_lm(cfg)
     flat = _flatten(params)
     cache.savez(path, __loss_curve__=np.asarray(curve), **flat)

@@ -68,6 +68,7 @@ def build_setup(
     stop_tokens=stop,
     pad_id=pad,
     decode=tok.decode,
+    learning_rate=optim.learning_rate(config.optimizer, config.train.num_steps),
   )
 
 

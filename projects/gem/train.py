@@ -113,4 +113,5 @@ def train_and_evaluate(
       train_iter=train_iter,
       eval_fn=evaluate.make_eval_fn(config, run.mesh, run.rules, d),
       initial_state=initial_state_fn(config),
+      learning_rate=schedule(config),
     )

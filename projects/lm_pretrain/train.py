@@ -50,4 +50,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
       loss_fn=losses.loss_fn,
       train_iter=input_pipeline.train_iterator(config, d),
       eval_fn=evaluate.make_eval_fn(config, run.mesh, run.rules, d),
+      learning_rate=optim.learning_rate(config.optimizer, config.train.num_steps),
     )

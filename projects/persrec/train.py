@@ -54,6 +54,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
       loss_fn=losses.make_loss_fn(config),
       train_iter=input_pipeline.train_iterator(config, d),
       eval_fn=evaluate.make_eval_fn(config, run.mesh, run.rules, d, mcfg),
+      learning_rate=optim.learning_rate(config.optimizer, config.train.num_steps),
     )
   if jax.process_index() == 0:
     path = pathlib.Path(workdir) / 'results.json'

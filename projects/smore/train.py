@@ -296,4 +296,5 @@ def _train(run: train_loop.Run, a, shapes, the_plan) -> train_loop.FitResult:
     eval_fn=evaluate.make_eval_fn(config, run.mesh, run.rules, d),
     initial_state=pretrained_state,
     on_end=save_adapters,
+    learning_rate=optim.learning_rate(config.optimizer, config.train.num_steps),
   )
