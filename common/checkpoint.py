@@ -376,12 +376,10 @@ def restore_from(
     mngr.close()
 
 
-def restore_params(path: str | os.PathLike, abstract_model_state: Any) -> Any:
-  """Only the 'model' subtree of another run's newest checkpoint (config.checkpoint.init_from).
-
-  The optimizer, step and data position of that run are not read, so a fine-tuning run starts its
-  own optimizer from scratch on top of the loaded weights.
-  """
+def _open_other_run(path: str | os.PathLike) -> tuple[Any, int, pathlib.Path]:
+  """(manager, step, directory) of another run's newest (or named) checkpoint, for partial reads:
+  the state as a plain PyTree plus the JSON meta (the data item is registered, not read, so Orbax
+  does not warn about an unknown item). The caller closes the manager."""
   directory = latest_checkpoint_dir(path)
   step = None
   if directory.name.isdigit():  # a step directory
@@ -389,37 +387,59 @@ def restore_params(path: str | os.PathLike, abstract_model_state: Any) -> Any:
   handlers = {
     'state': ocp.PyTreeCheckpointHandler(),
     'meta': ocp.JsonCheckpointHandler(),
-    'data': grain.checkpoint.CheckpointHandler(),  # not read; known, so Orbax does not warn
+    'data': grain.checkpoint.CheckpointHandler(),
   }
   mngr = ocp.CheckpointManager(directory, item_handlers=handlers)
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    mngr.close()
+    raise CheckpointError(f'no checkpoint in {directory}')
+  return mngr, step, directory
+
+
+def _restore_partial(mngr, step: int, target: Any, what: str, directory: pathlib.Path) -> Any:
+  """The `target` subtree (ShapeDtypeStructs with shardings) read from `step`."""
+  restore_args = jax.tree.map(
+    lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
+    target,
+  )
   try:
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-      raise CheckpointError(f'no checkpoint in {directory}')
-    target = {'model': abstract_model_state}
-    restore_args = jax.tree.map(
-      lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
-      target,
+    return mngr.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+      ),
+    )['state']
+  except (ValueError, KeyError) as e:
+    raise CheckpointError(f'cannot read {what} from {directory}: {e}') from e
+
+
+def _saved_fingerprints(mngr, step: int) -> dict[str, int]:
+  """The fingerprints recorded at save ({} for a checkpoint without readable meta: unverified)."""
+  try:
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+  except Exception:  # noqa: BLE001
+    return {}
+  return dict(meta.get('fingerprints') or {})
+
+
+def restore_params(path: str | os.PathLike, abstract_model_state: Any) -> Any:
+  """Only the 'model' subtree of another run's newest checkpoint (config.checkpoint.init_from).
+
+  The optimizer, step and data position of that run are not read, so a fine-tuning run starts its
+  own optimizer from scratch on top of the loaded weights.
+  """
+  mngr, step, directory = _open_other_run(path)
+  try:
+    out = _restore_partial(
+      mngr, step, {'model': abstract_model_state}, 'model parameters', directory
     )
-    try:
-      out = mngr.restore(
-        step,
-        args=ocp.args.Composite(
-          state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
-        ),
-      )
-    except (ValueError, KeyError) as e:
-      raise CheckpointError(f'cannot read model parameters from {directory}: {e}') from e
-    try:
-      meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-    except Exception:  # noqa: BLE001 - a checkpoint without readable meta is not verified
-      meta = {}
-    saved = {k: v for k, v in (meta.get('fingerprints') or {}).items() if k.startswith("['model']")}
-    got = fingerprints({'model': out['state']['model']})
+    saved = {k: v for k, v in _saved_fingerprints(mngr, step).items() if k.startswith("['model']")}
+    got = fingerprints({'model': out['model']})
     bad = [k for k, v in got.items() if k in saved and saved[k] != v]
     if bad:
       raise CheckpointError(f'model parameters in {directory} step {step} are corrupt ({bad[0]})')
-    return out['state']['model']
+    return out['model']
   finally:
     mngr.close()
 
@@ -441,20 +461,8 @@ def restore_tree(path: str | os.PathLike, prefix: tuple[str, ...] = ('model',)) 
   indices too, nnx variables as a 'value' key), with numpy leaves on the host. Fingerprints are
   verified as in `restore_params`.
   """
-  directory = latest_checkpoint_dir(path)
-  step = None
-  if directory.name.isdigit():
-    directory, step = directory.parent, int(directory.name)
-  handlers = {
-    'state': ocp.PyTreeCheckpointHandler(),
-    'meta': ocp.JsonCheckpointHandler(),
-    'data': grain.checkpoint.CheckpointHandler(),  # not read; known, so Orbax does not warn
-  }
-  mngr = ocp.CheckpointManager(directory, item_handlers=handlers)
+  mngr, step, directory = _open_other_run(path)
   try:
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-      raise CheckpointError(f'no checkpoint in {directory}')
     tree = mngr.item_metadata(step)['state']
     tree = getattr(tree, 'tree', tree)
     for key in prefix:
@@ -465,24 +473,8 @@ def restore_tree(path: str | os.PathLike, prefix: tuple[str, ...] = ('model',)) 
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
     for key in reversed(prefix):
       target = {key: target}
-    restore_args = jax.tree.map(
-      lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
-      target,
-    )
-    try:
-      out = mngr.restore(
-        step,
-        args=ocp.args.Composite(
-          state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
-        ),
-      )['state']
-    except (ValueError, KeyError) as e:
-      raise CheckpointError(f'cannot read {"/".join(prefix)} from {directory}: {e}') from e
-    try:
-      meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-    except Exception:  # noqa: BLE001 - a checkpoint without readable meta is not verified
-      meta = {}
-    saved = {_key_parts(k): v for k, v in (meta.get('fingerprints') or {}).items()}
+    out = _restore_partial(mngr, step, target, '/'.join(prefix), directory)
+    saved = {_key_parts(k): v for k, v in _saved_fingerprints(mngr, step).items()}
     flat = jax.tree_util.tree_flatten_with_path(out)[0]
     values = jax.device_get(_fingerprint_leaves([x for _, x in flat])) if flat else []
     got = {
