@@ -228,6 +228,35 @@ def groups(runs: Sequence[RunRecord]) -> dict[str, list[RunRecord]]:
   return out
 
 
+def draw(ax: Any, grouped: Mapping[str, Sequence[RunRecord]], key: str) -> None:
+  """One panel of `plot` on a matplotlib Axes: metric `key` ('split/name') of each configuration
+  of `grouped` (`groups`), the i-th in the i-th colour of matplotlib's cycle, its seeds as thin
+  lines of that colour around their mean (a curve of one point is drawn as a marker)."""
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  colours = plt.rcParams['axes.prop_cycle'].by_key()['color']
+  split, name = key.split('/', 1)
+  for i, (label, members) in enumerate(grouped.items()):
+    colour = colours[i % len(colours)]
+    curves = [m.curve(split, name) for m in members]
+    for steps, values in curves:
+      if len(members) > 1:
+        ax.plot(steps, values, color=colour, alpha=0.3, linewidth=0.8, marker=_dot(steps))
+    common_steps = sorted(set.intersection(*(set(s) for s, _ in curves))) if curves else []
+    if common_steps:
+      mean = [statistics.fmean(v[s.index(x)] for s, v in curves) for x in common_steps]
+      seeds = f' ({len(members)} seeds)' if len(members) > 1 else ''
+      ax.plot(
+        common_steps, mean, color=colour, linewidth=1.8, label=label + seeds, marker=_dot(mean)
+      )
+  ax.set_title(key)
+  ax.set_xlabel('step')
+
+
+def _dot(points: Sequence) -> str | None:
+  return 'o' if len(points) == 1 else None
+
+
 def plot(runs: Sequence[RunRecord], metric_keys: Sequence[str], out: pathlib.Path) -> pathlib.Path:
   import matplotlib  # noqa: PLC0415
 
@@ -238,22 +267,8 @@ def plot(runs: Sequence[RunRecord], metric_keys: Sequence[str], out: pathlib.Pat
   fig, axes = plt.subplots(
     1, len(metric_keys), figsize=(4.2 * len(metric_keys), 3.2), squeeze=False
   )
-  colours = plt.rcParams['axes.prop_cycle'].by_key()['color']
   for ax, key in zip(axes[0], metric_keys, strict=True):
-    split, name = key.split('/', 1)
-    for i, (label, members) in enumerate(grouped.items()):
-      colour = colours[i % len(colours)]
-      curves = [m.curve(split, name) for m in members]
-      for steps, values in curves:
-        if len(members) > 1:
-          ax.plot(steps, values, color=colour, alpha=0.3, linewidth=0.8)
-      common_steps = sorted(set.intersection(*(set(s) for s, _ in curves))) if curves else []
-      if common_steps:
-        mean = [statistics.fmean(v[s.index(x)] for s, v in curves) for x in common_steps]
-        seeds = f' ({len(members)} seeds)' if len(members) > 1 else ''
-        ax.plot(common_steps, mean, color=colour, linewidth=1.8, label=label + seeds)
-    ax.set_title(key)
-    ax.set_xlabel('step')
+    draw(ax, grouped, key)
   axes[0][0].legend(fontsize=7)
   fig.tight_layout()
   out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,15 +2,27 @@
 
     python -m experiments.ebpo.report RUNS_DIR OUT.png
 
-RUNS_DIR: the run workdirs named g{G}_{estimator}_seed{S}, e.g. the smoke suite's
+RUNS_DIR: run workdirs (each subdirectory with a config.json), e.g. the smoke suite's
 ~/.cache/meta-jax-monorepo/reproduce/smoke/ebpo.
 """
 
 import sys
 
+from common import runs
 from projects.ebpo import report
 
+
+def main(argv: list[str]) -> int:
+  if len(argv) != 3:
+    print('usage: python -m experiments.ebpo.report RUNS_DIR OUT.png', file=sys.stderr)
+    return 2
+  try:
+    print(report.figure(argv[1], argv[2]))
+  except runs.RunsError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  return 0
+
+
 if __name__ == '__main__':
-  if len(sys.argv) != 3:
-    sys.exit('usage: python -m experiments.ebpo.report RUNS_DIR OUT.png')
-  report.figure(sys.argv[1], sys.argv[2])
+  sys.exit(main(sys.argv))

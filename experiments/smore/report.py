@@ -1,20 +1,32 @@
-"""Prints the README's results table of a set of adapter runs and draws their training curves
-(projects/smore/report.py).
+"""Prints the README's results table of a set of adapter runs and draws their figure
+(projects/smore/report.py; the generic views of any runs: python -m common.runs).
 
     python -m experiments.smore.report RUNS_DIR [OUT.png]
 
-RUNS_DIR: run workdirs named {name}_seed{S}, e.g. the smoke suite's
+RUNS_DIR: run workdirs (each subdirectory with a config.json), e.g. the smoke suite's
 ~/.cache/meta-jax-monorepo/reproduce/smoke/smore.
 """
 
 import sys
 
+from common import runs
 from projects.smore import report
 
-if __name__ == '__main__':
-  if len(sys.argv) not in (2, 3):
-    sys.exit('usage: python -m experiments.smore.report RUNS_DIR [OUT.png]')
-  text, summaries = report.runs_table(sys.argv[1])
+
+def main(argv: list[str]) -> int:
+  if len(argv) not in (2, 3):
+    print('usage: python -m experiments.smore.report RUNS_DIR [OUT.png]', file=sys.stderr)
+    return 2
+  try:
+    text, records = report.runs_table(argv[1])
+  except runs.RunsError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
   print(text)
-  if len(sys.argv) > 2:
-    report.figure(summaries, sys.argv[2])
+  if len(argv) > 2:
+    print(report.figure(records, argv[2]))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv))

@@ -1,74 +1,61 @@
-"""Results table and training curves of a set of adapter runs, for the README (command line:
+"""S'MoRE's results table and figure of a set of adapter runs, for the README (command line:
 `python -m experiments.smore.report RUNS_DIR [OUT.png]`).
 
-RUNS_DIR holds run workdirs named {name}_seed{S} (what experiments/smore/claims.py writes, e.g.
-lora_seed0, smore22_seed0). The table has one markdown row per run and evaluation: trainable
-parameters (the real leaf count from adapter_plan.json), training step time, and held-out exact-match
-accuracy (overall and per task) at each evaluation. Step time comes from the wall-clock stamps
-of the TensorBoard events of consecutive train logs, leaving out intervals that contain an
-evaluation or the first compile, so it is the steady-state median (and range) of one run on its
-own machine: compare runs only when they ran under the same load (a resumed run's processes are
-timed apart, never across the restart). For reasoning-gym runs the first row is the
-constant-answer floor on the same questions (`constant_answer`).
+RUNS_DIR holds run workdirs (every subdirectory with a config.json, e.g. what
+experiments/smore/claims.py writes: lora_seed0, smore22_seed0, ...). Only what is S'MoRE's own is
+here; the rest is common.runs, as for every paper:
+  * the table: one markdown row per run and evaluation with the trainable parameters (the real leaf
+    count from adapter_plan.json), the steady-state seconds per step (`runs.seconds_per_step`:
+    the median gap between train logs of one start, without compilation, evaluations or restarts;
+    compare runs only when they ran under the same load), held-out exact-match accuracy and the
+    accuracy of each task. For reasoning-gym runs the first row is the constant-answer floor on
+    the same questions (`constant_answer`).
+  * the figure: the training cross-entropy and held-out accuracy per configuration (`runs.draw`:
+    one colour per configuration, its seeds as thin lines around their mean) and the final
+    accuracy of each task, a category axis: each configuration's seed mean as a bar, its seeds as
+    dots, in the same colours and never joined across tasks.
 """
 
 from __future__ import annotations
 
 import collections
+from collections.abc import Sequence
 import json
 import pathlib
-import re
 import statistics
 
-from common import metrics
+from common import runs as runs_lib
 
-_NAME = re.compile(r'(\w+?)_seed(\d+)$')
-
-
-def event_times(workdir: pathlib.Path, tag: str = 'train/loss') -> list[dict[int, float]]:
-  """{step: wall time} of a scalar tag, one dict per writer process (TensorBoard events file).
-
-  A resumed run has one events file per process: pairing a log of the killed process with the
-  resumed one's would time the gap between them (hours) as training.
-  """
-  segments = [
-    {int(e.step): float(e.wall_time) for e in events if any(v.tag == tag for v in e.summary.value)}
-    for events in metrics.read_events(workdir).values()
-  ]
-  return [seg for seg in segments if seg]
+CURVES = ('train/ce', 'eval/accuracy')
 
 
-def step_seconds(workdir: pathlib.Path) -> list[float]:
-  """Seconds per train step between consecutive train logs of one process, without an evaluation
-  in between."""
-  train = json.loads((workdir / 'config.json').read_text())['train']
-  out = []
-  for times in event_times(workdir):
-    steps = sorted(times)
-    for a, b in zip(steps, steps[1:], strict=False):
-      if any(s % train['eval_every'] == 0 for s in range(a, b)):
-        continue  # the evaluation after step a (and its compile) is in this interval
-      out.append((times[b] - times[a]) / (b - a))
-  return out
+def _plan(run: runs_lib.RunRecord) -> dict:
+  path = run.path / 'adapter_plan.json'
+  return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def summarize(workdir: pathlib.Path) -> dict:
-  rows = metrics.read_jsonl(workdir / 'metrics.jsonl')
-  plan = json.loads((workdir / 'adapter_plan.json').read_text())
-  secs = step_seconds(workdir)
+def evals(run: runs_lib.RunRecord) -> dict[int, dict]:
+  """{step: eval metrics} of a run's evaluations (metrics.jsonl)."""
   return {
-    'trainable': plan['real_count'],
-    'sec_per_step': (statistics.median(secs), min(secs), max(secs)) if secs else None,
-    'evals': {r['step']: r for r in rows if r['split'] == 'eval'},
-    'train': [r for r in rows if r['split'] == 'train'],
+    r['step']: {k: v for k, v in r.items() if k not in ('step', 'split')}
+    for r in run.rows
+    if r.get('split') == 'eval'
   }
 
 
-def runs(runs_dir: str | pathlib.Path) -> dict[str, dict]:
+def tasks_of(summaries: dict[str, dict]) -> list[str]:
+  """The task names of every 'acc_<task>' key in the summaries' evaluations, sorted."""
+  return sorted(
+    {k[4:] for s in summaries.values() for e in s['evals'].values() for k in e if k[:4] == 'acc_'}
+  )
+
+
+def summarize(run: runs_lib.RunRecord) -> dict:
+  """A table row group: trainable count, steady-state s/step, evaluations by step."""
   return {
-    d.name: summarize(d)
-    for d in sorted(pathlib.Path(runs_dir).iterdir())
-    if _NAME.match(d.name) and (d / 'metrics.jsonl').exists() and (d / 'adapter_plan.json').exists()
+    'trainable': _plan(run).get('real_count'),
+    'sec_per_step': runs_lib.seconds_per_step(run),
+    'evals': evals(run),
   }
 
 
@@ -90,65 +77,91 @@ def constant_answer(train: list[tuple[str, str]], test: list[tuple[str, str]]) -
   return out
 
 
-def constant_row(workdir: pathlib.Path) -> dict | None:
+def constant_row(run: runs_lib.RunRecord) -> dict | None:
   """The constant-answer summary for a reasoning-gym run's data (None for other data)."""
   import ml_collections  # noqa: PLC0415
 
   from projects.smore import input_pipeline  # noqa: PLC0415
 
-  config = ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text()))
+  config = ml_collections.ConfigDict(run.config)
   if config.data.source != 'reasoning_gym':
     return None
   train, test = (input_pipeline.rg_answers(config, split) for split in ('train', 'test'))
-  return {
-    'trainable': 0,
-    'sec_per_step': None,
-    'evals': {'-': constant_answer(train, test)},
-    'train': [],
-  }
+  return {'trainable': 0, 'sec_per_step': None, 'evals': {'-': constant_answer(train, test)}}
 
 
 def table(summaries: dict[str, dict]) -> str:
-  tasks = sorted(
-    {k[4:] for s in summaries.values() for e in s['evals'].values() for k in e if k[:4] == 'acc_'}
-  )
-  head = ['run', 'trainable', 's/step (median, range)', 'eval step', 'accuracy', *tasks]
+  tasks = tasks_of(summaries)
+  head = ['run', 'trainable', 's/step', 'eval step', 'accuracy', *tasks]
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for name, s in summaries.items():
     t = s['sec_per_step']
-    time_cell = f'{t[0]:.1f} ({t[1]:.1f}-{t[2]:.1f})' if t else '-'
+    trainable = f'{s["trainable"]:,}' if s['trainable'] is not None else '-'
     for step, e in sorted(s['evals'].items()) or [('-', {})]:
       acc = f'{e["accuracy"]:.3f}' if e else '-'
-      cells = [name, f'{s["trainable"]:,}', time_cell, str(step), acc]
+      cells = [name, trainable, f'{t:.3g}' if t is not None else '-', str(step), acc]
       cells += [f'{e[f"acc_{k}"]:.2f}' if f'acc_{k}' in e else '-' for k in tasks]
       lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
 
-def runs_table(runs_dir: str | pathlib.Path) -> tuple[str, dict[str, dict]]:
+def runs_table(runs_dir: str | pathlib.Path) -> tuple[str, list[runs_lib.RunRecord]]:
   """(the markdown table of the runs in `runs_dir`, headed by the constant-answer floor of their
-  data when it is reasoning-gym, and the runs' summaries)."""
-  summaries = runs(runs_dir)
-  constant = constant_row(pathlib.Path(runs_dir) / next(iter(summaries))) if summaries else None
+  data when it is reasoning-gym, and the runs)."""
+  records = runs_lib.expand([str(runs_dir)])
+  summaries = {r.name: summarize(r) for r in records}
+  constant = constant_row(records[0])
   rows = ({'constant (most common train answer)': constant} if constant else {}) | summaries
-  return table(rows), summaries
+  return table(rows), records
 
 
-def figure(summaries: dict[str, dict], out: str | pathlib.Path) -> None:
+def final_task_accuracy(records: Sequence[runs_lib.RunRecord]) -> dict[str, dict[str, list]]:
+  """{configuration (runs.groups' label): {task: [final accuracy of each seed]}}."""
+  out = {}
+  for label, members in runs_lib.groups(records).items():
+    per_task = collections.defaultdict(list)
+    for run in members:
+      by_step = evals(run)
+      last = by_step[max(by_step)] if by_step else {}
+      for k, v in last.items():
+        if k.startswith('acc_'):
+          per_task[k[4:]].append(v)
+    out[label] = dict(per_task)
+  return out
+
+
+def figure(records: Sequence[runs_lib.RunRecord], out: str | pathlib.Path) -> pathlib.Path:
+  """The README's figure (see the module docstring); returns its path."""
   import matplotlib  # noqa: PLC0415
 
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # noqa: PLC0415
 
-  fig, (ax_ce, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.4))
-  for name, s in summaries.items():
-    ax_ce.plot([r['step'] for r in s['train']], [r['ce'] for r in s['train']], label=name)
-    last = s['evals'][max(s['evals'])] if s['evals'] else {}
-    tasks = sorted(k for k in last if k.startswith('acc_'))
-    ax_acc.plot([k[4:] for k in tasks], [last[k] for k in tasks], marker='o', label=name)
-  ax_ce.set(title='train cross-entropy (reply tokens)', xlabel='step')
-  ax_acc.set(title='held-out exact match, final', ylim=(0, 1))
-  ax_acc.tick_params(axis='x', labelrotation=20, labelsize=8)
-  ax_ce.legend(fontsize=8)
+  grouped = runs_lib.groups(records)
+  finals = final_task_accuracy(records)
+  tasks = sorted({t for per_task in finals.values() for t in per_task})
+  fig, axes = plt.subplots(
+    1, len(CURVES) + 1, figsize=(4.2 * len(CURVES) + max(4.0, 0.9 * len(tasks)), 3.6)
+  )
+  for ax, key in zip(axes, CURVES, strict=False):
+    runs_lib.draw(ax, grouped, key)
+  ax = axes[-1]
+  colours = plt.rcParams['axes.prop_cycle'].by_key()['color']  # runs.draw's colours
+  width = 0.8 / max(1, len(finals))
+  for i, per_task in enumerate(finals.values()):
+    colour = colours[i % len(colours)]
+    for j, task in enumerate(tasks):
+      x = j - 0.4 + width * (i + 0.5)
+      values = per_task.get(task, [])
+      if values:
+        ax.bar(x, statistics.fmean(values), width=width * 0.9, color=colour, alpha=0.5)
+        ax.plot([x] * len(values), values, 'o', color=colour, markersize=3)
+  ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha='right', fontsize=8)
+  ax.set(title='held-out exact match per task, final', ylim=(0, 1))
+  axes[0].legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(out, dpi=90)
+  out = pathlib.Path(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(out, dpi=100)
+  plt.close(fig)
+  return out

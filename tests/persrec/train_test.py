@@ -1,5 +1,5 @@
 """End-to-end PerSRec runs as a user launches them (`python -m experiments.persrec.main`):
-outputs, SIGKILL + resume (bitwise), 8 sharded devices == 1 device, arm validation."""
+outputs, SIGKILL + resume (bitwise), 8 sharded devices == 1 device, arms as ordinary keys."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ SMOKE = (
 )
 
 
-def run(workdir, *overrides: str, devices: int = 1, check=True):
+def run(workdir, *overrides: str, devices: int = 1, check=True, extra=()):
   arg = ','.join(SMOKE + tuple(overrides))
   env = {
     **os.environ,
@@ -42,6 +42,7 @@ def run(workdir, *overrides: str, devices: int = 1, check=True):
     'experiments.persrec.main',
     f'--config={CONFIG}:{arg}',
     f'--workdir={workdir}',
+    *extra,
   ]
   p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   if check and p.returncode != 0:
@@ -104,12 +105,44 @@ def test_arm_and_config_checks():
   assert c.model.old_len == 0 and c.model.token_mode == 'none' and c.arm == 'recent'
   c = base.get_config('arm=multiseg')
   assert c.model.num_segments == 4 and c.model.old_len % 4 == 0
-  with pytest.raises(ValueError, match='unknown arm'):
-    base.get_config('arm=bogus')
   from projects.persrec import arms  # noqa: PLC0415
 
+  assert 'unknown arm' in arms.check('bogus', base.get_config('arm=bogus').model)
   assert arms.check('recent', base.get_config('smoke').model) is not None
   assert arms.check('persrec', base.get_config('smoke').model) is None
+
+
+def test_arm_is_an_ordinary_key_its_model_keys_follow_it():
+  """Setting config.arm after loading (as --config.arm does) gives the config the file's arg
+  gives, for every arm and every config file; an explicit derived key keeps its value."""
+  import copy  # noqa: PLC0415
+
+  from common import config as config_lib  # noqa: PLC0415
+  from projects.persrec import arms  # noqa: PLC0415
+
+  for spec in (
+    'base.py:smoke',
+    'base.py',
+    'ml100k.py:smoke',
+    'ml100k.py:sasrec',
+    'synthetic_long.py',
+  ):
+    path, _, variant = f'experiments/persrec/configs/{spec}'.partition(':')
+    for arm in arms.ARMS:
+      loaded = config_lib.load(f'{path}:{variant}')
+      loaded.arm = arm
+      expected = config_lib.load(f'{path}:{",".join(x for x in (variant, f"arm={arm}") if x)}')
+      assert config_lib.to_dict(loaded) == config_lib.to_dict(expected), (spec, arm)
+      assert arms.check(arm, loaded.model) is None, (spec, arm)
+  c = base.get_config('smoke')
+  c.model.old_len = 8  # explicit: kept whatever the arm
+  c.arm = 'full'
+  assert (c.model.old_len, c.model.token_mode) == (8, 'none')
+  c.arm = 'recent'
+  assert c.model.old_len == 8 and 'model.old_len = 0' in arms.check('recent', c.model)
+  c = copy.deepcopy(base.get_config('smoke'))  # ml_collections copies configs: the link survives
+  c.arm = 'recent'
+  assert (c.model.old_len, c.model.token_mode) == (0, 'none')
 
 
 def test_a_broken_arm_override_is_refused(tmp_path):
@@ -117,6 +150,25 @@ def test_a_broken_arm_override_is_refused(tmp_path):
   from projects.persrec import train  # noqa: PLC0415
 
   config = base.get_config('smoke,model.old_len=0')  # arm=persrec without old items
-  with pytest.raises(config_lib.ConfigError, match="arm='persrec'"):
+  with pytest.raises(config_lib.ConfigError, match="arm='persrec' needs model.old_len > 0"):
     train.train_and_evaluate(config, str(tmp_path))
   assert not (tmp_path / 'checkpoints').exists()
+  config = base.get_config('smoke,arm=bogus')
+  with pytest.raises(config_lib.ConfigError, match='unknown arm'):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_arm_override_on_the_command_line(tmp_path):
+  """--config.arm=recent (an ordinary key) is the run `:arm=recent` gives, bitwise; a derived key
+  set against the arm is refused in one line that names it."""
+  a, b = tmp_path / 'flag', tmp_path / 'arg'
+  run(a, extra=['--config.arm=recent'])
+  run(b, 'arm=recent')
+  assert json.loads((a / 'config.json').read_text()) == json.loads((b / 'config.json').read_text())
+  assert json.loads((a / 'config.json').read_text())['model']['old_len'] == 0
+  assert rows(a, 'train') == rows(b, 'train') and results(a) == results(b)
+  p = run(tmp_path / 'bad', extra=['--config.arm=recent', '--config.model.old_len=8'], check=False)
+  last = p.stderr.strip().splitlines()[-1]
+  assert p.returncode == 2 and last.startswith('error: config conflict:'), p.stderr[-2000:]
+  assert "arm='recent' needs model.old_len = 0" in last and 'model.old_len=8' in last
+  assert not (tmp_path / 'bad').exists()

@@ -4,7 +4,7 @@ COMMAND:
   python -m experiments.persrec.main \
     --config=experiments/persrec/configs/base.py:smoke --workdir=/tmp/persrec_smoke
 
-Variants and arms (`arm=` selects the compared model; see projects/persrec/arms.py):
+Variants and arms (the key `arm` selects the compared model; see projects/persrec/arms.py):
   smoke: 300-item catalogue, histories of 48 items (P=32, R=16, k=2), 1-layer d=16 HSTU, 30 steps of
          16 users; about 20-40 s on 2 CPU cores, no downloads. Expected: finite loss, recall_50
          above the 50/300 of a random ranking, serving_max_abs_diff ~1e-7.
@@ -17,7 +17,10 @@ Variants and arms (`arm=` selects the compared model; see projects/persrec/arms.
   The spec's own scale (histories 512, P=448, R=64) is base.py:data.synthetic.history_len=512,
   data.synthetic.late_len=128,model.old_len=448,model.recent_len=64 (about 4x the cost per step).
   e.g. base.py:arm=recent | arm=full | arm=multiseg | arm=mean_pool | arm=noblock, or
-       base.py:smoke,arm=full,seed=1 (the arm applies before the other overrides).
+       base.py:smoke,arm=full,seed=1, or --config.arm=full: the same run. The arm sets the model
+       keys arms.DERIVED (recent: model.old_len=0, token_mode='none'; multiseg: m=4 segments,
+       smoke 2); an explicit override of one of them is kept, and refused when it contradicts the
+       arm (e.g. arm=recent with model.old_len=64).
 """
 
 import ml_collections
@@ -109,23 +112,10 @@ def smoke(c: ml_collections.ConfigDict) -> None:
   c.checkpoint.every_steps = 10
 
 
-def set_arm(c: ml_collections.ConfigDict, overrides: dict, *, segments: int = 4) -> None:
-  """Applies `arm=NAME` from the overrides (before the others) to config.model."""
-  arm = overrides.pop('arm', c.arm)
-  c.arm = arm
-  try:
-    fields = arms.settings(
-      arm, old_len=c.model.old_len, tokens=c.model.tokens_per_segment, segments=segments
-    )
-  except ValueError as e:
-    raise config_lib.ConfigError(str(e)) from e
-  c.model.update(fields)
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant, overrides = config_lib.parse_arg(arg, variants=('smoke',))
   c = defaults()
   if variant == 'smoke':
     smoke(c)
-  set_arm(c, overrides, segments=4 if variant != 'smoke' else 2)
+  arms.derive(c, segments=4 if variant != 'smoke' else 2)
   return config_lib.finalize(c, overrides)

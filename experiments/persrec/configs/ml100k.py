@@ -10,8 +10,9 @@ Variants (the issue's ml100k_{sasrec,hstu,persrec}):
   hstu:    HSTU over the last 160 items (arm=full)
   persrec: HSTU with k=4 tokens between the old P=128 and the recent R=32 items (the default)
   smoke:   a 1-layer d=16 PerSRec for 20 steps (under a minute after the data set is built).
-  Other arms: ml100k.py:arm=recent (HSTU over the last R=32 items), arm=mean_pool, arm=noblock,
-  arm=per_user, arm=multiseg. Second data set: add data.source=ml_latest_small.
+  Other arms (the key `arm`, also --config.arm=...): ml100k.py:arm=recent (HSTU over the last R=32
+  items), arm=mean_pool, arm=noblock, arm=per_user, arm=multiseg. Second data set: add
+  data.source=ml_latest_small.
 Budget: 2-layer d=64 models, 1500 steps of 32 users (about 50 epochs of the 943 training windows):
 about 40 min wall per run on the 2 shared CPU cores (arm=recent is cheaper: a 32-item window).
 Expected (persrec, seed 0): test Recall@10 about 0.19, NDCG@10 0.09, MRR 0.08 (projects/persrec/
@@ -23,6 +24,7 @@ import ml_collections
 
 from common import config as config_lib
 from experiments.persrec.configs import base
+from projects.persrec import arms
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -46,9 +48,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint.every_steps = 500
   if variant == 'sasrec':
     c.model.backbone = 'sasrec'
-    overrides.setdefault('arm', 'full')
+    c.arm = 'full'
   elif variant == 'hstu':
-    overrides.setdefault('arm', 'full')
+    c.arm = 'full'
   elif variant == 'smoke':
     c.model.update(d_model=16, num_layers=1, num_heads=1, head_dim=16, old_len=16, recent_len=8)
     c.model.tokens_per_segment = 2
@@ -57,5 +59,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.warmup_steps = 5
     c.train.update(num_steps=20, log_every=10, eval_every=20)
     c.checkpoint.every_steps = 10
-  base.set_arm(c, overrides, segments=4 if variant != 'smoke' else 2)
+  arms.derive(c, segments=4 if variant != 'smoke' else 2)
   return config_lib.finalize(c, overrides)

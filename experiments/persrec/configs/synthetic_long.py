@@ -2,16 +2,18 @@
 
 COMMAND:
   python -m experiments.persrec.main \
-    --config=experiments/persrec/configs/synthetic_long.py:window=1024 --workdir=/tmp/persrec_long
+    --config=experiments/persrec/configs/synthetic_long.py:model.old_len=768 \
+    --workdir=/tmp/persrec_long
 
 Each user has 4096 history items (the last 512 are the late phase, where long-term favourites
-are rare) and the models read the last `window` items: arm=full over all of them, arm=persrec
-with P = window - R old items compressed into k=4 tokens and R=256 recent items, arm=recent over
-the last R only. `window=` (a pseudo-key, like `arm=`) sets P = window - R; the sweep is
-window in {512, 1024, 2048, 4096} (recall vs history length, spec §6(c) Fig. 1) with
+are rare) and the models read the last window = P + R items: arm=full over all of them,
+arm=persrec with the P = model.old_len old items compressed into k=4 tokens and the R=256 recent
+items, arm=recent over the last R only. The sweep is window in {512, 1024, 2048, 4096}, i.e.
+model.old_len in {256, 768, 1792, 3840} (recall vs history length, spec §6(c) Fig. 1), with
 P=1024, R=256 the serving-cost point of the issue.
 Variants:
-  smoke: 1024-item histories (late 128), R=64, window=256, 1-layer d=16, 20 steps of 8 users.
+  smoke: 1024-item histories (late 128), R=64, P=192 (window 256), 1-layer d=16, 20 steps of 8
+         users.
   (default): 2-layer d=32 HSTU, 800 steps of 8 users. A full-history step at window=4096 costs
          about 30x one at 512 on CPU: the full-history arm at 2048-4096 is for an accelerator
          (hours on 2 CPU cores); PerSRec trains the same P + k + R sequence, so its training cost
@@ -22,6 +24,7 @@ import ml_collections
 
 from common import config as config_lib
 from experiments.persrec.configs import base
+from projects.persrec import arms
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -41,13 +44,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.warmup_steps = 5
     c.train.update(num_steps=20, log_every=10, eval_every=20)
     c.checkpoint.every_steps = 10
-  window = overrides.pop('window', None)
-  if window is not None:
-    try:
-      c.model.old_len = int(window) - c.model.recent_len
-    except ValueError as e:
-      raise config_lib.ConfigError(f'window expects an int, got {window!r}') from e
-    if c.model.old_len < 0:
-      raise config_lib.ConfigError(f'window {window} is shorter than R={c.model.recent_len}')
-  base.set_arm(c, overrides)
+  arms.derive(c, segments=4)
   return config_lib.finalize(c, overrides)
