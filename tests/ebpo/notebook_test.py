@@ -11,6 +11,8 @@ from common import testing
 @pytest.mark.slow
 def test_ebpo_notebook_runs(monkeypatch):
   monkeypatch.setenv('EBPO_NOTEBOOK_STEPS', '2')
+  # The repository importable, so the notebook's setup cell installs nothing.
+  monkeypatch.setenv('PYTHONPATH', str(testing.REPO_ROOT))
   stdout = testing.run_notebook_script('ebpo', timeout=900)
   assert re.search(r'^reward mean [0-9.]+; shrinkage S = [0-9.]+$', stdout, re.M), stdout
   assert re.search(r'^groups with zero EBPO signal: 0\.00$', stdout, re.M), stdout

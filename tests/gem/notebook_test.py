@@ -10,7 +10,9 @@ from common import testing
 
 
 @pytest.mark.slow
-def test_gem_notebook_runs():
+def test_gem_notebook_runs(monkeypatch):
+  # The repository importable, so the notebook's setup cell installs nothing.
+  monkeypatch.setenv('PYTHONPATH', str(testing.REPO_ROOT))
   stdout = testing.run_notebook_script('gem', timeout=900)
   workdir = pathlib.Path(re.search(r'^workdir: (.+)$', stdout, re.M).group(1))
   try:

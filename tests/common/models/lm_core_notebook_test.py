@@ -15,7 +15,9 @@ from common import testing
 
 
 @pytest.mark.real_model
-def test_lm_core_notebook_runs_on_smollm2():
+def test_lm_core_notebook_runs_on_smollm2(monkeypatch):
+  # The repository importable, so the notebook's setup cell installs nothing.
+  monkeypatch.setenv('PYTHONPATH', str(testing.REPO_ROOT))
   if not assets.is_fetched('smollm2'):
     pytest.skip('smollm2 is not fetched: python -m common.assets fetch smollm2')
   stdout = testing.run_notebook_script('lm_core', timeout=900)
