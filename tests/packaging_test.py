@@ -42,3 +42,42 @@ def test_pip_install_then_import_from_outside_the_repo(tmp_path):
   )
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.strip() == str(target / 'common' / '__init__.py')
+
+
+def test_every_requirements_file_resolves_with_the_pinned_stack():
+  """`pip install -r requirements.txt -r <file>` must be installable as documented (the reference
+  stack once pinned transformers 5.23.0, which needs safetensors >= 0.8, against 0.7.0). The peers
+  file is installed beside the stack with --no-deps (its own bounds would move jax), so for it the
+  check is that it pins nothing the stack pins differently."""
+  root = testing.REPO_ROOT
+  p = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'pip',
+      'install',
+      '--dry-run',
+      '-q',
+      '-r',
+      str(root / 'requirements.txt'),
+      '-r',
+      str(root / 'requirements-reference.txt'),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert p.returncode == 0, p.stderr[-3000:]
+
+  def pins(name):
+    out = {}
+    for line in (root / name).read_text().splitlines():
+      line = line.split('#', 1)[0].strip()
+      if '==' in line:
+        pkg, version = line.split('==', 1)
+        out[pkg.strip().lower().replace('_', '-')] = version.strip()
+    return out
+
+  stack, peers = pins('requirements.txt'), pins('requirements-peers.txt')
+  clashes = {k: (stack[k], v) for k, v in peers.items() if k in stack and stack[k] != v}
+  assert not clashes, clashes
