@@ -17,6 +17,14 @@ by name): `advantages(rewards, mask, prompts) -> Advantages` plus JSON-able chec
 optional `group_filter` for DAPO-style dynamic sampling. The stateless estimators here have no
 state; a paper's stateful estimator (EBPO's empirical-Bayes prior, projects/ebpo/losses.py)
 implements the same protocol in its own package. `ESTIMATORS` maps config names to classes.
+
+Token-level rewards (a reward source's `Rewards.token`) go through the same estimators
+(`token_advantages`), as GRPO's process supervision does (Shao et al. 2024, DeepSeekMath §4.1.3):
+every reward a group's responses carry (one per token for a dense token-level reward model, one on
+the last token for an outcome reward) is normalised by the estimator as one group of rewards, and
+token t of a response gets the sum of its normalised rewards at or after t (`returns_to_go`;
+`immediate` keeps each token's own, for rewards that already are advantages, such as Q-RM's). An
+outcome reward on the last token thus gives every token the sequence path's A_i, exactly.
 """
 
 from __future__ import annotations
@@ -172,3 +180,78 @@ class DAPO(Stateless):
 
 
 ESTIMATORS = {'grpo': GRPO, 'dr_grpo': DrGRPO, 'rloo': RLOO, 'dapo': DAPO}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Token-level rewards through the same estimators.
+
+
+def returns_to_go(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+  """[R, N] sum over s >= t of values[:, s] (0 where mask is 0): token t is credited with every
+  (normalised) reward at or after it, never with an earlier one (REINFORCE's reward-to-go;
+  DeepSeekMath §4.1.3's process-supervision advantage)."""
+  keep = np.asarray(mask, bool)
+  x = np.where(keep, values, 0.0).astype(np.float32)
+  return np.where(keep, np.cumsum(x[:, ::-1], axis=1)[:, ::-1], 0.0).astype(np.float32)
+
+
+def immediate(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+  """[R, N] each token's own normalised reward (0 where mask is 0): for token rewards that already
+  are advantages, beta log pi*(a|s) = Q*(s, a) - V*(s) (Q-RM, Eq. 9)."""
+  return np.where(np.asarray(mask, bool), values, 0.0).astype(np.float32)
+
+
+@dataclasses.dataclass
+class TokenAdvantages:
+  """What `token_advantages` gives the loop: the estimator's output on the groups' rewards
+  (`advantages.values` [M, K], K the most rewards a group carries), which of those K slots hold a
+  reward of a kept group (`mask` [M, K]), and the per-token advantages [M*G, N] the loss sees."""
+
+  advantages: Advantages
+  mask: np.ndarray
+  per_token: np.ndarray
+
+
+def token_advantages(
+  estimator: Estimator,
+  token_rewards: np.ndarray,
+  reward_mask: np.ndarray | None,
+  completion_mask: np.ndarray,
+  group_mask: np.ndarray,
+  prompts: Sequence[Any],
+  credit=returns_to_go,
+) -> TokenAdvantages:
+  """Per-token advantages from per-token rewards through `estimator` (see the module docstring).
+
+  Args:
+    token_rewards: [M*G, N] rewards aligned with the completion tokens, prompt-major rows.
+    reward_mask: [M*G, N] bool, the tokens that carry a reward (None: every completion token).
+    completion_mask: [M*G, N] the loop's completion mask (real generated tokens).
+    group_mask: [M, G] bool, responses of kept groups (DAPO's dynamic sampling masks groups).
+    prompts: the M prompts (passed through to the estimator).
+    credit: (normalised rewards [M*G, N], token mask [M*G, N]) -> per-token advantages.
+
+  Each group's rewards are laid out response by response, token by token, in one row of [M, K]
+  (K the largest count), so the estimator runs once per step on one [M, K] array (a stateful
+  estimator updates once, as on the sequence path); an outcome reward (one per response) gives
+  K = G and exactly the sequence path's [M, G] input.
+  """
+  m, g = np.shape(group_mask)
+  rows, n = np.shape(token_rewards)
+  if rows != m * g:
+    raise ValueError(f'token rewards have {rows} rows for {m} groups of {g} responses')
+  valid = np.asarray(completion_mask) > 0
+  carry = valid if reward_mask is None else valid & np.asarray(reward_mask, bool)
+  flat = carry.reshape(m, g * n)
+  slot = np.cumsum(flat, axis=1) - 1  # where each carried reward goes in its group's row
+  k = max(int(flat.sum(axis=1).max(initial=0)), 1)
+  gi, ci = np.nonzero(flat)
+  values = np.zeros((m, k), np.float32)
+  kept = np.zeros((m, k), bool)
+  values[gi, slot[gi, ci]] = np.asarray(token_rewards, np.float32).reshape(m, g * n)[gi, ci]
+  kept[gi, slot[gi, ci]] = np.asarray(group_mask, bool)[gi, ci // n]
+  adv = estimator.advantages(values, kept, prompts)
+  normalised = np.zeros((m, g * n), np.float32)
+  normalised[gi, ci] = np.asarray(adv.values, np.float32)[gi, slot[gi, ci]]
+  tokens = valid & np.repeat(np.asarray(group_mask, bool).reshape(-1), n).reshape(rows, n)
+  return TokenAdvantages(adv, kept, credit(normalised.reshape(rows, n), tokens))

@@ -6,9 +6,12 @@ One step:
      from one prefill), rows sharded over the mesh's batch axes and gathered back whole on every
      host; then, when needed, one jit-ed forward of the policy (behaviour logprobs, off-policy) and
      of the frozen reference (k3 KL) on the finished sequences;
-  3. rewards from the setup's `RewardSource` (a verifier today);
+  3. rewards from the setup's `RewardSource` (a verifier; a reward model, per sequence or per token);
   4. advantages from the setup's `Estimator` (common.rl.advantages: GRPO, Dr.GRPO, RLOO, DAPO; a
-     paper's own, e.g. projects/ebpo); an estimator with a `group_filter` (DAPO) gets dynamic
+     paper's own, e.g. projects/ebpo): one per response from sequence rewards, or, when the source
+     gives token rewards, one per token (`advantages.token_advantages`: the same estimator
+     normalises every reward a group carries, and the setup's `token_credit` turns them into
+     per-token advantages, by default returns-to-go); an estimator with a `group_filter` (DAPO) gets dynamic
      sampling: dropped groups are refilled from `curriculum.refill`, at most `dapo_max_refill`
      extra rollout rounds, and slots still empty are masked out. With rl.overlong_shaping the
      advantages see the reward plus DAPO's soft overlong penalty (common.rl.rewards), while pass@1,
@@ -110,6 +113,9 @@ class RLSetup:
   decode: Callable[[np.ndarray], str] | None = None  # for logged sample completions
   # The optimizer's rate or schedule (common.optim.learning_rate), logged as `lr`.
   learning_rate: float | Callable[[int], Any] | None = None
+  # How normalised token rewards become per-token advantages (token-level reward sources only):
+  # common.rl.advantages.returns_to_go or .immediate.
+  token_credit: Callable[[np.ndarray, np.ndarray], np.ndarray] = adv_lib.returns_to_go
 
 
 def estimator_from_config(rl: ml_collections.ConfigDict, **extra: Callable[[], Any]):
@@ -402,12 +408,27 @@ def _step(ctx: _Context, state, step: int):
   if keep is not None:
     ro, group_mask, discarded = _dynamic_sampling(ctx, ro, keep, model, step)
   shaped, penalty = shaped_rewards(rl, ro.rewards, ro.lengths)
-  adv = setup.estimator.advantages(shaped, group_mask, ro.prompts)
+  if ro.token_rewards is None:
+    adv = setup.estimator.advantages(shaped, group_mask, ro.prompts)
+    adv_mask, advantages = group_mask, adv.values.reshape(-1)
+  else:
+    if rl.overlong_shaping:
+      raise config_lib.ConfigError('rl.overlong_shaping shapes sequence rewards, not token rewards')
+    tok = adv_lib.token_advantages(
+      setup.estimator,
+      ro.token_rewards,
+      ro.token_mask,
+      ro.batch['completion_mask'],
+      group_mask,
+      ro.prompts,
+      credit=setup.token_credit,
+    )
+    adv, adv_mask, advantages = tok.advantages, tok.mask, tok.per_token
   batch = dict(ro.batch)
   batch['completion_mask'] = batch['completion_mask'] * group_mask.reshape(-1)[:, None].astype(
     np.float32
   )
-  batch['advantages'] = adv.values.reshape(-1).astype(np.float32)
+  batch['advantages'] = advantages.astype(np.float32)
   behaviour = batch.pop('behaviour_logp')
   on_policy = rl.num_iterations == 1 and rl.num_minibatches == 1
   if on_policy:
@@ -448,7 +469,7 @@ def _step(ctx: _Context, state, step: int):
     'loss': mean('loss'),
     'reward_mean': float(flat_rewards.mean()) if flat_rewards.size else 0.0,
     'pass_at_1': float((flat_rewards >= 1.0).mean()) if flat_rewards.size else 0.0,
-    'zero_signal_frac': float(adv_lib.zero_signal_fraction(jnp.asarray(adv.raw), group_mask)),
+    'zero_signal_frac': float(adv_lib.zero_signal_fraction(jnp.asarray(adv.raw), adv_mask)),
     'entropy': float(ro.entropies[valid].mean()) if n_tok else 0.0,
     'kl': mean('kl'),
     'clip_frac': mean('clip_frac'),
@@ -456,7 +477,7 @@ def _step(ctx: _Context, state, step: int):
     'behaviour_logp_dev': float(step_metrics[0]['behaviour_logp_dev']),
     'response_len': float(ro.lengths.mean()),
     'grad_norm': mean('grad_norm'),
-    'adv_abs_mean': float(np.abs(adv.values[group_mask]).mean()) if group_mask.any() else 0.0,
+    'adv_abs_mean': float(np.abs(adv.values[adv_mask]).mean()) if adv_mask.any() else 0.0,
     **setup.rewards.metrics(),
     'rollout_s': ro.seconds,
     'update_s': update_s,

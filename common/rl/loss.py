@@ -1,6 +1,8 @@
 """Token-level clipped policy-gradient surrogate with a k3 KL penalty to a frozen reference.
 
-For response token t of sequence i with advantage A_i (one per sequence, from common.rl.advantages):
+For response token t of sequence i with advantage A_i (one per sequence, from common.rl.advantages;
+or A_{i,t}, one per token, from a token-level reward source through
+common.rl.advantages.token_advantages):
 
   rho_t   = exp(logp_t - logp_old_t)                          (ratio to the behaviour policy)
   pg_t    = -min(rho_t A_i, clip(rho_t, 1 - clip_low, 1 + clip_high) A_i)
@@ -56,14 +58,16 @@ def policy_loss(
   kl_coef: float = 0.0,
   agg: str = 'token-mean',
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """(loss, metrics) of the clipped surrogate; logp/old_logp/ref_logp/mask [B, T], advantages [B].
+  """(loss, metrics) of the clipped surrogate; logp/old_logp/ref_logp/mask [B, T], advantages [B]
+  (one per sequence) or [B, T] (one per token).
 
   Metrics (token means over valid tokens): pg_loss, kl, clip_frac (tokens whose clipped branch is
   active), ratio_mean, ratio_max_dev (max |rho - 1|).
   """
   m = mask.astype(jnp.float32)
   valid = m > 0
-  a = advantages.astype(jnp.float32)[:, None]
+  a = advantages.astype(jnp.float32)
+  a = a if a.ndim == 2 else a[:, None]
   ratio = jnp.exp(jnp.where(valid, logp - old_logp, 0.0))
   clipped = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
   surrogate = jnp.minimum(ratio * a, clipped * a)

@@ -8,9 +8,12 @@ completions, computes the same rewards and advantages, and the host-side state (
 estimator's statistics, the reward source's counters) stays identical on every process without
 communication. On one device these are plain device_put / device_get.
 
-Rewards come from a `RewardSource`: per-sequence rewards from a verifier today (`VerifierRewards`;
-an exception or a non-finite reward scores 0 and is counted, never raised), and optionally
-per-token rewards (`Rewards.token`) for token-level reward models.
+Rewards come from a `RewardSource`: per-sequence rewards from a verifier (`VerifierRewards`; an
+exception or a non-finite reward scores 0 and is counted, never raised), and optionally per-token
+rewards (`Rewards.token`, with `Rewards.token_mask` marking the tokens that carry one) for
+token-level reward models (Q-RM, DPO-implicit rewards). `OutcomeAsTokenRewards` writes a source's
+sequence reward onto each response's last token: the token-level form of an outcome reward, which
+the loop's token path turns into exactly the advantages of the sequence path.
 """
 
 from __future__ import annotations
@@ -51,11 +54,15 @@ class Rewards:
 
   sequence: [M, G] one reward per response (pass@1 counts reward >= 1).
   token: [M*G, N] per-token rewards aligned with the completion tokens, or None when the source
-    scores whole sequences only.
+    scores whole sequences only (the loop then computes advantages from `sequence`).
+  token_mask: [M*G, N] bool, the tokens that carry a reward (None: every completion token). An
+    outcome reward carries one reward per response, on its last token; a dense token-level reward
+    model, one per token.
   """
 
   sequence: np.ndarray
   token: np.ndarray | None = None
+  token_mask: np.ndarray | None = None
 
 
 class RewardSource(Protocol):
@@ -108,6 +115,38 @@ class VerifierRewards:
 
   def metrics(self) -> dict[str, float]:
     return {'verifier_failures': self.failures}
+
+
+def last_token_mask(lengths: np.ndarray, n: int) -> np.ndarray:
+  """[R, n] bool: True at each response's last generated token (none for an empty response)."""
+  lengths = np.asarray(lengths)
+  return np.arange(n)[None, :] == (lengths[:, None] - 1)
+
+
+class OutcomeAsTokenRewards:
+  """A sequence-reward source whose rewards also come as token rewards: r_i on the last token of
+  response i, no reward elsewhere (`Rewards.token_mask`), the usual placement of an outcome reward
+  in token-level RLHF. Through the loop's token path (returns-to-go of the estimator's advantages,
+  common.rl.advantages.token_advantages) every token of response i gets exactly the sequence
+  path's advantage A_i."""
+
+  def __init__(self, source: RewardSource):
+    self.source = source
+
+  def score(self, prompts, completions, lengths, group_size) -> Rewards:
+    r = self.source.score(prompts, completions, lengths, group_size)
+    mask = last_token_mask(lengths, completions.shape[1])
+    token = np.where(mask, np.asarray(r.sequence, np.float32).reshape(-1, 1), 0.0)
+    return Rewards(r.sequence, token.astype(np.float32), mask)
+
+  def state_dict(self) -> dict[str, Any]:
+    return self.source.state_dict()
+
+  def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    self.source.load_state_dict(state)
+
+  def metrics(self) -> dict[str, float]:
+    return self.source.metrics()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -191,6 +230,7 @@ class Rollout:
   rewards: np.ndarray  # [M, G] sequence rewards
   token_rewards: np.ndarray | None  # [M*G, N] when the reward source gives them
   seconds: float
+  token_mask: np.ndarray | None = None  # [M*G, N] bool: tokens carrying a reward (None: all)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,7 +292,9 @@ def rollout(
   # temperature): on-policy they stand in for a separate scoring forward (see common.rl.loop).
   batch['behaviour_logp'] = np.where(batch['completion_mask'] > 0, logp, 0.0).astype(np.float32)
   r = rewards.score(prompts, completion, lengths, g)
-  return Rollout(list(prompts), batch, completion, lengths, ent, r.sequence, r.token, seconds)
+  return Rollout(
+    list(prompts), batch, completion, lengths, ent, r.sequence, r.token, seconds, r.token_mask
+  )
 
 
 def concat(parts: Sequence[Rollout], groups: Sequence[tuple[int, int]], g: int) -> Rollout:
@@ -269,4 +311,5 @@ def concat(parts: Sequence[Rollout], groups: Sequence[tuple[int, int]], g: int) 
     rewards=np.stack([parts[pi].rewards[gi] for pi, gi in groups]),
     token_rewards=None if parts[0].token_rewards is None else pick(lambda r: r.token_rewards),
     seconds=sum(p.seconds for p in parts),
+    token_mask=None if parts[0].token_mask is None else pick(lambda r: r.token_mask),
   )
