@@ -1,4 +1,4 @@
-"""Decode speed of the JAX sampler vs `transformers.generate` on SmolLM2-135M, same GGUF, same run.
+"""Decode speed of the JAX sampler vs llama.cpp and `transformers.generate` on SmolLM2-135M, same run.
 
 Why it is measured this way: wall times on these shared 2-core VMs swing ~2x (and far more when other
 jobs run), so every number that is compared is taken in the same process, interleaved rep by rep:
@@ -20,6 +20,19 @@ load the VM.
   python -m benchmarks.decode                         # batch 1 and 16, 64 new tokens, 3 reps
   python -m benchmarks.decode --batches=16 --reps=5 --skip_transformers
 
+llama.cpp (benchmarks/llama_cpp_peer.py: its C API through llama-cpp-python, batched greedy decoding
+as its `batched` example does, one worker process per configuration) runs the same weights written
+by `common.models.gguf_convert` at each precision in --llama_cpp (f32 / f16 / bf16, or q4_1: the
+shipped file), at each thread count in --llama_threads and each OpenMP wait policy in --omp_wait
+(`default`: libgomp spins between parallel regions, which collapses when other jobs load the cores;
+`passive`: it sleeps). Its decode tok/s = batch * (N - 1) / the seconds of the N - 1 steps after
+the prefill (which emits the first token). Greedy tokens of each configuration are compared with
+JAX's at the same precision class (f32 with f32); with f32 on both sides a difference in greedy
+tokens, like a difference in the number of tokens, makes the run fail after printing the table.
+
+  pip install --no-deps --target /tmp/llama_peer -r requirements-llama-cpp.txt   # builds llama.cpp
+  PYTHONPATH=/tmp/llama_peer python -m benchmarks.decode --llama_cpp=f32,f16 --omp_wait=default,passive
+
 Per rep: JAX prefill seconds come from the sampler's own phase timings (programs compiled ahead, so
 no compile is timed); decode tok/s = batch * new_tokens / decode seconds (the loop runs one forward
 per token). Transformers: prefill = generate(max_new_tokens=1), decode tok/s = batch * (N - 1) /
@@ -33,8 +46,10 @@ Reported: medians and min-max ranges over reps. Needs
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import os
+import pathlib
 import platform
 import statistics
 import sys
@@ -49,6 +64,7 @@ import numpy as np  # noqa: E402
 
 from common import cache as cache_lib  # noqa: E402
 from common import machine  # noqa: E402
+from common.models import gguf_convert  # noqa: E402
 from common.models import loader  # noqa: E402
 from common.sampling import sampler  # noqa: E402
 
@@ -104,6 +120,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     'threads collapses when other jobs load the machine, 1 thread does not; JAX always uses all '
     'cores, so measuring only 1 thread would flatter JAX on a quiet machine)',
   )
+  p.add_argument(
+    '--llama_cpp',
+    default='auto',
+    help='comma-separated llama.cpp weight precisions (f32, f16, bf16, q4_1 = the shipped file); '
+    "'' skips llama.cpp; auto = f32,f16 when llama_cpp imports, else skipped (said in the header)",
+  )
+  p.add_argument('--llama_threads', default=str(os.cpu_count() or 1), help='comma-separated')
+  p.add_argument(
+    '--omp_wait',
+    default='default,passive',
+    help='OpenMP wait policies for llama.cpp (default, passive, active)',
+  )
   p.add_argument('--bw_mib', type=int, default=512, help='array size for the bandwidth probe')
   return p.parse_args(argv)
 
@@ -125,6 +153,8 @@ class Limits:
     self.read_gbs: list[float] = []
     self.memcpy_gbs: list[float] = []
     self.peak_gflops: list[float] = []
+    self.np_read_gbs: dict[int, list[float]] = {1: [], 2: []}  # numpy sum from 1 / 2 threads
+    self.pool = concurrent.futures.ThreadPoolExecutor(2)
 
   def sample(self) -> None:
     for _ in range(3):
@@ -134,6 +164,11 @@ class Limits:
       t0 = time.perf_counter()
       np.copyto(self.dst, self.host)
       self.memcpy_gbs.append(2 * self.host.nbytes / (time.perf_counter() - t0) / 1e9)
+      for threads in (1, 2):  # numpy's sum releases the GIL, so two threads read two halves at once
+        parts = np.array_split(self.host, threads)
+        t0 = time.perf_counter()
+        list(self.pool.map(np.sum, parts))
+        self.np_read_gbs[threads].append(self.host.nbytes / (time.perf_counter() - t0) / 1e9)
     n = 2048
     self.peak_gflops += [2.0 * n**3 / t / 1e9 for t in self.matmul_seconds(n, 3)]
 
@@ -229,6 +264,60 @@ class TorchSide:
     return Run(t1, tn - t1, cn - c1, tokens, lengths)
 
 
+def llama_gguf(model: str, precision: str) -> pathlib.Path:
+  """The model's GGUF at `precision` for llama.cpp: the shipped file (q4_1) or a cached conversion."""
+  source = loader.resolve(model)
+  if precision == 'q4_1':
+    return source.path
+  out = cache_lib.cache_dir('converted', 'llama_cpp') / f'{source.sha256[:16]}-{precision}.gguf'
+  if not out.exists():
+    gguf_convert.convert(source.path, out, precision)
+  return out
+
+
+class LlamaSide:
+  """One llama.cpp configuration (a worker process), timed like the other sides."""
+
+  def __init__(self, precision: str, config):
+    from benchmarks import llama_cpp_peer  # noqa: PLC0415
+
+    self.precision = precision
+    self.peer = llama_cpp_peer.Peer(config)
+    self.label = config.label.replace(os.path.basename(config.gguf), precision)
+    self.weight_bytes = os.path.getsize(config.gguf)
+
+  def run(self, prompt_ids, batch: int, n: int) -> Run:
+    r = self.peer.generate(prompt_ids[:batch], n)
+    tokens = r['tokens']
+    return Run(
+      r['prefill_s'], r['decode_s'], r['decode_cpu_s'], tokens, np.full(batch, tokens.shape[1])
+    )
+
+
+def _llama_sides(args, prompt_ids, batches) -> tuple[list[LlamaSide], str]:
+  """The llama.cpp configurations to time, and a note for the header."""
+  precisions = args.llama_cpp
+  if precisions == 'auto':
+    try:
+      import llama_cpp  # noqa: F401, PLC0415
+    except ImportError:
+      return [], 'llama.cpp: skipped (llama_cpp does not import; see requirements-llama-cpp.txt)'
+    precisions = 'f32,f16'
+  from benchmarks import llama_cpp_peer  # noqa: PLC0415
+
+  sides = []
+  per_seq = max(map(len, prompt_ids)) + args.new_tokens + 8
+  for precision in [x for x in precisions.split(',') if x]:
+    path = str(llama_gguf(args.model, precision))
+    for threads in [int(x) for x in args.llama_threads.split(',') if x]:
+      for policy in [x for x in args.omp_wait.split(',') if x]:
+        wait = '' if policy == 'default' else policy.upper()
+        config = llama_cpp_peer.PeerConfig(path, threads, wait, max(batches), per_seq)
+        sides.append(LlamaSide(precision, config))
+  version = sides[0].peer.info['version'] if sides else ''
+  return sides, f'llama-cpp-python {version}' if sides else 'llama.cpp: none requested'
+
+
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -279,6 +368,7 @@ def main(argv=None) -> int:
     threads = [int(x) for x in args.torch_threads.split(',') if x]
     first = TorchSide(args, prompt_ids, pad, threads[0])
     torches = [first] + [_with_threads(first, t) for t in threads[1:]]
+  llamas, llama_note = _llama_sides(args, prompt_ids, batches)
   limits = Limits(args.bw_mib)
   print(f'setup {time.perf_counter() - t0:.1f} s', file=sys.stderr)
 
@@ -286,16 +376,20 @@ def main(argv=None) -> int:
   params = sum(x.size for x in jax.tree.leaves(nnx.state(jx.model, nnx.Param)))
   weight_bytes = {f'jax-{s.dtype}': jnp.dtype(s.dtype).itemsize * params for s in jaxes}
   weight_bytes.update({f'hf{th.threads}': 4 * params for th in torches})
+  weight_bytes.update({ls.label: ls.weight_bytes for ls in llamas})
   impls = list(weight_bytes)
   results = {}
   agree = {}  # (JAX dtype, batch) -> (tokens equal to transformers', tokens compared, rows all equal)
   stops = set(jx.tok.stop_ids)
+  llama_agree = {}  # (llama.cpp label, batch) -> agreement with JAX float32 over all N tokens
   counts = {}  # impl -> set of tokens generated per row seen (must be {N}: same work on both sides)
   for b in batches:
     for side in jaxes:
       side.run(b)  # compile (ahead of time inside) + warm-up
     for th in torches:
       th.run(b)  # warm-up
+    for ls in llamas:
+      ls.run(prompt_ids, b, n)  # warm-up
     # impl -> prefill tok/s, decode tok/s, decode CPU ms per generated token, one entry per rep.
     rec = {impl: ([], [], []) for impl in impls}
     prompt_tokens = sum(len(x) for x in prompt_ids[:b])
@@ -312,6 +406,13 @@ def main(argv=None) -> int:
         for dtype, jr in jruns.items():
           if (dtype, b) not in agree:
             agree[dtype, b] = _agreement(jr.tokens, r.tokens, stops)
+      for ls in llamas:
+        r = ls.run(prompt_ids, b, n)
+        _record(rec[ls.label], r, prompt_tokens, b * (n - 1))  # n - 1 steps after the prefill
+        counts.setdefault(ls.label, set()).update(r.lengths.tolist())
+        jr = jruns.get('float32')
+        if jr is not None and (ls.label, b) not in llama_agree:
+          llama_agree[ls.label, b] = _agreement(jr.tokens, r.tokens, set())
       limits.sample()
     results[b] = rec
     print(f'batch {b} done ({time.perf_counter() - t0:.0f} s)', file=sys.stderr)
@@ -329,13 +430,15 @@ def main(argv=None) -> int:
     f'{4 * params / 2**20:.0f} MiB), greedy, {n} new tokens, chat prompts of '
     f'{min(map(len, prompt_ids))}-{max(map(len, prompt_ids))} tokens; {args.reps} reps, medians '
     f'(min-max). JAX {jax.__version__}{versions}; python '
-    f'{platform.python_version()}; {machine.cpu()}; load average {load_start:.1f} at the '
+    f'{platform.python_version()}; {llama_note}; {machine.cpu()}; load average {load_start:.1f} at the '
     f'start, {os.getloadavg()[0]:.1f} at the end (other jobs on the VM).'
   )
   print(
     f'Machine in this run: streaming read {_med_range(limits.read_gbs)} GB/s (jnp.sum, '
     f'{args.bw_mib} MiB), memcpy {_med_range(limits.memcpy_gbs)} GB/s (read+write), jnp.dot f32 '
-    f'n=2048 peak {_med_range(limits.peak_gflops)} GFLOP/s.'
+    f'n=2048 peak {_med_range(limits.peak_gflops)} GFLOP/s; numpy read from 1 thread '
+    f'{_med_range(limits.np_read_gbs[1])} GB/s, from 2 threads (one half each) '
+    f'{_med_range(limits.np_read_gbs[2])} GB/s.'
   )
   print(
     f'Every row of every run generated exactly {n} tokens on both sides (JAX: no stop tokens; '
@@ -347,32 +450,45 @@ def main(argv=None) -> int:
       f'Batch-{b} greedy tokens, JAX {dtype} vs transformers: {same}/{total} equal before each '
       f"row's first JAX stop token; {rows}/{b} rows equal throughout that span."
     )
+  for (label, b), (same, total, rows) in llama_agree.items():
+    print(
+      f'Batch-{b} greedy tokens, JAX float32 vs {label}: {same}/{total} equal; {rows}/{b} rows '
+      'equal throughout.'
+    )
   print(
     '\n| impl | batch | prefill tok/s | decode tok/s | vs best transformers (paired range) '
-    '| decode CPU ms/token | CPU-time ratio | weight read GB/s (/ read bw) | GFLOP/s (/ dot peak) |'
+    '| vs best llama.cpp (paired range) | decode CPU ms/token | CPU-time ratio '
+    '| weight read GB/s (/ read bw) | GFLOP/s (/ dot peak) |'
   )
-  print('|---|---|---|---|---|---|---|---|---|')
+  print('|---|---|---|---|---|---|---|---|---|---|')
   flops_per_token = 2 * params + 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * 64
   for b in batches:
     hfs = [i for i in impls if i.startswith('hf')]
     best = max(hfs, key=lambda i: statistics.median(results[b][i][1]), default=None)
     cpu_best = min((statistics.median(results[b][i][2]) for i in hfs), default=None)
+    lls = [i for i in impls if i.startswith('llama.cpp')]
+    best_ll = max(lls, key=lambda i: statistics.median(results[b][i][1]), default=None)
     for impl in impls:
       pre, dec, cpu = results[b][impl]
       med = statistics.median(dec)
-      ratio = cpu_ratio = ''
+      ratio = ll_ratio = cpu_ratio = ''
       if impl.startswith('jax') and best:
         paired = [j / h for j, h in zip(dec, results[b][best][1], strict=True)]
         ratio = f'**{med / statistics.median(results[b][best][1]):.2f}x** ({_range(paired)})'
         cpu_ratio = f'{cpu_best / statistics.median(cpu):.2f}x'
+      if impl.startswith('jax') and best_ll:
+        paired = [j / h for j, h in zip(dec, results[b][best_ll][1], strict=True)]
+        ll_ratio = f'**{med / statistics.median(results[b][best_ll][1]):.2f}x** ({_range(paired)})'
       gbs = weight_bytes[impl] * med / b / 1e9  # one weight read per forward pass
       gflops = flops_per_token * med / 1e9
       if impl.startswith('jax'):
         name = f'JAX (common.sampling), {impl[4:]} weights'
-      else:
+      elif impl.startswith('hf'):
         name = f'transformers.generate, {impl[2:]} thr'
+      else:
+        name = impl
       print(
-        f'| {name} | {b} | {_med_range(pre)} | {_med_range(dec)} | {ratio} '
+        f'| {name} | {b} | {_med_range(pre)} | {_med_range(dec)} | {ratio} | {ll_ratio} '
         f'| {_med_range(cpu, 2)} | {cpu_ratio} '
         f'| {gbs:.1f} ({gbs / read_bw:.2f}) | {gflops:.1f} ({gflops / peak:.2f}) |'
       )
@@ -384,6 +500,16 @@ def main(argv=None) -> int:
   )
   compile_s = {s.dtype: s.compile_s for s in jaxes}
   print(f'\nJAX compile s per batch (not timed above): {compile_s}', file=sys.stderr)
+  for ls in llamas:
+    ls.peer.close()
+  f32_mismatch = {
+    k: v for k, v in llama_agree.items() if k[0].startswith('llama.cpp f32') and v[0] != v[1]
+  }
+  if f32_mismatch:
+    print(
+      f'error: greedy tokens differ at f32 (equal, compared, rows): {f32_mismatch}', file=sys.stderr
+    )
+    return 1
   return 0
 
 

@@ -47,8 +47,8 @@ def test_pip_install_then_import_from_outside_the_repo(tmp_path):
 def test_every_requirements_file_resolves_with_the_pinned_stack():
   """`pip install -r requirements.txt -r <file>` must be installable as documented (the reference
   stack once pinned transformers 5.23.0, which needs safetensors >= 0.8, against 0.7.0). The peers
-  file is installed beside the stack with --no-deps (its own bounds would move jax), so for it the
-  check is that it pins nothing the stack pins differently."""
+  and llama.cpp files are installed beside the stack with --no-deps (their own bounds would move
+  jax), so for them the check is that they pin nothing the stack pins differently."""
   root = testing.REPO_ROOT
   p = subprocess.run(
     [
@@ -78,6 +78,7 @@ def test_every_requirements_file_resolves_with_the_pinned_stack():
         out[pkg.strip().lower().replace('_', '-')] = version.strip()
     return out
 
-  stack, peers = pins('requirements.txt'), pins('requirements-peers.txt')
-  clashes = {k: (stack[k], v) for k, v in peers.items() if k in stack and stack[k] != v}
-  assert not clashes, clashes
+  stack = pins('requirements.txt')
+  for beside in ('requirements-peers.txt', 'requirements-llama-cpp.txt'):
+    clashes = {k: (stack[k], v) for k, v in pins(beside).items() if k in stack and stack[k] != v}
+    assert not clashes, (beside, clashes)
