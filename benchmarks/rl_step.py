@@ -12,6 +12,12 @@ Update: one clipped-surrogate optimizer step (`train_loop.make_train_step` on
 
 Medians and ranges over --steps timed repetitions after 2 warm-up ones.
 
+EAD (arXiv 2510.05251), in the same run and interleaved: the rollout with EAD's annealed
+within-sequence temperature schedule (common.sampling.schedules.ead, with the behaviour log-probs
+under the temperature used) against the fixed-temperature rollout, and the update with truncated
+importance sampling (common.rl.loss.tis_weights, C = 2) against the update without; the ratios
+(EAD / fixed time) are printed, 1.00 meaning no measurable cost.
+
 Peer (--peer=tunix, the default): google-tunix's GRPO learner (requirements-peers.txt; installed
 beside the pinned stack with `pip install --no-deps --target DIR -r requirements-peers.txt` and run
 with PYTHONPATH=DIR), in the same process and interleaved with ours. Its model is tunix's own
@@ -51,8 +57,10 @@ from common.models import decoder
 from common.rl import advantages
 from common.rl import curriculum
 from common.rl import loop
+from common.rl import loss as loss_lib
 from common.rl import rollout
 from common.sampling import sampler as sampler_lib
+from common.sampling import schedules
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('d_model', 64, 'model width')
@@ -263,6 +271,27 @@ def main(argv):
     mask = np.ones(ro.rewards.shape, bool)
     return ro, setup.estimator.advantages(ro.rewards, mask, prompts).values
 
+  ead_schedule = schedules.ead(1.2, 0.1, decay=schedules.ead_decay(0, n / 2), warmup_tokens=1)
+
+  def ead_rollout():
+    ro = rollout.rollout(
+      model,
+      prompts,
+      key,
+      sampling=loop.sampling_of(rl, setup),
+      rewards=setup.rewards,
+      num_samples=g,
+      mesh=mesh,
+      rules=sharding.DEFAULT_RULES,
+      temperature=ead_schedule,
+      sample_logprobs=True,
+    )
+    mask = np.ones(ro.rewards.shape, bool)
+    w = loss_lib.tis_weights(
+      ro.batch['behaviour_logp'], ro.batch['sample_logp'], 2.0, ro.batch['completion_mask']
+    )
+    return ro, setup.estimator.advantages(ro.rewards, mask, prompts).values, np.asarray(w)
+
   p_tokens, p_mask = rollout.pad_prompts(prompts, PROMPT_LEN, 0)
 
   def forked():
@@ -302,10 +331,15 @@ def main(argv):
   batch['advantages'] = rng.normal(size=m * g).astype(np.float32)
   batch['old_logp'] = batch.pop('behaviour_logp')  # on-policy, as in the loop
   batch['ref_logp'] = batch['old_logp']
-  holder = {'state': state}
+  holder = {'state': state, 'tis_state': jax.tree.map(lambda x: x.copy(), state)}
+  tis_batch = dict(batch, tis_weight=ead_rollout()[2])
 
   def update():
     holder['state'], metrics = step(holder['state'], batch, jax.random.key(1))
+    jax.block_until_ready(metrics['loss'])
+
+  def update_tis():
+    holder['tis_state'], metrics = step(holder['tis_state'], tis_batch, jax.random.key(1))
     jax.block_until_ready(metrics['loss'])
 
   params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -317,8 +351,8 @@ def main(argv):
     except ImportError as e:
       print(f'tunix peer not measured: {type(e).__name__}: {e}')
 
-  rollouts = [forked, tiled, lambda: full_rollout()]
-  updates = [update]
+  rollouts = [forked, tiled, lambda: full_rollout(), lambda: ead_rollout()]
+  updates = [update, update_tis]
   if peer is not None:
     rollouts += [peer.generate, peer.rollout]
     updates += [peer.update]
@@ -337,6 +371,14 @@ def main(argv):
   print(f'forked / tiled speed: {statistics.median(roll_s[1]) / statistics.median(roll_s[0]):.2f}x')
   print(_fmt('rollout + GRPO adv', roll_s[2], gen_tokens))
   print(_fmt('update (fwd+bwd+adam)', upd_s[0], train_tokens))
+  print(_fmt('rollout, EAD schedule + TIS', roll_s[3], gen_tokens))
+  print(_fmt('update with TIS weights', upd_s[1], train_tokens))
+  print(
+    f'EAD / fixed temperature time: rollout {statistics.median(roll_s[3]) / statistics.median(roll_s[2]):.2f}x '
+    f'(min {min(roll_s[3]) / min(roll_s[2]):.2f}x), update '
+    f'{statistics.median(upd_s[1]) / statistics.median(upd_s[0]):.2f}x '
+    f'(min {min(upd_s[1]) / min(upd_s[0]):.2f}x)'
+  )
   if peer is None:
     return
   print(
@@ -346,18 +388,18 @@ def main(argv):
     f'{PROMPT_LEN + n} positions with logits at all, ours over {PROMPT_LEN + n - 1} with logits '
     f'at the {n} completion positions)'
   )
-  print(_fmt('tunix RLCluster.generate', roll_s[3], gen_tokens))
-  print(_fmt('tunix learner rollout+adv', roll_s[4], gen_tokens))
-  print(_fmt('tunix update_actor', upd_s[1], train_tokens))
+  print(_fmt('tunix RLCluster.generate', roll_s[4], gen_tokens))
+  print(_fmt('tunix learner rollout+adv', roll_s[5], gen_tokens))
+  print(_fmt('tunix update_actor', upd_s[2], train_tokens))
   # Medians and minima: on a shared machine the minimum is the least disturbed repetition.
   for name, stat in (('median', statistics.median), ('min', min)):
     print(f'ratios, ours / tunix speed (ratio of {name} times):')
     print(
-      f'  generate: forked {stat(roll_s[3]) / stat(roll_s[0]):.2f}x, tiled '
-      f'{stat(roll_s[3]) / stat(roll_s[1]):.2f}x'
+      f'  generate: forked {stat(roll_s[4]) / stat(roll_s[0]):.2f}x, tiled '
+      f'{stat(roll_s[4]) / stat(roll_s[1]):.2f}x'
     )
-    print(f'  rollout + rewards + advantages: {stat(roll_s[4]) / stat(roll_s[2]):.2f}x')
-    print(f'  update: {stat(upd_s[1]) / stat(upd_s[0]):.2f}x')
+    print(f'  rollout + rewards + advantages: {stat(roll_s[5]) / stat(roll_s[2]):.2f}x')
+    print(f'  update: {stat(upd_s[2]) / stat(upd_s[0]):.2f}x')
 
 
 if __name__ == '__main__':

@@ -34,6 +34,12 @@ reward >= 1), zero_signal_frac (groups whose advantages before batch standardisa
 response_len, grad_norm, rollout_tok_s, update_tok_s, the estimator's and the reward source's own
 metrics, and with overlong shaping the mean penalty and the fraction of penalised responses.
 Evaluation: greedy pass@1 on the held-out prompts (`eval/pass_at_1`, and per cluster).
+
+Off by default (a run without them is today's loop, bitwise): `RLSetup.temperature_schedule`, a
+per-step rollout temperature (a within-sequence schedule, EAD's annealing), and
+`RLSetup.tis_cap`, truncated importance sampling in the surrogate against the temperature actually
+sampled at (common.rl.loss.tis_weights; logs tis_weight_mean and tis_capped_frac), and
+`RLSetup.extra_eval`, more held-out metrics at each evaluation (e.g. sampled pass@k).
 """
 
 from __future__ import annotations
@@ -116,6 +122,18 @@ class RLSetup:
   # How normalised token rewards become per-token advantages (token-level reward sources only):
   # common.rl.advantages.returns_to_go or .immediate.
   token_credit: Callable[[np.ndarray, np.ndarray], np.ndarray] = adv_lib.returns_to_go
+  # The rollout temperature of a step (off when None: rl.temperature): step -> a float, an [N]
+  # array or a schedule t -> temperature over the generated position (common.sampling.schedules;
+  # EAD's annealing with its step-dependent decay d_s). A function of the step only, so a resumed
+  # run samples as the uninterrupted one.
+  temperature_schedule: Callable[[int], Any] | None = None
+  # Truncated importance sampling (common.rl.loss.tis_weights), off when None: the surrogate's
+  # per-token terms are weighted by min(pi(y_t) / mu_tau(y_t), C) with both log-probs from the
+  # sampler (the model at temperature 1; the distribution it sampled from). C = tis_cap.
+  tis_cap: float | None = None
+  # More held-out metrics at each evaluation (off when None): model -> {name: value}, merged into
+  # the greedy pass@1's (e.g. sampled pass@k); deterministic, so a resumed run logs the same.
+  extra_eval: Callable[[nnx.Module], Any] | None = None
 
 
 def estimator_from_config(rl: ml_collections.ConfigDict, **extra: Callable[[], Any]):
@@ -220,6 +238,7 @@ def make_loss_fn(rl: ml_collections.ConfigDict):
       clip_high=rl.clip_high,
       kl_coef=rl.kl_coef,
       agg=rl.loss_agg,
+      tis_weights=batch.get('tis_weight'),
     )
     valid = batch['completion_mask'] > 0
     dev = jnp.where(valid, jnp.abs(jax.lax.stop_gradient(logp) - batch['old_logp']), 0.0)
@@ -250,7 +269,8 @@ class _Context:
   def rl(self) -> ml_collections.ConfigDict:
     return self.run.config.rl
 
-  def rollout(self, model, prompts, key) -> rollout_lib.Rollout:
+  def rollout(self, model, prompts, key, step: int) -> rollout_lib.Rollout:
+    schedule = self.setup.temperature_schedule
     return rollout_lib.rollout(
       model,
       prompts,
@@ -260,6 +280,8 @@ class _Context:
       num_samples=self.rl.group_size,
       mesh=self.run.mesh,
       rules=self.run.rules,
+      temperature=None if schedule is None else schedule(step),
+      sample_logprobs=self.setup.tis_cap is not None,
     )
 
 
@@ -357,18 +379,22 @@ def _loop(ctx: _Context, state, start: int, meta: dict) -> dict[str, Any]:
     run.save(step, state, extra=extra_state(), meta={'train': last_train, 'eval': last_eval})
 
   def evaluate(step):
-    return run.evaluate(
-      step,
-      lambda: evaluate_lib.greedy_pass_at_1(
-        train_loop.model_of(ctx.spec.graphdef, state),
+    def fn():
+      model = train_loop.model_of(ctx.spec.graphdef, state)
+      out = evaluate_lib.greedy_pass_at_1(
+        model,
         setup.eval_prompts,
         batch=rl.eval_batch,
         sampling=ctx.sampling,
         rewards=setup.rewards,
         mesh=run.mesh,
         rules=run.rules,
-      ),
-    )
+      )
+      if setup.extra_eval is not None:
+        out = {**out, **setup.extra_eval(model)}
+      return out
+
+    return run.evaluate(step, fn)
 
   if start == 0 and setup.eval_prompts and run.config.train.eval_every > 0:
     last_eval = evaluate(0)
@@ -401,7 +427,7 @@ def _step(ctx: _Context, state, step: int):
   seed = run.config.seed
   model = train_loop.model_of(ctx.spec.graphdef, state)
   prompts = ctx.sampler.batch(step)
-  ro = ctx.rollout(model, prompts, train_loop.step_key(seed, step, 'rollout'))
+  ro = ctx.rollout(model, prompts, train_loop.step_key(seed, step, 'rollout'), step)
   group_mask = np.ones((len(prompts), g), bool)
   discarded = None
   keep = setup.estimator.group_filter(ro.rewards)
@@ -430,6 +456,17 @@ def _step(ctx: _Context, state, step: int):
   )
   batch['advantages'] = advantages.astype(np.float32)
   behaviour = batch.pop('behaviour_logp')
+  tis_capped = None
+  if setup.tis_cap is not None:
+    # TIS: the sampler's log-probs of each token at temperature 1 over those under the temperature
+    # it was sampled at (exactly 1 where they agree); host-side, so the update sees fixed weights.
+    sample_logp = batch.pop('sample_logp')
+    valid_tok = batch['completion_mask'] > 0
+    batch['tis_weight'] = np.asarray(
+      loss_lib.tis_weights(behaviour, sample_logp, setup.tis_cap, valid_tok)
+    )
+    raw = np.exp(np.where(valid_tok, behaviour - sample_logp, 0.0))
+    tis_capped = float((raw[valid_tok] > setup.tis_cap).mean()) if valid_tok.any() else 0.0
   on_policy = rl.num_iterations == 1 and rl.num_minibatches == 1
   if on_policy:
     # The loss takes the ratio's denominator from its own forward (exactly 1); old_logp only
@@ -487,6 +524,9 @@ def _step(ctx: _Context, state, step: int):
   }
   if discarded is not None:
     metrics['dapo_discarded_frac'] = discarded
+  if tis_capped is not None:
+    metrics['tis_weight_mean'] = mean('tis_weight_mean')
+    metrics['tis_capped_frac'] = tis_capped
   if setup.learning_rate is not None:  # the rate of this step's last optimizer update
     updates = step * rl.num_iterations * rl.num_minibatches
     metrics['lr'] = train_loop.lr_at(setup.learning_rate, updates)
@@ -511,6 +551,7 @@ def _dynamic_sampling(ctx: _Context, ro: rollout_lib.Rollout, keep: np.ndarray, 
       model,
       ctx.sampler.refill(step, k),
       train_loop.step_key(ctx.run.config.seed, step, f'refill/{k}'),
+      step,
     )
     parts.append(extra)
     total += m

@@ -16,6 +16,15 @@ aggregated over valid tokens by `agg`:
 
 DAPO's clip-higher is clip_high > clip_low. With kl_coef = 0 and A_i = 0 a sequence contributes
 exactly zero loss and zero gradient (the all-fail-group invariant).
+
+Truncated importance sampling (TIS; EAD, arXiv 2510.05251, after Yao et al. 2025), off unless
+`tis_weights` is given: when the rollout was sampled from a behaviour policy mu_tau other than the
+policy at temperature 1 (EAD's annealed temperatures), each token's policy-gradient term is
+weighted by the stop-gradient w_t = min(pi(y_t) / mu_tau(y_t), C) (`tis_weights`, from the
+sampler's log-probs of the same token at temperature 1 and under the temperature it used), so
+  pg_t = -w_t min(rho_t A, clip(rho_t) A)
+whatever estimator produced A (GRPO, Dr.GRPO, RLOO, DAPO, a paper's own). w_t <= C, and w_t = 1
+exactly where the two log-probs agree (temperature 1). The KL term is not reweighted.
 """
 
 from __future__ import annotations
@@ -30,6 +39,20 @@ def k3_kl(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
   """Per-token k3 estimate of KL(pi || pi_ref): exp(r) - r - 1 with r = ref - logp (>= 0)."""
   r = ref_logp - logp
   return jnp.exp(r) - r - 1.0
+
+
+def tis_weights(target_logp, behaviour_logp, cap: float, mask=None) -> jax.Array:
+  """Truncated importance weights min(exp(target - behaviour), cap), [B, T]; 1 outside `mask`.
+
+  target_logp: log pi(y_t) of the policy being trained (temperature 1); behaviour_logp: log
+  mu_tau(y_t), the distribution the token was sampled from. Equal log-probs give exactly 1.
+  """
+  if not cap > 0:
+    raise ValueError(f'the TIS cap C must be positive, got {cap}')
+  d = jnp.asarray(target_logp, jnp.float32) - jnp.asarray(behaviour_logp, jnp.float32)
+  if mask is not None:
+    d = jnp.where(jnp.asarray(mask) > 0, d, 0.0)
+  return jnp.minimum(jnp.exp(d), jnp.float32(cap))
 
 
 def aggregate(per_token: jax.Array, mask: jax.Array, agg: str) -> jax.Array:
@@ -57,9 +80,12 @@ def policy_loss(
   clip_high: float = 0.2,
   kl_coef: float = 0.0,
   agg: str = 'token-mean',
+  tis_weights: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """(loss, metrics) of the clipped surrogate; logp/old_logp/ref_logp/mask [B, T], advantages [B]
-  (one per sequence) or [B, T] (one per token).
+  (one per sequence) or [B, T] (one per token); tis_weights [B, T] (see `tis_weights`) or None
+  (no importance correction: the code path of a run without TIS is unchanged). With weights, the
+  metrics also hold tis_weight_mean.
 
   Metrics (token means over valid tokens): pg_loss, kl, clip_frac (tokens whose clipped branch is
   active), ratio_mean, ratio_max_dev (max |rho - 1|).
@@ -72,6 +98,8 @@ def policy_loss(
   clipped = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
   surrogate = jnp.minimum(ratio * a, clipped * a)
   pg = -surrogate
+  if tis_weights is not None:
+    pg = pg * jax.lax.stop_gradient(tis_weights.astype(jnp.float32))
   per_token = pg
   if ref_logp is not None and kl_coef:
     kl = k3_kl(logp, jnp.where(valid, ref_logp, logp))
@@ -91,4 +119,6 @@ def policy_loss(
     'ratio_mean': tok_mean(jax.lax.stop_gradient(ratio)),
     'ratio_max_dev': jnp.max(jnp.where(valid, jnp.abs(jax.lax.stop_gradient(ratio) - 1.0), 0.0)),
   }
+  if tis_weights is not None:
+    metrics['tis_weight_mean'] = tok_mean(jax.lax.stop_gradient(tis_weights.astype(jnp.float32)))
   return loss, metrics

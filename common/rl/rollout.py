@@ -254,12 +254,17 @@ def rollout(
   num_samples: int,
   mesh: jax.sharding.Mesh,
   rules: sharding.Rules,
-  temperature: float | None = None,
+  temperature: sampler_lib.Temperature | None = None,
+  sample_logprobs: bool = False,
 ) -> Rollout:
   """`num_samples` responses for each prompt (forked from one prefill) and their rewards.
 
   Each row's sampling key is the step key folded with the prompt's uid, so a prompt's responses do
   not depend on which other prompts share the batch, nor on how rows are split over devices.
+  `temperature` overrides `sampling.temperature` (a float, or a per-position schedule the sampler
+  takes: EAD's annealing); with `sample_logprobs` the batch also holds 'sample_logp', each token's
+  log-probability under the distribution it was sampled from (the temperature used at its
+  position), the behaviour policy mu_tau of truncated importance sampling.
   """
   g = num_samples
   tokens, mask = pad_prompts(prompts, sampling.prompt_len, sampling.pad_id)
@@ -285,12 +290,17 @@ def rollout(
   completion, lengths, ent, logp = sharding.gather_rows(
     (gen.tokens, gen.lengths, gen.model_entropies, gen.logprobs)
   )
+  sample_logp = sharding.gather_rows(gen.sample_logprobs) if sample_logprobs else None
   seconds = time.perf_counter() - t0
   rep_tokens, rep_mask = np.repeat(tokens, g, axis=0), np.repeat(mask, g, axis=0)
   batch = build_batch(rep_tokens, rep_mask, completion, lengths)
   # The behaviour policy's logprobs as sampled (model at temperature 1, whatever the sampling
   # temperature): on-policy they stand in for a separate scoring forward (see common.rl.loop).
   batch['behaviour_logp'] = np.where(batch['completion_mask'] > 0, logp, 0.0).astype(np.float32)
+  if sample_logprobs:
+    batch['sample_logp'] = np.where(batch['completion_mask'] > 0, sample_logp, 0.0).astype(
+      np.float32
+    )
   r = rewards.score(prompts, completion, lengths, g)
   return Rollout(
     list(prompts), batch, completion, lengths, ent, r.sequence, r.token, seconds, r.token_mask
