@@ -1,0 +1,197 @@
+"""What a StreamMem run measures: question answering from the memory, per method, budget and depth.
+
+For every batch of episodes (input_pipeline.Episodes) and every method (models.METHODS) at every
+per-layer budget m (the paper's M/L, §5(a) step 4; M = m x layers), the stream is fed clip by clip
+and the questions are scored from the final memory (models.run_stream):
+
+  em_<depth>   exact match (every answer token is the greedy choice), per fact depth, and `em`
+               over all depths (the paper's MLVU/EgoSchema accuracy, here on planted facts);
+  loglik       mean answer log-likelihood (nats per question);
+  dloglik      loglik minus full KV's on the same question (0 for full KV itself): how much of the
+               full cache's evidence the memory kept;
+  kept         the largest per-layer memory after any clip (<= m: the fixed budget holds).
+
+`Totals` accumulates sums over the run's steps as JSON (float64 round-trips exactly), so an
+interrupted evaluation resumes from its checkpoint and ends with the numbers of an uninterrupted
+one. `memory_vs_length` measures the paper's "constant in stream length" (§5(a) step 7).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from common import train_loop
+from projects.streammem import input_pipeline
+from projects.streammem import models
+
+FULL = 'full'
+
+
+def label(method_name: str, budget: int | None) -> str:
+  """'streammem@64' (per-layer budget 64), or 'full'."""
+  return FULL if method_name == FULL else f'{method_name}@{budget}'
+
+
+def methods_of(config: ml_collections.ConfigDict) -> list[models.Method]:
+  """The run's methods (eval.methods, full KV always first: every delta is against it)."""
+  s = config.stream
+  fpc = max(s.clip_len // s.frame_tokens, 1) if s.frame_tokens else 1
+  names = [FULL] + [n for n in config.eval.methods if n != FULL]
+  return [
+    models.method(n, frames_per_clip=fpc, window=s.snapkv_window, sinks=s.sinks) for n in names
+  ]
+
+
+@dataclasses.dataclass
+class Totals:
+  """Running sums per label: {label: {stat: sum}} with stats n, em, em_<depth>, n_<depth>,
+  loglik, dloglik, kept (a maximum)."""
+
+  sums: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+
+  def add(
+    self,
+    name: str,
+    exact: np.ndarray,
+    loglik: np.ndarray,
+    full_loglik: np.ndarray,
+    depth: np.ndarray,
+    kept: int,
+  ) -> None:
+    s = self.sums.setdefault(name, {'n': 0.0, 'em': 0.0, 'loglik': 0.0, 'dloglik': 0.0, 'kept': 0})
+    exact, loglik = np.asarray(exact, np.float64), np.asarray(loglik, np.float64)
+    s['n'] += float(exact.size)
+    s['em'] += float(exact.sum())
+    s['loglik'] += float(loglik.sum())
+    s['dloglik'] += float((loglik - np.asarray(full_loglik, np.float64)).sum())
+    s['kept'] = max(int(s['kept']), int(kept))
+    for d, name_d in enumerate(input_pipeline.DEPTH_NAMES):
+      at = np.asarray(depth) == d
+      s[f'em_{name_d}'] = s.get(f'em_{name_d}', 0.0) + float(exact[at].sum())
+      s[f'n_{name_d}'] = s.get(f'n_{name_d}', 0.0) + float(at.sum())
+
+  def summary(self) -> dict[str, float]:
+    """{'<label>/<stat>': mean}: em, em_<depth>, loglik, dloglik, kept."""
+    out = {}
+    for name, s in self.sums.items():
+      n = max(s['n'], 1.0)
+      out[f'{name}/em'] = s['em'] / n
+      for d in input_pipeline.DEPTH_NAMES:
+        out[f'{name}/em_{d}'] = s[f'em_{d}'] / max(s[f'n_{d}'], 1.0)
+      out[f'{name}/loglik'] = s['loglik'] / n
+      out[f'{name}/dloglik'] = s['dloglik'] / n
+      out[f'{name}/kept'] = float(s['kept'])
+    return out
+
+  def to_json(self) -> dict[str, Any]:
+    return {'sums': self.sums}
+
+  @classmethod
+  def from_json(cls, extra: dict | None) -> Totals:
+    return cls({k: dict(v) for k, v in (extra or {}).get('sums', {}).items()})
+
+
+def evaluate_batch(
+  streamer: models.Streamer,
+  episodes: input_pipeline.Episodes,
+  config: ml_collections.ConfigDict,
+  totals: Totals,
+  key: jax.Array,
+) -> dict[str, models.StreamResult]:
+  """Streams the batch under every method and budget, adds the scores to `totals`; returns the
+  results by label (digests, memory sizes, per-clip kept counts)."""
+  s = config.stream
+  results: dict[str, models.StreamResult] = {}
+  full = None
+  for m in methods_of(config):
+    budgets = [None] if m.press is None else list(config.eval.budgets)
+    for budget in budgets:
+      r = models.run_stream(
+        streamer,
+        episodes,
+        m,
+        budget or 0,
+        clip_len=s.clip_len,
+        frame_tokens=s.frame_tokens,
+        key=key,
+      )
+      if m.press is None:
+        full = r
+      kept = int(r.kept.max()) if r.kept.size else int(np.asarray(episodes.stream).shape[1])
+      totals.add(label(m.name, budget), r.exact, r.loglik, full.loglik, episodes.depth, kept)
+      results[label(m.name, budget)] = r
+  return results
+
+
+def memory_vs_length(
+  streamer: models.Streamer,
+  episodes_at,
+  method_: models.Method,
+  layer_budget: int,
+  lengths: list[int],
+  *,
+  clip_len: int,
+  frame_tokens: int,
+) -> dict[int, dict[str, float]]:
+  """Streams one episode batch per length under `method_`; for each: the memory's bytes after
+  every clip (min and max), the largest per-layer kept count, and its accuracy (em)."""
+  out = {}
+  for length in lengths:
+    e = episodes_at(length)
+    r = models.run_stream(
+      streamer,
+      e,
+      method_,
+      layer_budget,
+      clip_len=clip_len,
+      frame_tokens=frame_tokens,
+      key=train_loop.step_key(0, length, 'press'),
+    )
+    out[length] = {
+      'bytes_min': float(min(r.memory_bytes)),
+      'bytes_max': float(max(r.memory_bytes)),
+      'kept_max': float(r.kept.max()) if r.kept.size else float(length),
+      'em': float(r.exact.mean()),
+    }
+  return out
+
+
+def video_episodes(config: ml_collections.ConfigDict, num_frames: int, seed: int):
+  """The video test episodes of one stream length (frames), from the held-out test videos."""
+  lang = models.video_language(config)
+  return lang.episodes(
+    seed,
+    range(config.eval.episodes),
+    videos=(config.video.test_video,),
+    stream_len=num_frames * lang.tokens_per_frame,
+    facts_per_depth=config.data.facts_per_depth,
+  )
+
+
+def make_video_eval_fn(config: ml_collections.ConfigDict, mesh, rules):
+  """fit's eval_fn for the video run: the trained model streams held-out real video of each length
+  in video.test_frames (4-32x the training streams) under every method and budget, then answers
+  the event questions. Metrics '<frames>f/<label>/<stat>' (Totals.summary), plus the memory's
+  bytes per length for each pressed method ('<frames>f/<label>/bytes'): constant in length."""
+
+  def eval_fn(model, step):
+    del step
+    streamer = models.Streamer(model, mesh=mesh, rules=rules)
+    out: dict[str, float] = {}
+    for n in config.video.test_frames:
+      totals = Totals()
+      for s in range(config.eval.num_seeds):
+        seed = 1000 * config.data.seed + s  # a run's test set follows its data seed
+        e = video_episodes(config, n, seed)
+        results = evaluate_batch(streamer, e, config, totals, train_loop.step_key(seed, n, 'press'))
+        for name, r in results.items():
+          out[f'{n}f/{name}/bytes'] = float(max(r.memory_bytes))
+      out.update({f'{n}f/{k}': v for k, v in totals.summary().items()})
+    return out
+
+  return eval_fn
