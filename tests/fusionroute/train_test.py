@@ -1,0 +1,161 @@
+"""FusionRoute end to end through its launcher: both stages' outputs, re-run, SIGKILL + resume in
+either stage (bitwise), 8 devices against 1, and one-line errors.
+
+Each run is a real `python -m experiments.fusionroute.main` subprocess with tiny budgets: experts
+trained for a few steps (cached under their own key), 6 steps per stage, 32 evaluation prompts.
+Those are `slow` (minutes on 2 shared cores; the claims suite re-measures resume and sharding as
+invariant claims); the default suite checks the configuration errors in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from common import metrics
+from common import testing
+from experiments.fusionroute.configs import base
+from projects.fusionroute import train
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CONFIG = 'experiments/fusionroute/configs/base.py'
+SMOKE = (
+  'smoke',
+  'experts.base_steps=20',
+  'stage1.num_steps=6',
+  'train.num_steps=6',
+  'train.log_every=1',
+  'train.eval_every=6',
+  'checkpoint.every_steps=2',
+  'data.eval_per_domain=8',
+  'data.flaw_eval=8',
+  'data.pair_prompts=16',
+  'eval.batch_size=16',
+)
+
+
+def run(workdir, *overrides: str, devices: int = 1, check=True, timeout=900):
+  arg = ','.join(SMOKE + tuple(overrides))
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': testing.xla_flags_with_devices(devices)}
+  cmd = [
+    sys.executable,
+    '-m',
+    'experiments.fusionroute.main',
+    f'--config={CONFIG}:{arg}',
+    f'--workdir={workdir}',
+    '--config.experts.steps=(20, 20, 20)',  # a tuple: not expressible in the comma list
+  ]
+  p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+  if check and p.returncode != 0:
+    raise AssertionError(f'exit {p.returncode}\n{p.stderr[-3000:]}')
+  return p
+
+
+def rows(workdir) -> list[dict]:
+  return metrics.read_jsonl(pathlib.Path(workdir) / 'metrics.jsonl')
+
+
+def train_losses(workdir) -> list[float]:
+  return [r['loss'] for r in rows(workdir) if r['split'] == 'train']
+
+
+def results(workdir) -> dict:
+  return json.loads((pathlib.Path(workdir) / 'results.json').read_text())
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('reference')
+  run(workdir)
+  return workdir
+
+
+@pytest.mark.slow
+def test_both_stages_write_the_workdir_contract(reference):
+  stage1 = reference / 'stage1'
+  for d in (reference, stage1):
+    for name in ('config.json', 'metrics.jsonl', 'results.json', 'run.json'):
+      assert (d / name).is_file(), d / name
+    assert sorted(int(p.name) for p in (d / 'checkpoints').iterdir()) == [2, 4, 6]
+  assert [r['step'] for r in rows(reference) if r['split'] == 'train'] == list(range(1, 7))
+  s1, s2 = results(stage1), results(reference)
+  assert 'expert' in s1['train'] and 'cdpo/rewards/margins' in s2['train']
+  for res in (s1, s2):
+    for method in ('fusionroute', 'routing_only', 'router_lm'):
+      for metric in ('math', 'code', 'instruct', 'mixed', 'flaw', 'domain_match'):
+        assert 0.0 <= res['eval'][f'{method}/{metric}'] <= 1.0
+  assert json.loads((stage1 / 'config.json').read_text())['train']['num_steps'] == 6
+  assert list((reference / 'reference').glob('*.npz'))  # CDPO's cached reference log-probs
+
+
+@pytest.mark.slow
+def test_rerun_finishes_immediately(reference):
+  before = (reference / 'metrics.jsonl').read_text()
+  p = run(reference)
+  assert 'already finished at step 6' in p.stderr
+  assert (reference / 'metrics.jsonl').read_text() == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('stage', [1, 2])
+def test_sigkill_then_resume_is_bitwise_identical(reference, tmp_path, stage):
+  p = run(tmp_path, f'debug.stage={stage}', 'debug.kill_after_step=3', check=False)
+  assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+  killed = tmp_path / 'stage1' if stage == 1 else tmp_path
+  assert len(train_losses(killed)) == 3
+  run(tmp_path, f'debug.stage={stage}')  # the same command again: resumes from step 2
+  for sub in ('stage1', '.'):
+    got, want = tmp_path / sub, reference / sub
+    assert rows(got) == rows(want), sub
+    assert results(got)['train'] == results(want)['train']
+    assert results(got)['eval'] == results(want)['eval']
+
+
+@pytest.mark.slow
+def test_eight_devices_match_one(reference, tmp_path):
+  run(tmp_path, 'mesh.data=2', 'mesh.fsdp=2', 'mesh.tensor=2', devices=8)
+  for sub in ('stage1', '.'):
+    got, want = tmp_path / sub, reference / sub
+    np.testing.assert_allclose(train_losses(got)[:5], train_losses(want)[:5], rtol=1e-5)
+    np.testing.assert_allclose(results(got)['train']['loss'], results(want)['train']['loss'], 1e-3)
+    np.testing.assert_allclose(results(got)['eval']['loss'], results(want)['eval']['loss'], 1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+  'override, message',
+  [
+    ('method=routed', "method='routed' is not one of"),
+    ('data.flaw=nine', "data.flaw='nine'"),
+    ('experts.source=smollm2', 'SmolLM2-135M experts'),
+  ],
+)
+def test_bad_input_is_a_one_line_error(tmp_path, override, message):
+  p = run(tmp_path, override, check=False, timeout=300)
+  assert p.returncode == 2, p.stderr[-2000:]
+  last = p.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and message in last, p.stderr[-2000:]
+  assert not (tmp_path / 'checkpoints').exists()
+
+
+@pytest.mark.parametrize(
+  'override, message',
+  [
+    ('method=routed', "method='routed' is not one of"),
+    ('data.flaw=nine', "data.flaw='nine'"),
+    ('router.init=nope', "router.init='nope'"),
+    ('stage1.num_steps=0', 'stage1.num_steps=0'),
+    ('experts.source=smollm2', 'SmolLM2-135M experts'),
+  ],
+)
+def test_config_errors_are_one_line(override, message):
+  with pytest.raises(Exception) as e:
+    train.check_config(base.get_config(f'smoke,{override}'))
+  assert message in str(e.value) and '\n' not in str(e.value)
