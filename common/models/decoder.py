@@ -26,6 +26,16 @@ attn_norm; for llama/qwen2 post_attention_layernorm -> mlp_norm, for gemma3 post
 RoPE is HF's rotate-half form, so llama.cpp's permuted llama Q/K rows must be un-permuted on load.
 With norm_plus_one the stored scale w is applied as (1 + w), as in HF Gemma (GGUF stores 1 + w).
 
+Skipping and removing residual blocks (BlockPruner, arXiv 2406.10594, treats each layer as two
+residual blocks, MHA and MLP): `model(tokens, block_mask=m)` with m bool [num_layers, 2] ((attn, mlp)
+per layer, True = run) skips every False block, i.e. its residual branch adds nothing. A numpy mask
+is static (skipped blocks are left out of the traced program); a jax array is data (`lax.cond` per
+block, so one compiled program serves every mask of a search and a skipped block costs no compute).
+`DecoderConfig(pruned_attn=..., pruned_mlp=...)` removes blocks structurally: the model has no
+parameters for them (parameter paths of the other blocks unchanged) and its KV cache needs only
+`cfg.num_cache_layers` layers (attention modules index the cache compactly, in layer order). With
+neither, the model and its compiled programs are exactly those of the dense decoder.
+
 KV cache: `model(tokens, cache=cache)` (a `common.sampling.kv_cache.KVCache`) appends the new
 tokens' rotated keys and values at `cache.length`, attends over every valid cache slot whose stored
 position is <= the query's (and within the window on local layers), and returns the updated cache
@@ -35,7 +45,9 @@ cache only through its methods (write/read/advance), so it does not import commo
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from collections.abc import Mapping
+import contextlib
 import dataclasses
 import functools
 import math
@@ -45,6 +57,7 @@ from typing import Any
 from flax import nnx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from common import sharding
 
@@ -61,6 +74,9 @@ _BTD = ('batch', 'length', ACT_EMBED)
 
 # Up to this many rows of hidden states, the tied LM head multiplies vocabulary-major (decoding).
 _VOCAB_MAJOR_MAX_ROWS = int(os.environ.get('DECODER_VOCAB_MAJOR_MAX_ROWS', 64))
+
+# Open `capture_queries` blocks (innermost last); empty, the attention code does nothing more.
+_QUERY_SINKS: list[list[jax.Array]] = []
 
 _ACTIVATIONS = {'silu': jax.nn.silu, 'gelu_tanh': functools.partial(jax.nn.gelu, approximate=True)}
 
@@ -92,6 +108,9 @@ class DecoderConfig:
   rope_local_theta: float | None = None  # RoPE base of local layers (gemma3: 1e4; global 1e6).
   attn_logit_softcap: float | None = None
   query_pre_attn_scalar: float | None = None  # Attention scale is this ** -0.5, else head_dim.
+  # Layers whose MHA / MLP residual block is structurally removed (BlockPruner); () = dense.
+  pruned_attn: tuple[int, ...] = ()
+  pruned_mlp: tuple[int, ...] = ()
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -103,6 +122,11 @@ class DecoderConfig:
     if self.sliding_window_pattern and self.sliding_window is None:
       raise ValueError('sliding_window_pattern is set but sliding_window is None')
     jnp.dtype(self.dtype)  # Raises on an unknown dtype name.
+    for name in ('pruned_attn', 'pruned_mlp'):  # JSON lists -> sorted tuples (hashable configs)
+      layers = tuple(sorted({int(i) for i in getattr(self, name)}))
+      if any(not 0 <= i < self.num_layers for i in layers):
+        raise ValueError(f'{name} {layers} names a layer outside [0, {self.num_layers})')
+      object.__setattr__(self, name, layers)
 
   @property
   def padded_vocab(self) -> int:
@@ -113,6 +137,11 @@ class DecoderConfig:
   @property
   def compute_dtype(self) -> jnp.dtype:
     return jnp.dtype(self.dtype)
+
+  @property
+  def num_cache_layers(self) -> int:
+    """KV-cache layers the model reads and writes: one per attention block not removed."""
+    return self.num_layers - len(self.pruned_attn)
 
   def is_local_layer(self, i: int) -> bool:
     """Whether layer i uses the sliding window (gemma3's pattern: every N-th layer is global)."""
@@ -197,6 +226,27 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   x1, x2 = jnp.split(xf, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
   return (xf * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+@contextlib.contextmanager
+def capture_queries() -> Iterator[list[jax.Array]]:
+  """Collects every attention layer's RoPE-rotated queries while the block is open (opt-in).
+
+      with decoder.capture_queries() as queries:
+        logits, cache = model(tokens, cache=cache)
+      # queries[i]: layer i's q [B, T, num_heads, head_dim], after q_norm and RoPE, in call order
+
+  For presses that score cached keys with the model's own queries (StreamMem's proxy queries,
+  common.kv_press). Call the model inside the same traced function that reads the list (under jit
+  the entries are that trace's values). With no block open nothing is recorded and the computation
+  is unchanged.
+  """
+  sink: list[jax.Array] = []
+  _QUERY_SINKS.append(sink)
+  try:
+    yield sink
+  finally:
+    _QUERY_SINKS.pop()
 
 
 def dot_product_attention(q, k, v, mask, *, scale: float, softcap: float | None = None):
@@ -360,6 +410,8 @@ class Attention(nnx.Module):
     q = sharding.with_logical_constraint(q, ('batch', 'length', 'heads', 'head_dim'))
     k = sharding.with_logical_constraint(k, ('batch', 'length', 'kv_heads', 'head_dim'))
     v = sharding.with_logical_constraint(v, ('batch', 'length', 'kv_heads', 'head_dim'))
+    if _QUERY_SINKS:
+      _QUERY_SINKS[-1].append(q)
     if cache is not None:
       if self.layer_idx is None:
         raise ValueError('Attention was built without layer_idx, so it cannot use a KV cache')
@@ -398,33 +450,89 @@ class MLP(nnx.Module):
     return self.down_proj(h)
 
 
+def _run_if(keep, fn, x, cache):
+  """fn(x, cache) if `keep`, else (x, cache) unchanged: decided at trace time for a Python bool,
+  at run time (`lax.cond`: only the taken branch computes) for a traced one."""
+  if keep is True:
+    return fn(x, cache)
+  if keep is False:
+    return x, cache
+  return jax.lax.cond(keep, fn, lambda x, cache: (x, cache), x, cache)
+
+
 class Block(nnx.Module):
-  """Pre-norm residual block; with post_norms (gemma3) each branch is also normed before the add."""
+  """Pre-norm residual block; with post_norms (gemma3) each branch is also normed before the add.
 
-  def __init__(self, cfg: DecoderConfig, layer_idx: int, *, rngs: nnx.Rngs):
-    norm = functools.partial(RMSNorm, cfg.d_model, eps=cfg.norm_eps, plus_one=cfg.norm_plus_one)
-    self.attn_norm = norm()
-    self.attn = Attention(cfg, local=cfg.is_local_layer(layer_idx), rngs=rngs, layer_idx=layer_idx)
-    self.post_attn_norm = norm() if cfg.post_norms else None
-    self.mlp_norm = norm()
-    self.mlp = MLP(cfg, rngs=rngs)
-    self.post_mlp_norm = norm() if cfg.post_norms else None
+  Two residual blocks in one layer, MHA then MLP; either may be absent (`cfg.pruned_attn` /
+  `cfg.pruned_mlp`) or skipped per call (`keep`). `cache_layer` is the KV-cache layer its attention
+  uses (default `layer_idx`; the Decoder numbers the attention blocks that remain).
+  """
 
-  def __call__(
-    self, x: jax.Array, positions: jax.Array, mask: jax.Array | None, cache: Any = None, **kw
+  def __init__(
+    self, cfg: DecoderConfig, layer_idx: int, *, rngs: nnx.Rngs, cache_layer: int | None = None
   ):
-    """x [B, T, d] -> x, or (x, cache) when a KV cache is given (see `Attention.__call__`)."""
+    norm = functools.partial(RMSNorm, cfg.d_model, eps=cfg.norm_eps, plus_one=cfg.norm_plus_one)
+    attn, mlp = layer_idx not in cfg.pruned_attn, layer_idx not in cfg.pruned_mlp
+    cache_layer = layer_idx if cache_layer is None else cache_layer
+    local = cfg.is_local_layer(layer_idx)
+    self.attn_norm = norm() if attn else None
+    self.attn = Attention(cfg, local=local, rngs=rngs, layer_idx=cache_layer) if attn else None
+    self.post_attn_norm = norm() if attn and cfg.post_norms else None
+    self.mlp_norm = norm() if mlp else None
+    self.mlp = MLP(cfg, rngs=rngs) if mlp else None
+    self.post_mlp_norm = norm() if mlp and cfg.post_norms else None
+
+  def _attn_residual(self, x, cache, positions, mask, kw):
     h = self.attn(self.attn_norm(x), positions, mask, cache, **kw)
     if cache is not None:
       h, cache = h
     if self.post_attn_norm is not None:
       h = self.post_attn_norm(h)
-    x = sharding.with_logical_constraint(x + h, _BTD)
+    return sharding.with_logical_constraint(x + h, _BTD), cache
+
+  def _mlp_residual(self, x, cache):
     h = self.mlp(self.mlp_norm(x))
     if self.post_mlp_norm is not None:
       h = self.post_mlp_norm(h)
-    x = sharding.with_logical_constraint(x + h, _BTD)
+    return sharding.with_logical_constraint(x + h, _BTD), cache
+
+  def __call__(
+    self,
+    x: jax.Array,
+    positions: jax.Array,
+    mask: jax.Array | None,
+    cache: Any = None,
+    *,
+    keep: tuple[Any, Any] | None = None,
+    **kw,
+  ):
+    """x [B, T, d] -> x, or (x, cache) when a KV cache is given (see `Attention.__call__`).
+
+    keep: (attn, mlp) run flags, Python or traced bools (see `_run_if`); a skipped block leaves x
+      (and its cache layer) untouched, exactly as if its residual output were zero. None: both run.
+    """
+    keep_attn, keep_mlp = (True, True) if keep is None else keep
+    if self.attn is not None:
+      attn = functools.partial(self._attn_residual, positions=positions, mask=mask, kw=kw)
+      x, cache = _run_if(keep_attn, attn, x, cache)
+    if self.mlp is not None:
+      x, cache = _run_if(keep_mlp, self._mlp_residual, x, cache)
     return x if cache is None else (x, cache)
+
+
+def block_keeps(block_mask: Any, num_layers: int) -> list[tuple[Any, Any] | None]:
+  """Per-layer (attn, mlp) run flags of a bool [num_layers, 2] block mask (see the module docstring):
+  Python bools for a numpy / nested-sequence mask (static), traced bools for a jax array, and
+  None per layer when there is no mask."""
+  if block_mask is None:
+    return [None] * num_layers
+  static = isinstance(block_mask, np.ndarray | list | tuple)
+  m = np.asarray(block_mask, bool) if static else jnp.asarray(block_mask).astype(bool)
+  if m.shape != (num_layers, 2):
+    raise ValueError(f'block_mask has shape {m.shape}, expected ({num_layers}, 2): (attn, mlp)')
+  if static:
+    return [(bool(m[i, 0]), bool(m[i, 1])) for i in range(num_layers)]
+  return [(m[i, 0], m[i, 1]) for i in range(num_layers)]
 
 
 class Decoder(nnx.Module):
@@ -440,7 +548,11 @@ class Decoder(nnx.Module):
       embedding_init=_kernel_init(('vocab', 'embed')),
       rngs=rngs,
     )
-    self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+    # Attention blocks take consecutive KV-cache layers (their layer index in a dense model).
+    cache_layers = np.cumsum([i not in cfg.pruned_attn for i in range(cfg.num_layers)]) - 1
+    self.layers = nnx.List(
+      [Block(cfg, i, rngs=rngs, cache_layer=int(cache_layers[i])) for i in range(cfg.num_layers)]
+    )
     self.final_norm = RMSNorm(
       cfg.d_model, eps=cfg.norm_eps, plus_one=cfg.norm_plus_one, out_dtype=jnp.float32
     )
@@ -460,6 +572,7 @@ class Decoder(nnx.Module):
     causal: bool = True,
     cache: Any = None,
     input_mask: jax.Array | None = None,
+    block_mask: Any = None,
   ):
     """Final-normed hidden states [B, T, d_model] in f32, or (hidden, cache) with a KV cache.
 
@@ -478,8 +591,11 @@ class Decoder(nnx.Module):
     if cfg.embed_scale:
       x = x * jnp.asarray(math.sqrt(cfg.d_model), cfg.compute_dtype)
     x = sharding.with_logical_constraint(x, _BTD)
+    keeps = block_keeps(block_mask, cfg.num_layers)
     if cache is not None:
-      return self._hidden_states_cached(x, positions, attention_mask, causal, cache, input_mask)
+      return self._hidden_states_cached(
+        x, positions, attention_mask, causal, cache, input_mask, keeps
+      )
     if positions is None:
       if segment_ids is not None:
         positions = segment_positions(segment_ids)
@@ -488,11 +604,11 @@ class Decoder(nnx.Module):
     mask = make_attention_mask(
       tokens.shape[1], segment_ids=segment_ids, attention_mask=attention_mask, causal=causal
     )
-    for layer in self.layers:
-      x = layer(x, positions, mask)
+    for layer, keep in zip(self.layers, keeps, strict=True):
+      x = layer(x, positions, mask, keep=keep)
     return self.final_norm(x)
 
-  def _hidden_states_cached(self, x, positions, attention_mask, causal, cache, input_mask):
+  def _hidden_states_cached(self, x, positions, attention_mask, causal, cache, input_mask, keeps):
     b, t, _ = x.shape
     input_mask = jnp.ones((b, t), bool) if input_mask is None else input_mask.astype(bool)
     if positions is None:
@@ -504,8 +620,8 @@ class Decoder(nnx.Module):
     if attention_mask is not None:
       extra = attention_mask.astype(bool)
       extra = extra[:, None] if extra.ndim == 3 else extra
-    for layer in self.layers:
-      x, cache = layer(x, positions, extra, cache, input_mask=input_mask, causal=causal)
+    for layer, keep in zip(self.layers, keeps, strict=True):
+      x, cache = layer(x, positions, extra, cache, keep=keep, input_mask=input_mask, causal=causal)
     last = jnp.max(jnp.where(input_mask, positions + 1, 0), axis=1)
     cache = cache.advance(t, jnp.maximum(cache.next_position, last))
     return self.final_norm(x), cache
@@ -546,6 +662,7 @@ class Decoder(nnx.Module):
     return_hidden: bool = False,
     cache: Any = None,
     input_mask: jax.Array | None = None,
+    block_mask: Any = None,
   ):
     """Runs the LM.
 
@@ -565,6 +682,8 @@ class Decoder(nnx.Module):
         are not supported.
       input_mask: bool [B, T], with a cache only: False marks padding (ragged prompts), which is
         written to the cache as invalid and does not advance the row's position.
+      block_mask: bool [num_layers, 2], (attn, mlp) per layer, False = skip that residual block
+        (numpy: static; jax array: decided at run time); entries of removed blocks are ignored.
 
     Returns:
       f32 logits [B, T, padded_vocab], or (logits, hidden [B, T, d_model] f32); with a cache, the
@@ -578,6 +697,7 @@ class Decoder(nnx.Module):
       causal=causal,
       cache=cache,
       input_mask=input_mask,
+      block_mask=block_mask,
     )
     if cache is not None:
       h, cache = h
@@ -586,3 +706,31 @@ class Decoder(nnx.Module):
     if cache is not None:
       return (*out, cache)
     return out if return_hidden else logits
+
+
+def without_blocks(model: Decoder, attn: Any = (), mlp: Any = ()) -> Decoder:
+  """`model` with the MHA blocks of layers `attn` and the MLP blocks of layers `mlp` removed.
+
+  Structural removal (BlockPruner, arXiv 2406.10594): the result's config lists the removed blocks
+  (`pruned_attn` / `pruned_mlp`, on top of any already removed), it holds no parameters for them and
+  computes what `model(..., block_mask=...)` computes with those blocks skipped. The other
+  parameters are the same arrays (no copy; their shardings are kept).
+  """
+  cfg = dataclasses.replace(
+    model.cfg,
+    pruned_attn=(*model.cfg.pruned_attn, *attn),
+    pruned_mlp=(*model.cfg.pruned_mlp, *mlp),
+  )
+  captured = {}
+
+  def split():
+    with sharding.unsharded():
+      captured['graphdef'], state = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)))
+    return state
+
+  abstract = jax.eval_shape(split)  # shapes only: nothing is initialised
+  values = dict(nnx.to_flat_state(nnx.state(model)))
+  leaves = [
+    (path, var.replace(values[path].get_value())) for path, var in nnx.to_flat_state(abstract)
+  ]
+  return nnx.merge(captured['graphdef'], nnx.from_flat_state(leaves))

@@ -96,8 +96,10 @@ class KVCache:
         )
       )
 
+    # One layer per attention block the model has (a structurally pruned decoder has fewer).
+    num_layers = getattr(cfg, 'num_cache_layers', cfg.num_layers)
     return cls(
-      layers=tuple(layer() for _ in range(cfg.num_layers)),
+      layers=tuple(layer() for _ in range(num_layers)),
       length=jnp.zeros((), jnp.int32),
       next_position=jnp.zeros((batch,), jnp.int32),
     )
