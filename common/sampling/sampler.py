@@ -652,9 +652,11 @@ def generate_chunks(
 def cast_weights(model: nnx.Module, dtype: Any) -> nnx.Module:
   """A copy of `model` whose floating parameters are stored in `dtype` (e.g. bfloat16).
 
-  Small-batch decoding streams every weight from memory once per token, so halving their bytes is
-  the main speed lever on CPU; keep the f32 model for training. Layers still compute in the
-  config's compute dtype (set cfg.dtype to match to avoid per-step up-casts).
+  Halving the bytes of the weights would be the batch-1 lever on CPU if the matmuls read them in
+  bf16; on XLA:CPU (jax 0.10.2) they do not: a bf16 dot with a bf16 result, an f16 dot, an
+  explicit up-cast and every M = 1 dot convert the whole weight to f32 on each call, 2-6x slower
+  than f32 (`benchmarks/low_precision_matmul.py`; WORKSPACE "Reduced-precision weights"). Keep the
+  f32 model for training and for batch-1 decoding.
   """
   graphdef, state = nnx.split(model)
   dtype = jnp.dtype(dtype)
