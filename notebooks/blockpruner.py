@@ -20,11 +20,18 @@
 # model download). The first run pretrains and caches the smoke LM (600 steps of an 8-layer d=64
 # decoder on the R documentation pages: 1-3 minutes on 2 cores); later runs take about a minute.
 #
-# **Run it** like the other notebooks: in a clone, `pip install -e .` then
-# `jupyter lab notebooks/blockpruner.ipynb` or `python notebooks/blockpruner.py`; in Colab, upload
-# `notebooks/blockpruner.ipynb` and set `MONOREPO_GIT_URL` first (see notebooks/ebpo.py's header).
-# The `.ipynb` is generated from this `.py` (`PYTHONPATH=$PWD jupytext --to ipynb --execute
-# notebooks/blockpruner.py`).
+# **Run it in Colab** (or any fresh Jupyter runtime): File -> Upload notebook and pick
+# `notebooks/blockpruner.ipynb`, or, once the repository is published on GitHub, File -> Open notebook ->
+# GitHub. The first cell installs the repository when `common` is not importable: from the clone the
+# notebook sits in (`pip install -e`), else from the git URL in the environment variable
+# `MONOREPO_GIT_URL` (`pip install git+$MONOREPO_GIT_URL`). In Colab, set it first, in a cell of its
+# own: `import os; os.environ['MONOREPO_GIT_URL'] = '<the repository's git URL>'`. If a later cell
+# fails on an import after pip replaced a preinstalled package, restart the session and run all again.
+#
+# **Locally**, in a clone (Python 3.11): `pip install -e .` (the first cell does it otherwise), then
+# `jupyter lab notebooks/blockpruner.ipynb` or `python notebooks/blockpruner.py`. The `.ipynb` is generated
+# from this `.py` and committed with the outputs of one run (`PYTHONPATH=$PWD jupytext --to ipynb
+# --execute notebooks/blockpruner.py`).
 #
 # It calls the tested code the launcher uses
 # (`python -m experiments.blockpruner.main --config=experiments/blockpruner/configs/base.py:smoke`):

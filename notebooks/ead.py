@@ -20,11 +20,18 @@
 # model download). The first run trains and caches the smoke's SFT warm-up (1000 steps of a 2-layer
 # d=64 character LM: 1-5 minutes on 2 cores); later runs take under a minute.
 #
-# **Run it** like the other notebooks: in a clone, `pip install -e .` then
-# `jupyter lab notebooks/ead.ipynb` or `python notebooks/ead.py`; in Colab, upload
-# `notebooks/ead.ipynb` and set `MONOREPO_GIT_URL` first (see notebooks/ebpo.py's header). The
-# `.ipynb` is generated from this `.py` (`PYTHONPATH=$PWD jupytext --to ipynb --execute
-# notebooks/ead.py`).
+# **Run it in Colab** (or any fresh Jupyter runtime): File -> Upload notebook and pick
+# `notebooks/ead.ipynb`, or, once the repository is published on GitHub, File -> Open notebook ->
+# GitHub. The first cell installs the repository when `common` is not importable: from the clone the
+# notebook sits in (`pip install -e`), else from the git URL in the environment variable
+# `MONOREPO_GIT_URL` (`pip install git+$MONOREPO_GIT_URL`). In Colab, set it first, in a cell of its
+# own: `import os; os.environ['MONOREPO_GIT_URL'] = '<the repository's git URL>'`. If a later cell
+# fails on an import after pip replaced a preinstalled package, restart the session and run all again.
+#
+# **Locally**, in a clone (Python 3.11): `pip install -e .` (the first cell does it otherwise), then
+# `jupyter lab notebooks/ead.ipynb` or `python notebooks/ead.py`. The `.ipynb` is generated
+# from this `.py` and committed with the outputs of one run (`PYTHONPATH=$PWD jupytext --to ipynb
+# --execute notebooks/ead.py`).
 #
 # It calls the tested code the launcher uses
 # (`python -m experiments.ead.main --config=experiments/ead/configs/base.py:smoke`): the configs'
