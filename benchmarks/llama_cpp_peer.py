@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -68,7 +69,9 @@ class Peer:
     self.proc.stdin.flush()
     line = self.proc.stdout.readline()
     if not line:
-      raise RuntimeError(f'{self.config.label}: the worker exited (rc {self.proc.wait()})')
+      rc = self.proc.wait()
+      how = f'was killed by {signal.Signals(-rc).name}' if rc < 0 else f'exited with {rc}'
+      raise RuntimeError(f'{self.config.label}: the llama.cpp worker {how}')
     reply = json.loads(line)
     if 'error' in reply:
       raise RuntimeError(f'{self.config.label}: {reply["error"]}')
