@@ -110,6 +110,20 @@ def builder(builder_or_name: Any, data_dir: str | os.PathLike | None = None):
   return tfds.builder(builder_or_name, data_dir=root, file_format='array_record')
 
 
+def _current(b):
+  """`b`, or a new builder of its class and config when `b` was made before the data set existed.
+
+  A builder reads its split info once, when made: an instance made before another process finished
+  the build (two papers' runs sharing one data set) keeps empty splits and cannot read a split.
+  """
+  if b.info.splits:
+    return b
+  kwargs = {'data_dir': os.fspath(b.data_dir_root), 'file_format': 'array_record'}
+  if b.builder_config is not None:
+    kwargs['config'] = b.builder_config
+  return type(b)(**kwargs)
+
+
 def _is_built(b) -> bool:
   # The version folder appears only through tfds' final rename, after dataset_info.json is written.
   # (b.is_prepared() says the same but logs a warning for every missing folder.)
@@ -126,12 +140,12 @@ def prepare(builder_or_name: Any, data_dir: str | os.PathLike | None = None):
   """
   b = builder(builder_or_name, data_dir)
   if _is_built(b):
-    return b
+    return _current(b)
   final = pathlib.Path(os.fspath(b.data_dir))  # data_dir/name[/config]/version
   with _file_lock(final.parent / f'.{final.name}.lock'):
     b = builder(builder_or_name, data_dir)  # re-read: another process may have built it meanwhile
     if _is_built(b):
-      return b
+      return _current(b)
     for stale in final.parent.glob(f'incomplete.*_{final.name}'):  # a killed build's leftovers
       shutil.rmtree(stale, ignore_errors=True)
     logging.info('building data set %s (first use; cached in %s)', b.info.full_name, final.parent)

@@ -1,6 +1,6 @@
 """EBPO / GRPO-family RLVR runs on reasoning-gym tasks: `train_and_evaluate(config, workdir)`.
 
-Wires the paper's pieces into the shared loop (common.rl.loop): the policy (projects/ebpo/models.py:
+Wires the paper's pieces into the shared loop (common.rl.loop): the policy (common.rl.policies via projects/ebpo/models.py:
 the smoke's SFT-warmed tiny character LM or a pretrained model), the prompts and verifier
 (projects/ebpo/input_pipeline.py: reasoning-gym tasks with their own scorers), the estimator
 (projects/ebpo/losses.py's EBPO, or a GRPO-family baseline of common.rl.advantages, by rl.estimator)

@@ -49,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant, overrides = config_lib.parse_arg(arg, variants=('smoke', 'smollm2'))
   c = config_lib.base_config()
   c.model = ml_collections.ConfigDict(dict(kind='tiny', name=''))
-  # The tiny policy's SFT warm-up (projects/ead/models.WarmupConfig); unused for pretrained models.
+  # The tiny policy's SFT warm-up (common.rl.policies.WarmupConfig); unused for pretrained models.
   c.warmup = ml_collections.ConfigDict(
     dict(
       d_model=64,

@@ -8,7 +8,7 @@ COMMANDS:
 
 Variants:
   smoke: the character-level tiny decoder (2 layers, d_model 64) after a cached SFT warm-up
-         (projects/ebpo/models.py) on reasoning-gym 'chain_sum' (a +/- b, 1-2 digits) and
+         (common/rl/policies.py) on reasoning-gym 'chain_sum' (a +/- b, 1-2 digits) and
          'basic_arithmetic' (three 1-digit terms), prompts rendered '36-38='. RL: 16 prompts x G=4
          samples per step, up to 4 new tokens, 60 steps (3,840 sampled responses), greedy held-out
          pass@1 on the deduplicated test split every 20 steps. No model weights. About a minute on
@@ -49,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant, overrides = config_lib.parse_arg(arg, variants=('smoke', 'smoke_dapo', 'smollm2'))
   c = config_lib.base_config()
   c.model = ml_collections.ConfigDict(dict(kind='tiny', name=''))
-  # The tiny policy's SFT warm-up (projects/ebpo/models.WarmupConfig); unused for pretrained models.
+  # The tiny policy's SFT warm-up (common.rl.policies.WarmupConfig); unused for pretrained models.
   c.warmup = ml_collections.ConfigDict(
     dict(
       d_model=64,

@@ -40,6 +40,14 @@ def test_a_subclass_builds_array_record_and_reads_back(tmp_path):
   assert str(b.code_path) == inspect.getfile(Squares)
 
 
+def test_a_builder_made_before_another_process_built_the_data_set_reads_it(tmp_path):
+  early = Squares(data_dir=str(tmp_path))  # made first: its split info is empty
+  assert not early.info.splits
+  data.prepare(Squares(data_dir=str(tmp_path)))  # another builder (another process) builds it
+  source = data.tfds_source(early, 'train', tmp_path)
+  assert sorted(int(source[i]['x']) for i in range(len(source))) == list(range(5))
+
+
 def test_every_shared_builder_uses_the_base_and_the_base_is_not_a_data_set():
   for name, cls in datasets.BUILDERS.items():
     assert issubclass(cls, base.ArrayRecordBuilder), name

@@ -1,0 +1,200 @@
+"""The RL papers' policies (EBPO, EAD): the smoke's warmed-up tiny character LM, or a pretrained
+decoder.
+
+The policy is the shared decoder (common.models.decoder) in one of two forms, by config.model.kind:
+  * 'tiny': a character-level decoder made partly competent by a short SFT warm-up (common.sft).
+    RLVR needs a policy that already solves some prompts (else every group fails and no estimator
+    learns anything) and not all of them. The warm-up trains on `sft_examples` train examples
+    (common.rl.tasks' smoke set) rendered '36-38=' -> '-2<EOS>' for `steps` steps; its parameters
+    are cached outside the repo keyed by the config and the warm-up code (`_fingerprint`, like
+    common.models.tiny_lm), so every run, seed and paper starts from the same policy and only the
+    first run pays for it (about 10-30 s on 2 cores when idle).
+  * 'pretrained': config.model.name through common.models.loader (e.g. SmolLM2-135M-Instruct),
+    its parameters placed on the run's mesh.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import dataclasses
+import hashlib
+import inspect
+import json
+import time
+
+from absl import logging
+from flax import nnx
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from common import cache
+from common import config as config_lib
+from common import sft
+from common import sharding
+from common.models import decoder
+from common.models import loader
+from common.models import spec
+from common.rl import tasks
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmupConfig:
+  d_model: int = 64
+  num_layers: int = 2
+  num_heads: int = 4
+  mlp_dim: int = 256
+  sft_examples: int = 4000  # the first N train examples (both tasks, interleaved)
+  steps: int = 1000
+  batch_size: int = 32
+  seq_len: int = 64  # packed rows
+  lr: float = 3e-3
+  seed: int = 0
+  data_seed: int = 0
+
+
+def decoder_config(cfg: WarmupConfig, dtype: str = 'float32') -> decoder.DecoderConfig:
+  return decoder.DecoderConfig(
+    vocab_size=tasks.CharTokenizer().vocab_size,
+    d_model=cfg.d_model,
+    num_layers=cfg.num_layers,
+    num_heads=cfg.num_heads,
+    num_kv_heads=cfg.num_heads,
+    head_dim=cfg.d_model // cfg.num_heads,
+    mlp_dim=cfg.mlp_dim,
+    dtype=dtype,
+  )
+
+
+def sft_examples(cfg: WarmupConfig) -> list[sft.Example]:
+  tok = tasks.CharTokenizer()
+  rows = tasks.load_examples('smoke', 'train', cfg.data_seed)[: cfg.sft_examples]
+  return [
+    sft.tokenize(tok, {'prompt': tasks.expression_prompt(r), 'response': r['answer']}) for r in rows
+  ]
+
+
+def _train(cfg: WarmupConfig) -> tuple[dict, list[float]]:
+  examples = sft_examples(cfg)
+  with sharding.unsharded():
+    model = decoder.Decoder(decoder_config(cfg), rngs=nnx.Rngs(cfg.seed))
+    tx = optax.adamw(optax.cosine_decay_schedule(cfg.lr, cfg.steps, 0.1), b2=0.98)
+    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, opt, batch):
+    loss, grads = nnx.value_and_grad(lambda m: sft.sft_loss(m, batch)[0])(model)
+    opt.update(model, grads)
+    return loss
+
+  rng = np.random.default_rng(cfg.seed)
+  curve = []
+  batches: list = []
+  while len(curve) < cfg.steps:
+    if not batches:
+      order = rng.permutation(len(examples))
+      batches = list(sft.packed_batches([examples[i] for i in order], cfg.seq_len, cfg.batch_size))[
+        ::-1
+      ]
+    curve.append(float(step(model, opt, batches.pop())))
+  return nnx.state(model, nnx.Param).to_pure_dict(), curve
+
+
+def _fingerprint(cfg: WarmupConfig) -> str:
+  # What the trained parameters depend on: this training code, the SFT code, the data (task specs,
+  # rendering, tokenizer), the config and the model's parameter tree (paths and shapes). The
+  # decoder's source is left out on purpose: edits there that keep the parameters' meaning (speed
+  # work) would otherwise retrain for minutes; a change of parameter layout still retrains.
+  parts = [
+    _train,
+    sft_examples,
+    sft,
+    tasks.CharTokenizer,
+    tasks.expression_prompt,
+  ]
+  src = ''.join(inspect.getsource(p) for p in parts) + repr(tasks.SMOKE_TASKS)
+  src += json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+  with sharding.unsharded():  # a real (tiny) model: nnx.eval_shape under a mesh fails
+    model = decoder.Decoder(decoder_config(cfg), rngs=nnx.Rngs(0))
+  leaves = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param).to_pure_dict())[0]
+  src += repr([(jax.tree_util.keystr(p), tuple(v.shape)) for p, v in leaves])
+  return hashlib.sha256(src.encode()).hexdigest()[:20]
+
+
+def warm_policy(cfg: WarmupConfig | None = None, dtype: str = 'float32') -> tuple[nnx.Module, list]:
+  """(the warmed-up decoder, its SFT loss curve), trained on first use and cached."""
+  cfg = cfg or WarmupConfig()
+  path = cache.cache_dir('rl_warmup') / f'{_fingerprint(cfg)}.npz'
+  with sharding.unsharded():
+    model = decoder.Decoder(decoder_config(cfg, dtype), rngs=nnx.Rngs(cfg.seed))
+  template = nnx.state(model, nnx.Param).to_pure_dict()
+  if path.exists():
+    with np.load(path) as f:
+      flat = {k: f[k] for k in f.files}
+  else:
+    logging.info(
+      'training the RL warm-up policy: %d SFT steps of %d sequences (once per machine and '
+      'config; cached in %s); about half a minute to a few minutes on 2 CPU cores',
+      cfg.steps,
+      cfg.batch_size,
+      path.parent,
+    )
+    t0 = time.perf_counter()
+    params, curve = _train(cfg)
+    logging.info(
+      'warm-up policy trained in %.0f s (final SFT loss %.3f)', time.perf_counter() - t0, curve[-1]
+    )
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
+    flat['__loss_curve__'] = np.asarray(curve)
+    cache.savez(path, **flat)
+  curve = [float(x) for x in flat.pop('__loss_curve__')]
+  restored = jax.tree_util.tree_map_with_path(lambda p, _: flat[jax.tree_util.keystr(p)], template)
+  state = nnx.state(model, nnx.Param)
+  nnx.replace_by_pure_dict(state, restored)
+  nnx.update(model, state)
+  return model, curve
+
+
+def create_policy(
+  config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules: sharding.Rules
+) -> Callable[[], nnx.Module]:
+  """A factory of the initial policy of config.model.kind ('tiny' | 'pretrained')."""
+  if config.model.kind == 'tiny':
+    wcfg = WarmupConfig(**config.warmup.to_dict())
+    return lambda: warm_policy(wcfg, config.dtype)[0]
+  if config.model.kind == 'pretrained':
+    return lambda: loader.load_pretrained(
+      config.model.name, mesh=mesh, rules=rules, dtype=config.dtype
+    )[0]
+  raise config_lib.ConfigError(f"model.kind={config.model.kind!r}; expected 'tiny' or 'pretrained'")
+
+
+def description(config: ml_collections.ConfigDict) -> dict:
+  """`common.models.spec.write`'s arguments for the initial policy of config.model.kind: its decoder
+  config, tokenizer and context (the RL loop trains the Decoder itself, at the model's root).
+
+  The tiny LM's CharTokenizer becomes a no-merge byte-level BPE with the same ids (pad 0, BOS 1,
+  EOS 2, then the characters), so it leaves the repo with the model.
+  """
+  if config.model.kind == 'tiny':
+    wcfg = WarmupConfig(**config.warmup.to_dict())
+    specials = ['<pad>', '<s>', '</s>']
+    tok = spec.tokenizer_from_vocab(
+      [*specials, *tasks.CharTokenizer.CHARS],
+      specials=specials,
+      pad='<pad>',
+      bos='<s>',
+      eos='</s>',
+      add_bos=True,
+    )
+    return {'config': decoder_config(wcfg, config.dtype), 'tokenizer': tok, 'context_length': None}
+  if config.model.kind == 'pretrained':
+    name = config.model.name
+    return {
+      'config': loader.load_config(name, dtype=config.dtype),
+      'tokenizer': name,
+      'context_length': loader.context_length(name),
+    }
+  raise config_lib.ConfigError(f"model.kind={config.model.kind!r}; expected 'tiny' or 'pretrained'")
