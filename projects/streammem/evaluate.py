@@ -5,7 +5,11 @@ per-layer budget m (the paper's M/L, §5(a) step 4; M = m x layers), the stream 
 and the questions are scored from the final memory (models.run_stream):
 
   em_<depth>   exact match (every answer token is the greedy choice), per fact depth, and `em`
-               over all depths (the paper's MLVU/EgoSchema accuracy, here on planted facts);
+               over all questions (the paper's MLVU/EgoSchema accuracy, here on planted facts);
+  em_<kind>    exact match per question kind beyond recall ('count', 'order': video runs with
+               video.questions; absent otherwise);
+  dropped      the share of stream frames input-frame filtering dropped (stream.frame_filter > 0,
+               StreamMem variants only; absent otherwise);
   loglik       mean answer log-likelihood (nats per question);
   dloglik      loglik minus full KV's on the same question (0 for full KV itself): how much of the
                full cache's evidence the memory kept;
@@ -47,6 +51,12 @@ def methods_of(config: ml_collections.ConfigDict) -> list[models.Method]:
   ]
 
 
+def frame_filter(config: ml_collections.ConfigDict, method_: models.Method) -> float:
+  """The input-frame filtering threshold a method streams with: stream.frame_filter for the
+  StreamMem variants (filtering is the paper's step 1 of StreamMem), 0 (off) for every other."""
+  return float(config.stream.frame_filter) if method_.name.startswith('streammem') else 0.0
+
+
 @dataclasses.dataclass
 class Totals:
   """Running sums per label: {label: {stat: sum}} with stats n, em, em_<depth>, n_<depth>,
@@ -62,6 +72,8 @@ class Totals:
     full_loglik: np.ndarray,
     depth: np.ndarray,
     kept: int,
+    kind: np.ndarray | None = None,
+    dropped: np.ndarray | None = None,
   ) -> None:
     s = self.sums.setdefault(name, {'n': 0.0, 'em': 0.0, 'loglik': 0.0, 'dloglik': 0.0, 'kept': 0})
     exact, loglik = np.asarray(exact, np.float64), np.asarray(loglik, np.float64)
@@ -74,6 +86,15 @@ class Totals:
       at = np.asarray(depth) == d
       s[f'em_{name_d}'] = s.get(f'em_{name_d}', 0.0) + float(exact[at].sum())
       s[f'n_{name_d}'] = s.get(f'n_{name_d}', 0.0) + float(at.sum())
+    if kind is not None:
+      for k, name_k in enumerate(input_pipeline.QUESTION_KINDS[1:], start=1):
+        at = np.asarray(kind) == k
+        if at.any():
+          s[f'em_{name_k}'] = s.get(f'em_{name_k}', 0.0) + float(exact[at].sum())
+          s[f'n_{name_k}'] = s.get(f'n_{name_k}', 0.0) + float(at.sum())
+    if dropped is not None:
+      s['dropped'] = s.get('dropped', 0.0) + float(np.asarray(dropped).sum())
+      s['frames'] = s.get('frames', 0.0) + float(np.asarray(dropped).size)
 
   def summary(self) -> dict[str, float]:
     """{'<label>/<stat>': mean}: em, em_<depth>, loglik, dloglik, kept."""
@@ -83,6 +104,11 @@ class Totals:
       out[f'{name}/em'] = s['em'] / n
       for d in input_pipeline.DEPTH_NAMES:
         out[f'{name}/em_{d}'] = s[f'em_{d}'] / max(s[f'n_{d}'], 1.0)
+      for k in input_pipeline.QUESTION_KINDS[1:]:
+        if f'n_{k}' in s:
+          out[f'{name}/em_{k}'] = s[f'em_{k}'] / max(s[f'n_{k}'], 1.0)
+      if 'frames' in s:
+        out[f'{name}/dropped'] = s['dropped'] / max(s['frames'], 1.0)
       out[f'{name}/loglik'] = s['loglik'] / n
       out[f'{name}/dloglik'] = s['dloglik'] / n
       out[f'{name}/kept'] = float(s['kept'])
@@ -119,11 +145,21 @@ def evaluate_batch(
         clip_len=s.clip_len,
         frame_tokens=s.frame_tokens,
         key=key,
+        frame_filter=frame_filter(config, m),
       )
       if m.press is None:
         full = r
       kept = int(r.kept.max()) if r.kept.size else int(np.asarray(episodes.stream).shape[1])
-      totals.add(label(m.name, budget), r.exact, r.loglik, full.loglik, episodes.depth, kept)
+      totals.add(
+        label(m.name, budget),
+        r.exact,
+        r.loglik,
+        full.loglik,
+        episodes.depth,
+        kept,
+        kind=episodes.kind,
+        dropped=r.dropped,
+      )
       results[label(m.name, budget)] = r
   return results
 
@@ -195,3 +231,63 @@ def make_video_eval_fn(config: ml_collections.ConfigDict, mesh, rules):
     return out
 
   return eval_fn
+
+
+def sweep(
+  streamer: models.Streamer,
+  episodes_at,
+  config: ml_collections.ConfigDict,
+  *,
+  lengths: list[int],
+  budgets: list[int],
+  length_budget: int,
+  budget_length: int,
+  seeds: list[int],
+) -> dict[str, Any]:
+  """Accuracy and answer log-likelihood vs stream length (at per-layer budget `length_budget`) and
+  vs per-layer budget (at stream length `budget_length`), per method of config.eval.methods (full
+  KV once per length), seed by seed: episodes_at(length, seed) -> Episodes.
+
+  Returns {'length': {method: {length: {'em': [per seed], 'loglik': [...], 'dloglik': [...]}}},
+  'budget': {method: {budget: {...}}}} (full KV appears under every budget, unchanged).
+  """
+  s = config.stream
+  out: dict[str, Any] = {'length': {}, 'budget': {}}
+
+  def one(axis, m, x, budget, e, seed, full):
+    r = models.run_stream(
+      streamer,
+      e,
+      m,
+      budget,
+      clip_len=s.clip_len,
+      frame_tokens=s.frame_tokens,
+      key=train_loop.step_key(seed, budget, 'press'),
+      frame_filter=frame_filter(config, m),
+    )
+    full = r if full is None else full
+    cell = (
+      out[axis].setdefault(m.name, {}).setdefault(str(x), {'em': [], 'loglik': [], 'dloglik': []})
+    )
+    cell['em'].append(float(r.exact.mean()))
+    cell['loglik'].append(float(r.loglik.mean()))
+    cell['dloglik'].append(float((r.loglik - full.loglik).mean()))
+    return r
+
+  for seed in seeds:
+    for length in lengths:
+      e = episodes_at(length, seed)
+      full = None
+      for m in methods_of(config):
+        r = one('length', m, length, 0 if m.press is None else length_budget, e, seed, full)
+        full = r if m.press is None else full
+    e = episodes_at(budget_length, seed)
+    full = None
+    for m in methods_of(config):
+      for budget in [0] if m.press is None else budgets:
+        r = one('budget', m, budget, budget, e, seed, full)
+        full = r if m.press is None else full
+  if FULL in out['budget']:  # full KV does not depend on the budget: one run, shown at every one
+    cell = out['budget'].pop(FULL)['0']
+    out['budget'][FULL] = {str(budget): cell for budget in budgets}
+  return out

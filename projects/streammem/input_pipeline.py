@@ -42,6 +42,10 @@ from common import config as config_lib
 
 DEPTHS = {'early': 0.1, 'middle': 0.5, 'late': 0.9}
 DEPTH_NAMES = tuple(DEPTHS)
+# Question kinds: 'recall' (what the fact / event at one depth was: every source), and for the video
+# 'count' (how many events of one colour) and 'order' (which of two events came first).
+QUESTION_KINDS = ('recall', 'count', 'order')
+NO_DEPTH = -1  # the depth of a question about no single fact (count, order)
 SOURCES = ('facts', 'text', 'video')
 _TRAIN_TAG, _EVAL_TAG = 0x7EA1, 0xE7A1
 
@@ -60,9 +64,11 @@ class Episodes:
   oracle [B, n, O], oracle_valid: question + template per question (the oracle's proxy).
   qa [B, n, T], qa_valid: question + template + answer prefix + answer, scored teacher-forced;
     qa_target [B, n, T]: the next token of each position, qa_mask: the answer's targets.
-  depth [B, n] int: index into DEPTH_NAMES of the fact each question asks about.
-  fact_position [B, n] int: the stream index of the fact's first token.
+  depth [B, n] int: index into DEPTH_NAMES of the fact each question asks about (NO_DEPTH for a
+    count or order question).
+  fact_position [B, n] int: the stream index of the fact's first token (-1: no single fact).
   patches [B, L, P] (video only): each stream token's patch pixels; its token id is VIS.
+  kind [B, n] int: index into QUESTION_KINDS of each question (None: all 'recall').
   """
 
   prefix: np.ndarray
@@ -78,6 +84,7 @@ class Episodes:
   depth: np.ndarray
   fact_position: np.ndarray
   patches: np.ndarray | None = None  # [B, L, P] float32 visual-token inputs (video; else None)
+  kind: np.ndarray | None = None  # [B, n] int32 index into QUESTION_KINDS (None: all recall)
 
   @property
   def batch(self) -> int:
@@ -145,6 +152,7 @@ def stack_episodes(rows: list[dict[str, Any]], proxy: list[int], pad: int) -> Ep
     depth=np.asarray([r['depth'] for r in rows], np.int32),
     fact_position=np.asarray([r['fact_position'] for r in rows], np.int32),
     patches=np.stack([r['patches'] for r in rows]) if 'patches' in rows[0] else None,
+    kind=np.asarray([r['kind'] for r in rows], np.int32) if 'kind' in rows[0] else None,
   )
 
 
@@ -470,12 +478,24 @@ class VideoEvents:
   event near each depth (early / middle / late; distinct quadrants), and per event the question
   [END, ASSISTANT, Q_q] -> [C_c]: which colour appeared in quadrant q. Frames are consecutive
   (every `stride`-th) frames of one video from a random start, looping at the end.
+
+  `questions` adds the issue's other question types (QUESTION_KINDS), with their own tokens
+  COUNT, ORDER and the numbers N_0..N_{grid**2} after the colours (only when asked for, so the
+  recall-only vocabulary and data are unchanged):
+    count  [END, ASSISTANT, COUNT, C_c] -> [N_k]: how many events had colour c (one question per
+           episode, about the colour of a random event, so k >= 1);
+    order  [END, ASSISTANT, ORDER, Q_a, Q_b] -> [Q_first]: which of two events (in different
+           frames, named in a random order) appeared first (one question per episode).
+  Training then mixes the tasks: each example is "describe the stream" or one question of an
+  enabled extra kind, uniformly (a count asks about a random colour half of the time, so k = 0
+  occurs; an order example needs two events in different frames, else it describes).
   """
 
   size: int = 16
   grid: int = 2
   square: int = 4
   stride: int = 1
+  questions: tuple[str, ...] = ('recall',)
 
   PAD = 0
   BOS = 1
@@ -490,6 +510,16 @@ class VideoEvents:
       raise ValueError(f'frame size {self.size} is not a multiple of the grid {self.grid}')
     if not 1 <= self.square <= self.size // self.grid:
       raise ValueError(f'square {self.square} does not fit a {self.size // self.grid}-pixel patch')
+    bad = [q for q in self.questions if q not in QUESTION_KINDS]
+    if bad or not self.questions or len(set(self.questions)) != len(self.questions):
+      raise ValueError(
+        f'questions={self.questions!r}: a non-empty set of distinct kinds of {QUESTION_KINDS}'
+      )
+
+  @property
+  def extra_kinds(self) -> tuple[str, ...]:
+    """The enabled question kinds beyond recall, in QUESTION_KINDS order."""
+    return tuple(q for q in QUESTION_KINDS[1:] if q in self.questions)
 
   @property
   def num_quadrants(self) -> int:
@@ -500,8 +530,28 @@ class VideoEvents:
     return self.FIRST_QUADRANT + self.num_quadrants
 
   @property
-  def vocab_size(self) -> int:
+  def first_extra(self) -> int:
     return self.first_colour + len(PALETTE)
+
+  @property
+  def COUNT(self) -> int:  # noqa: N802 - a token id, like PAD / BOS
+    return self.first_extra
+
+  @property
+  def ORDER(self) -> int:  # noqa: N802
+    return self.first_extra + 1
+
+  def number(self, k: int) -> int:
+    """The token of the count k (0..grid**2)."""
+    if not 0 <= k <= self.num_quadrants:
+      raise ValueError(f'count {k} outside 0..{self.num_quadrants}')
+    return self.first_extra + 2 + int(k)
+
+  @property
+  def vocab_size(self) -> int:
+    if not self.extra_kinds:
+      return self.first_extra
+    return self.first_extra + 2 + self.num_quadrants + 1
 
   @property
   def tokens_per_frame(self) -> int:
@@ -577,19 +627,39 @@ class VideoEvents:
     ]
     tail.append(self.EOS)
     vis = num_frames * self.tokens_per_frame
-    tokens = np.asarray([self.BOS] + [self.VIS] * vis + tail, np.int32)
-    patches = np.zeros((len(tokens), self.patch_dim), np.float32)
-    patches[1 : 1 + vis] = self.patches(frames)
+    patches_vis = self.patches(frames)
     gaps = np.zeros(vis, np.int64)
-    extra = int(rng.integers(0, max(max_position - len(tokens), 0) + 1))
+    extra = int(rng.integers(0, max(max_position - (1 + vis + len(tail)), 0) + 1))
     jumps = rng.choice(num_frames, min(4, num_frames), replace=False) * self.tokens_per_frame
     gaps[jumps] = rng.multinomial(extra, np.full(len(jumps), 1.0 / len(jumps)))
+    answer_from = len(self.template)  # the tail's first loss position (describe: every listed pair)
+    longest = 3 + 2 * max_events
+    if self.extra_kinds:  # drawn after everything above: a recall-only stream is unchanged
+      longest = max(longest, 7)
+      task = int(rng.integers(1 + len(self.extra_kinds)))
+      kind = None if task == 0 else self.extra_kinds[task - 1]
+      if kind == 'count':
+        c = int(colours[rng.integers(n)]) if rng.random() < 0.5 else int(rng.integers(len(PALETTE)))
+        k = int((colours == c).sum())
+        tail = self.template + [self.COUNT, self.colour(c), self.number(k), self.EOS]
+        answer_from = len(self.template) + 2
+      elif kind == 'order':
+        pairs = [(i, j) for i in range(n) for j in range(n) if at[i] < at[j]]
+        if pairs:
+          i, j = pairs[int(rng.integers(len(pairs)))]
+          a, b = (i, j) if rng.random() < 0.5 else (j, i)
+          named = [self.quadrant(quads[a]), self.quadrant(quads[b])]
+          tail = self.template + [self.ORDER, *named, self.quadrant(quads[i]), self.EOS]
+          answer_from = len(self.template) + 3
+    tokens = np.asarray([self.BOS] + [self.VIS] * vis + tail, np.int32)
+    patches = np.zeros((len(tokens), self.patch_dim), np.float32)
+    patches[1 : 1 + vis] = patches_vis
     positions = np.concatenate([[0], 1 + np.arange(vis) + np.cumsum(gaps)])
     positions = np.concatenate([positions, positions[-1] + 1 + np.arange(len(tail))])
     mask = np.zeros(tokens.shape, np.float32)
-    mask[1 + vis + len(self.template) :] = 1.0
-    # Pad every example to the longest tail (max_events pairs) so batches stack.
-    pad = 2 * (max_events - n)
+    mask[1 + vis + answer_from :] = 1.0
+    # Pad every example to the longest tail (max_events pairs, or a question) so batches stack.
+    pad = longest - len(tail)
     last = positions[-1]
     return {
       'tokens': np.pad(tokens, (0, pad), constant_values=self.PAD),
@@ -625,18 +695,42 @@ class VideoEvents:
     for f, q, c in zip(slots, quads, colours, strict=True):
       self.paste(frames[f], rng, q, c)
     stream = [self.VIS] * (num_frames * self.tokens_per_frame)
-    questions = [self.template + [self.quadrant(q)] for q in quads]
+    questions, answers, kinds = [], [], []
+    depth, where = [], []
+    if 'recall' in self.questions:
+      questions += [self.template + [self.quadrant(q)] for q in quads]
+      answers += [[self.colour(c)] for c in colours]
+      kinds += [0] * len(quads)
+      depth += list(np.repeat(np.arange(len(DEPTHS)), facts_per_depth))
+      where += [s * self.tokens_per_frame + int(q) for s, q in zip(slots, quads, strict=True)]
+    # Drawn after everything above, so the recall questions are those of a recall-only episode.
+    if 'count' in self.questions:
+      c = int(colours[rng.integers(len(colours))])
+      questions.append(self.template + [self.COUNT, self.colour(c)])
+      answers.append([self.number(int((colours == c).sum()))])
+      kinds.append(QUESTION_KINDS.index('count'))
+      depth.append(NO_DEPTH)
+      where.append(-1)
+    if 'order' in self.questions:  # slots are distinct and sorted: event i precedes event j > i
+      i, j = sorted(int(x) for x in rng.choice(len(slots), 2, replace=False))
+      a, b = (i, j) if rng.random() < 0.5 else (j, i)
+      questions.append(
+        self.template + [self.ORDER, self.quadrant(quads[a]), self.quadrant(quads[b])]
+      )
+      answers.append([self.quadrant(quads[i])])
+      kinds.append(QUESTION_KINDS.index('order'))
+      depth.append(NO_DEPTH)
+      where.append(-1)
     return {
       'prefix': [self.BOS],
       'stream': stream,
       'patches': self.patches(frames),
       'oracle': questions,
       'questions': questions,
-      'answers': [[self.colour(c)] for c in colours],
-      'depth': np.repeat(np.arange(len(DEPTHS)), facts_per_depth),
-      'fact_position': [
-        s * self.tokens_per_frame + int(q) for s, q in zip(slots, quads, strict=True)
-      ],
+      'answers': answers,
+      'depth': np.asarray(depth, np.int64),
+      'fact_position': where,
+      'kind': kinds,
     }
 
   def episodes(
@@ -692,12 +786,33 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       raise config_lib.ConfigError('events need distinct quadrants: at most video.grid**2')
     if any(n < 1 for n in v.test_frames) or v.train_frames < 1:
       raise config_lib.ConfigError('video.train_frames and video.test_frames must be >= 1')
+    kinds = question_kinds(v.questions)
+    if not kinds or any(q not in QUESTION_KINDS for q in kinds) or len(set(kinds)) != len(kinds):
+      raise config_lib.ConfigError(
+        f'video.questions={v.questions!r}: distinct kinds of {QUESTION_KINDS} joined by "+"'
+      )
+  if not 0.0 <= s.frame_filter <= 1.0:
+    raise config_lib.ConfigError(f'stream.frame_filter={s.frame_filter} must be in [0, 1] (0: off)')
+  if s.frame_filter and d.source != 'video':
+    raise config_lib.ConfigError(
+      f'stream.frame_filter filters video frames; data.source={d.source!r} has none'
+    )
+  if s.frame_filter and (s.frame_tokens < 1 or s.clip_len % s.frame_tokens):
+    raise config_lib.ConfigError(
+      f'stream.frame_filter needs clips of whole frames: stream.clip_len {s.clip_len} is not a '
+      f'multiple of stream.frame_tokens {s.frame_tokens}'
+    )
   if d.source == 'facts':
     lang = fact_language(config)
     if 3 * d.facts_per_depth > lang.num_keys:
       raise config_lib.ConfigError(
         f'{3 * d.facts_per_depth} facts per stream need as many keys (data.num_keys)'
       )
+
+
+def question_kinds(text: str) -> tuple[str, ...]:
+  """'recall+count' -> ('recall', 'count') (config.video.questions)."""
+  return tuple(q.strip() for q in str(text).split('+') if q.strip())
 
 
 def video_train_iterator(config: ml_collections.ConfigDict, lang: VideoEvents):

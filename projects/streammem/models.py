@@ -32,6 +32,7 @@ streams 4-32x longer inputs training-free, as the paper's CPU-scale recipe has i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import contextlib
 import dataclasses
 import hashlib
@@ -339,6 +340,57 @@ def memory_bytes(mem: memory.Memory) -> int:
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(mem)))
 
 
+def memory_contents(mem: memory.Memory) -> dict[str, np.ndarray]:
+  """What the memory holds, per layer, row and slot ([L, B, S] numpy; kv head 0, which is every
+  head's unless a per-head budget ran): `held` (a valid entry that is neither pinned nor a
+  transient proxy entry: the stream's memory proper), its RoPE `position`, `frame` id and `kind`
+  (common.kv_press.memory.TOKEN or PROTOTYPE). For showing which frames' tokens survive."""
+  mem = jax.device_get(mem)
+  out = {'held': [], 'position': [], 'frame': [], 'kind': []}
+  for layer, info in zip(mem.cache.layers, mem.info, strict=True):
+    kind = np.asarray(info.kind)[:, 0]
+    held = np.asarray(layer.valid) & ~np.asarray(info.pinned)[:, 0] & (kind != memory.TRANSIENT)
+    out['held'].append(held)
+    out['position'].append(np.asarray(info.position)[:, 0])
+    out['frame'].append(np.asarray(info.frame)[:, 0])
+    out['kind'].append(kind)
+  return {k: np.stack(v) for k, v in out.items()}
+
+
+def filter_clip(
+  patches: np.ndarray,
+  valid: np.ndarray,
+  frame_tokens: int,
+  threshold: float,
+  state: tuple[jax.Array, jax.Array] | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[jax.Array, jax.Array]]:
+  """StreamMem's input-frame filtering (step 1) on one clip of visual inputs, before encoding:
+  a frame whose patch vector (all its tokens' patches, concatenated) has cosine similarity above
+  `threshold` to the last kept frame, of this clip or an earlier one, is dropped, and averaged into
+  that kept frame when both are in this clip (common.kv_press.frames.filter_frames).
+
+  patches [B, T, P], valid [B, T] with T a multiple of frame_tokens; state: the previous clip's
+  (last, has_last) or None. Returns (patches with kept frames averaged, valid with the dropped
+  frames' tokens invalid, keep [B, T // frame_tokens], state for the next clip). A dropped frame's
+  tokens are never prefilled and take no RoPE position."""
+  b, t, p = patches.shape
+  if frame_tokens < 1 or t % frame_tokens:
+    raise ValueError(
+      f'frame filtering needs clips of whole frames: clip of {t} tokens, frames of {frame_tokens}'
+    )
+  f = t // frame_tokens
+  feats = jnp.asarray(patches, jnp.float32).reshape(b, f, frame_tokens * p)
+  frame_valid = np.asarray(valid).reshape(b, f, frame_tokens).all(-1)
+  last, has_last = (None, None) if state is None else state
+  out = frames.filter_frames(
+    feats, last, has_last, valid=jnp.asarray(frame_valid), threshold=threshold, average=True
+  )
+  keep = np.asarray(out.keep)
+  new_patches = np.asarray(out.features, np.float32).reshape(b, t, p)
+  new_valid = np.asarray(valid) & np.repeat(keep, frame_tokens, axis=1)
+  return new_patches, new_valid, keep, (out.last, out.has_last)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Streaming one batch of episodes under one method.
 
@@ -346,13 +398,15 @@ def memory_bytes(mem: memory.Memory) -> int:
 @dataclasses.dataclass(frozen=True)
 class StreamResult:
   """What `run_stream` measured: per-question scores [B, n], per-clip kept entries [clips, L, B]
-  (max over heads), memory bytes after every clip, and the final memory's digest."""
+  (max over heads), memory bytes after every clip, the final memory's digest, and the frames that
+  input-frame filtering dropped [B, frames] (None without filtering)."""
 
   loglik: np.ndarray
   exact: np.ndarray
   kept: np.ndarray
   memory_bytes: list[int]
   digest: str
+  dropped: np.ndarray | None = None
 
 
 def run_stream(
@@ -365,12 +419,19 @@ def run_stream(
   frame_tokens: int,
   key: jax.Array,
   slots: int | None = None,
+  frame_filter: float = 0.0,
+  on_clip: Callable[[int, memory.Memory], None] | None = None,
 ) -> StreamResult:
   """Streams every episode of the batch clip by clip under `method_`, then answers its questions.
 
   slots: the cache's size (default: what the method needs, `capacity`). Two runs with the same
   size compute in the same order, so e.g. a budget above the stream reproduces full KV bitwise;
   across sizes the masked slots change only the summation order (~1e-7).
+  frame_filter: StreamMem's input-frame filtering threshold (the paper's delta = 0.95; 0: off):
+  frames of visual tokens (episodes with patches) that repeat the last kept frame are dropped
+  before encoding (`filter_clip`); needs clip_len a multiple of frame_tokens.
+  on_clip(c, memory): called after clip c's step with the memory (do not keep it: the next step
+  donates it; copy what you need, e.g. `memory_contents`).
 
   Query-agnostic methods stream once per episode and answer all n questions from that one memory;
   the oracle streams once per question (its proxy is that question), as rows b * n + j.
@@ -399,8 +460,16 @@ def run_stream(
   budget = memory.Budget(layer_tokens=max(layer_budget, 1))
   if method_.press is not None:  # a clear error before anything runs (pinned never evicted)
     budget.check_pinned(streamer.cfg.num_layers, int(np.asarray(prefix_valid).sum(1).max()))
+  if frame_filter:
+    if patches is None:
+      raise ValueError('frame_filter needs visual inputs (episodes with patches)')
+    if frame_tokens < 1 or clip_len % frame_tokens:
+      raise ValueError(
+        f'frame_filter needs clips of whole frames: clip_len {clip_len}, frame_tokens '
+        f'{frame_tokens}'
+      )
   mem = streamer.start(prefix, prefix_valid, slots)
-  kept, sizes = [], []
+  kept, sizes, dropped, filter_state = [], [], [], None
   for c, start in enumerate(range(0, length, clip_len)):
     clip = stream[:, start : start + clip_len]
     valid = np.ones(clip.shape, bool)
@@ -412,6 +481,12 @@ def run_stream(
       if clip_patches is not None:
         clip_patches = np.pad(clip_patches, ((0, 0), (0, pad), (0, 0)))
     frame = frame_ids(start, clip_len, frame_tokens, rows)
+    if frame_filter:
+      clip_patches, valid, keep, filter_state = filter_clip(
+        clip_patches, valid, frame_tokens, frame_filter, filter_state
+      )
+      real = -(-min(clip_len, length - start) // frame_tokens)  # the clip's unpadded frames
+      dropped.append(~keep[:, :real])
     mem, stats = streamer.step(
       mem,
       clip,
@@ -429,6 +504,8 @@ def run_stream(
       stats.check()  # raises BudgetError if pinned entries overflowed (under jit it only reports)
       kept.append(np.asarray(stats.kept))
     sizes.append(memory_bytes(mem))
+    if on_clip is not None:
+      on_clip(c, mem)
   digest = memory_digest(mem)
   if method_.query_agnostic:
     scores = streamer.answer(mem, e.qa, e.qa_valid, e.qa_target, e.qa_mask)
@@ -445,6 +522,7 @@ def run_stream(
     kept=np.stack(kept) if kept else np.zeros((0,)),
     memory_bytes=sizes,
     digest=digest,
+    dropped=np.concatenate(dropped, axis=1) if dropped else None,
   )
 
 
@@ -655,7 +733,13 @@ class VideoLM(decoder.Decoder):
 
 def video_language(config: ml_collections.ConfigDict) -> input_pipeline.VideoEvents:
   v = config.video
-  return input_pipeline.VideoEvents(size=v.size, grid=v.grid, square=v.square, stride=v.stride)
+  return input_pipeline.VideoEvents(
+    size=v.size,
+    grid=v.grid,
+    square=v.square,
+    stride=v.stride,
+    questions=input_pipeline.question_kinds(v.questions),
+  )
 
 
 def video_decoder_config(config: ml_collections.ConfigDict) -> decoder.DecoderConfig:

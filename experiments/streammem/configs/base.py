@@ -36,6 +36,8 @@ Variants:
          clips of 4 frames (16 tokens) at a per-layer budget of 32 tokens (8 frames' worth) and
          answers "which colour appeared in patch q?" for one event per depth. video_smoke: 2000
          steps (~4 min on 2 cores) + ~2 min of evaluation; video: 3000 steps, all methods.
+         Counting and order questions: video.questions=recall+count+order (adds their tokens and
+         mixes them into training); StreamMem's input-frame filtering: stream.frame_filter=0.95.
   (default): the smoke setup with 8 steps (64 streams).
 Override any key: --config.eval.budgets='(16, 32)' or base.py:smoke,data.stream_len=1024.
 """
@@ -101,6 +103,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       frame_tokens=8,  # StreamMem merges each run of this many stream tokens (a "frame"); 0: none
       snapkv_window=8,
       sinks=4,
+      # StreamMem's input-frame filtering (paper step 1, delta = 0.95; 0: off): video frames whose
+      # cosine similarity to the last kept frame exceeds it are dropped before encoding. Applied to
+      # the StreamMem variants only (it is part of the paper's method; the baselines see every
+      # frame); needs clip_len a multiple of frame_tokens.
+      frame_filter=0.0,
     )
   )
   c.eval = ml_collections.ConfigDict(
@@ -122,6 +129,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       test_frames=(32, 128, 256),  # 4x, 16x, 32x the training streams
       max_events=3,
       max_position=1100,
+      # Question kinds (input_pipeline.QUESTION_KINDS) joined by '+', e.g. 'recall+count+order':
+      # 'recall' (which colour appeared in patch q), 'count' (how many events of colour c),
+      # 'order' (which of two events came first). Extra kinds add tokens and mix their questions
+      # into training.
+      questions='recall',
     )
   )
   c.optimizer = ml_collections.ConfigDict(

@@ -1,0 +1,156 @@
+"""StreamMem's plots: accuracy and answer log-likelihood vs stream length and vs budget, per method.
+
+  python -m experiments.streammem.plots --out=reports/streammem
+  python -m experiments.streammem.plots --config=experiments/streammem/configs/base.py:smoke \
+    --lengths=128,256,512,1024,2048 --budgets=8,16,24,48,96 --length_budget=24 \
+    --budget_length=512 --seeds=0,1,2 --out=reports/streammem
+
+Streams data.batch_size episodes per seed (data.seed = each of --seeds) of each length under every
+method of config.eval.methods (full KV included) through projects.streammem.evaluate.sweep, and
+writes OUT/sweep_<name>.json (per seed) and OUT/sweep_<name>.png: exact match and answer
+log-likelihood minus full KV's (symmetric-log axis), vs stream length at --length_budget entries
+per layer and vs the per-layer budget at --budget_length tokens; mean over seeds with the min-max
+range shaded. --from_json=OUT/sweep_<name>.json redraws a figure without streaming. Sources:
+the planted-fact smoke setup (the cached fact LM, no weights) or SmolLM2 text (text_smollm2: hours
+on 2 cores); the video setup trains its model in a run, see projects/streammem/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import time
+
+from experiments.streammem.configs import base
+
+COLOURS = {
+  'full': 'black',
+  'streammem': 'tab:red',
+  'oracle': 'tab:purple',
+  'fifo': 'tab:blue',
+  'uniform': 'tab:green',
+  'streaming_llm': 'tab:cyan',
+  'random': 'tab:grey',
+  'h2o': 'tab:orange',
+}
+
+
+def _ints(text: str) -> list[int]:
+  return [int(x) for x in text.split(',') if x]
+
+
+def figure(data: dict, title: str, length_budget: int, budget_length: int):
+  import matplotlib  # noqa: PLC0415
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
+  panels = (('length', 'stream length (tokens)'), ('budget', 'per-layer budget (entries)'))
+  for col, (axis, xlabel) in enumerate(panels):
+    for row, (stat, ylabel) in enumerate(
+      (('em', 'exact match'), ('dloglik', 'answer log-lik. - full KV (nats)'))
+    ):
+      ax = axes[row, col]
+      for method, cells in data[axis].items():
+        xs = sorted(int(x) for x in cells)
+        vals = np.asarray([cells[str(x)][stat] for x in xs])
+        ax.plot(xs, vals.mean(1), 'o-', ms=3, label=method, color=COLOURS.get(method))
+        ax.fill_between(xs, vals.min(1), vals.max(1), alpha=0.12, color=COLOURS.get(method))
+      ax.set_xscale('log', base=2)
+      if stat == 'dloglik':
+        ax.set_yscale('symlog', linthresh=0.1)
+      ax.set_xlabel(xlabel)
+      ax.set_ylabel(ylabel)
+      ax.grid(alpha=0.3)
+  axes[0, 0].set_title(f'vs stream length, {length_budget} entries per layer', fontsize=10)
+  axes[0, 1].set_title(f'vs budget, streams of {budget_length} tokens', fontsize=10)
+  axes[0, 1].legend(fontsize=8)
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  return fig
+
+
+def _title(record: dict) -> str:
+  return (
+    f'StreamMem sweep ({record["config"].split("/")[-1]}; {len(record["seeds"])} seeds x '
+    f'{record["episodes_per_seed"]} streams; mean, min-max shaded; {record["seconds"]:.0f} s)'
+  )
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument('--config', default='experiments/streammem/configs/base.py:smoke')
+  p.add_argument('--lengths', default='128,256,512,1024,2048')
+  p.add_argument('--budgets', default='8,16,24,48,96')
+  p.add_argument('--length_budget', type=int, default=24)
+  p.add_argument('--budget_length', type=int, default=512)
+  p.add_argument('--seeds', default='0,1,2')
+  p.add_argument('--out', default='reports/streammem')
+  p.add_argument('--name', default='', help='file stem suffix (default: the config variant)')
+  p.add_argument('--from_json', default='', help='redraw the figure of a sweep_<name>.json')
+  args = p.parse_args(argv)
+  if args.from_json:
+    record = json.loads(pathlib.Path(args.from_json).read_text())
+    fig = figure(record, _title(record), record['length_budget'], record['budget_length'])
+    png = pathlib.Path(args.from_json).with_suffix('.png')
+    fig.savefig(png, dpi=80, metadata={'Software': None})
+    print(f'wrote {png}')
+    return 0
+  from projects.streammem import evaluate  # noqa: PLC0415
+  from projects.streammem import input_pipeline  # noqa: PLC0415
+  from projects.streammem import models  # noqa: PLC0415
+
+  path, _, arg = args.config.partition(':')
+  if pathlib.Path(path).resolve() != pathlib.Path(base.__file__).resolve():
+    raise SystemExit(f'--config must be {base.__file__}:<variant>, got {args.config}')
+  config = base.get_config(arg or None)
+  input_pipeline.check_config(config)
+  if config.data.source == 'video':
+    raise SystemExit('--config: the video setup trains its model in a run; use a facts/text config')
+  lengths, budgets, seeds = _ints(args.lengths), _ints(args.budgets), _ints(args.seeds)
+  t0 = time.perf_counter()
+  model, tokenizer = models.create_model(config)
+  streamer = models.Streamer(model)
+
+  def episodes_at(length, seed):
+    c = base.get_config(arg or None)
+    c.data.update(stream_len=length, seed=seed)
+    return input_pipeline.make_episodes(c, tokenizer)(1)
+
+  data = evaluate.sweep(
+    streamer,
+    episodes_at,
+    config,
+    lengths=lengths,
+    budgets=budgets,
+    length_budget=args.length_budget,
+    budget_length=args.budget_length,
+    seeds=seeds,
+  )
+  seconds = time.perf_counter() - t0
+  name = args.name or (arg.split(',')[0] if arg else 'default')
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  record = {
+    'config': args.config,
+    'lengths': lengths,
+    'budgets': budgets,
+    'length_budget': args.length_budget,
+    'budget_length': args.budget_length,
+    'seeds': seeds,
+    'episodes_per_seed': config.data.batch_size,
+    'seconds': round(seconds, 1),
+    **data,
+  }
+  (out / f'sweep_{name}.json').write_text(json.dumps(record, indent=1, sort_keys=True) + '\n')
+  fig = figure(data, _title(record), args.length_budget, args.budget_length)
+  fig.savefig(out / f'sweep_{name}.png', dpi=80, metadata={'Software': None})
+  print(f'wrote {out}/sweep_{name}.json and .png in {seconds:.0f} s')
+  return 0
+
+
+if __name__ == '__main__':
+  raise SystemExit(main())
