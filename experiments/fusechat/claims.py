@@ -70,7 +70,7 @@ def run(seed: int, suite: str, root: pathlib.Path, *, lam: float | None = None) 
 
 
 def _targets(row: dict) -> list[str]:
-  return sorted(k.split('/')[0] for k in row if k.startswith('fused_') and k.endswith('/acc'))
+  return sorted({k.split('/')[0] for k in row if k.startswith('fused_') and k.endswith('/acc')})
 
 
 def sce_vs(others: str, key: str, *, lower_is_better: bool):
