@@ -32,6 +32,13 @@ sampled, so both sides decode every row to the full length), temperature 1, no t
   update:  `RLCluster.update_actor` on that TrainExample (one optimizer step of tunix's GRPO loss,
            beta 0, epsilon 0.2, sequence-mean-token-mean, Adam 1e-4) vs our train step with
            kl_coef 0, clip 0.2/0.2, loss_agg sequence-mean, Adam 1e-4.
+OmniOPD (arXiv 2606.01476; --omniopd_steps=S > 0, off by default): S steps of the smoke OmniOPD
+config (projects/omniopd/train.py: the warmed-up tiny student, the scripted text teacher, edit
+similarity, or MiniLM with --omniopd_similarity=embedding) in a temporary workdir, and the median
+and range over steps 2..S (step 1 compiles) of each part of a step as the loop logs it: student
+rollout, the K-way forks at the audited positions, the teacher calls, the similarity (the embedder),
+the frozen base model's forward for the KL anchor, the update, and the step's total.
+
 Work per step is equal up to two implementation choices the output states: tunix's training
 forward runs over all P+N positions and takes logits at every one, ours over P+N-1 positions
 with logits only at the N completion positions. Tokens/s count the same tokens on both sides
@@ -70,6 +77,8 @@ flags.DEFINE_integer('group', 4, 'samples per prompt (G)')
 flags.DEFINE_integer('new_tokens', 8, 'generated tokens per sample')
 flags.DEFINE_integer('steps', 12, 'timed repetitions')
 flags.DEFINE_enum('peer', 'tunix', ['tunix', 'none'], 'peer measured in the same run')
+flags.DEFINE_integer('omniopd_steps', 0, 'OmniOPD smoke steps to time (0: skip)')
+flags.DEFINE_enum('omniopd_similarity', 'edit', ['exact', 'edit', 'embedding'], 'chunk similarity')
 
 VOCAB, PROMPT_LEN = 21, 12
 
@@ -402,5 +411,50 @@ def main(argv):
     print(f'  update: {stat(upd_s[2]) / stat(upd_s[0]):.2f}x')
 
 
+OMNIOPD_PARTS = ('rollout_s', 'fork_s', 'teacher_s', 'similarity_s', 'anchor_s', 'update_s')
+
+
+def omniopd_split(steps: int, similarity: str) -> dict[str, list[float]]:
+  """{part: seconds per step, steps 2..S} of an OmniOPD smoke run (see the module docstring)."""
+  import pathlib  # noqa: PLC0415
+  import tempfile  # noqa: PLC0415
+
+  from common import config as config_lib  # noqa: PLC0415
+  from common import metrics as metrics_lib  # noqa: PLC0415
+  from projects.omniopd import train as omniopd_train  # noqa: PLC0415
+
+  root = pathlib.Path(__file__).resolve().parents[1]
+  cfg = config_lib.load(
+    f'{root}/experiments/omniopd/configs/base.py:smoke,train.num_steps={steps},train.log_every=1,'
+    f'train.eval_every=0,omniopd.similarity={similarity},checkpoint.every_steps={steps}'
+  )
+  mesh = sharding.make_mesh([('data', 1)], devices=jax.devices()[:1])
+  with tempfile.TemporaryDirectory() as d:
+    omniopd_train.train_and_evaluate(cfg, pathlib.Path(d) / 'run', mesh=mesh)
+    rows = [r for r in metrics_lib.read_jsonl(pathlib.Path(d) / 'run' / 'metrics.jsonl')]
+  rows = [r for r in rows if r['split'] == 'train' and r['step'] > 1]
+  out = {k: [float(r[k]) for r in rows] for k in OMNIOPD_PARTS}
+  out['total'] = [sum(r[k] for k in OMNIOPD_PARTS) for r in rows]
+  return out
+
+
+def print_omniopd_split(steps: int, similarity: str) -> None:
+  split = omniopd_split(steps, similarity)
+  total = statistics.median(split['total'])
+  print(f'OmniOPD step time split (smoke config, {similarity} similarity, steps 2..{steps}):')
+  for k, v in split.items():
+    med = statistics.median(v)
+    print(
+      f'  {k:<14} {med * 1e3:8.1f} ms ({min(v) * 1e3:.1f}-{max(v) * 1e3:.1f}) '
+      f'{100 * med / total:5.1f}% of the median total'
+    )
+
+
+def _main_with_omniopd(argv):
+  if FLAGS.omniopd_steps > 0:
+    print_omniopd_split(FLAGS.omniopd_steps, FLAGS.omniopd_similarity)
+  main(argv)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(_main_with_omniopd)

