@@ -34,6 +34,7 @@ and scores are f32.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import ClassVar
 
@@ -130,8 +131,9 @@ def _free(info: memory.SlotInfo, ctx: memory.Context) -> tuple[jax.Array, jax.Ar
 
 
 @dataclasses.dataclass(frozen=True)
-class Press:
-  """Base press: no preparation, no merging, heads pooled by their mean."""
+class Press(abc.ABC):
+  """Base press: no preparation, no merging, heads pooled by their mean; a press says how it
+  scores the held entries (`score`: the higher, the more it is kept)."""
 
   needs_queries: ClassVar[bool] = False
 
@@ -143,8 +145,9 @@ class Press:
     del queries, ctx
     return layer, info
 
+  @abc.abstractmethod
   def score(self, layer, info, queries, ctx) -> jax.Array:
-    raise NotImplementedError
+    """Per-entry keep scores of one layer."""
 
   def reduce_heads(self, scores: jax.Array) -> jax.Array:
     return jnp.mean(scores, axis=1, keepdims=True)
