@@ -7,8 +7,9 @@ machine's limits. The limits are measured here too: streaming-read bandwidth (a 
 over a 512 MiB float32 array, plus a numpy memcpy for reference) bounds batch-1 decoding, which
 must read every weight once per token; the `jnp.dot` f32 peak (n=2048) bounds large-batch decoding.
 
-Both sides use float32 weights (JAX: --jax_weights=float32,bfloat16 adds a bf16-weight variant; on
-this CPU XLA's bf16 matmuls are slower than f32 ones, so it is not the default) dequantized from
+Both sides use float32 weights (JAX: --jax_weights=float32,bfloat16 adds the bf16-weight opt-in,
+`sampler.cast_weights`: weight matrices stored in bf16, multiplied as bf16 x bf16 with f32
+accumulation, everything else f32; greedy agreement with JAX f32 is printed) dequantized from
 the same Q4_1 GGUF (`common.models.loader` for JAX;
 transformers' own GGUF loader, which also dequantizes to f32), greedy decoding of exactly
 --new_tokens tokens on both sides (JAX gets no stop tokens, transformers min_new_tokens; the run
@@ -19,6 +20,8 @@ load the VM.
 
   python -m benchmarks.decode                         # batch 1 and 16, 64 new tokens, 3 reps
   python -m benchmarks.decode --batches=16 --reps=5 --skip_transformers
+  python -m benchmarks.decode --batches=16,32,64 --jax_weights=float32,bfloat16 --skip_transformers \
+    --llama_cpp=f32,f16,bf16    # rollouts; batches beyond the 16 prompts repeat them
 
 llama.cpp (benchmarks/llama_cpp_peer.py: its C API through llama-cpp-python, batched greedy decoding
 as its `batched` example does, one worker process per configuration) runs the same weights written
@@ -109,8 +112,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument(
     '--jax_weights',
     default='float32',
-    help='comma-separated JAX variants: weights (and compute) in this dtype; each is timed in the '
-    'same run (bfloat16 halves the bytes each decode step streams; transformers stays float32)',
+    help='comma-separated JAX variants: weight matrices stored in this dtype, f32 compute '
+    '(sampler.cast_weights); each is timed in the same run (transformers stays float32)',
   )
   p.add_argument('--skip_transformers', action='store_true')
   p.add_argument(
@@ -194,10 +197,12 @@ class JaxSide:
   def __init__(self, args, prompt_ids, dtype: str = 'float32'):
     jax.config.update('jax_compilation_cache_dir', str(cache_lib.cache_dir('jax_cache')))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
-    self.dtype = dtype
-    self.model, self.cfg, self.tok = loader.load_pretrained(args.model, dtype=dtype)
-    if dtype != 'float32':
-      self.model = sampler.cast_weights(self.model, dtype)
+    self.dtype = self.weights = dtype  # the variant's label: the weights' storage dtype
+    # f32 compute (activations, KV cache, attention, norms, logits) on every variant; a non-f32
+    # variant stores the weight matrices in `dtype` (`sampler.cast_weights`: the bf16 opt-in).
+    self.model, self.cfg, self.tok = loader.load_pretrained(args.model)
+    if self.weights != 'float32':
+      self.model = sampler.cast_weights(self.model, self.weights)
     self.prompt_ids = prompt_ids
     self.config = sampler.SamplingConfig(
       max_new_tokens=args.new_tokens, temperature=0.0, pad_id=self.tok.pad_id or 0
@@ -352,14 +357,14 @@ def _med_range(xs, digits=1):
 def main(argv=None) -> int:
   args = parse_args(argv)
   batches = [int(b) for b in args.batches.split(',') if b]
-  if max(batches) > len(PROMPTS):
-    print(f'error: at most {len(PROMPTS)} prompts', file=sys.stderr)
-    return 2
   t0 = time.perf_counter()
   load_start = os.getloadavg()[0]
   jaxes = [JaxSide(args, None, d) for d in args.jax_weights.split(',') if d]
   jx = jaxes[0]
+  # Batches beyond the 16 prompts repeat them (the RL regime: prompts x group size); each row is
+  # still decoded as its own sequence on every side.
   prompt_ids = [jx.tok.encode_chat([{'role': 'user', 'content': p}]) for p in PROMPTS]
+  prompt_ids = [prompt_ids[i % len(prompt_ids)] for i in range(max(batches + [len(PROMPTS)]))]
   for side in jaxes:
     side.prompt_ids = prompt_ids
   pad = jx.tok.pad_id or 0
@@ -374,7 +379,7 @@ def main(argv=None) -> int:
 
   n = args.new_tokens
   params = sum(x.size for x in jax.tree.leaves(nnx.state(jx.model, nnx.Param)))
-  weight_bytes = {f'jax-{s.dtype}': jnp.dtype(s.dtype).itemsize * params for s in jaxes}
+  weight_bytes = {f'jax-{s.dtype}': jnp.dtype(s.weights).itemsize * params for s in jaxes}
   weight_bytes.update({f'hf{th.threads}': 4 * params for th in torches})
   weight_bytes.update({ls.label: ls.weight_bytes for ls in llamas})
   impls = list(weight_bytes)
@@ -382,6 +387,7 @@ def main(argv=None) -> int:
   agree = {}  # (JAX dtype, batch) -> (tokens equal to transformers', tokens compared, rows all equal)
   stops = set(jx.tok.stop_ids)
   llama_agree = {}  # (llama.cpp label, batch) -> agreement with JAX float32 over all N tokens
+  jax_agree = {}  # (JAX dtype, batch) -> agreement of that weight variant with JAX float32
   counts = {}  # impl -> set of tokens generated per row seen (must be {N}: same work on both sides)
   for b in batches:
     for side in jaxes:
@@ -399,6 +405,8 @@ def main(argv=None) -> int:
         r = jruns[side.dtype] = side.run(b)
         _record(rec[f'jax-{side.dtype}'], r, prompt_tokens, b * n)  # n forward passes
         counts.setdefault(f'jax-{side.dtype}', set()).update(r.lengths.tolist())
+        if side.dtype != 'float32' and 'float32' in jruns and (side.dtype, b) not in jax_agree:
+          jax_agree[side.dtype, b] = _agreement(jruns['float32'].tokens, r.tokens, set())
       for th in torches:
         r = th.run(b)
         _record(rec[f'hf{th.threads}'], r, prompt_tokens, b * (n - 1))  # n - 1 forward passes
@@ -450,6 +458,11 @@ def main(argv=None) -> int:
       f'Batch-{b} greedy tokens, JAX {dtype} vs transformers: {same}/{total} equal before each '
       f"row's first JAX stop token; {rows}/{b} rows equal throughout that span."
     )
+  for (dtype, b), (same, total, rows) in jax_agree.items():
+    print(
+      f'Batch-{b} greedy tokens, JAX float32 vs JAX {dtype} weights: {same}/{total} equal (prefix '
+      f'of each row up to its first difference); {rows}/{b} rows equal throughout.'
+    )
   for (label, b), (same, total, rows) in llama_agree.items():
     print(
       f'Batch-{b} greedy tokens, JAX float32 vs {label}: {same}/{total} equal; {rows}/{b} rows '
@@ -457,10 +470,11 @@ def main(argv=None) -> int:
     )
   print(
     '\n| impl | batch | prefill tok/s | decode tok/s | vs best transformers (paired range) '
-    '| vs best llama.cpp (paired range) | decode CPU ms/token | CPU-time ratio '
+    '| vs best llama.cpp (paired range) | vs llama.cpp f32 (paired range) | decode CPU ms/token '
+    '| CPU-time ratio '
     '| weight read GB/s (/ read bw) | GFLOP/s (/ dot peak) |'
   )
-  print('|---|---|---|---|---|---|---|---|---|---|')
+  print('|---|---|---|---|---|---|---|---|---|---|---|')
   flops_per_token = 2 * params + 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * 64
   for b in batches:
     hfs = [i for i in impls if i.startswith('hf')]
@@ -468,10 +482,12 @@ def main(argv=None) -> int:
     cpu_best = min((statistics.median(results[b][i][2]) for i in hfs), default=None)
     lls = [i for i in impls if i.startswith('llama.cpp')]
     best_ll = max(lls, key=lambda i: statistics.median(results[b][i][1]), default=None)
+    f32s = [i for i in lls if i.startswith('llama.cpp f32')]
+    best_f32 = max(f32s, key=lambda i: statistics.median(results[b][i][1]), default=None)
     for impl in impls:
       pre, dec, cpu = results[b][impl]
       med = statistics.median(dec)
-      ratio = ll_ratio = cpu_ratio = ''
+      ratio = ll_ratio = f32_ratio = cpu_ratio = ''
       if impl.startswith('jax') and best:
         paired = [j / h for j, h in zip(dec, results[b][best][1], strict=True)]
         ratio = f'**{med / statistics.median(results[b][best][1]):.2f}x** ({_range(paired)})'
@@ -479,16 +495,21 @@ def main(argv=None) -> int:
       if impl.startswith('jax') and best_ll:
         paired = [j / h for j, h in zip(dec, results[b][best_ll][1], strict=True)]
         ll_ratio = f'**{med / statistics.median(results[b][best_ll][1]):.2f}x** ({_range(paired)})'
+      if impl.startswith('jax') and best_f32:
+        paired = [j / h for j, h in zip(dec, results[b][best_f32][1], strict=True)]
+        f32_ratio = f'{med / statistics.median(results[b][best_f32][1]):.2f}x ({_range(paired)})'
       gbs = weight_bytes[impl] * med / b / 1e9  # one weight read per forward pass
       gflops = flops_per_token * med / 1e9
       if impl.startswith('jax'):
-        name = f'JAX (common.sampling), {impl[4:]} weights'
+        name = f'JAX (common.sampling), {impl[4:]} weights' + (
+          '' if impl == 'jax-float32' else ', f32 compute'
+        )
       elif impl.startswith('hf'):
         name = f'transformers.generate, {impl[2:]} thr'
       else:
         name = impl
       print(
-        f'| {name} | {b} | {_med_range(pre)} | {_med_range(dec)} | {ratio} | {ll_ratio} '
+        f'| {name} | {b} | {_med_range(pre)} | {_med_range(dec)} | {ratio} | {ll_ratio} | {f32_ratio} '
         f'| {_med_range(cpu, 2)} | {cpu_ratio} '
         f'| {gbs:.1f} ({gbs / read_bw:.2f}) | {gflops:.1f} ({gflops / peak:.2f}) |'
       )

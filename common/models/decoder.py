@@ -178,11 +178,46 @@ class Linear(nnx.Linear):
   """
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
+    if self.kernel[...].dtype == jnp.bfloat16:
+      return self._bf16_weights(inputs)
     if inputs.ndim <= 2:
       return super().__call__(inputs)
     lead = inputs.shape[:-1]
     out = super().__call__(inputs.reshape(math.prod(lead), inputs.shape[-1]))
     return out.reshape(*lead, out.shape[-1])
+
+  def _bf16_weights(self, inputs: jax.Array) -> jax.Array:
+    """Kernel stored in bf16 (`common.sampling.sampler.cast_weights`): see `bf16_matmul`."""
+    lead = inputs.shape[:-1]
+    out_dtype = self.dtype or inputs.dtype
+    y = bf16_matmul(inputs.reshape(math.prod(lead), inputs.shape[-1]), self.kernel[...])
+    if self.bias is not None:
+      y = y + self.bias[...].astype(jnp.float32)
+    return y.astype(out_dtype).reshape(*lead, y.shape[-1])
+
+
+def bf16_matmul(x: jax.Array, w: jax.Array, *, vocab_major: bool = False) -> jax.Array:
+  """f32 [rows, n] = x [rows, d] @ w, w stored in bf16: x rounded to bf16, f32 accumulation.
+
+  The one low-precision form XLA:CPU (jax 0.10.2) runs fast (benchmarks/low_precision_matmul.py):
+  a bf16 x bf16 -> f32 dot with at least 2 rows goes to YNNPACK's AVX512-BF16 / AMX-BF16 kernels
+  (0.52x the f32 time at 16 rows). Every other form (a bf16 result, an up-cast weight, or one
+  row, which stays on XLA's own f32 matrix-vector loop) converts the whole weight to f32 on every
+  call, 2-6x slower than f32, and some fail at run time (DotThunk BF16 x BF16 = F32). So a single
+  row is multiplied as two equal rows and the first kept. vocab_major: w is [n, d] (the tied
+  embedding table), else [d, n].
+  """
+  rows = x.shape[0]
+  xb = x.astype(jnp.bfloat16)
+  if rows == 1:
+    xb = jnp.concatenate([xb, xb], axis=0)
+  if not vocab_major:
+    y = jnp.dot(xb, w, preferred_element_type=jnp.float32)
+  elif 4 <= xb.shape[0] <= _VOCAB_MAJOR_MAX_ROWS:  # as the f32 head: [V, d] @ h^T, transposed
+    y = jnp.einsum('vd,nd->vn', w, xb, preferred_element_type=jnp.float32).T
+  else:
+    y = jnp.einsum('nd,vd->nv', xb, w, preferred_element_type=jnp.float32)
+  return y[:rows]
 
 
 def _linear(cfg: DecoderConfig, d_in: int, d_out: int, names, *, bias=False, rngs) -> nnx.Linear:
@@ -630,15 +665,20 @@ class Decoder(nnx.Module):
     """f32 logits [..., padded_vocab] from hidden states; padded entries are MASKED_LOGIT."""
     dtype = self.cfg.compute_dtype
     if self.lm_head is None:
-      table = self.embed.embedding[...].astype(dtype)
+      table = self.embed.embedding[...]
       rows = math.prod(h.shape[:-1])
-      if rows <= _VOCAB_MAJOR_MAX_ROWS:
+      if table.dtype == jnp.bfloat16:  # stored in bf16 (sampler.cast_weights): see `bf16_matmul`
+        flat = h.reshape(rows, h.shape[-1])
+        logits = bf16_matmul(flat, table, vocab_major=True).reshape(*h.shape[:-1], table.shape[0])
+      elif rows <= _VOCAB_MAJOR_MAX_ROWS:
+        table = table.astype(dtype)
         # Decoding (a few rows): XLA:CPU runs table @ h^T 2x faster than h @ table^T at 16 rows
         # (measured on SmolLM2's 49152 x 576 table); the [V, rows] -> [rows, V] transpose is tiny.
         flat = h.reshape(rows, h.shape[-1]).astype(dtype)
         logits = jnp.einsum('vd,nd->vn', table, flat, preferred_element_type=jnp.float32)
         logits = logits.T.reshape(*h.shape[:-1], table.shape[0])
       else:  # One 2-D matmul (see `Linear`): [rows, d] x [V, d]^T.
+        table = table.astype(dtype)
         flat = h.reshape(rows, h.shape[-1]).astype(dtype)
         logits = jnp.einsum('nd,vd->nv', flat, table, preferred_element_type=jnp.float32)
         logits = logits.reshape(*h.shape[:-1], table.shape[0])

@@ -23,6 +23,8 @@ What callers get, and why it is shaped this way:
 - Streaming: `generate_chunks` hands out the tokens every `chunk` decode steps (the same loop body,
   stopped and resumed with its donated carry) and ends with exactly what `generate` returns.
 
+Reduced-precision weights for batched rollouts: `cast_weights(model, jnp.bfloat16)` (opt-in).
+
 Compiles are keyed on (model graph, batch, bucketed prompt length, max_new_tokens, top-k/top-p, stop
 lists, greedy or not); the temperature schedule is a traced array, so changing it never recompiles.
 Prompt lengths are rounded up to `prompt_bucket` so varying prompts reuse one program.
@@ -650,13 +652,16 @@ def generate_chunks(
 
 
 def cast_weights(model: nnx.Module, dtype: Any) -> nnx.Module:
-  """A copy of `model` whose floating parameters are stored in `dtype` (e.g. bfloat16).
+  """A copy of `model` whose floating weight matrices are stored in `dtype` (e.g. bfloat16).
 
-  Halving the bytes of the weights would be the batch-1 lever on CPU if the matmuls read them in
-  bf16; on XLA:CPU (jax 0.10.2) they do not: a bf16 dot with a bf16 result, an f16 dot, an
-  explicit up-cast and every M = 1 dot convert the whole weight to f32 on each call, 2-6x slower
-  than f32 (`benchmarks/low_precision_matmul.py`; WORKSPACE "Reduced-precision weights"). Keep the
-  f32 model for training and for batch-1 decoding.
+  The opt-in for batched rollouts: with bf16 matrices (norm scales and biases stay f32, the
+  compute dtype, KV cache, attention, norms and logits stay as configured), every projection and
+  the tied LM head multiply as bf16 x bf16 with f32 accumulation (`decoder.bf16_matmul`), which
+  XLA:CPU sends to YNNPACK's AVX512-BF16 / AMX kernels: about half the f32 matmul time at 16-64
+  rows on the Intel VM (`benchmarks/decode.py --jax_weights=float32,bfloat16`). Not bitwise f32
+  (weights and activations are rounded to bf16 before each matmul); at one row it is no faster
+  than f32 (the weight is re-packed on every call), so keep the f32 model for batch-1 decoding,
+  training and anything compared bitwise.
   """
   graphdef, state = nnx.split(model)
   dtype = jnp.dtype(dtype)
@@ -664,7 +669,8 @@ def cast_weights(model: nnx.Module, dtype: Any) -> nnx.Module:
   @jax.jit
   def cast(state):
     return jax.tree.map(
-      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.ndim >= 2 else x,
+      state,
     )
 
   return nnx.merge(graphdef, cast(state))

@@ -292,3 +292,45 @@ def test_sharded_generation_matches_unsharded(lm, prompts):
   np.testing.assert_array_equal(gen.tokens, ref.tokens)
   _close(gen.logprobs, ref.logprobs)
   _close(gen.entropies, ref.entropies, atol=1e-4)
+
+
+def test_bf16_weights_multiply_bf16_inputs_with_f32_accumulation(lm):
+  # cast_weights stores the weight matrices in bf16 (norm scales stay f32); every projection and
+  # the tied head then multiply bf16-rounded inputs by the bf16 weights with an f32 result, at any
+  # row count (one row is multiplied as two equal rows: the same row up to f32 rounding).
+  model = sampler.cast_weights(lm.model, jnp.bfloat16)
+  state = nnx.state(model)
+  dtypes = {str(path): x.dtype for path, x in jax.tree_util.tree_leaves_with_path(state)}
+  assert any(d == jnp.bfloat16 for d in dtypes.values())
+  assert all(d == jnp.float32 for p, d in dtypes.items() if 'scale' in p), dtypes
+  lin = model.layers[0].mlp.up_proj
+  w = np.asarray(lin.kernel[...].astype(jnp.float32), np.float64)
+  x = jax.random.normal(jax.random.key(1), (5, w.shape[0]))
+  xb = np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+  for rows in (1, 2, 5):
+    y = jax.jit(lambda x: lin(x))(x[:rows])
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y), xb[:rows] @ w, rtol=1e-5, atol=1e-5)
+  table = np.asarray(model.embed.embedding[...].astype(jnp.float32), np.float64)
+  h = jax.random.normal(jax.random.key(2), (3, 1, table.shape[1]))
+  hb = np.asarray(h.astype(jnp.bfloat16).astype(jnp.float32), np.float64)[:, 0]
+  logits = np.asarray(jax.jit(model.logits_from_hidden)(h))[:, 0, : lm.config.vocab_size]
+  np.testing.assert_allclose(
+    logits, (hb @ table.T)[:, : lm.config.vocab_size], rtol=1e-5, atol=1e-5
+  )
+  one = np.asarray(jax.jit(model.logits_from_hidden)(h[:1]))
+  np.testing.assert_allclose(one[0, 0, : lm.config.vocab_size], logits[0], rtol=1e-6, atol=1e-6)
+
+
+def test_bf16_weights_generation_matches_its_own_full_forward(lm, prompts):
+  # The bf16-weight model decodes what its own full forward pass computes (up to the different
+  # kernels' f32 rounding), batched and alone, and stays close to the f32 model.
+  model = sampler.cast_weights(lm.model, jnp.bfloat16)
+  gen = _generate(model, prompts, GREEDY, key=None)
+  ref = _reference(model, prompts, gen)
+  np.testing.assert_array_equal(gen.tokens, ref.argmax(-1))
+  _close(gen.logprobs, ref.max(-1), atol=1e-4)
+  alone = _generate(model, prompts[:1], GREEDY, key=None)
+  np.testing.assert_array_equal(alone.tokens[0], gen.tokens[0])
+  f32 = _reference(lm.model, prompts, gen)
+  np.testing.assert_allclose(_pick(ref, gen.tokens), _pick(f32, gen.tokens), atol=0.1)
