@@ -252,6 +252,9 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+# Slow: two JAX processes compile the whole loop (about 50 s of CPU); the default suite keeps
+# tests/lm_pretrain's two-process test as its multi-host check.
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_match_one(tmp_path):
   """The loop as 2 processes x 4 CPU devices (gloo) == 1 process x 8 devices, same mesh (2, 2, 2):
