@@ -11,14 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import dataclasses
-import functools
 from typing import Any
 
 import ml_collections
 import numpy as np
 
-from common import data
-from common.datasets import reasoning_gym as rgd
 from common.models import loader
 from common.models import tokenizer as tokenizer_lib
 from common.rl import curriculum
@@ -26,49 +23,6 @@ from common.rl import rollout
 from common.rl import tasks
 
 Prompt = curriculum.Prompt
-
-# SmolLM2's mix for OmniOPD: the shared mix's starting pass rate (0.025 at T = 1, measured by EAD)
-# is below the 10-60% window, so single-operation questions with small operands (README: the
-# measured starting pass rates).
-OMNIOPD_SMOLLM2_TASKS = (
-  rgd.TaskSpec.make('chain_sum', 1000, 100, min_terms=2, max_terms=2, min_digits=1, max_digits=2),
-  rgd.TaskSpec.make(
-    'basic_arithmetic',
-    1000,
-    100,
-    min_terms=2,
-    max_terms=2,
-    min_digits=1,
-    max_digits=2,
-    operators=('+', '-'),
-    allow_parentheses=False,
-    allow_negation=False,
-  ),
-)
-TASK_SETS = {**tasks.TASK_SETS, 'omniopd_smollm2': OMNIOPD_SMOLLM2_TASKS}
-
-
-def load_examples(task_set: str, split: str, seed: int = 0) -> list[dict[str, Any]]:
-  """The shared task sets (common.rl.tasks) plus OmniOPD's own, as dicts of str fields."""
-  if task_set in tasks.TASK_SETS:
-    return tasks.load_examples(task_set, split, seed)
-  return [dict(r) for r in _load(task_set, split, seed)]
-
-
-@functools.cache
-def _load(task_set: str, split: str, seed: int) -> tuple[dict[str, Any], ...]:
-  if task_set not in TASK_SETS:
-    raise ValueError(f'unknown task set {task_set!r}; expected one of {sorted(TASK_SETS)}')
-  specs = TASK_SETS[task_set]
-  digest = rgd.make_config(specs, seed=seed).name[-6:]
-  cfg = rgd.make_config(specs, seed=seed, name=f'rlvr_{task_set}_s{seed}_{digest}')
-  source = data.tfds_source(rgd.ReasoningGym(config=cfg, data_dir=str(data.data_dir())), split)
-  rows = []
-  for i in range(len(source)):
-    row = source[i]
-    text = lambda v: v.decode('utf-8') if isinstance(v, bytes) else str(v)  # noqa: E731
-    rows.append({k: (int(v) if k == 'index' else text(v)) for k, v in row.items()})
-  return tuple(sorted(rows, key=lambda r: r['index']))
 
 
 @dataclasses.dataclass
@@ -111,8 +65,8 @@ def _subset(items: list, n: int) -> list:
 def make_task(config: ml_collections.ConfigDict) -> Task:
   """The task of config.data and config.model.kind ('tiny': characters; else the model's chat)."""
   d = config.data
-  train_ex = _subset(load_examples(d.task_set, 'train', d.seed), d.max_train)
-  test_ex = _subset(load_examples(d.task_set, 'test', d.seed), d.max_eval)
+  train_ex = _subset(tasks.load_examples(d.task_set, 'train', d.seed), d.max_train)
+  test_ex = _subset(tasks.load_examples(d.task_set, 'test', d.seed), d.max_eval)
   if config.model.kind == 'tiny':
     tok = tasks.CharTokenizer()
     render = lambda ex: tok.encode(tasks.expression_prompt(ex))  # noqa: E731

@@ -24,7 +24,7 @@ Variants:
          was run first: README); evaluation at steps 0, 20, 40 on the 234 held-out prompts
          (greedy accuracy, repetition loops). About 10-30 s per arm on 2 cores once compiled.
   smollm2: SmolLM2-135M-Instruct student (python -m common.assets fetch smollm2) on OmniOPD's
-         SmolLM2 mix (input_pipeline.OMNIOPD_SMOLLM2_TASKS: a +/- b with 1-2 digit operands, as
+         SmolLM2 mix (common.rl.tasks.SMOLLM2_EASY_TASKS: a +/- b with 1-2 digit operands, as
          chain_sum and basic_arithmetic questions) in its chat template, where the measured
          starting greedy accuracy is 0.15 on 40 held-out questions and pass@1 0.10 at the rollout
          temperature 0.6 (0.013 at 1.0; experiments/omniopd/pass_rate.py); 8 prompts per step,
@@ -92,7 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 20
   if variant == 'smollm2':
     c.model.update(kind='pretrained', name='smollm2')
-    c.data.update(task_set='omniopd_smollm2', max_eval=100)
+    c.data.update(task_set='smollm2_easy', max_eval=100)
     c.teacher.update(kind='lm', name='qwen2_5_coder_0_5b', max_new_tokens=24)
     c.omniopd.update(audits=3, chunk_len=8, similarity='embedding')
     c.rl.update(
