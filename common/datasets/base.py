@@ -14,6 +14,7 @@ common.data re-exports these functions for the input pipelines.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import fcntl
 import inspect
@@ -53,9 +54,9 @@ class ArrayRecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     kwargs.setdefault('file_format', 'array_record')  # tfrecord (tfds' default) needs TensorFlow
     super().__init__(**kwargs)
 
+  @abc.abstractmethod
   def _features(self) -> tfds.features.FeaturesDict:
-    """The examples' features."""
-    raise NotImplementedError(f'{type(self).__name__} must define _features')
+    """The examples' features (every data set defines them)."""
 
   def _info(self) -> tfds.core.DatasetInfo:
     # A builder in an ordinary module (not a tfds dataset folder) builds its DatasetInfo directly.
