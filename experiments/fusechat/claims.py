@@ -23,7 +23,11 @@ accuracy (code-ish string tasks, R documentation cloze; 4 choices) and nats per 
 
 Budgets: smoke, 3 seeds x (FuseChat + the CLM control) + 2 invariant runs of the tiny members
 (their pretraining is cached after the first use); see projects/fusechat/README.md for the measured
-time. full: one seed of the real setting (hours on 2 shared cores; resumable).
+time. full: one seed of the real setting (hours on 2 shared cores; resumable). The runs of one
+process share what does not depend on the seed or on lambda, bitwise: the pivot's and the sources'
+evaluations, the two identical lambda = 1 copies' evaluation, a seed's aligned teachers and the
+traced update step (projects/fusechat/{evaluate,input_pipeline,train}.py); the CLM control merges
+nothing (no claim reads its merges).
 """
 
 from __future__ import annotations
@@ -65,7 +69,10 @@ def run(seed: int, suite: str, root: pathlib.Path, *, lam: float | None = None) 
       args.append(f'fuse.lam={lam}')
     if suite == 'smoke':  # fresh workdirs per suite run: only the final checkpoint is of use
       args.append('checkpoint.every_steps=1000000')
-    train.train_and_evaluate(base.get_config(','.join(args)), str(workdir))
+    config = base.get_config(','.join(args))
+    if lam is not None:  # a control: only its fused targets are compared, its merges are not
+      config.merge.methods = ()
+    train.train_and_evaluate(config, str(workdir))
   return json.loads((workdir / 'results.json').read_text())['eval']
 
 

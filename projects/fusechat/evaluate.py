@@ -11,6 +11,12 @@ tokenizer, so pivot, fused targets, merges and the sources themselves are compar
                        windows: the first eval.ppl_chars characters of eval.ppl_docs held-out
                        code documents (eval seed) and R documentation validation pages.
 
+Evaluations are memoised in the process (`Evaluator.__call__`): the key is the digest of the
+model's whole state and configuration, of the evaluation rows its tokenizer gives, of config.eval
+and of the mesh, so a model evaluated again bitwise unchanged (the pivot and the sources in every
+run of a suite, the fused targets of a lambda = 1 run, which are identical copies) is not
+recomputed; a model that differs in any bit is.
+
 `merges(base, targets, config)` builds each merge of the fused targets' parameters
 (`common.merging`): sce (FuseChat's select / calculate / erase, density merge.sce_density),
 linear (the average of the targets), task_arithmetic (base + merge.ta_scale * sum of deltas), ties
@@ -22,8 +28,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from collections.abc import Sequence
+import hashlib
+import json
 import math
 
+from flax import nnx
 import jax
 import ml_collections
 import numpy as np
@@ -34,6 +43,29 @@ from common.models import perplexity
 from projects.fusechat import corpora
 
 SKILLS = ('code', 'text')
+_MEMO: dict[str, dict[str, float]] = {}  # Evaluator.__call__'s results, by evaluation key
+
+
+def tree_digest(tree, salt: str = '') -> str | None:
+  """Hash of `salt` and a pytree's leaves (paths, shapes, dtypes, bytes); None when a leaf is not
+  all in this process (then nothing is memoised on it)."""
+  h = hashlib.sha256(salt.encode())
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if not getattr(leaf, 'is_fully_addressable', True):
+      return None
+    if jax.dtypes.issubdtype(getattr(leaf, 'dtype', None), jax.dtypes.prng_key):
+      leaf = jax.random.key_data(leaf)
+    x = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
+    h.update(f'{jax.tree_util.keystr(path)}|{x.dtype}|{x.shape}'.encode())
+    h.update(x.tobytes())
+  return h.hexdigest()
+
+
+def model_digest(model) -> str | None:
+  """`tree_digest` of a model's whole state, salted with its type and configuration."""
+  return tree_digest(
+    nnx.state(model), f'{type(model).__qualname__}|{getattr(model, "cfg", None)!r}'
+  )
 
 
 def choice_windows(
@@ -88,6 +120,8 @@ class Evaluator:
     }
     self.bytes = {k: sum(len(t.encode()) for t in v) for k, v in self.texts.items()}
     self._windows: dict[int, dict] = {}
+    mesh_key = None if mesh is None else (dict(mesh.shape), [d.id for d in mesh.devices.flat])
+    self._key = json.dumps([e.to_dict(), mesh_key, repr(self.rules)], sort_keys=True, default=str)
 
   def windows(self, tok) -> dict:
     """Every set's rows for `tok`, right-padded to one width (one compiled program per width)."""
@@ -99,20 +133,34 @@ class Evaluator:
         docs = [tok.encode(t, add_bos=False) for t in v]
         sets[f'ppl/{k}'] = perplexity.windows(docs, self.seq_len, start_id=start)
       width = max(w.tokens.shape[1] for w in sets.values())
-      self._windows[key] = {
-        'tok': tok,  # keeps id(tok) unique while cached
-        **{
-          name: perplexity.Windows(
-            np.pad(w.tokens, ((0, 0), (0, width - w.tokens.shape[1]))),
-            np.pad(w.mask, ((0, 0), (0, width - w.mask.shape[1]))),
-          )
-          for name, w in sets.items()
-        },
+      padded = {
+        name: perplexity.Windows(
+          np.pad(w.tokens, ((0, 0), (0, width - w.tokens.shape[1]))),
+          np.pad(w.mask, ((0, 0), (0, width - w.mask.shape[1]))),
+        )
+        for name, w in sorted(sets.items())
       }
+      h = hashlib.sha256(self._key.encode())
+      for name, w in padded.items():
+        h.update(f'{name}|{w.tokens.shape}'.encode())
+        h.update(np.ascontiguousarray(w.tokens).tobytes())
+        h.update(np.ascontiguousarray(w.mask).tobytes())
+      # 'tok' keeps id(tok) unique while cached; 'key': what the rows and config.eval give.
+      self._windows[key] = {'tok': tok, 'key': h.hexdigest(), **padded}
     return self._windows[key]
 
   def __call__(self, model, tok) -> dict[str, float]:
+    """{'code/acc', ..., 'nll_byte'} of `model` with its tokenizer `tok` (memoised: see above)."""
     w = self.windows(tok)
+    digest = model_digest(model)
+    if digest is None:
+      return self._evaluate(model, w)
+    key = f'{w["key"]}|{digest}'
+    if key not in _MEMO:
+      _MEMO[key] = self._evaluate(model, w)
+    return dict(_MEMO[key])
+
+  def _evaluate(self, model, w: dict) -> dict[str, float]:
     out = {}
     for k in SKILLS:
       nll, _ = perplexity.row_nll(

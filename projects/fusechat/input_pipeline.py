@@ -159,10 +159,46 @@ def fusion_base(config: ml_collections.ConfigDict, pivot: models.Member) -> Fusi
   return FusionData(tokens, mask, texts, {}, rows, own, own_ids, own_probs)
 
 
+_TEACHERS: dict[str, SourceTeacher] = {}  # add_source's results in this process, by their inputs
+
+
 def add_source(
   config: ml_collections.ConfigDict, data: FusionData, pivot: models.Member, src: models.Member
 ) -> SourceTeacher:
-  """The source's aligned MinCE teacher on `data` (added to data.teachers and returned)."""
+  """The source's aligned MinCE teacher on `data` (added to data.teachers and returned).
+
+  Memoised in the process on what it reads (the source's name, the two members' fingerprints, the cut texts,
+  fuse.topk / seq_len / fusion, eval.batch_size): runs that differ only in what follows, e.g. a
+  seed's fusion run and its lambda = 1 control, share one alignment. The arrays are read-only.
+  """
+  f = config.fuse
+  key = _digest(
+    src.name,
+    src.fingerprint(),
+    pivot.fingerprint(),
+    data.texts,
+    [f.topk, f.seq_len, f.fusion, config.eval.batch_size],
+  )
+  if key not in _TEACHERS:
+    _TEACHERS[key] = _source_teacher(config, data, pivot, src)
+  teacher = _TEACHERS[key]
+  data.teachers[src.name] = teacher
+  logging.info(
+    'source %s: %.1f%% of pivot tokens one-to-one aligned, %d of %d source tokens mapped, '
+    'MinCE picked the source on %d of %d texts',
+    src.name,
+    100 * teacher.aligned_frac,
+    int((teacher.mapping >= 0).sum()),
+    len(teacher.mapping),
+    int(teacher.chosen.sum()),
+    len(teacher.chosen),
+  )
+  return teacher
+
+
+def _source_teacher(
+  config: ml_collections.ConfigDict, data: FusionData, pivot: models.Member, src: models.Member
+) -> SourceTeacher:
   f = config.fuse
   rows, texts = data.rows, data.texts
   n, width = len(rows), f.seq_len
@@ -190,19 +226,9 @@ def add_source(
   ids = np.where(chosen[:, None, None], ids, data.own_ids)
   probs = np.where(chosen[:, None, None], probs, data.own_probs)
   frac = sum(len(a) for a in aligned) / max(1, sum(len(r) for r in rows))
-  teacher = SourceTeacher(src.name, ids, probs, mapping, float(frac), chosen)
-  data.teachers[src.name] = teacher
-  logging.info(
-    'source %s: %.1f%% of pivot tokens one-to-one aligned, %d of %d source tokens mapped, '
-    'MinCE picked the source on %d of %d texts',
-    src.name,
-    100 * frac,
-    int((mapping >= 0).sum()),
-    len(mapping),
-    int(chosen.sum()),
-    n,
-  )
-  return teacher
+  for a in (ids, probs, mapping, chosen):
+    a.setflags(write=False)
+  return SourceTeacher(src.name, ids, probs, mapping, float(frac), chosen)
 
 
 def make_fusion_data(
