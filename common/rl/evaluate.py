@@ -1,14 +1,20 @@
-"""Evaluation for RL with verifiable rewards: greedy pass@1 on held-out prompts (overall and per
-cluster), and the per-prompt pass rates of the difficulty curriculum."""
+"""Evaluation for RL with verifiable rewards: greedy decoding of held-out prompts (`greedy`: each
+prompt's reward and completion; `greedy_pass_at_1` overall and per cluster), the per-prompt pass
+rates of the difficulty curriculum, and a finished run's curves from its metrics.jsonl
+(`run_summary`)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from collections.abc import Sequence
+import dataclasses
+import pathlib
 
 from flax import nnx
 import jax
 import numpy as np
 
+from common import metrics
 from common import sharding
 from common import train_loop
 from common.rl import rollout as rollout_lib
@@ -22,7 +28,15 @@ def _chunks(prompts: Sequence[rollout_lib.Prompt], size: int):
     yield chunk + [chunk[-1]] * (size - real), real
 
 
-def greedy_pass_at_1(
+@dataclasses.dataclass(frozen=True)
+class Greedy:
+  """One prompt's greedy response: its sequence reward and its completion tokens (stop included)."""
+
+  reward: float
+  tokens: np.ndarray  # int [length]
+
+
+def greedy(
   model: nnx.Module,
   prompts: Sequence[rollout_lib.Prompt],
   *,
@@ -31,9 +45,9 @@ def greedy_pass_at_1(
   rewards: rollout_lib.RewardSource,
   mesh: jax.sharding.Mesh,
   rules: sharding.Rules,
-) -> dict[str, float]:
-  """Greedy pass@1 (reward >= 1) overall and per cluster, in chunks of `batch` prompts."""
-  correct: list[float] = []
+) -> list[Greedy]:
+  """Greedy decoding (temperature 0) of every prompt in chunks of `batch` prompts, in order."""
+  out: list[Greedy] = []
   for chunk, real in _chunks(prompts, batch):
     ro = rollout_lib.rollout(
       model,
@@ -46,7 +60,19 @@ def greedy_pass_at_1(
       rules=rules,
       temperature=0.0,
     )
-    correct.extend((ro.rewards[:real, 0] >= 1.0).astype(float).tolist())
+    out.extend(
+      Greedy(float(ro.rewards[i, 0]), ro.completion[i, : int(ro.lengths[i])]) for i in range(real)
+    )
+  return out
+
+
+def greedy_pass_at_1(
+  model: nnx.Module, prompts: Sequence[rollout_lib.Prompt], **kw
+) -> dict[str, float]:
+  """Greedy pass@1 (reward >= 1) overall and per cluster; `kw`: `greedy`'s keywords (batch,
+  sampling, rewards, mesh, rules)."""
+  done = greedy(model, prompts, **kw)
+  correct = [float(g.reward >= 1.0) for g in done]
   out = {'pass_at_1': float(np.mean(correct)) if correct else 0.0}
   by: dict[str, list[float]] = {}
   for p, c in zip(prompts, correct, strict=True):
@@ -84,3 +110,19 @@ def pass_rates(
     for p, r in zip(chunk[:real], ro.rewards[:real], strict=True):
       out[p.uid] = float(np.mean(r >= 1.0))
   return out
+
+
+def run_summary(workdir: str | pathlib.Path, train_keys: Mapping[str, str]) -> dict:
+  """A finished RL run's curves from its metrics.jsonl: {'train_steps', one list per
+  `train_keys` item (name: the train rows' key), 'eval_steps', 'eval': {key: [values]}} (an eval
+  row without a key gives NaN)."""
+  rows = metrics.read_jsonl(pathlib.Path(workdir) / 'metrics.jsonl')
+  train = [r for r in rows if r['split'] == 'train']
+  evals = [r for r in rows if r['split'] == 'eval']
+  keys = sorted({k for r in evals for k in r if k not in ('step', 'split')})
+  return {
+    'train_steps': [r['step'] for r in train],
+    **{name: [r[key] for r in train] for name, key in train_keys.items()},
+    'eval_steps': [r['step'] for r in evals],
+    'eval': {k: [r.get(k, float('nan')) for r in evals] for k in keys},
+  }

@@ -19,7 +19,6 @@ import pathlib
 import jax
 import numpy as np
 
-from common import metrics
 from common import sharding
 from common.rl import evaluate as evaluate_lib
 from common.rl import rollout
@@ -67,15 +66,5 @@ def _at_temperature_one(sampling: rollout.Sampling) -> rollout.Sampling:
 
 
 def run_summary(workdir: str | pathlib.Path) -> dict:
-  """{'train_steps', 'reward', 'entropy', 'samples', 'eval_steps', 'eval': {key: [values]}}."""
-  rows = metrics.read_jsonl(pathlib.Path(workdir) / 'metrics.jsonl')
-  train = [r for r in rows if r['split'] == 'train']
-  evals = [r for r in rows if r['split'] == 'eval']
-  keys = sorted({k for r in evals for k in r if k not in ('step', 'split')})
-  return {
-    'train_steps': [r['step'] for r in train],
-    'reward': [r['reward_mean'] for r in train],
-    'entropy': [r['entropy'] for r in train],
-    'eval_steps': [r['step'] for r in evals],
-    'eval': {k: [r.get(k, float('nan')) for r in evals] for k in keys},
-  }
+  """{'train_steps', 'reward', 'entropy', 'eval_steps', 'eval': {key: [values]}}."""
+  return evaluate_lib.run_summary(workdir, {'reward': 'reward_mean', 'entropy': 'entropy'})

@@ -1,7 +1,8 @@
 """What OmniOPD's claims measure: held-out accuracy and repetition loops of greedy decoding, and a
 finished run's curves with its teacher-call and student-token budgets.
 
-* `heldout`: greedy decoding of every held-out prompt (the loop's sampler at temperature 0):
+* `heldout`: greedy decoding of every held-out prompt (`common.rl.evaluate.greedy`: the loop's
+  sampler at temperature 0):
   'accuracy' (the task's scorer gives full marks), 'repetition_loops' (how many responses ran out
   of tokens while repeating one unit of at most N/3 tokens three times at their end: the
   degenerate loops the paper counts) and 'response_len'. Every arm (OmniOPD, white-box OPD, SFT on
@@ -21,6 +22,7 @@ import numpy as np
 
 from common import metrics
 from common import sharding
+from common.rl import evaluate as rl_evaluate
 from common.rl import rollout
 
 
@@ -46,33 +48,17 @@ def heldout(
 ) -> dict[str, float]:
   """{'accuracy', 'repetition_loops', 'response_len'} of greedy decoding on `prompts`."""
   rewards = copy.copy(rewards)  # the run's verifier-failure count is the training rollouts'
-  correct, loops, lens = [], 0, []
-  for start in range(0, len(prompts), batch):
-    chunk = list(prompts[start : start + batch])
-    real = len(chunk)
-    chunk = chunk + [chunk[-1]] * (batch - real)  # one compiled shape
-    ro = rollout.rollout(
-      model,
-      chunk,
-      jax.random.key(0),
-      sampling=sampling,
-      rewards=rewards,
-      num_samples=1,
-      mesh=mesh,
-      rules=rules,
-      temperature=0.0,
-    )
-    for i in range(real):
-      n = int(ro.lengths[i])
-      toks = ro.completion[i, :n]
-      stopped = n > 0 and int(toks[-1]) in sampling.stop_tokens
-      loops += repetition_loop(toks, stopped)
-      lens.append(n)
-    correct.extend((ro.rewards[:real, 0] >= 1.0).astype(float).tolist())
+  done = rl_evaluate.greedy(
+    model, prompts, batch=batch, sampling=sampling, rewards=rewards, mesh=mesh, rules=rules
+  )
+  loops = 0
+  for g in done:
+    stopped = len(g.tokens) > 0 and int(g.tokens[-1]) in sampling.stop_tokens
+    loops += repetition_loop(g.tokens, stopped)
   return {
-    'accuracy': float(np.mean(correct)) if correct else 0.0,
+    'accuracy': float(np.mean([float(g.reward >= 1.0) for g in done])) if done else 0.0,
     'repetition_loops': float(loops),
-    'response_len': float(np.mean(lens)) if lens else 0.0,
+    'response_len': float(np.mean([len(g.tokens) for g in done])) if done else 0.0,
   }
 
 

@@ -25,8 +25,8 @@ import pathlib
 
 import numpy as np
 
-from common import metrics
 from common.reward_models import metrics as rm_metrics_lib
+from common.rl import evaluate as rl_evaluate
 
 OFFSETS = tuple(range(-3, 4))
 
@@ -84,17 +84,7 @@ def profile(tc, tr, lc, lr, err) -> dict:
 
 def run_summary(workdir: str | pathlib.Path) -> dict:
   """{'train_steps', 'pass_rate', 'reward', 'eval_steps', 'eval': {key: [values]}} of an RL run."""
-  rows = metrics.read_jsonl(pathlib.Path(workdir) / 'metrics.jsonl')
-  train = [r for r in rows if r['split'] == 'train']
-  evals = [r for r in rows if r['split'] == 'eval']
-  keys = sorted({k for r in evals for k in r if k not in ('step', 'split')})
-  return {
-    'train_steps': [r['step'] for r in train],
-    'pass_rate': [r['pass_at_1'] for r in train],
-    'reward': [r['reward_mean'] for r in train],
-    'eval_steps': [r['step'] for r in evals],
-    'eval': {k: [r.get(k, float('nan')) for r in evals] for k in keys},
-  }
+  return rl_evaluate.run_summary(workdir, {'pass_rate': 'pass_at_1', 'reward': 'reward_mean'})
 
 
 def steps_to_target(steps, values, target: float, window: int = 5) -> int | None:

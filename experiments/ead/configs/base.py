@@ -41,60 +41,26 @@ Arms: ead.mode=ead (the default) or ead.mode=fixed with ead.temperature in {0.6,
 import ml_collections
 
 from common import config as config_lib
-from common.rl import loop
+from common.rl import config as rl_config
 from projects.ead import losses
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant, overrides = config_lib.parse_arg(arg, variants=('smoke', 'smollm2'))
   c = config_lib.base_config()
-  c.model = ml_collections.ConfigDict(dict(kind='tiny', name=''))
-  # The tiny policy's SFT warm-up (common.rl.policies.WarmupConfig); unused for pretrained models.
-  c.warmup = ml_collections.ConfigDict(
-    dict(
-      d_model=64,
-      num_layers=2,
-      num_heads=4,
-      mlp_dim=256,
-      sft_examples=4000,
-      steps=1000,
-      batch_size=32,
-      seq_len=64,
-      lr=3e-3,
-      seed=0,
-      data_seed=0,
-    )
-  )
-  c.data = ml_collections.ConfigDict(dict(task_set='smoke', seed=0, max_train=-1, max_eval=-1))
+  rl_config.tiny_policy(c)
   c.eval = ml_collections.ConfigDict(dict(samples=8))
-  c.rl = loop.rl_config()
+  c.rl = rl_config.rl()
   c.ead = losses.ead_config()
   c.ead.update(warmup_tokens=0, d0=3.0, decay_per_step=0.005)
-  c.rl.update(
-    estimator='grpo',
-    group_size=4,
-    prompts_per_step=16,
-    prompt_len=12,
-    max_new_tokens=6,
-    temperature=1.0,
-    kl_coef=0.001,
-    eval_batch=128,
-  )
-  c.optimizer = ml_collections.ConfigDict(
-    dict(lr=1e-4, b1=0.9, b2=0.99, weight_decay=0.0, clip_norm=1.0)
-  )
+  c.optimizer = rl_config.optimizer(lr=1e-4)
   c.train.update(num_steps=120, log_every=5, eval_every=40)
   c.checkpoint.every_steps = 40
   if variant == 'smoke':
     c.train.update(num_steps=60, log_every=5, eval_every=20)
     c.checkpoint.every_steps = 20
   if variant == 'smollm2':
-    c.model.update(kind='pretrained', name='smollm2')
-    c.data.update(task_set='smollm2', max_eval=100)
-    c.rl.update(group_size=4, prompts_per_step=8, prompt_len=96, max_new_tokens=64, eval_batch=50)
+    rl_config.smollm2(c, max_new_tokens=64)
     c.ead.update(warmup_tokens=10, d0=48.0, decay_per_step=5.0)
     c.eval.samples = 8
-    c.optimizer.update(lr=1e-5)
-    c.train.update(num_steps=40, log_every=5, eval_every=20)
-    c.checkpoint.every_steps = 10
   return config_lib.finalize(c, overrides)

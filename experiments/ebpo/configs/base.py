@@ -41,46 +41,17 @@ Ablation knobs: rl.estimator (grpo | dr_grpo | rloo | dapo | ebpo), rl.group_siz
 import ml_collections
 
 from common import config as config_lib
-from common.rl import loop
+from common.rl import config as rl_config
 from projects.ebpo import losses
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant, overrides = config_lib.parse_arg(arg, variants=('smoke', 'smoke_dapo', 'smollm2'))
   c = config_lib.base_config()
-  c.model = ml_collections.ConfigDict(dict(kind='tiny', name=''))
-  # The tiny policy's SFT warm-up (common.rl.policies.WarmupConfig); unused for pretrained models.
-  c.warmup = ml_collections.ConfigDict(
-    dict(
-      d_model=64,
-      num_layers=2,
-      num_heads=4,
-      mlp_dim=256,
-      sft_examples=4000,
-      steps=1000,
-      batch_size=32,
-      seq_len=64,
-      lr=3e-3,
-      seed=0,
-      data_seed=0,
-    )
-  )
-  c.data = ml_collections.ConfigDict(dict(task_set='smoke', seed=0, max_train=-1, max_eval=-1))
-  c.rl = loop.rl_config()
+  rl_config.tiny_policy(c)
+  c.rl = rl_config.rl(estimator='ebpo', max_new_tokens=4)  # kl_coef 0.001: the paper's beta
   c.ebpo = losses.ebpo_config()
-  c.rl.update(
-    estimator='ebpo',
-    group_size=4,
-    prompts_per_step=16,
-    prompt_len=12,
-    max_new_tokens=4,
-    temperature=1.0,
-    kl_coef=0.001,  # the paper's beta
-    eval_batch=128,
-  )
-  c.optimizer = ml_collections.ConfigDict(
-    dict(lr=3e-5, b1=0.9, b2=0.99, weight_decay=0.0, clip_norm=1.0)
-  )
+  c.optimizer = rl_config.optimizer(lr=3e-5)
   c.train.num_steps = 300
   c.train.log_every = 10
   c.train.eval_every = 50
@@ -99,10 +70,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.update(num_steps=60, log_every=5, eval_every=20)
     c.checkpoint.every_steps = 20
   if variant == 'smollm2':
-    c.model.update(kind='pretrained', name='smollm2')
-    c.data.update(task_set='smollm2', max_eval=100)
-    c.rl.update(group_size=4, prompts_per_step=8, prompt_len=96, max_new_tokens=24, eval_batch=50)
-    c.optimizer.update(lr=1e-5)  # the paper's constant 1e-6 is for 8B-14B, up to 1000 steps
-    c.train.update(num_steps=40, log_every=5, eval_every=20)
-    c.checkpoint.every_steps = 10
+    # Adam at 1e-5: the paper's constant 1e-6 is for 8B-14B, up to 1000 steps.
+    rl_config.smollm2(c, max_new_tokens=24)
   return config_lib.finalize(c, overrides)

@@ -42,7 +42,7 @@ Arms: mode=omniopd (default) | opd | sft | grpo. Knobs: omniopd.* (audits, min_e
 import ml_collections
 
 from common import config as config_lib
-from common.rl import loop
+from common.rl import config as rl_config
 from projects.omniopd import losses
 
 
@@ -50,55 +50,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant, overrides = config_lib.parse_arg(arg, variants=('smoke', 'smollm2'))
   c = config_lib.base_config()
   c.mode = 'omniopd'
-  c.model = ml_collections.ConfigDict(dict(kind='tiny', name=''))
-  c.warmup = ml_collections.ConfigDict(
-    dict(
-      d_model=64,
-      num_layers=2,
-      num_heads=4,
-      mlp_dim=256,
-      sft_examples=4000,
-      steps=1000,
-      batch_size=32,
-      seq_len=64,
-      lr=3e-3,
-      seed=0,
-      data_seed=0,
-    )
-  )
-  c.data = ml_collections.ConfigDict(dict(task_set='smoke', seed=0, max_train=-1, max_eval=-1))
+  rl_config.tiny_policy(c)
   c.teacher = ml_collections.ConfigDict(
     dict(kind='scripted', accuracy=0.9, eps=0.1, seed=0, name='', max_new_tokens=16)
   )
   c.omniopd = losses.omniopd_config()
-  c.rl = loop.rl_config()
-  c.rl.update(
-    estimator='grpo',
-    group_size=4,
-    prompts_per_step=16,
-    prompt_len=12,
-    max_new_tokens=6,
-    temperature=1.0,
-    kl_coef=0.001,
-    eval_batch=200,
-  )
-  c.optimizer = ml_collections.ConfigDict(
-    dict(lr=1e-4, b1=0.9, b2=0.99, weight_decay=0.0, clip_norm=1.0)
-  )
+  c.rl = rl_config.rl(eval_batch=200)
+  c.optimizer = rl_config.optimizer(lr=1e-4)
   c.train.update(num_steps=80, log_every=5, eval_every=40)
   c.checkpoint.every_steps = 40
   if variant == 'smoke':
     c.train.update(num_steps=40, log_every=5, eval_every=20)
     c.checkpoint.every_steps = 20
   if variant == 'smollm2':
-    c.model.update(kind='pretrained', name='smollm2')
-    c.data.update(task_set='smollm2_easy', max_eval=100)
+    rl_config.smollm2(c, max_new_tokens=96, task_set='smollm2_easy', temperature=0.6)
     c.teacher.update(kind='lm', name='qwen2_5_coder_0_5b', max_new_tokens=24)
     c.omniopd.update(audits=3, chunk_len=8, similarity='embedding')
-    c.rl.update(
-      prompts_per_step=8, prompt_len=96, max_new_tokens=96, temperature=0.6, eval_batch=50
-    )
-    c.optimizer.update(lr=1e-5)
-    c.train.update(num_steps=40, log_every=5, eval_every=20)
-    c.checkpoint.every_steps = 10
   return config_lib.finalize(c, overrides)

@@ -39,31 +39,14 @@ Arms: reward.kind = orm | dpo | qrm; algo = ppo | reinforce (sets rl.num_iterati
 import ml_collections
 
 from common import config as config_lib
-from common.rl import loop
+from common.rl import config as rl_config
 from projects.qrm import losses
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant, overrides = config_lib.parse_arg(arg, variants=('smoke', 'smollm2'))
   c = config_lib.base_config()
-  c.model = ml_collections.ConfigDict(dict(kind='tiny', name=''))
-  # The tiny policy's SFT warm-up (common.rl.policies.WarmupConfig; the RL papers' shared cache).
-  c.warmup = ml_collections.ConfigDict(
-    dict(
-      d_model=64,
-      num_layers=2,
-      num_heads=4,
-      mlp_dim=256,
-      sft_examples=4000,
-      steps=1000,
-      batch_size=32,
-      seq_len=64,
-      lr=3e-3,
-      seed=0,
-      data_seed=0,
-    )
-  )
-  c.data = ml_collections.ConfigDict(dict(task_set='smoke', seed=0, max_train=-1, max_eval=256))
+  rl_config.tiny_policy(c, max_eval=256)
   c.pairs = ml_collections.ConfigDict(
     dict(
       corrupted=1000,  # train examples turned into corrupted pairs
@@ -81,30 +64,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.algo = 'ppo'
   c.debug.rm_sigterm_after_step = -1  # fault injection for the reward-model run (tests)
   c.ppo = ml_collections.ConfigDict(dict(epochs=2, minibatches=2))
-  c.rl = loop.rl_config()
-  c.rl.update(
-    estimator='grpo',
-    group_size=4,
-    prompts_per_step=16,
-    prompt_len=12,
-    max_new_tokens=6,
-    temperature=1.0,
-    kl_coef=0.001,
-    clip_low=0.2,
-    clip_high=0.2,
-    eval_batch=128,
-  )
-  c.optimizer = ml_collections.ConfigDict(
-    dict(lr=1e-4, b1=0.9, b2=0.99, weight_decay=0.0, clip_norm=1.0)
-  )
+  c.rl = rl_config.rl(clip_low=0.2, clip_high=0.2)
+  c.optimizer = rl_config.optimizer(lr=1e-4)
   c.train.update(num_steps=80, log_every=1, eval_every=40)
   c.checkpoint.every_steps = 20
   if variant == 'smoke':
     c.train.update(num_steps=40, log_every=1, eval_every=20)
     c.checkpoint.every_steps = 20
   if variant == 'smollm2':
-    c.model.update(kind='pretrained', name='smollm2')
-    c.data.update(task_set='smollm2', max_eval=100)
+    rl_config.smollm2(c, max_new_tokens=64, log_every=1)
     c.pairs.update(
       corrupted=400,
       policy_prompts=64,
@@ -113,8 +81,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       eval_policy_prompts=32,
     )
     c.rm.update(steps=100, batch_size=8, lr=1e-5)
-    c.rl.update(group_size=4, prompts_per_step=8, prompt_len=96, max_new_tokens=64, eval_batch=50)
-    c.optimizer.update(lr=1e-5)
-    c.train.update(num_steps=40, log_every=1, eval_every=20)
-    c.checkpoint.every_steps = 10
   return config_lib.finalize(c, overrides)
