@@ -21,10 +21,12 @@ Seeds change the routing head's initialisation, the router's training rows and t
 averaging, oracle routing, sequence selection, the merges) are the same cached models in every seed,
 and the held-out prompts are the same in every run. Every method's seed means go in the detail line.
 The verdict rule is fixed before the run: the 95% t interval of the mean difference over the three
-seeds against 0. Budget: the 6 training runs (3 seeds x FusionRoute and the fine-tuned baseline,
-each about 1.5-3 minutes, mostly compilation), the baselines and the 3 short invariant runs took
-about 15-20 minutes on the 2 shared cores at load 15-25, plus about 5 minutes to train the experts
-once per machine; on an idle machine a fraction of that.
+seeds against 0. Budget (the experts cached; training them adds about 5 minutes once per machine):
+the 6 training runs (3 seeds x FusionRoute and the fine-tuned baseline), the baselines and the 4
+invariant subprocesses took 279 s of CPU (reproduce's count; 285 s user + system by /usr/bin/time)
+and 1731 s of wall at load average 11-16 on the 2 shared cores (2026-12-06; the same suite before
+the stage-initialisation change: 295 s CPU, 2006 s wall, run side by side). On an idle machine the
+wall time approaches the CPU time divided by the cores in use.
 """
 
 from __future__ import annotations

@@ -168,6 +168,28 @@ def load_params(model: nnx.Module, params: dict) -> nnx.Module:
   return model
 
 
+def decoder_with(cfg: ExpertsConfig, params: dict, dtype: str = 'float32') -> decoder.Decoder:
+  """A decoder holding `params`, built from abstract shapes: no random initial weights are drawn
+  only to be overwritten (eager random init of every model was a large share of a smoke run's
+  time). Equal to load_params(new_decoder(cfg, dtype), params)."""
+  captured = {}
+
+  def split():  # jax.eval_shape: nnx.eval_shape would read the annotations as a mesh's axes
+    with sharding.unsharded():
+      captured['graphdef'], state = nnx.split(
+        decoder.Decoder(decoder_config(cfg, dtype), rngs=nnx.Rngs(0))
+      )
+    return state
+
+  state = jax.eval_shape(split)
+  graphdef = captured['graphdef']
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+  leaves = jax.tree.leaves(state)
+  if not all(isinstance(v, jax.Array) for v in leaves):
+    raise ValueError('params do not cover every variable of the decoder')
+  return nnx.merge(graphdef, state)
+
+
 def fingerprint(cfg: ExpertsConfig) -> str:
   """What the trained experts depend on: this training code, the data generators, the config and
   the parameter tree (paths and shapes). The decoder's source is left out on purpose (speed work
@@ -218,10 +240,10 @@ class Experts:
   key: str
 
   def decoders(self, dtype: str = 'float32') -> list[decoder.Decoder]:
-    return [load_params(new_decoder(self.config, dtype), p) for p in self.experts]
+    return [decoder_with(self.config, p, dtype) for p in self.experts]
 
   def base_decoder(self, dtype: str = 'float32') -> decoder.Decoder:
-    return load_params(new_decoder(self.config, dtype), self.base)
+    return decoder_with(self.config, self.base, dtype)
 
 
 def load(cfg: ExpertsConfig) -> Experts:

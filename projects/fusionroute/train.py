@@ -102,10 +102,11 @@ def build_model(
   cfg = experts_lib.ExpertsConfig.from_config(config)
   n = len(input_pipeline.DOMAINS)
   with sharding.unsharded():
-    lm = experts_lib.new_decoder(cfg, config.dtype)
-    if ex is not None:
+    if ex is not None:  # built from the loaded weights (no random init drawn to be overwritten)
       init = ex.base if config.router.init == 'base' else ex.experts[_domain(config.router.init)]
-      experts_lib.load_params(lm, init)
+      lm = experts_lib.decoder_with(cfg, init, config.dtype)
+    else:
+      lm = experts_lib.new_decoder(cfg, config.dtype)
     router = models.Router(lm, n, rngs=nnx.Rngs(config.seed))
     experts = (
       ex.decoders(config.dtype)
@@ -233,9 +234,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
     pairs = reference_pairs(config, run, stage1, ex)
 
     def initial_state(spec):
-      state = train_loop.init_state(create, run.mesh, run.rules).state
-      state['model'] = nnx.state(stage1)
-      return state
+      # Stage 1's model and a fresh optimizer (zero moments, step 0), placed as `spec` says; the
+      # optimizer is initialised on the stage-1 parameters directly rather than by compiling and
+      # running a random initialisation of the whole state only to replace its model.
+      with sharding.unsharded():
+        state = nnx.state(
+          train_loop.TrainState(stage1, optim.make_optimizer(config.optimizer, num_steps))
+        )
+      return jax.tree.map(lambda v, s: jax.device_put(v, s), state, spec.shardings)
 
     metrics_lib.log('stage 2 (SFT + CDPO mix, Algorithm 1): %d steps', num_steps)
     return train_loop.fit(

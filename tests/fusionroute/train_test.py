@@ -16,12 +16,15 @@ import signal
 import subprocess
 import sys
 
+from flax import nnx
+import jax
 import numpy as np
 import pytest
 
 from common import metrics
 from common import testing
 from experiments.fusionroute.configs import base
+from projects.fusionroute import experts
 from projects.fusionroute import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -159,3 +162,14 @@ def test_config_errors_are_one_line(override, message):
   with pytest.raises(Exception) as e:
     train.check_config(base.get_config(f'smoke,{override}'))
   assert message in str(e.value) and '\n' not in str(e.value)
+
+
+def test_decoder_with_equals_a_random_decoder_overwritten_by_the_same_params():
+  cfg = experts.ExpertsConfig(d_model=16, num_layers=1, num_heads=2, mlp_dim=32)
+  params = experts._params(experts.new_decoder(cfg, seed=3))  # noqa: SLF001
+  want = experts.load_params(experts.new_decoder(cfg, seed=0), params)
+  got = experts.decoder_with(cfg, params)
+  a = nnx.to_pure_dict(nnx.state(want))
+  b = nnx.to_pure_dict(nnx.state(got))
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert nnx.graphdef(want) == nnx.graphdef(got)

@@ -22,12 +22,23 @@ Variants (times on the shared 2-core machine with the experts cached):
          (most of it compilation).
   (default): the same experts, stage 1 600 + stage 2 600 steps, 256 held-out prompts per domain.
          About 6 minutes (not yet run by the claims suite).
-  smollm2: the issue's real-model arm, NOT RUNNABLE YET (train_and_evaluate stops with a one-line
-         error): SmolLM2-135M-Instruct as router initialisation and general expert, math and
-         string/logic experts as merged LoRA fine-tunes of it on reasoning-gym families (same
-         tokenizer, as logit addition needs). Budget planned, not measured: stage 1 400 + stage 2
-         400 steps of 8 SFT rows (+ 8 pairs) of <= 256 tokens, 4 forwards (router + 3 experts) of
-         135M parameters per row: about 1 hour on 2 cores, resumable.
+  smollm2: the issue's real-model arm. Its experts exist (projects/fusionroute/smollm2.py:
+         SmolLM2-135M-Instruct as general expert and router init, math and string experts as
+         merged LoRA fine-tunes of it on reasoning-gym families, same tokenizer) and are measured
+         by experiments/fusionroute/smollm2_pilot.py (expert x domain matrix, router steps, fused
+         decoding); the launcher still stops on experts.source=smollm2 with a one-line error
+         (the two-stage Run's input pipeline, evaluation and pairs are the tiny procedural ones).
+         Measured per-step costs on the 2 shared cores (2026-12-06, load average 10-17; quiet
+         figures where we saw them): LoRA expert step (8 rows, rank 16 on all 210 projections)
+         1.5 s quiet / 11 s median under load at 40 tokens, 13-30 s under load at 88 tokens;
+         greedy evaluation of 32 questions x 24 tokens by one model 10-46 s under load; router
+         stage-1 step (6 rows x 88 tokens: router forward + backward, 3 expert forwards, AdamW on
+         135M parameters) 68-77 s under load, compilation included in the first. Estimate for the
+         planned arm (stage 1 400 + stage 2 400 steps of 8 SFT rows (+ 8 pairs), 4 forwards of
+         135M per row): at the loaded router-step cost it is about 400 x 90 s + 400 x 250 s, some
+         38 hours; at a quiet machine's cost (about 8x less, as for the LoRA step) about 5 hours,
+         not the hour the issue hoped for. An hour fits about 60 + 60 steps, or the 400 + 400 with
+         rows of about 40 tokens and 4 rows per step. Not run.
 Override any key: --config.train.num_steps=300 or base.py:smoke,method=finetuned,seed=1.
 """
 

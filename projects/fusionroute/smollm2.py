@@ -1,0 +1,409 @@
+"""Real experts for FusionRoute (issue #20 item 4): SmolLM2-135M-Instruct and two merged LoRA fine-tunes.
+
+The SmolLM2 arm's three experts share SmolLM2's tokenizer (49,152 tokens), as logit addition needs:
+
+  * `general`: SmolLM2-135M-Instruct itself (also the router's initialisation, as the paper starts
+    its router from Llama-3.1-8B-Instruct, its instruct expert);
+  * `math`:   SmolLM2 + LoRA (common.adapters, rank `rank` on every attention and MLP projection),
+    fine-tuned on reasoning-gym `basic_arithmetic` (a +/- b, 1-2 digit operands, the smollm2_easy
+    family), then merged into the base kernels (`merged_params`);
+  * `string`: the same on reasoning-gym `word_sequence_reversal` (3-4 words).
+
+The three evaluation domains are those two families plus reasoning-gym `syllogism` (Yes / No; the
+general expert's domain: neither fine-tune sees it). Every prompt is SmolLM2's chat template with a
+system line asking for the final answer only; the supervised reply is reasoning-gym's gold answer
+followed by <|im_end|>. Scoring is reasoning-gym's own verifier (`common.datasets.reasoning_gym.
+score`, binary) on a greedy completion of at most `max_new_tokens` tokens, so a verbose but correct
+answer still counts (SmolLM2 untuned answers in sentences).
+
+Preference pairs (`pairs`): chosen = the verified gold reply, rejected = an expert's greedy answer
+that the verifier rejects (the domain's own expert first), as in the smoke.
+
+The fine-tuned adapters are cached outside the repo under a fingerprint of this code, the task
+specs and the training settings (`ExpertSpec.key`), so the experts train once per machine; a
+merged expert is rebuilt from the pretrained weights plus its cached adapter in seconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
+import dataclasses
+import hashlib
+import inspect
+import json
+import time
+from typing import Any
+
+from absl import logging
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from common import cache
+from common import losses as lm_losses
+from common import sharding
+from common.adapters import core as adapters
+from common.adapters import lora
+from common.datasets import reasoning_gym as rgd
+from common.models import decoder
+from common.models import loader
+from common.preference import scoring
+from common.sampling import sampler
+
+ASSET = 'smollm2'
+DOMAINS = ('math', 'string', 'logic')
+EXPERTS = ('math', 'string', 'general')  # expert i is the expert of DOMAINS[i]
+SYSTEM = 'Reply with the final answer only.'
+LORA_PATTERN = r'layers/\d+/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)'
+PAD = 0  # <|endoftext|>; <|im_end|> (2) is the reply's end
+
+
+def task_specs(train: int, test: int) -> dict[str, rgd.TaskSpec]:
+  """The reasoning-gym family of each domain (train / test examples per domain)."""
+  return {
+    'math': rgd.TaskSpec.make(
+      'basic_arithmetic',
+      train,
+      test,
+      min_terms=2,
+      max_terms=2,
+      min_digits=1,
+      max_digits=2,
+      operators=('+', '-'),
+      allow_parentheses=False,
+      allow_negation=False,
+    ),
+    'string': rgd.TaskSpec.make('word_sequence_reversal', train, test, min_words=3, max_words=4),
+    'logic': rgd.TaskSpec.make('syllogism', train, test),
+  }
+
+
+def load_examples(train: int, test: int, seed: int = 0) -> dict[str, dict[str, list[dict]]]:
+  """{domain: {'train': [...], 'test': [...]}} (reasoning-gym; test de-duplicated against train)."""
+  out = {}
+  for dom, spec in task_specs(train, test).items():
+    out[dom] = rgd.examples([spec], seed)
+  return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rows.
+
+
+def prompt_ids(tok, example: Mapping[str, Any]) -> list[int]:
+  messages = [
+    {'role': 'system', 'content': SYSTEM},
+    {'role': 'user', 'content': str(example['question']).strip()},
+  ]
+  return tok.encode_chat(messages)
+
+
+def reply_ids(tok, answer: str) -> list[int]:
+  return [*tok.encode(str(answer).strip(), add_bos=False), tok.eos_id]
+
+
+def sft_row(prompt: Sequence[int], reply: Sequence[int], seq_len: int, domain: int) -> dict:
+  """[prompt reply] shifted once into inputs / targets, the loss on the reply (its end included),
+  right-padded to seq_len with segment 0 (the layout of projects/fusionroute/input_pipeline)."""
+  tokens = np.asarray([*prompt, *reply], np.int32)
+  n = len(tokens) - 1
+  if n > seq_len:
+    raise ValueError(f'a row needs {n} positions > seq_len {seq_len}')
+  row = {
+    'inputs': np.full(seq_len, PAD, np.int32),
+    'targets': np.full(seq_len, PAD, np.int32),
+    'loss_mask': np.zeros(seq_len, np.float32),
+    'positions': np.zeros(seq_len, np.int32),
+    'segment_ids': np.zeros(seq_len, np.int32),
+  }
+  row['inputs'][:n] = tokens[:-1]
+  row['targets'][:n] = tokens[1:]
+  row['loss_mask'][len(prompt) - 1 : n] = 1.0
+  row['positions'][:n] = np.arange(n)
+  row['segment_ids'][:n] = 1
+  row['domain'] = np.int32(domain)
+  return row
+
+
+def stack(rows: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def domain_rows(tok, examples: Sequence[dict], domain: int, seq_len: int) -> list[dict]:
+  """SFT rows of examples that fit seq_len (longer ones are dropped and counted in the log)."""
+  rows = []
+  for ex in examples:
+    p, r = prompt_ids(tok, ex), reply_ids(tok, ex['answer'])
+    if len(p) + len(r) - 1 <= seq_len:
+      rows.append(sft_row(p, r, seq_len, domain))
+  if len(rows) < len(examples):
+    logging.info(
+      'dropped %d of %d rows over %d tokens', len(examples) - len(rows), len(examples), seq_len
+    )
+  return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# LoRA experts, merged.
+
+
+def add_lora(model: decoder.Decoder, rank: int, seed: int) -> list[str]:
+  """LoRA of `rank` (alpha = rank) on every attention and MLP projection; the rest frozen."""
+  with sharding.unsharded():
+    return adapters.adapt(model, LORA_PATTERN, lora.factory(rank=rank, rngs=nnx.Rngs(seed)))
+
+
+def merged_params(model: nnx.Module) -> dict:
+  """The plain decoder's pure parameter dict of an adapted model with every mergeable adapter
+  folded into its base kernel: W0 + delta, read without changing `model` (AdaptedLinear's
+  'base' level removed from the paths, the adapters' own parameters dropped)."""
+  layers = adapters.adapted(model)
+  state = nnx.to_pure_dict(nnx.state(model))
+
+  def strip(tree, path):
+    if isinstance(tree, dict):
+      here = '/'.join(str(p) for p in path)
+      if here in layers:
+        layer = layers[here]
+        if not layer.adapter.mergeable:
+          raise adapters.AdapterError(f'adapter at {here} cannot be merged')
+        base = strip(tree['base'], (*path, 'base'))
+        if not layer.merged:
+          base['kernel'] = base['kernel'] + layer.adapter.delta_kernel().astype(
+            base['kernel'].dtype
+          )
+        return base
+      return {k: strip(v, (*path, k)) for k, v in tree.items()}
+    return tree
+
+  return jax.tree.map(np.asarray, strip(state, ()))
+
+
+def load_params(model: nnx.Module, params: dict) -> nnx.Module:
+  state = nnx.state(model)
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+  nnx.update(model, state)
+  return model
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertSpec:
+  """One LoRA fine-tune: domain, steps, batch rows, sequence length, rank, learning rate, seed."""
+
+  domain: str
+  steps: int = 150
+  batch_size: int = 8
+  seq_len: int = 96
+  rank: int = 16
+  lr: float = 1e-3
+  train_examples: int = 2000
+  seed: int = 0
+
+  def key(self) -> str:
+    parts = [finetune, add_lora, sft_row, prompt_ids, reply_ids, domain_rows, task_specs]
+    src = ''.join(inspect.getsource(p) for p in parts) + SYSTEM + LORA_PATTERN
+    src += json.dumps(dataclasses.asdict(self), sort_keys=True)
+    return hashlib.sha256(src.encode()).hexdigest()[:20]
+
+
+# The pilot's experts (sequence lengths: the longest math row is 34 tokens, string rows about 80).
+EXPERT_SPECS = {
+  'math': ExpertSpec('math', steps=120, seq_len=40),
+  'string': ExpertSpec('string', steps=40, seq_len=88),
+}
+
+
+def row_loss(model, batch) -> jax.Array:
+  logits = model(batch['inputs'], segment_ids=batch['segment_ids'], positions=batch['positions'])
+  return lm_losses.cross_entropy(logits, batch['targets'], batch['loss_mask'])[0]
+
+
+def finetune(
+  model: decoder.Decoder, rows: Sequence[dict], spec: ExpertSpec, log: Callable = logging.info
+) -> dict[str, Any]:
+  """AdamW (warm-up + cosine) on the adapters of an adapted model, rows drawn without
+  replacement in a seeded order (epochs reshuffled). Returns the loss curve and step times."""
+  steps = spec.steps
+  schedule = optax.warmup_cosine_decay_schedule(
+    0.0, spec.lr, max(1, steps // 10), steps, 0.1 * spec.lr
+  )
+  with sharding.unsharded():
+    opt = nnx.Optimizer(model, optax.adamw(schedule, weight_decay=0.0), wrt=adapters.AdapterParam)
+
+  @nnx.jit
+  def step(model, opt, batch):
+    loss, grads = nnx.value_and_grad(row_loss, argnums=nnx.DiffState(0, adapters.AdapterParam))(
+      model, batch
+    )
+    opt.update(model, grads)
+    return loss
+
+  rng = np.random.default_rng([spec.seed, 0xF7])
+  order: list[int] = []
+  curve, times = [], []
+  for i in range(steps):
+    if len(order) < spec.batch_size:
+      order += list(rng.permutation(len(rows)))
+    idx, order = order[: spec.batch_size], order[spec.batch_size :]
+    batch = stack([rows[j] for j in idx])
+    batch.pop('domain')
+    t0 = time.perf_counter()
+    loss = float(step(model, opt, batch))
+    times.append(time.perf_counter() - t0)
+    curve.append(loss)
+    if i % 10 == 0 or i == steps - 1:
+      log(f'  {spec.domain} expert step {i + 1}/{steps}: loss {loss:.4f} ({times[-1]:.2f} s)')
+  return {'curve': curve, 'step_s': times}
+
+
+def pretrained(dtype: str = 'float32'):
+  """(SmolLM2-135M-Instruct as a Decoder, its tokenizer) on one device."""
+  model, _, tok = loader.load_pretrained(ASSET, dtype=dtype)
+  return model, tok
+
+
+def expert(spec: ExpertSpec, log: Callable = logging.info) -> tuple[dict, dict]:
+  """(merged parameters, training record) of one LoRA expert; the adapter is trained on first use
+  and cached (cache_dir('fusionroute', 'smollm2_adapters')/<key>.npz with its record)."""
+  path = cache.cache_dir('fusionroute', 'smollm2_adapters') / f'{spec.key()}.npz'
+  model, tok = pretrained()
+  add_lora(model, spec.rank, spec.seed)
+  if path.exists():
+    with np.load(path, allow_pickle=False) as f:
+      flat = {k: f[k] for k in f.files}
+    record = json.loads(str(flat.pop('__record__')))
+    state = nnx.state(model, adapters.AdapterParam)
+    pure = jax.tree_util.tree_map_with_path(
+      lambda p, _: jnp.asarray(flat[jax.tree_util.keystr(p)]), nnx.to_pure_dict(state)
+    )
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(model, state)
+    log(f'{spec.domain} expert: adapter read from {path}')
+  else:
+    data = load_examples(spec.train_examples, 0, seed=spec.seed)[spec.domain]['train']
+    rows = domain_rows(tok, data, DOMAINS.index(spec.domain), spec.seq_len)
+    log(f'{spec.domain} expert: LoRA rank {spec.rank}, {len(rows)} rows, {spec.steps} steps')
+    t0 = time.perf_counter()
+    record = finetune(model, rows, spec, log)
+    record['wall_s'] = time.perf_counter() - t0
+    record['spec'] = dataclasses.asdict(spec)
+    record['trainable'] = adapters.count_trainable(model)
+    state = nnx.to_pure_dict(nnx.state(model, adapters.AdapterParam))
+    flat = {
+      jax.tree_util.keystr(p): np.asarray(v)
+      for p, v in jax.tree_util.tree_flatten_with_path(state)[0]
+    }
+    cache.savez(path, __record__=np.asarray(json.dumps(record)), **flat)
+  return merged_params(model), record
+
+
+def decoder_from(params: dict, dtype: str = 'float32') -> decoder.Decoder:
+  """A plain SmolLM2 decoder holding `params` (e.g. a merged expert's)."""
+  model, _ = pretrained(dtype)
+  return load_params(model, params)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation: greedy answers scored by reasoning-gym's verifier.
+
+
+def prompts_of(tok, examples: Sequence[dict]) -> list[list[int]]:
+  return [prompt_ids(tok, ex) for ex in examples]
+
+
+def score(tok, examples: Sequence[dict], tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+  """[R] 1.0 where the verifier accepts the decoded completion (up to its <|im_end|>)."""
+  out = []
+  for ex, row, n in zip(examples, tokens, lengths, strict=True):
+    text = tok.decode([int(t) for t in row[: int(n)]])
+    out.append(rgd.score(ex['task'], text, ex, binary=True))
+  return np.asarray(out, np.float32)
+
+
+def greedy(
+  model: decoder.Decoder,
+  prompts: Sequence[Sequence[int]],
+  max_new_tokens: int,
+  eos_id: int,
+  batch: int,
+) -> tuple[np.ndarray, np.ndarray]:
+  """A plain decoder's greedy completions (common.sampling), batch by batch (one shape)."""
+  cfg = sampler.SamplingConfig(
+    max_new_tokens=max_new_tokens, temperature=0.0, stop_tokens=(eos_id,), pad_id=PAD
+  )
+  toks, lens = [], []
+  for start in range(0, len(prompts), batch):
+    chunk = list(prompts[start : start + batch])
+    real = len(chunk)
+    chunk += [chunk[0]] * (batch - real)
+    with sharding.unsharded():
+      gen = sampler.generate(model, chunk, config=cfg, prompt_bucket=32)
+    toks.append(np.asarray(gen.tokens)[:real])
+    lens.append(np.asarray(gen.lengths)[:real])
+  return np.concatenate(toks), np.concatenate(lens)
+
+
+def matrix(
+  models: Mapping[str, decoder.Decoder],
+  tok,
+  test: Mapping[str, Sequence[dict]],
+  *,
+  max_new_tokens: int = 24,
+  batch: int = 32,
+  log: Callable = logging.info,
+) -> dict[str, dict[str, float]]:
+  """{model: {domain: verifier accuracy}} of greedy answers, every model on every domain."""
+  out: dict[str, dict[str, float]] = {}
+  for name, m in models.items():
+    out[name] = {}
+    for dom, examples in test.items():
+      t0 = time.perf_counter()
+      tokens, lengths = greedy(m, prompts_of(tok, examples), max_new_tokens, tok.eos_id, batch)
+      out[name][dom] = float(score(tok, examples, tokens, lengths).mean())
+      log(f'  {name} on {dom}: {out[name][dom]:.3f} ({time.perf_counter() - t0:.1f} s)')
+    out[name]['mixed'] = float(np.mean([out[name][d] for d in test]))
+  return out
+
+
+def pairs(
+  tok,
+  examples: Mapping[str, Sequence[dict]],
+  answers: Sequence[Mapping[str, tuple[np.ndarray, np.ndarray]]],
+  prompt_len: int,
+  response_len: int,
+) -> dict[str, np.ndarray]:
+  """Preference pairs from verified answers: chosen = the gold reply, rejected = the first expert
+  answer the verifier rejects (the domain's own expert first). answers[i][domain] = expert i's
+  greedy (tokens, lengths) on examples[domain]."""
+  prompts, chosen, rejected, domain, expert_of = [], [], [], [], []
+  for d, (dom, exs) in enumerate(examples.items()):
+    order = sorted(range(len(answers)), key=lambda i: i != d)
+    for j, ex in enumerate(exs):
+      for i in order:
+        toks, lens = answers[i][dom]
+        reply = [int(t) for t in toks[j][: int(lens[j])]]
+        text = tok.decode(reply)
+        if rgd.score(ex['task'], text, ex, binary=True) < 1.0:
+          if not reply or reply[-1] != tok.eos_id:
+            reply = [*reply, tok.eos_id]
+          prompt, gold = prompt_ids(tok, ex), reply_ids(tok, ex['answer'])
+          if len(prompt) > prompt_len or max(len(gold), len(reply)) > response_len:
+            break  # filtered, never truncated (a cut reply is another answer)
+          prompts.append(prompt)
+          chosen.append(gold)
+          rejected.append(reply)
+          domain.append(d)
+          expert_of.append(i)
+          break
+  if not prompts:
+    raise ValueError('every expert answered every pair prompt correctly: no preference pairs')
+  out = scoring.pad_pairs(
+    prompts, chosen, rejected, prompt_len=prompt_len, response_len=response_len, pad_id=PAD
+  )
+  out['domain'] = np.asarray(domain, np.int32)
+  out['expert'] = np.asarray(expert_of, np.int32)
+  return out
