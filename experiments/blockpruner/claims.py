@@ -19,9 +19,14 @@ the blocks), with held-out perplexity and multiple-choice accuracy after every r
   * removal_equals_mask (invariant): the structurally pruned model of seed 0's final removal set
     gives the masked dense model's logits (max abs difference).
 
-Budgets: smoke, 3 seeds x 4 methods of the smoke model (its pretraining is cached after the first
-use, about a minute): about 2-3 minutes on 2 shared cores. full: SmolLM2, one seed (BlockPruner
-alone scores ~1,000 candidate removals at ~2-5 s each on 2 cores: hours; resumable).
+Budgets: smoke, 3 seeds x 4 methods of the smoke model in one process (its pretraining is cached
+after the first use, per edit of common/models/decoder.py: about 1-3 minutes). Measured with the
+model cached: 62 s CPU (102 s before the evaluation memo and the per-task MC widths), 164 s wall at
+load average 11-15 on 2 shared cores. Most of the rest is evaluation (42 distinct evaluations after
+every removal, MC included; 24 more are memo hits: the dense model in every run, and removal sets
+that several runs reach, e.g. ShortGPT removes the same layers for every seed), then the searches. full: SmolLM2, one seed (BlockPruner alone scores
+1,010 candidate removals; measured on 2 shared cores at load 10-16: 6-11 minutes per search step,
+the 20 steps take hours; resumable).
 """
 
 from __future__ import annotations

@@ -13,15 +13,24 @@ MHA block) and layer pruning removes both, so methods are compared at equal remo
 equal steps (the paper compares at equal pruning ratios): `at_equal_params` pairs each point of a
 layer-pruning curve (k layers) with the first point of a block curve that removes at least as many
 parameters, so the block method is never credited with removing less.
+
+`evaluate_memo` is `evaluate` behind an in-process memo keyed by `fingerprint` (a digest of the
+model's configuration and weights, the evaluation sets and the batch layout) and the mask: the
+claims run 12 searches of one model in one process, and every one of them evaluates the dense model
+first, and ShortGPT removes the same layers for every calibration seed. A repeated evaluation
+returns the numbers the first one computed (the same program on the same inputs), without running it.
 """
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Mapping
 from collections.abc import Sequence
+import hashlib
 import math
 from typing import Any
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,6 +90,70 @@ def evaluate(
   return out
 
 
+def fingerprint(
+  model: decoder.Decoder,
+  data: input_pipeline.Data,
+  *,
+  batch_size: int,
+  mesh: jax.sharding.Mesh | None = None,
+  rules: sharding.Rules = sharding.DEFAULT_RULES,
+) -> str | None:
+  """A digest of what `evaluate` reads besides the mask: the model's config and every weight, the
+  held-out windows and task rows, the batch size and the mesh. None when the weights are not all
+  addressable here (several processes): nothing is memoized then."""
+  state = nnx.state(model)
+  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+  if jax.process_count() > 1 and not all(
+    getattr(x, 'is_fully_addressable', True) for _, x in leaves
+  ):
+    return None
+  h = hashlib.blake2b(digest_size=20)
+  mesh_shape = None if mesh is None else dict(mesh.shape)
+  h.update(repr((model.cfg, batch_size, mesh_shape, rules)).encode())
+  for path, leaf in leaves:
+    a = np.asarray(jax.device_get(leaf))
+    h.update(f'{jax.tree_util.keystr(path)} {a.dtype} {a.shape}'.encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+  arrays = [(name, w.tokens, w.mask) for name, w in sorted(data.held_out.items())]
+  arrays += [(t.name, t.rows.tokens, t.rows.mask, t.labels) for t in data.tasks]
+  for name, *parts in arrays:
+    h.update(name.encode())
+    for a in parts:
+      h.update(f'{a.dtype} {a.shape}'.encode())
+      h.update(np.ascontiguousarray(a).tobytes())
+  return h.hexdigest()
+
+
+_MEMO: collections.OrderedDict[tuple, dict[str, float]] = collections.OrderedDict()
+MEMO_SIZE = 1024  # evaluations kept (a few hundred bytes each)
+
+
+def evaluate_memo(
+  key: str | None,
+  model: decoder.Decoder,
+  data: input_pipeline.Data,
+  block_mask: np.ndarray,
+  *,
+  batch_size: int,
+  mesh: jax.sharding.Mesh | None = None,
+  rules: sharding.Rules = sharding.DEFAULT_RULES,
+  with_mc: bool = True,
+) -> dict[str, float]:
+  """`evaluate`, memoized in this process under (key = `fingerprint(...)`, mask, with_mc); key None
+  evaluates every time."""
+  mask = np.asarray(block_mask, bool)
+  entry = None if key is None else (key, mask.shape, mask.tobytes(), bool(with_mc))
+  if entry is not None and entry in _MEMO:
+    _MEMO.move_to_end(entry)
+    return dict(_MEMO[entry])
+  out = evaluate(model, data, mask, batch_size=batch_size, mesh=mesh, rules=rules, with_mc=with_mc)
+  if entry is not None:
+    _MEMO[entry] = dict(out)
+    while len(_MEMO) > MEMO_SIZE:
+      _MEMO.popitem(last=False)
+  return out
+
+
 def removal_gap(
   model: decoder.Decoder, small: decoder.Decoder, removed: Sequence[Any], tokens: np.ndarray
 ) -> float:
@@ -95,9 +168,12 @@ def removal_gap(
 # Curves and equal-parameter comparisons (from a run's metrics.jsonl rows).
 
 
-def curve(rows: Sequence[Mapping[str, Any]], key: str) -> list[tuple[float, float]]:
-  """[(removed parameters, value)] of the eval rows that carry `key`, by step."""
-  picked = [r for r in rows if r.get('split') == 'eval' and key in r]
+def curve(
+  rows: Sequence[Mapping[str, Any]], key: str, split: str = 'eval'
+) -> list[tuple[float, float]]:
+  """[(removed parameters, value)] of the `split` rows that carry `key`, by step (split 'train':
+  the search's own calibration loss / perplexity after each removal)."""
+  picked = [r for r in rows if r.get('split') == split and key in r]
   return [
     (float(r['removed_params']), float(r[key])) for r in sorted(picked, key=lambda r: r['step'])
   ]
@@ -118,6 +194,23 @@ def at_equal_params(
       p, v = min(reached, key=lambda pv: pv[0])
       out.append((budget, v, value, p))
   return out
+
+
+def interpolate(points: Sequence[tuple[float, float]], x: float, log: bool = True) -> float:
+  """The curve [(removed parameters, value)] read at x: linear between its two neighbouring points
+  (in log value when `log`, for perplexities), exact at a point, NaN outside its range. A neutral
+  reading beside `at_equal_params`, which charges a block curve for its next point's overshoot."""
+  pts = sorted(points)
+  for px, py in pts:
+    if px == x:
+      return py
+  for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
+    if x0 < x < x1:
+      w = (x - x0) / (x1 - x0)
+      if log:
+        return math.exp((1 - w) * math.log(y0) + w * math.log(y1))
+      return (1 - w) * y0 + w * y1
+  return math.nan
 
 
 def mean_log_ratio(pairs: Sequence[tuple[float, float, float, float]]) -> float:

@@ -51,7 +51,9 @@ def figure(runs: Mapping[str, pathlib.Path], num_layers: int, order_of: str, tit
         ax.plot(np.asarray(xs) / 1e6, ys, marker='o', ms=3, label=label)
   for ax, key in zip(axes[:3], keys, strict=True):
     ax.set_xlabel('removed parameters (M)')
-    ax.set_ylabel(key)
+    ax.set_ylabel(key + (' (log scale)' if key.endswith('perplexity') else ''))
+    if key.endswith('perplexity'):
+      ax.set_yscale('log')
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=8)
   grid = order_grid(removal_order(pathlib.Path(runs[order_of])), num_layers)

@@ -11,7 +11,8 @@ config.train.num_steps steps (a block for block methods, a layer for layer metho
           its blocks), MHA / MLP blocks removed so far, candidates scored;
           every train.eval_every steps (and at step 0 with train.eval_at_start: the dense model)
           -> 'eval' row: held-out perplexity and, every eval.mc_every evaluations (and at the end),
-          multiple-choice accuracy (evaluate.py).
+          multiple-choice accuracy (evaluate.py; an evaluation this process already ran, of the
+          same model, sets and mask, is returned from evaluate.evaluate_memo, not rerun).
 
 Nothing is trained: the checkpointed state is the block mask (int32 [num_layers, 2]) with the
 removal order and the method's own state as JSON, saved every checkpoint.every_steps steps. A
@@ -108,6 +109,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
       prefix_cache=config.prune.prefix_cache,
     )
     sizes, total = models.block_params(model), models.num_params(model)
+    memo_key = evaluate.fingerprint(
+      model, data, batch_size=config.eval.batch_size, mesh=mesh, rules=rules
+    )
     metrics_lib.log(
       '%s (%s) on a %d-layer model (%d parameters, %d in blocks); %d calibration windows of %d '
       'tokens; up to %d steps',
@@ -147,7 +151,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
 
       def fn():
         with jax.set_mesh(mesh), sharding.axis_rules(rules):
-          out = evaluate.evaluate(
+          out = evaluate.evaluate_memo(
+            memo_key,
             model,
             data,
             m,

@@ -53,3 +53,48 @@ def test_removal_gap_is_zero_for_the_right_blocks_only():
   tokens = np.random.default_rng(0).integers(0, 64, (2, 9))
   assert evaluate.removal_gap(model, small, removed, tokens) < 1e-4
   assert evaluate.removal_gap(model, small, [(1, 'mha')], tokens) > 1e-2
+
+
+def test_evaluate_memo_reruns_nothing_it_has_seen_and_keys_on_weights_sets_and_mask(monkeypatch):
+  model = util.build()
+  w = util.sample_windows(model, 4, 6)
+  task = input_pipeline.ChoiceTask('t', w, np.zeros(2, np.int64), 2)
+  data = input_pipeline.Data(calibration=w, held_out={'rdocs': w}, tasks=[task])
+  key = evaluate.fingerprint(model, data, batch_size=4)
+  calls = []
+  real = evaluate.evaluate
+  monkeypatch.setattr(evaluate, 'evaluate', lambda *a, **k: calls.append(1) or real(*a, **k))
+  dense, pruned = models.mask_of([], 4), models.mask_of([(1, 'mha')], 4)
+  first = evaluate.evaluate_memo(key, model, data, dense, batch_size=4)
+  assert first == real(model, data, dense, batch_size=4)
+  assert evaluate.evaluate_memo(key, model, data, dense, batch_size=4) == first
+  assert len(calls) == 1
+  assert evaluate.evaluate_memo(key, model, data, pruned, batch_size=4) != first
+  evaluate.evaluate_memo(key, model, data, dense, batch_size=4, with_mc=False)
+  evaluate.evaluate_memo(None, model, data, dense, batch_size=4)
+  assert len(calls) == 4
+  # Other weights, other sets or another batch size: another key.
+  other = util.build(seed=1)
+  assert evaluate.fingerprint(other, data, batch_size=4) != key
+  assert evaluate.fingerprint(model, data, batch_size=2) != key
+  data2 = input_pipeline.Data(calibration=w, held_out={'rdocs': w.take([0, 1])}, tasks=[task])
+  assert evaluate.fingerprint(model, data2, batch_size=4) != key
+  assert evaluate.fingerprint(util.build(), data, batch_size=4) == key
+
+
+def test_interpolate_reads_a_curve_between_its_points_and_nowhere_else():
+  pts = [(10.0, 4.0), (0.0, 1.0), (20.0, 16.0)]
+  assert evaluate.interpolate(pts, 0.0) == 1.0 and evaluate.interpolate(pts, 20.0) == 16.0
+  assert math.isclose(evaluate.interpolate(pts, 5.0), 2.0)  # geometric between 1 and 4
+  assert math.isclose(evaluate.interpolate(pts, 15.0, log=False), 10.0)
+  assert math.isnan(evaluate.interpolate(pts, 21.0)) and math.isnan(evaluate.interpolate([], 1.0))
+
+
+def test_curve_reads_the_train_rows_on_request():
+  rows = [
+    {'split': 'train', 'step': 2, 'removed_params': 9.0, 'perplexity': 3.0},
+    {'split': 'eval', 'step': 2, 'removed_params': 9.0, 'rdocs/perplexity': 4.0},
+    {'split': 'train', 'step': 1, 'removed_params': 5.0, 'perplexity': 2.0},
+  ]
+  assert evaluate.curve(rows, 'perplexity', 'train') == [(5.0, 2.0), (9.0, 3.0)]
+  assert evaluate.curve(rows, 'perplexity') == []

@@ -78,10 +78,15 @@ def test_arith_choice_labels_the_true_result():
     assert TOK.decode(task.rows.tokens[r, task.rows.mask[r]]) == f' {answer}'
 
 
-def test_make_data_pads_tasks_to_one_width_and_check_config_rejects_bad_values():
-  data = input_pipeline.make_data(_config(), TOK)
-  widths = {t.rows.tokens.shape[1] for t in data.tasks}
-  assert len(widths) == 1 and widths.pop() % 16 == 0
+def test_make_data_pads_each_task_to_a_multiple_of_16_and_check_config_rejects_bad_values():
+  config = _config()
+  data = input_pipeline.make_data(config, TOK)
+  for task in data.tasks:
+    raw = input_pipeline._TASKS[task.name](config, TOK).rows  # noqa: SLF001
+    width = task.rows.tokens.shape[1]
+    assert width % 16 == 0 and raw.tokens.shape[1] <= width < raw.tokens.shape[1] + 16
+    np.testing.assert_array_equal(task.rows.tokens[:, : raw.tokens.shape[1]], raw.tokens)
+    assert not task.rows.mask[:, raw.tokens.shape[1] :].any()
   for bad, match in [
     ('prune.method=magnitude', 'prune.method'),
     ('prune.block_type=attn', 'block_type'),

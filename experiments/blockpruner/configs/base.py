@@ -25,15 +25,18 @@ Variants (times measured on the shared 2-core CPU machine with other jobs runnin
          Calibration: 16 windows of 128 tokens (2,048 tokens; the paper: 256 Alpaca samples). 20
          block removals (1/3 of the blocks); held-out perplexity (32 windows of 128 tokens per
          source) after every removal; MC (32 items x 4 choices per task) every 4th evaluation and
-         at the end. Measured with calib.num_samples=8,calib.batch_size=8 (1,024 tokens),
-         eval.ppl_windows=16, eval.mc_items=16: the dense evaluation with MC took 236 s and the
-         first search step (60 candidates) 20 min, with the process getting ~12% of a core. On
-         an idle 2-core machine expect several times faster; the 20 steps are hours here. The
-         run is resumable.
+         at the end. The README's run used calib.num_samples=8,calib.batch_size=8,
+         calib.seq_len=128 (1,024 tokens), eval.ppl_windows=16, eval.mc_items=16, eval.mc_every=5.
+         Measured (experiments/blockpruner/step_cost.py, CPU seconds of all threads): a full
+         calibration forward 2.5 s, a scored candidate 1.7 s, so the 20 steps (1,010
+         candidates) are ~29 CPU minutes of search plus the evaluations; on the shared machine
+         (the process got 10-30% of a core) that was 5-10 min of wall time per step. Resumable.
   gemma3: Gemma-3-270M (18 layers, 36 blocks; asset gemma3_270m, 240 MB): 12 removals. Not run
-         here. Its 262k vocabulary makes each forward ~2x SmolLM2's.
+         here. Measured: 5.45 CPU s per calibration forward, 5.3 per candidate (the 262k
+         vocabulary head dominates): 366 candidates ~ 32 CPU min of search.
   qwen2_5: Qwen2.5-Coder-0.5B-Instruct (24 layers, 48 blocks; asset qwen2_5_coder_0_5b, 478 MB): 16
-         removals. Not run here: ~4x SmolLM2 per forward.
+         removals. Not run here. Measured: 9.7 CPU s per forward, 7.9 per candidate: 648
+         candidates ~ 85 CPU min of search.
 Layer baselines: prune.method=layer_ppl or shortgpt with train.num_steps = layers (e.g. 10 of 30).
 Override any key: --config.prune.block_type=mha or base.py:smoke,seed=3.
 """
