@@ -25,12 +25,14 @@ Variants:
          c = 0, tau_max = 1.2, tau_min = 0.1, d_0 = 3 (tau = 1.2, 0.80, 0.25, 0.1 at t = 0..3),
          d growing 0.005 per step (the paper's 5 per step relative to responses of ~4k tokens),
          cap 40000; TIS cap C = 2 for every arm. About 5-30 s per run on 2 cores once compiled.
-  smollm2: SmolLM2-135M-Instruct (python -m common.assets fetch smollm2) on short arithmetic and
-         leg-counting questions in its chat template (prompts left-padded to 96 tokens), G=4, 8
-         prompts per step, up to 64 new tokens, 40 steps; EAD with the paper's c = 10,
-         tau_max = 1.2, tau_min = 0.1, d_0 = 48 (the floor at t ~ 36 of 64), +5 per step. Starting
-         pass rate measured on 40 questions: 0.025 at T = 1 (pass@8 0.125, greedy 0.075), below
-         the 10-60% window: change the task mix and re-measure before training (README).
+  smollm2: SmolLM2-135M-Instruct (python -m common.assets fetch smollm2) on the shared
+         'smollm2_easy' task set (common.rl.tasks: reasoning-gym chain_sum and basic_arithmetic,
+         one +/- operation on 1-2 digit operands; 99 held-out questions) in its chat template
+         (prompts left-padded to 96 tokens), G=4, 8 prompts per step, up to 64 new tokens, 40
+         steps; EAD with the paper's c = 10, tau_max = 1.2, tau_min = 0.1, d_0 = 48 (the floor at
+         t ~ 36 of 64), +5 per step. The harder mix ('smollm2': three terms, '*', leg counting;
+         pass@1 0.025 at T = 1) stays reachable with data.task_set=smollm2. Starting pass rate and
+         per-step cost: projects/ead/README.md ("SmolLM2").
   (default): the smoke setup at 120 steps.
 Arms: ead.mode=ead (the default) or ead.mode=fixed with ead.temperature in {0.6, 1.0, 1.2};
   knobs: ead.tau_max, ead.tau_min, ead.warmup_tokens (c), ead.d0, ead.decay_per_step,
@@ -60,7 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.update(num_steps=60, log_every=5, eval_every=20)
     c.checkpoint.every_steps = 20
   if variant == 'smollm2':
-    rl_config.smollm2(c, max_new_tokens=64)
+    rl_config.smollm2(c, max_new_tokens=64, task_set='smollm2_easy')
     c.ead.update(warmup_tokens=10, d0=48.0, decay_per_step=5.0)
     c.eval.samples = 8
   return config_lib.finalize(c, overrides)

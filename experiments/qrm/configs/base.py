@@ -24,12 +24,13 @@ Variants:
          (first in a process); the claims (6 reward models, 15 RL runs) 137 s of CPU. RL: PPO-style (2 epochs x 2
          minibatches, clip 0.2) with GRPO group advantages, 16 prompts x G=4, up to 6 new tokens,
          40 steps, Adam 1e-4, evaluation (greedy pass@1 on 256 held-out prompts) at 0, 20, 40.
-  smollm2: SmolLM2-135M-Instruct (python -m common.assets fetch smollm2) on the shared smollm2
-         task set in its chat template; reference traces 'The answer is N.'; 40 RL steps of 8
-         prompts x G=4, up to 64 new tokens; the reward model 100 steps of batch 8. Piloted for
-         function only on CPU (reduced sizes, projects/qrm/README.md: about 85 s per reward-model
-         step at batch 8 on 2 loaded cores); the shared EAD measurement puts its starting pass@1
-         at 0.025 at T = 1, below the 10-60% window: re-measure and pick the task mix first.
+  smollm2: SmolLM2-135M-Instruct (python -m common.assets fetch smollm2) on the shared
+         'smollm2_easy' task set (common.rl.tasks: one +/- operation on 1-2 digit operands; 99
+         held-out questions) in its chat template; reference traces 'The answer is N.'; 40 RL
+         steps of 8 prompts x G=4, up to 64 new tokens; the reward model 100 steps of batch 8.
+         The harder mix ('smollm2', pass@1 0.025 at T = 1) stays reachable with
+         data.task_set=smollm2. Starting pass rate and per-step cost: projects/qrm/README.md
+         ("SmolLM2").
   (default): the smoke setup at 80 RL steps.
 Arms: reward.kind = orm | dpo | qrm; algo = ppo | reinforce (sets rl.num_iterations and
   rl.num_minibatches: reinforce 1 and 1, ppo ppo.epochs and ppo.minibatches). rm.workdir shares one
@@ -72,7 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.update(num_steps=40, log_every=1, eval_every=20)
     c.checkpoint.every_steps = 20
   if variant == 'smollm2':
-    rl_config.smollm2(c, max_new_tokens=64, log_every=1)
+    rl_config.smollm2(c, max_new_tokens=64, task_set='smollm2_easy', log_every=1)
     c.pairs.update(
       corrupted=400,
       policy_prompts=64,
