@@ -17,6 +17,9 @@ Presses and where they come from:
                 2508.15717, steps 4-5 as numbered in shared/docs/papers/core.md §5(a)). The
                 proxy tokens are appended as transient entries.
   Oracle        the same scoring fed the true question's queries: the query-aware upper bound.
+                Both take `span` (not in the paper, for text): scores averaged over neighbouring
+                entries in position order (SnapKV's pooling), so a salient token keeps its
+                neighbours (a planted fact's value after its key; README of projects/streammem).
   FIFO          the most recent entries.
   StreamingLLM  `sinks` earliest entries + the most recent (Xiao et al. 2023, attention sinks).
   H2O           heavy hitters by accumulated attention + a recent window (Zhang et al. 2023).
@@ -81,6 +84,27 @@ def rank_within_groups(group: jax.Array, position: jax.Array, mask: jax.Array) -
   )
   first = jax.lax.cummax(jnp.where(start, slot, 0), axis=position.ndim - 1)
   return _inverse(order, slot - first)
+
+
+def pool_by_position(
+  scores: jax.Array, mask: jax.Array, position: jax.Array, kernel_size: int
+) -> jax.Array:
+  """f32 [..., S]: each masked entry's score averaged with its neighbours in position order (the
+  masked entries laid out in a line, kernel_size of them centred on it, zero padding at the ends:
+  kvpress's avg_pool1d); the result is in slot order, and unmasked slots are meaningless. With
+  kernel_size 1 the masked scores are returned unchanged."""
+  if kernel_size == 1:
+    return scores
+  slot = jnp.broadcast_to(jnp.arange(position.shape[-1], dtype=jnp.int32), position.shape)
+  order = jax.lax.sort(((~mask).astype(jnp.int32), position, slot), dimension=-1, num_keys=2)[-1]
+  line = jnp.take_along_axis(jnp.where(mask, scores, 0.0), order, axis=-1)
+  half = kernel_size // 2
+  window = (1,) * (line.ndim - 1) + (kernel_size,)
+  padding = ((0, 0),) * (line.ndim - 1) + ((half, half),)
+  pooled = jax.lax.reduce_window(line, 0.0, jax.lax.add, window, (1,) * line.ndim, padding) / float(
+    kernel_size
+  )
+  return _inverse(order, pooled)
 
 
 def attention(
@@ -291,6 +315,10 @@ class _AttentionScore(Press):
   # 'candidates': softmax over the evictable entries only (the paper's A = softmax(Q K_vis^T));
   # 'all': over everything the query reads, as the model's own attention.
   softmax_over: str = 'candidates'
+  # Span scoring (not in the paper; for text): each evictable entry's score averaged with its
+  # span - 1 nearest evictable neighbours in position order (pool_by_position, as SnapKV's kernel),
+  # so that a salient token keeps the tokens around it (a fact's value next to its key). 1: off.
+  span: int = 1
 
   def __post_init__(self):
     for name in ('rows', 'heads'):
@@ -298,14 +326,15 @@ class _AttentionScore(Press):
         raise ValueError(f'{name}={getattr(self, name)!r} not in {_REDUCTIONS}')
     if self.softmax_over not in ('candidates', 'all'):
       raise ValueError(f"softmax_over={self.softmax_over!r} not in ('candidates', 'all')")
+    if self.span < 1 or self.span % 2 == 0:
+      raise ValueError(f'span must be odd and positive, got {self.span}')
 
   def score(self, layer, info, queries, ctx):
-    if self.softmax_over == 'candidates':
-      domain = ctx.held & ~info.pinned
-    else:
-      domain = _readable(layer, info)
+    candidates = ctx.held & ~info.pinned
+    domain = candidates if self.softmax_over == 'candidates' else _readable(layer, info)
     probs = attention(layer.k, info.position, domain, queries)
-    return _reduce(_rows(probs, queries, self.rows), self.heads, axis=2)  # [B, K, S]
+    scores = _reduce(_rows(probs, queries, self.rows), self.heads, axis=2)  # [B, K, S]
+    return pool_by_position(scores, candidates, info.position, self.span)
 
   def reduce_heads(self, scores):
     return _reduce(scores, self.heads, axis=1, keepdims=True)
@@ -392,15 +421,7 @@ class SnapKV(Press):
     window = ctx.held & (info.position >= start[:, None, None])
     scores = _sel(scores if ctx.per_head else scores.mean(1, keepdims=True), ctx)
     pool = _sel(ctx.held & ~window, ctx)
-    pos = _sel(info.position, ctx)
-    slot = jnp.broadcast_to(jnp.arange(pos.shape[-1], dtype=jnp.int32), pos.shape)
-    order = jax.lax.sort(((~pool).astype(jnp.int32), pos, slot), dimension=-1, num_keys=2)[-1]
-    line = jnp.take_along_axis(jnp.where(pool, scores, 0.0), order, axis=-1)
-    half = self.kernel_size // 2
-    pooled = jax.lax.reduce_window(
-      line, 0.0, jax.lax.add, (1, 1, self.kernel_size), (1, 1, 1), ((0, 0), (0, 0), (half, half))
-    ) / float(self.kernel_size)
-    scores = _inverse(order, pooled)
+    scores = pool_by_position(scores, pool, _sel(info.position, ctx), self.kernel_size)
     return jnp.where(_sel(window, ctx), jnp.inf, scores)
 
 

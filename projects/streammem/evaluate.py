@@ -47,14 +47,22 @@ def methods_of(config: ml_collections.ConfigDict) -> list[models.Method]:
   fpc = max(s.clip_len // s.frame_tokens, 1) if s.frame_tokens else 1
   names = [FULL] + [n for n in config.eval.methods if n != FULL]
   return [
-    models.method(n, frames_per_clip=fpc, window=s.snapkv_window, sinks=s.sinks) for n in names
+    models.method(
+      n, frames_per_clip=fpc, window=s.snapkv_window, sinks=s.sinks, span=s.get('span', 15)
+    )
+    for n in names
   ]
 
 
 def frame_filter(config: ml_collections.ConfigDict, method_: models.Method) -> float:
   """The input-frame filtering threshold a method streams with: stream.frame_filter for the
-  StreamMem variants (filtering is the paper's step 1 of StreamMem), 0 (off) for every other."""
-  return float(config.stream.frame_filter) if method_.name.startswith('streammem') else 0.0
+  StreamMem variants (filtering is the paper's step 1 of StreamMem), 0 (off) for every other;
+  with stream.filter_methods='all', for every method, full KV included (so that filtering and
+  scoring can be told apart)."""
+  s = config.stream
+  if s.get('filter_methods', 'streammem') == 'all' or method_.name.startswith('streammem'):
+    return float(s.frame_filter)
+  return 0.0
 
 
 @dataclasses.dataclass

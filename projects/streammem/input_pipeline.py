@@ -793,6 +793,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       )
   if not 0.0 <= s.frame_filter <= 1.0:
     raise config_lib.ConfigError(f'stream.frame_filter={s.frame_filter} must be in [0, 1] (0: off)')
+  if s.filter_methods not in ('streammem', 'all'):
+    raise config_lib.ConfigError(
+      f"stream.filter_methods={s.filter_methods!r}: 'streammem' (the paper) or 'all'"
+    )
   if s.frame_filter and d.source != 'video':
     raise config_lib.ConfigError(
       f'stream.frame_filter filters video frames; data.source={d.source!r} has none'

@@ -94,8 +94,12 @@ class Method:
     return self.queries in ('proxy', 'question')
 
 
-def method(name: str, *, frames_per_clip: int = 8, window: int = 8, sinks: int = 4) -> Method:
-  """The method called `name` (METHODS); frames_per_clip sizes StreamMem's merge and FramePool."""
+def method(
+  name: str, *, frames_per_clip: int = 8, window: int = 8, sinks: int = 4, span: int = 15
+) -> Method:
+  """The method called `name` (METHODS); frames_per_clip sizes StreamMem's merge and FramePool;
+  span: the `_span` variants' score pooling (presses.StreamMem.span: each entry's score averaged
+  over `span` neighbours in position order, so that a fact's value survives with its key)."""
   f = max(frames_per_clip, 1)
   table = {
     'full': lambda: Method('full', None),
@@ -109,7 +113,11 @@ def method(name: str, *, frames_per_clip: int = 8, window: int = 8, sinks: int =
     'streammem_avgmerge': lambda: Method(
       'streammem_avgmerge', presses.StreamMem(max_frames=f, merge_weighting='uniform'), 'proxy'
     ),
+    'streammem_span': lambda: Method(
+      'streammem_span', presses.StreamMem(merging=False, max_frames=f, span=span), 'proxy'
+    ),
     'oracle': lambda: Method('oracle', presses.Oracle(), 'question'),
+    'oracle_span': lambda: Method('oracle_span', presses.Oracle(span=span), 'question'),
     'fifo': lambda: Method('fifo', presses.FIFO()),
     'uniform': lambda: Method('uniform', presses.Uniform()),
     'random': lambda: Method('random', presses.Random()),
@@ -131,7 +139,9 @@ METHODS = (
   'streammem_nomerge',
   'streammem_max',
   'streammem_avgmerge',
+  'streammem_span',
   'oracle',
+  'oracle_span',
   'fifo',
   'uniform',
   'random',

@@ -89,6 +89,22 @@ def test_config_checks_of_the_new_keys():
     input_pipeline.check_config(c)
   with pytest.raises(ValueError, match='questions'):
     input_pipeline.VideoEvents(questions=('recall', 'recall'))
+  c = base.get_config('video_smoke')
+  c.stream.filter_methods = 'fifo'
+  with pytest.raises(config_lib.ConfigError, match='filter_methods'):
+    input_pipeline.check_config(c)
+
+
+def test_frame_filtering_applies_to_streammem_only_or_to_every_method():
+  c = base.get_config('video_smoke')
+  c.stream.frame_filter = 0.95
+  for name in ('full', 'streammem', 'streammem_span', 'fifo', 'oracle'):
+    m = models.method(name)
+    paper = evaluate.frame_filter(c, m)
+    assert paper == (0.95 if name.startswith('streammem') else 0.0)
+  c.stream.filter_methods = 'all'
+  for name in ('full', 'streammem', 'fifo', 'oracle', 'uniform'):
+    assert evaluate.frame_filter(c, models.method(name)) == 0.95
 
 
 def test_recall_only_vocabulary_is_unchanged_and_extras_add_their_tokens():

@@ -27,7 +27,9 @@ Variants:
          per-layer budgets 128 and 256 (M = 3,840 / 7,680 over 30 layers, 12.5% / 25% of the
          stream); 2 steps of 4 documents (24 questions). Not timed end to end yet: one step of 2
          documents of 512 tokens with 6 methods x 2 budgets ran over 30 min on a loaded 2-core VM
-         (SmolLM2's 30 layers compile once per method and budget).
+         (SmolLM2's 30 layers compile once per method and budget). Token-level scoring loses
+         the passcodes' digits; the 'streammem_span' / 'oracle_span' methods score spans
+         (stream.span; projects/streammem/README.md, "Text (C)").
   video_smoke / video: real frames (python -m common.assets fetch opencv_videos; needs
          opencv-python-headless). Trains the small video-language model (models.VideoLM: 4
          layers, d_model 64, a 2-layer MLP patch encoder) on 8-frame streams of vtest.avi +
@@ -49,7 +51,9 @@ from common import config as config_lib
 METHODS = (
   'streammem',
   'streammem_nomerge',
+  'streammem_span',
   'oracle',
+  'oracle_span',
   'fifo',
   'uniform',
   'random',
@@ -103,11 +107,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       frame_tokens=8,  # StreamMem merges each run of this many stream tokens (a "frame"); 0: none
       snapkv_window=8,
       sinks=4,
+      span=15,  # the *_span methods: scores averaged over this many neighbours (odd; text facts)
       # StreamMem's input-frame filtering (paper step 1, delta = 0.95; 0: off): video frames whose
       # cosine similarity to the last kept frame exceeds it are dropped before encoding. Applied to
       # the StreamMem variants only (it is part of the paper's method; the baselines see every
       # frame); needs clip_len a multiple of frame_tokens.
       frame_filter=0.0,
+      # Which methods filter: 'streammem' (the paper's) or 'all' (every method, full KV included:
+      # the same frames for everyone, so the StreamMem column measures its scoring alone).
+      filter_methods='streammem',
     )
   )
   c.eval = ml_collections.ConfigDict(

@@ -317,6 +317,47 @@ def test_attention_presses_keep_the_entries_aligned_with_the_query(press):
       assert streams.held_positions(out, layer, row) == set(aligned)
 
 
+@pytest.mark.parametrize(
+  'make',
+  [
+    lambda span: presses.StreamMem(merging=False, span=span),
+    lambda span: presses.Oracle(span=span),
+  ],
+  ids=['StreamMem', 'Oracle'],
+)
+def test_span_scoring_keeps_the_neighbours_of_the_salient_entry(make):
+  """With span 3 the entry the query attends to keeps its two neighbours in position order (a
+  fact's value next to its key); with span 1 only it is certain to stay."""
+  mem = _aligned_memory([5])
+  budget = memory.Budget(layer_tokens=3)
+  out, _ = memory.apply_press(mem, make(1), budget, _probe(mem))
+  spanned, _ = memory.apply_press(mem, make(3), budget, _probe(mem))
+  for layer in range(L):
+    for row in range(B):
+      assert 5 in streams.held_positions(out, layer, row)
+      assert streams.held_positions(spanned, layer, row) == {4, 5, 6}
+
+
+def test_pool_by_position_is_a_moving_average_in_position_order_whatever_the_storage():
+  rng = np.random.default_rng(15)
+  s, kernel = 12, 5
+  position = np.stack([rng.permutation(s) for _ in range(B)])[:, None]  # [B, 1, S], shuffled
+  mask = rng.random((B, 1, s)) < 0.7
+  scores = rng.random((B, 1, s)).astype(np.float32)
+  got = np.asarray(
+    presses.pool_by_position(jnp.asarray(scores), jnp.asarray(mask), jnp.asarray(position), kernel)
+  )
+  for row in range(B):
+    slots = [i for i in np.argsort(position[row, 0]) if mask[row, 0, i]]  # masked, by position
+    line = np.pad(scores[row, 0, slots].astype(np.float64), kernel // 2)
+    want = np.convolve(line, np.ones(kernel) / kernel, mode='valid')
+    np.testing.assert_allclose(got[row, 0, slots], want, rtol=1e-6)
+  unpooled = presses.pool_by_position(jnp.asarray(scores), jnp.asarray(mask), position, 1)
+  np.testing.assert_array_equal(unpooled, scores)
+  with pytest.raises(ValueError, match='span must be odd'):
+    presses.Oracle(span=4)
+
+
 def test_streammem_scores_old_memory_and_the_new_clip_jointly():
   """Salient old entries survive a new clip (FIFO would drop them all)."""
   aligned = [1, 2]

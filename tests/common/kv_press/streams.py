@@ -30,6 +30,7 @@ ALL_PRESSES = (
   presses.StreamMem(max_frames=4),
   presses.StreamMem(max_frames=4, rows='max', heads='max', merge_source='all'),
   presses.Oracle(),
+  presses.Oracle(span=3),
   presses.FIFO(),
   presses.Uniform(),
   presses.Random(),
@@ -43,7 +44,12 @@ ALL_PRESSES = (
 
 
 def press_id(p) -> str:
-  return type(p).__name__ + ('-max' if getattr(p, 'rows', 'mean') == 'max' else '')
+  span = getattr(p, 'span', 1)
+  return (
+    type(p).__name__
+    + ('-max' if getattr(p, 'rows', 'mean') == 'max' else '')
+    + (f'-span{span}' if span > 1 else '')
+  )
 
 
 def empty(batch: int, slots: int, cfg=CFG) -> memory.Memory:
