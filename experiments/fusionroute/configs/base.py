@@ -33,7 +33,8 @@ Variants (times on the shared 2-core machine with the experts cached):
          1.5 s quiet / 11 s median under load at 40 tokens, 13-30 s under load at 88 tokens;
          greedy evaluation of 32 questions x 24 tokens by one model 10-46 s under load; router
          stage-1 step (6 rows x 88 tokens: router forward + backward, 3 expert forwards, AdamW on
-         135M parameters) 68-77 s under load, compilation included in the first. Estimate for the
+         135M parameters) 68-77 s under load, compilation included in the first; 5-12 s at load 5-11
+         once compiled (the 30-step pilot, 03:05 UTC). Estimate for the
          planned arm (stage 1 400 + stage 2 400 steps of 8 SFT rows (+ 8 pairs), 4 forwards of
          135M per row): at the loaded router-step cost it is about 400 x 90 s + 400 x 250 s, some
          38 hours; at a quiet machine's cost (about 8x less, as for the LoRA step) about 5 hours,
