@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -38,6 +39,9 @@ def test_code_fingerprint_hashes_the_source_in_order():
 
 
 def test_numerics_fingerprint_names_the_device_count_and_flags(monkeypatch):
+  # The backend must exist before XLA_FLAGS names a flag XLA does not know: started after, it would
+  # abort the process (this test run alone, or first in a worker, crashed pytest).
+  jax.devices()
   monkeypatch.setenv('XLA_FLAGS', '--xla_foo=1')
   version, backend, count, flags = json.loads(cache.numerics_fingerprint())
   assert backend == 'cpu' and count >= 1 and flags == '--xla_foo=1' and version
