@@ -57,6 +57,39 @@ def numerics_fingerprint() -> str:
   )
 
 
+def _host(x: Any) -> np.ndarray:
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  if jax.dtypes.issubdtype(getattr(x, 'dtype', None), jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  return np.asarray(jax.device_get(x))
+
+
+def tree_fingerprint(tree: Any) -> str:
+  """32 hex digits of the sha256 of a pytree of arrays: each leaf's path, dtype, shape and bytes.
+
+  Keys what was computed from a model or data (a cache file, an in-process memo). Works on nested
+  dicts, nnx.State and numpy or (sharded) JAX arrays, PRNG keys by their key data; equal trees give
+  equal fingerprints on any mesh. A leaf spread over several processes is gathered (a collective:
+  every process must call). A 135M-parameter model hashes in about a second.
+  """
+  h = hashlib.sha256()
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  h.update(str(treedef.num_leaves).encode())
+  for path, leaf in leaves:
+    arr = np.ascontiguousarray(_host(leaf))
+    h.update(f'{jax.tree_util.keystr(path)}|{arr.dtype.name}{arr.dtype.str}|{arr.shape}|'.encode())
+    h.update(arr.reshape(-1).view(np.uint8))
+  return h.hexdigest()[:32]
+
+
+def fully_addressable(tree: Any) -> bool:
+  """Whether every leaf is all in this process (an in-process memo keys only such trees)."""
+  return all(getattr(x, 'is_fully_addressable', True) for x in jax.tree_util.tree_leaves(tree))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
   """A temporary path next to `path` to write to; renamed onto `path` when the block succeeds.

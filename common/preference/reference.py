@@ -33,7 +33,6 @@ import inspect
 import json
 import os
 import pathlib
-from typing import Any
 from typing import NamedTuple
 import zipfile
 
@@ -67,28 +66,7 @@ class Cached(NamedTuple):
   hit: bool
 
 
-def _host(x: Any) -> np.ndarray:
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
-
-
-def fingerprint(tree: Any) -> str:
-  """32 hex digits of the sha256 of a pytree of arrays: each leaf's path, dtype, shape and bytes.
-
-  Works on nested dicts, nnx.State and numpy or (sharded) JAX arrays; equal trees give equal
-  fingerprints on any mesh. A 135M-parameter model hashes in about a second.
-  """
-  h = hashlib.sha256()
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  h.update(str(treedef.num_leaves).encode())
-  for path, leaf in leaves:
-    arr = np.ascontiguousarray(_host(leaf))
-    h.update(f'{jax.tree_util.keystr(path)}|{arr.dtype.name}{arr.dtype.str}|{arr.shape}|'.encode())
-    h.update(arr.reshape(-1).view(np.uint8))
-  return h.hexdigest()[:32]
+fingerprint = cache.tree_fingerprint  # the key of the reference model's parameters
 
 
 def key_of(parts: Mapping[str, str]) -> str:

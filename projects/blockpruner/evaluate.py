@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import cache
 from common import sharding
 from common.models import decoder
 from common.models import perplexity
@@ -102,25 +103,17 @@ def fingerprint(
   held-out windows and task rows, the batch size and the mesh. None when the weights are not all
   addressable here (several processes): nothing is memoized then."""
   state = nnx.state(model)
-  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-  if jax.process_count() > 1 and not all(
-    getattr(x, 'is_fully_addressable', True) for _, x in leaves
-  ):
+  if jax.process_count() > 1 and not cache.fully_addressable(state):
     return None
   h = hashlib.blake2b(digest_size=20)
   mesh_shape = None if mesh is None else dict(mesh.shape)
   h.update(repr((model.cfg, batch_size, mesh_shape, rules)).encode())
-  for path, leaf in leaves:
-    a = np.asarray(jax.device_get(leaf))
-    h.update(f'{jax.tree_util.keystr(path)} {a.dtype} {a.shape}'.encode())
-    h.update(np.ascontiguousarray(a).tobytes())
-  arrays = [(name, w.tokens, w.mask) for name, w in sorted(data.held_out.items())]
-  arrays += [(t.name, t.rows.tokens, t.rows.mask, t.labels) for t in data.tasks]
-  for name, *parts in arrays:
-    h.update(name.encode())
-    for a in parts:
-      h.update(f'{a.dtype} {a.shape}'.encode())
-      h.update(np.ascontiguousarray(a).tobytes())
+  h.update(cache.tree_fingerprint(state).encode())
+  rows = {
+    'held_out': {name: (w.tokens, w.mask) for name, w in data.held_out.items()},
+    'tasks': {t.name: (t.rows.tokens, t.rows.mask, t.labels) for t in data.tasks},
+  }
+  h.update(cache.tree_fingerprint(rows).encode())
   return h.hexdigest()
 
 

@@ -37,6 +37,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from common import cache
 from common import merging
 from common import sharding
 from common.models import perplexity
@@ -47,18 +48,11 @@ _MEMO: dict[str, dict[str, float]] = {}  # Evaluator.__call__'s results, by eval
 
 
 def tree_digest(tree, salt: str = '') -> str | None:
-  """Hash of `salt` and a pytree's leaves (paths, shapes, dtypes, bytes); None when a leaf is not
-  all in this process (then nothing is memoised on it)."""
-  h = hashlib.sha256(salt.encode())
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    if not getattr(leaf, 'is_fully_addressable', True):
-      return None
-    if jax.dtypes.issubdtype(getattr(leaf, 'dtype', None), jax.dtypes.prng_key):
-      leaf = jax.random.key_data(leaf)
-    x = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
-    h.update(f'{jax.tree_util.keystr(path)}|{x.dtype}|{x.shape}'.encode())
-    h.update(x.tobytes())
-  return h.hexdigest()
+  """`common.cache.tree_fingerprint` of a pytree, salted; None when a leaf is not all in this
+  process (then nothing is memoised on it)."""
+  if not cache.fully_addressable(tree):
+    return None
+  return hashlib.sha256(f'{salt}|{cache.tree_fingerprint(tree)}'.encode()).hexdigest()
 
 
 def model_digest(model) -> str | None:
