@@ -30,6 +30,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from common import text
 from common.models import tokenizer as tokenizer_lib
 
 
@@ -49,19 +50,6 @@ def spans(tok: tokenizer_lib.Tokenizer, ids: Sequence[int]) -> tuple[str, list[t
     out.append((prev, end))
     prev = end
   return text, out
-
-
-def edit_distance(a: str, b: str) -> int:
-  """Levenshtein distance (insert, delete, substitute at cost 1)."""
-  if a == b:
-    return 0
-  prev = list(range(len(b) + 1))
-  for i, ca in enumerate(a, 1):
-    cur = [i]
-    for j, cb in enumerate(b, 1):
-      cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-    prev = cur
-  return prev[-1]
 
 
 def dtw(a_spans, b_spans, a_strs, b_strs) -> list[tuple[int, int]]:
@@ -85,7 +73,7 @@ def dtw(a_spans, b_spans, a_strs, b_strs) -> list[tuple[int, int]]:
     j = lo
     while j < m and b_spans[j][0] <= a_spans[i][1]:
       if near(i, j):
-        c = edit_distance(a_strs[i], b_strs[j])
+        c = text.edit_distance(a_strs[i], b_strs[j])
         if i == 0 and j == 0:
           cost[(0, 0)], back[(0, 0)] = c, None
         else:

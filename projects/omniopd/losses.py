@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 
 from common import config as config_lib
+from common import text
 from common.rl import loss as rl_loss
 
 SIMILARITIES = ('exact', 'edit', 'embedding')
@@ -93,16 +94,6 @@ def peak_entropy_positions(
 # Chunk similarity.
 
 
-def levenshtein(a: str, b: str) -> int:
-  prev = list(range(len(b) + 1))
-  for i, ca in enumerate(a, 1):
-    cur = [i]
-    for j, cb in enumerate(b, 1):
-      cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-    prev = cur
-  return prev[-1]
-
-
 def teacher_chunk(teacher_text: str, candidate_text: str, candidate_ended: bool) -> str:
   """The part of the teacher's continuation a candidate chunk is compared with."""
   return teacher_text if candidate_ended else teacher_text[: len(candidate_text)]
@@ -116,7 +107,7 @@ def similarity_fn(
     return lambda cs, rs: np.asarray([float(c == r) for c, r in zip(cs, rs, strict=True)])
   if kind == 'edit':
     return lambda cs, rs: np.asarray(
-      [1.0 - levenshtein(c, r) / max(len(c), len(r), 1) for c, r in zip(cs, rs, strict=True)]
+      [1.0 - text.edit_distance(c, r) / max(len(c), len(r), 1) for c, r in zip(cs, rs, strict=True)]
     )
   if kind == 'embedding':
     if embed is None:

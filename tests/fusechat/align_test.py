@@ -10,6 +10,7 @@ import tempfile
 import numpy as np
 import pytest
 
+from common import text
 from common.models import bpe
 from common.models import spec
 from projects.fusechat import align
@@ -88,7 +89,7 @@ def test_dtw_on_a_constructed_case():
   a_sp, b_sp = [(0, 2), (2, 3), (3, 4)], [(0, 1), (1, 2), (2, 3), (3, 4)]
   path = align.dtw(a_sp, b_sp, ['ab', 'c', 'd'], ['a', 'b', 'c', 'd'])
   assert path == [(0, 0), (0, 1), (1, 2), (2, 3)]
-  assert align.edit_distance('kitten', 'sitting') == 3
+  assert text.edit_distance('kitten', 'sitting') == 3
 
 
 def test_transfer_maps_merges_and_falls_back_to_gold():

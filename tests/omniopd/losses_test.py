@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from common import text
 from common.rl import rollout
 from projects.omniopd import losses
 from tests.common.rl import toy
@@ -113,7 +114,7 @@ def test_gradient_only_on_audited_chunk_tokens_and_anchor_tokens():
 
 
 def test_similarities():
-  assert losses.levenshtein('kitten', 'sitting') == 3
+  assert text.edit_distance('kitten', 'sitting') == 3
   edit = losses.similarity_fn('edit')
   np.testing.assert_allclose(edit(['12', '1', ''], ['12', '13', '']), [1.0, 0.5, 1.0])
   exact = losses.similarity_fn('exact')
