@@ -416,6 +416,9 @@ class Attention(nnx.Module):
     self.scale = (cfg.query_pre_attn_scalar or hd) ** -0.5
     self.softcap = cfg.attn_logit_softcap
     self.layer_idx = layer_idx  # Which KV-cache layer this module reads and writes.
+    # (kernel, bias or None) of q|k|v concatenated along the output, set by `fuse_qkv` for decoding
+    # only: never a parameter, so training, checkpoints and adapters never see it.
+    self.fused_qkv = nnx.data(None)
 
   def __call__(
     self,
@@ -435,9 +438,18 @@ class Attention(nnx.Module):
     tokens are real (padding is written as invalid).
     """
     b, t, _ = x.shape
-    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    if self.fused_qkv is not None and b * t == 1:  # one row: see `fuse_qkv`
+      kernel, bias = self.fused_qkv
+      qkv = jax.lax.dot_general(x.reshape(1, -1), kernel, (((1,), (0,)), ((), ())))
+      if bias is not None:
+        qkv = qkv + bias[None]
+      nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+      q, k, v = qkv[:, :nq], qkv[:, nq : nq + nkv], qkv[:, nq + nkv :]
+    else:
+      q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    q = q.reshape(b, t, self.num_heads, self.head_dim)
+    k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q = apply_rope(q, positions, self.rope_theta)
@@ -483,6 +495,39 @@ class MLP(nnx.Module):
     h = _ACTIVATIONS[self.activation](self.gate_proj(x)) * self.up_proj(x)
     h = sharding.with_logical_constraint(h, ('batch', 'length', 'mlp'))
     return self.down_proj(h)
+
+
+def fuse_qkv(model: nnx.Module) -> int:
+  """Gives each float32 `Attention` in `model` one q|k|v matrix for one-row decoding; returns how many.
+
+  At one row (batch-1 decoding) XLA:CPU runs every projection as its own matrix-vector product on
+  the intra-op pool, and each one pays a fixed dispatch cost: SmolLM2's 120 small attention
+  matrices (106 MB per token) read at 14 GB/s where its MLP's 90 larger ones read at 22
+  (`benchmarks/decode_roofline.py`). One [d, (h + 2 kv) hd] product per layer instead of three gives
+  the same numbers bitwise at one row (each output column is reduced alike); at 2-16 rows YNNPACK
+  tiles the wider matrix differently (last-bit differences), so `Attention` uses it only for a
+  single row and multi-row calls (prefill, batched decoding) keep the separate projections.
+  Fusing the MLP's gate and up matrices gained nothing measurable, so they stay apart.
+
+  Call it on a model merged inside the jitted decoding program, before the loop: the concatenation
+  then runs once per call, not once per token, and the stored parameters are untouched. Skips
+  attention whose projections are adapted (LoRA), not float32, or computed in another dtype.
+  """
+  fused = 0
+  for _, m in nnx.iter_modules(model):
+    if not isinstance(m, Attention):
+      continue
+    projs = (m.q_proj, m.k_proj, m.v_proj)
+    if not all(
+      type(p) is Linear and p.kernel[...].dtype == jnp.float32 and p.dtype in (None, jnp.float32)
+      for p in projs
+    ):
+      continue
+    kernel = jnp.concatenate([p.kernel[...] for p in projs], axis=1)
+    bias = None if projs[0].bias is None else jnp.concatenate([p.bias[...] for p in projs])
+    m.fused_qkv = (kernel, bias)
+    fused += 1
+  return fused
 
 
 def _run_if(keep, fn, x, cache):

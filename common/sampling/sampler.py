@@ -310,6 +310,8 @@ def _decode_start(pre: _Prefilled, cache: kv_cache.KVCache, st: _Static) -> tupl
 def _decode_step(model, pre: _Prefilled, st: _Static) -> Callable[[tuple], tuple]:
   """The decode loop's body (one generated position), shared by `_decode` and `_decode_until`."""
   keys, temps = pre.keys, pre.temps
+  if temps.shape[0] == 1:  # one row: one q|k|v product per layer, built here, outside the loop
+    decoder.fuse_qkv(model)
   temp_at = lambda t: temps[:, t]  # noqa: E731
 
   def body(loop):

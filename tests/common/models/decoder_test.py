@@ -9,6 +9,7 @@ once, in the sharded test.
 """
 
 import dataclasses
+import functools
 
 from flax import nnx
 import jax
@@ -18,7 +19,11 @@ import numpy as np
 import pytest
 
 from common import sharding
+from common.adapters import core as adapters
+from common.adapters import lora
 from common.models import decoder
+from common.sampling import kv_cache
+from common.sampling import sampler
 
 BASE = decoder.DecoderConfig(
   vocab_size=100, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64
@@ -296,3 +301,51 @@ def test_sharded_init_and_forward_match_unsharded():
     out = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens)
   assert out.sharding.spec == jax.P(('data', 'fsdp'), None, 'tensor')
   _close(out, ref)
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'fuse', 'corrupt'))
+def _decode_one(graphdef, state, prompt, token, fuse, corrupt=False):
+  """Logits of the prefill (T rows) and of one decoded token (one row), fused q|k|v or not;
+  `corrupt` doubles the fused matrices, to show which calls read them."""
+  model = nnx.merge(graphdef, state)
+  fused = decoder.fuse_qkv(model) if fuse else 0
+  for layer in model.layers if corrupt else ():
+    kernel, bias = layer.attn.fused_qkv
+    layer.attn.fused_qkv = (2 * kernel, bias)
+  cache = kv_cache.KVCache.init(model.cfg, 1, prompt.shape[1] + 1)
+  pre, cache = model(prompt, cache=cache)
+  one, _ = model(token, cache=cache)
+  return pre, one, fused
+
+
+@pytest.mark.parametrize('cfg', [BASE, GEMMA3, QWEN2_UNTIED], ids=['llama', 'gemma3', 'qwen2'])
+def test_fused_qkv_is_bitwise_at_one_row_and_unused_for_more(cfg):
+  graphdef, state = nnx.split(_build(cfg, seed=3))
+  prompt, token = _tokens((1, T), seed=4), _tokens((1, 1), seed=5)
+  pre, one, n = _decode_one(graphdef, state, prompt, token, fuse=False)
+  pre_f, one_f, n_f = _decode_one(graphdef, state, prompt, token, fuse=True)
+  assert (int(n), int(n_f)) == (0, cfg.num_layers)
+  np.testing.assert_array_equal(np.asarray(one_f), np.asarray(one))  # the one-row product
+  np.testing.assert_array_equal(np.asarray(pre_f), np.asarray(pre))  # T rows: separate products
+  assert np.isfinite(np.asarray(one)).all() and np.asarray(one).std() > 0
+  pre_c, one_c, _ = _decode_one(graphdef, state, prompt, token, fuse=True, corrupt=True)
+  np.testing.assert_array_equal(np.asarray(pre_c), np.asarray(pre))
+  assert np.abs(np.asarray(one_c) - np.asarray(one)).max() > 1e-3  # the one row read them
+
+
+def test_fused_qkv_skips_adapted_and_bf16_projections_and_adds_no_parameter():
+  model = _build(BASE)
+  params_before = jax.tree_util.tree_structure(nnx.state(model, nnx.Param))
+  with sharding.unsharded():
+    adapters.adapt(model, r'layers/0/attn/q_proj', lora.factory(rank=2, rngs=nnx.Rngs(1)))
+  assert decoder.fuse_qkv(model) == 1  # layer 1 only: layer 0's q_proj is now a LoRA wrapper
+  assert model.layers[0].attn.fused_qkv is None
+  attn = model.layers[1].attn
+  kernel, bias = attn.fused_qkv
+  parts = [attn.q_proj.kernel[...], attn.k_proj.kernel[...], attn.v_proj.kernel[...]]
+  np.testing.assert_array_equal(np.asarray(kernel), np.concatenate(parts, axis=1))
+  assert bias is None
+  plain = _build(BASE)
+  decoder.fuse_qkv(plain)
+  assert jax.tree_util.tree_structure(nnx.state(plain, nnx.Param)) == params_before
+  assert decoder.fuse_qkv(sampler.cast_weights(_build(BASE), jnp.bfloat16)) == 0
