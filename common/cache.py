@@ -10,7 +10,9 @@ starting at the same time) never sees half a file.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from collections.abc import Iterator
+from collections.abc import Mapping
 import contextlib
 import hashlib
 import inspect
@@ -117,3 +119,20 @@ def savez(path: str | os.PathLike, **arrays: Any) -> None:
   """np.savez(path, **arrays), atomically; `path` should end in .npz (np.load reads it back)."""
   with atomic_path(path) as tmp, open(tmp, 'wb') as f:
     np.savez(f, **arrays)
+
+
+def load_or_compute(
+  path: str | os.PathLike, compute: Callable[[], Mapping[str, Any]]
+) -> dict[str, np.ndarray]:
+  """The named arrays cached at `path` (.npz); on a miss, `compute()`'s, saved there first (`savez`).
+
+  The shape of every "train once per machine, then load" fixture: `path` carries the key (what the
+  arrays depend on), `compute` trains and flattens, and only a complete file is ever read.
+  """
+  path = pathlib.Path(path)
+  if path.is_file():
+    with np.load(path) as f:
+      return {k: f[k] for k in f.files}
+  arrays = {k: np.asarray(v) for k, v in compute().items()}
+  savez(path, **arrays)
+  return arrays

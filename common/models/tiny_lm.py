@@ -125,19 +125,18 @@ def tiny_lm(cfg: TinyLMConfig | None = None, **overrides) -> TinyLM:
   with sharding.unsharded():
     model = decoder.Decoder(decoder_config(cfg), rngs=nnx.Rngs(cfg.seed))
   template = nnx.state(model, nnx.Param).to_pure_dict()
-  if path.exists():
-    with np.load(path) as f:
-      flat = {k: f[k] for k in f.files}
-    curve = [float(x) for x in flat.pop('__loss_curve__')]
-  else:
+
+  def train():
     logging.info(
       'training the shared tiny LM (%d steps; once per machine and config, cached in %s)',
       cfg.steps,
       path.parent,
     )
     params, curve = _train_tiny_lm(cfg)
-    flat = _flatten(params)
-    cache.savez(path, __loss_curve__=np.asarray(curve), **flat)
+    return {'__loss_curve__': np.asarray(curve), **_flatten(params)}
+
+  flat = cache.load_or_compute(path, train)
+  curve = [float(x) for x in flat.pop('__loss_curve__')]
   restored = jax.tree_util.tree_map_with_path(
     lambda p, _: flat['/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in p)], template
   )

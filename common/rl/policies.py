@@ -129,10 +129,8 @@ def warm_policy(cfg: WarmupConfig | None = None, dtype: str = 'float32') -> tupl
   with sharding.unsharded():
     model = decoder.Decoder(decoder_config(cfg, dtype), rngs=nnx.Rngs(cfg.seed))
   template = nnx.state(model, nnx.Param).to_pure_dict()
-  if path.exists():
-    with np.load(path) as f:
-      flat = {k: f[k] for k in f.files}
-  else:
+
+  def train():
     logging.info(
       'training the RL warm-up policy: %d SFT steps of %d sequences (once per machine and '
       'config; cached in %s); about half a minute to a few minutes on 2 CPU cores',
@@ -148,7 +146,9 @@ def warm_policy(cfg: WarmupConfig | None = None, dtype: str = 'float32') -> tupl
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
     flat['__loss_curve__'] = np.asarray(curve)
-    cache.savez(path, **flat)
+    return flat
+
+  flat = cache.load_or_compute(path, train)
   curve = [float(x) for x in flat.pop('__loss_curve__')]
   restored = jax.tree_util.tree_map_with_path(lambda p, _: flat[jax.tree_util.keystr(p)], template)
   state = nnx.state(model, nnx.Param)

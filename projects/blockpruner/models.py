@@ -274,10 +274,8 @@ def tiny_text_lm(
     cache.numerics_fingerprint(),
   )
   path = cache.cache_dir('blockpruner', 'tiny_text_lm') / f'{key}.npz'
-  if path.is_file():
-    with np.load(path) as f:
-      flat = {k: f[k] for k in f.files}
-  else:
+
+  def train():
     logging.info(
       'training the blockpruner smoke LM (%d steps, once; cached in %s)', cfg.steps, path
     )
@@ -286,7 +284,9 @@ def tiny_text_lm(
       '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in p): np.asarray(v)
       for p, v in jax.tree_util.tree_flatten_with_path(params)[0]
     }
-    cache.savez(path, __loss_curve__=np.asarray(curve), **flat)
+    return {'__loss_curve__': np.asarray(curve), **flat}
+
+  flat = cache.load_or_compute(path, train)
   flat.pop('__loss_curve__', None)
   params = {tuple(int(p) if p.isdigit() else p for p in k.split('/')): v for k, v in flat.items()}
   return spec.build(cfg.decoder_config(dtype), params), tok

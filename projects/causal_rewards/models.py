@@ -128,16 +128,15 @@ def warm_backbone(config: ml_collections.ConfigDict) -> decoder.Decoder:
   with sharding.unsharded():
     model = decoder.Decoder(dcfg, rngs=nnx.Rngs(w.seed))
   template = nnx.state(model, nnx.Param).to_pure_dict()
-  if path.exists():
-    with np.load(path) as f:
-      flat = {k: f[k] for k in f.files}
-  else:
+
+  def train():
     logging.info('warming up the tiny backbone: %d LM steps (once per machine; %s)', w.steps, path)
     params, curve = _warm_train(dcfg, w, pool)
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
     logging.info('warm-up LM loss %.3f -> %.3f', curve[0], curve[-1])
-    cache.savez(path, **flat)
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
+
+  flat = cache.load_or_compute(path, train)
   restored = jax.tree_util.tree_map_with_path(lambda p, _: flat[jax.tree_util.keystr(p)], template)
   state = nnx.state(model, nnx.Param)
   nnx.replace_by_pure_dict(state, restored)

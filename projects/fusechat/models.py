@@ -196,19 +196,18 @@ def tiny_member(name: str, dtype: str = 'float32') -> Member:
     cache.numerics_fingerprint(),
   )
   path = cache.cache_dir('fusechat', 'tiny_lm') / f'{name}-{key}.npz'
-  if path.is_file():
-    with np.load(path) as f:
-      flat = {k: f[k] for k in f.files}
-  else:
+
+  def train():
     logging.info(
       'training the fusechat smoke member %s (%d steps, once; %s)', name, recipe.steps, path
     )
     params = _train_tiny(recipe, tok)
-    flat = {
+    return {
       '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in p): np.asarray(v)
       for p, v in jax.tree_util.tree_flatten_with_path(params)[0]
     }
-    cache.savez(path, **flat)
+
+  flat = cache.load_or_compute(path, train)
   params = {tuple(int(p) if p.isdigit() else p for p in k.split('/')): v for k, v in flat.items()}
   return Member(name, spec.build(recipe.decoder_config(dtype), params), tok)
 

@@ -633,10 +633,8 @@ def fact_lm(cfg: FactLMConfig, dtype: str = 'float32') -> tuple[decoder.Decoder,
   path = cache_lib.cache_dir('streammem_fact_lm') / f'{key}.npz'
   with sharding.unsharded():
     model = decoder.Decoder(fact_decoder_config(cfg, dtype), rngs=nnx.Rngs(cfg.seed))
-  if path.exists():
-    with np.load(path) as f:
-      flat = {k: f[k] for k in f.files}
-  else:
+
+  def train():
     logging.info(
       'training the StreamMem smoke model (%d steps; once per machine and config, cached in %s)',
       cfg.steps,
@@ -646,7 +644,9 @@ def fact_lm(cfg: FactLMConfig, dtype: str = 'float32') -> tuple[decoder.Decoder,
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
     flat['__loss_curve__'] = np.asarray(curve)
-    cache_lib.savez(path, **flat)
+    return flat
+
+  flat = cache_lib.load_or_compute(path, train)
   curve = [float(x) for x in flat.pop('__loss_curve__')]
   state = nnx.state(model, nnx.Param)
   template = state.to_pure_dict()

@@ -65,3 +65,32 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     raise RuntimeError('killed')
   assert path.read_text() == 'old'
   assert os.listdir(tmp_path) == ['y.json']
+
+
+def test_load_or_compute_computes_once_then_loads(tmp_path):
+  path = tmp_path / 'weights.npz'
+  calls = []
+
+  def train():
+    calls.append(1)
+    return {'w': np.arange(6.0).reshape(2, 3), '__loss_curve__': [3.0, 2.5]}
+
+  first = cache.load_or_compute(path, train)
+  second = cache.load_or_compute(path, train)
+  assert len(calls) == 1 and path.is_file()
+  assert sorted(first) == sorted(second) == ['__loss_curve__', 'w']
+  for k in first:
+    assert isinstance(second[k], np.ndarray)
+    np.testing.assert_array_equal(second[k], first[k])
+  assert [p.name for p in tmp_path.iterdir()] == ['weights.npz']  # no temporary left
+
+
+def test_load_or_compute_saves_nothing_when_compute_fails(tmp_path):
+  path = tmp_path / 'weights.npz'
+
+  def broken():
+    raise RuntimeError('diverged')
+
+  with pytest.raises(RuntimeError, match='diverged'):
+    cache.load_or_compute(path, broken)
+  assert list(tmp_path.iterdir()) == []
