@@ -10,12 +10,11 @@ k samples per prompt at each fixed temperature and the same keys for every tempe
 one line per temperature and writes them as JSON to --out if given.
 """
 
+import argparse
 import dataclasses
 import json
 import time
 
-from absl import app
-from absl import flags
 from absl import logging
 import numpy as np
 
@@ -25,29 +24,33 @@ from common.rl import evaluate as evaluate_lib
 from common.rl import loop
 from projects.ead import train
 
-flags.DEFINE_string('config', 'experiments/ead/configs/base.py:smollm2', 'config file:variant,...')
-flags.DEFINE_list('temperatures', ['0.6', '1.0'], 'fixed sampling temperatures to measure')
-flags.DEFINE_integer('samples', 4, 'k: samples per prompt at each temperature')
-flags.DEFINE_string('out', '', 'optional JSON file for the results')
-FLAGS = flags.FLAGS
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--config', default='experiments/ead/configs/base.py:smollm2')
+  p.add_argument('--temperatures', default='0.6,1.0', help='comma-separated fixed temperatures')
+  p.add_argument('--samples', type=int, default=4, help='k: samples per prompt')
+  p.add_argument('--out', default='', help='optional JSON file for the results')
+  return p.parse_args(argv)
 
 
-def main(argv) -> None:
-  del argv
-  config = config_lib.load(FLAGS.config)
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  logging.set_verbosity(logging.INFO)
+  config = config_lib.load(args.config)
   mesh = sharding.make_mesh(config_lib.mesh_spec(config))
   rules = sharding.rules_of(config)
   setup = train.build_setup(config, mesh, rules)
   model = setup.create_model()
   base = loop.sampling_of(config.rl, setup)
   results = []
-  for temp in (float(t) for t in FLAGS.temperatures):
+  for temp in (float(t) for t in args.temperatures.split(',') if t):
     t0 = time.perf_counter()
     rates = evaluate_lib.pass_rates(
       model,
       setup.eval_prompts,
-      FLAGS.samples,
-      batch=config.rl.eval_batch * FLAGS.samples,
+      args.samples,
+      batch=config.rl.eval_batch * args.samples,
       sampling=dataclasses.replace(base, temperature=temp),
       rewards=setup.rewards,
       mesh=mesh,
@@ -58,18 +61,18 @@ def main(argv) -> None:
     row = {
       'temperature': temp,
       'prompts': len(r),
-      'samples': FLAGS.samples,
+      'samples': args.samples,
       'pass_at_1': float(r.mean()),
-      f'pass_at_{FLAGS.samples}': float((r > 0).mean()),
+      f'pass_at_{args.samples}': float((r > 0).mean()),
       'seconds': round(time.perf_counter() - t0, 1),
     }
     results.append(row)
     logging.info('%s', row)
     print(json.dumps(row), flush=True)
-  if FLAGS.out:
-    with open(FLAGS.out, 'w') as f:
-      json.dump({'config': FLAGS.config, 'results': results}, f, indent=1)
+  if args.out:
+    with open(args.out, 'w') as f:
+      json.dump({'config': args.config, 'results': results}, f, indent=1)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  main()
