@@ -201,6 +201,7 @@ def fingerprint(cfg: ExpertsConfig) -> str:
     ip.problem,
     ip._draw,  # noqa: SLF001 - the generator is what the experts learnt
     ip.sft_row,
+    ip.reply_row,
     ip.SFTSource,
     ip.carry9,
     ip.split_of,

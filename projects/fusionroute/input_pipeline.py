@@ -173,23 +173,34 @@ def answer_ids(answer: str) -> list[int]:
 def sft_row(p: Problem, answer: str | None = None) -> dict[str, np.ndarray]:
   """One training row (inputs, targets, loss_mask, positions, segment_ids [SEQ_LEN]; domain [])."""
   prompt, reply = prompt_ids(p), answer_ids(p.answer if answer is None else answer)
-  tokens = np.asarray(prompt + reply, np.int32)
+  if len(prompt) + len(reply) - 1 > SEQ_LEN:
+    raise ValueError(f'{p.prompt!r} -> {answer!r} does not fit SEQ_LEN {SEQ_LEN}')
+  return reply_row(prompt, reply, SEQ_LEN, p.domain)
+
+
+def reply_row(
+  prompt: Sequence[int], reply: Sequence[int], seq_len: int, domain: int
+) -> dict[str, np.ndarray]:
+  """[prompt reply] shifted once into inputs / targets, the loss on the reply (its end included),
+  right-padded with PAD to seq_len under segment 0; `domain` rides along (the routing label).
+  The one row layout of the smoke problems (`sft_row`) and the SmolLM2 pilot (`smollm2`)."""
+  tokens = np.asarray([*prompt, *reply], np.int32)
   n = len(tokens) - 1
-  if n > SEQ_LEN:
-    raise ValueError(f'{p.prompt!r} -> {answer!r} needs {n} positions > SEQ_LEN {SEQ_LEN}')
+  if n > seq_len:
+    raise ValueError(f'a row needs {n} positions > seq_len {seq_len}')
   row = {
-    'inputs': np.full(SEQ_LEN, PAD, np.int32),
-    'targets': np.full(SEQ_LEN, PAD, np.int32),
-    'loss_mask': np.zeros(SEQ_LEN, np.float32),
-    'positions': np.zeros(SEQ_LEN, np.int32),
-    'segment_ids': np.zeros(SEQ_LEN, np.int32),
+    'inputs': np.full(seq_len, PAD, np.int32),
+    'targets': np.full(seq_len, PAD, np.int32),
+    'loss_mask': np.zeros(seq_len, np.float32),
+    'positions': np.zeros(seq_len, np.int32),
+    'segment_ids': np.zeros(seq_len, np.int32),
   }
   row['inputs'][:n] = tokens[:-1]
   row['targets'][:n] = tokens[1:]
-  row['loss_mask'][len(prompt) - 1 : n] = 1.0  # targets from the first answer token to EOS
+  row['loss_mask'][len(prompt) - 1 : n] = 1.0  # targets from the first reply token to its end
   row['positions'][:n] = np.arange(n)
   row['segment_ids'][:n] = 1
-  row['domain'] = np.int32(p.domain)
+  row['domain'] = np.int32(domain)
   return row
 
 

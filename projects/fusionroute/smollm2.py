@@ -53,6 +53,7 @@ from common.models import decoder
 from common.models import loader
 from common.preference import scoring
 from common.sampling import sampler
+from projects.fusionroute import input_pipeline as ip
 
 ASSET = 'smollm2'
 DOMAINS = ('math', 'string', 'logic')
@@ -106,29 +107,6 @@ def reply_ids(tok, answer: str) -> list[int]:
   return [*tok.encode(str(answer).strip(), add_bos=False), tok.eos_id]
 
 
-def sft_row(prompt: Sequence[int], reply: Sequence[int], seq_len: int, domain: int) -> dict:
-  """[prompt reply] shifted once into inputs / targets, the loss on the reply (its end included),
-  right-padded to seq_len with segment 0 (the layout of projects/fusionroute/input_pipeline)."""
-  tokens = np.asarray([*prompt, *reply], np.int32)
-  n = len(tokens) - 1
-  if n > seq_len:
-    raise ValueError(f'a row needs {n} positions > seq_len {seq_len}')
-  row = {
-    'inputs': np.full(seq_len, PAD, np.int32),
-    'targets': np.full(seq_len, PAD, np.int32),
-    'loss_mask': np.zeros(seq_len, np.float32),
-    'positions': np.zeros(seq_len, np.int32),
-    'segment_ids': np.zeros(seq_len, np.int32),
-  }
-  row['inputs'][:n] = tokens[:-1]
-  row['targets'][:n] = tokens[1:]
-  row['loss_mask'][len(prompt) - 1 : n] = 1.0
-  row['positions'][:n] = np.arange(n)
-  row['segment_ids'][:n] = 1
-  row['domain'] = np.int32(domain)
-  return row
-
-
 def stack(rows: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
   return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
@@ -139,7 +117,7 @@ def domain_rows(tok, examples: Sequence[dict], domain: int, seq_len: int) -> lis
   for ex in examples:
     p, r = prompt_ids(tok, ex), reply_ids(tok, ex['answer'])
     if len(p) + len(r) - 1 <= seq_len:
-      rows.append(sft_row(p, r, seq_len, domain))
+      rows.append(ip.reply_row(p, r, seq_len, domain))
   if len(rows) < len(examples):
     logging.info(
       'dropped %d of %d rows over %d tokens', len(examples) - len(rows), len(examples), seq_len
@@ -204,7 +182,7 @@ class ExpertSpec:
   seed: int = 0
 
   def key(self) -> str:
-    parts = [finetune, add_lora, sft_row, prompt_ids, reply_ids, domain_rows, task_specs]
+    parts = [finetune, add_lora, ip.reply_row, prompt_ids, reply_ids, domain_rows, task_specs]
     src = ''.join(inspect.getsource(p) for p in parts) + SYSTEM + LORA_PATTERN
     src += json.dumps(dataclasses.asdict(self), sort_keys=True)
     return hashlib.sha256(src.encode()).hexdigest()[:20]

@@ -13,6 +13,7 @@ import pytest
 from common import sharding
 from common.adapters import core as adapters
 from common.models import decoder
+from projects.fusionroute import input_pipeline as ip
 from projects.fusionroute import smollm2 as sm
 from tests.fusionroute import conftest
 
@@ -55,16 +56,16 @@ def test_merged_params_of_fresh_lora_equal_the_base():
   jax.tree.map(np.testing.assert_array_equal, merged, before)
 
 
-def test_sft_row_masks_the_reply_and_its_end_only():
+def test_reply_row_masks_the_reply_and_its_end_only():
   prompt, reply = [1, 10, 11, 12], [20, 21, 2]
-  row = sm.sft_row(prompt, reply, seq_len=8, domain=1)
+  row = ip.reply_row(prompt, reply, seq_len=8, domain=1)
   np.testing.assert_array_equal(row['inputs'][:6], [1, 10, 11, 12, 20, 21])
   np.testing.assert_array_equal(row['targets'][:6], [10, 11, 12, 20, 21, 2])
   np.testing.assert_array_equal(row['loss_mask'], [0, 0, 0, 1, 1, 1, 0, 0])
   np.testing.assert_array_equal(row['segment_ids'], [1] * 6 + [0] * 2)
   assert int(row['domain']) == 1
   with pytest.raises(ValueError, match='seq_len'):
-    sm.sft_row(prompt, reply, seq_len=5, domain=0)
+    ip.reply_row(prompt, reply, seq_len=5, domain=0)
 
 
 class _Tok:
