@@ -502,7 +502,7 @@ def fuse_qkv(model: nnx.Module) -> int:
 
   At one row (batch-1 decoding) XLA:CPU runs every projection as its own matrix-vector product on
   the intra-op pool, and each one pays a fixed dispatch cost: SmolLM2's 120 small attention
-  matrices (106 MB per token) read at 14 GB/s where its MLP's 90 larger ones read at 22
+  matrices (106 MB per token) read at 11-13 GB/s where its MLP's 90 larger ones read at 19-26
   (`benchmarks/decode_roofline.py`). One [d, (h + 2 kv) hd] product per layer instead of three gives
   the same numbers bitwise at one row (each output column is reduced alike); at 2-16 rows YNNPACK
   tiles the wider matrix differently (last-bit differences), so `Attention` uses it only for a

@@ -21,9 +21,10 @@ Variants (times on the shared 2-core CPU machine, with other jobs running):
          Gemma-3-270M (assets smollm2, qwen2_5_coder_0_5b, gemma3_270m). Fusion: 128 texts of <= 64
          pivot tokens, top-10, 60 steps of batch 8, full fine-tuning at lr 1e-5; evaluation 32
          items per skill, 16 documents per skill, evaluation batches of 4 (memory). Measured
-         (projects/fusechat/README.md): top-k passes ~12 min (once, cached), then 32 CPU-min and
-         50 min wall at load 6-12 for fine-tuning and evaluation; peak RSS 15 GB, so run it with
-         MALLOC_MMAP_THRESHOLD_=131072 MALLOC_ARENA_MAX=2 and little else beside it (resumable).
+         (projects/fusechat/README.md): top-k passes and alignment ~30 min wall (once, cached),
+         then 32 CPU-min and 50 min wall at load 6-12 for fine-tuning and evaluation; peak RSS
+         15 GB, so run it with MALLOC_MMAP_THRESHOLD_=131072 MALLOC_ARENA_MAX=2 and little else
+         beside it (resumable).
 Override any key: base.py:smoke,fuse.lam=1.0 (the CLM-only control) or --config.merge.sce_density=0.5.
 """
 
