@@ -253,10 +253,8 @@ def load(cfg: ExpertsConfig) -> Experts:
   key = fingerprint(cfg)
   path = cache.cache_dir('fusionroute', 'experts') / f'{key}.npz'
   template = _params_shapes(cfg)
-  if path.exists():
-    with np.load(path) as f:
-      flat = {k: f[k] for k in f.files}
-  else:
+
+  def train():
     logging.info(
       'training the FusionRoute smoke experts: base %d steps, experts %s steps (once per machine '
       'and config; cached in %s)',
@@ -270,7 +268,9 @@ def load(cfg: ExpertsConfig) -> Experts:
       flat.update(_flatten(p, f'expert{i}'))
     for name, curve in out['curves'].items():
       flat[f'curve/{name}'] = np.asarray(curve, np.float32)
-    cache.savez(path, **flat)
+    return flat
+
+  flat = cache.load_or_compute(path, train)
   curves = {k[len('curve/') :]: [float(x) for x in v] for k, v in flat.items() if k[:6] == 'curve/'}
   return Experts(
     config=cfg,
@@ -312,10 +312,6 @@ def pairs(config: ml_collections.ConfigDict, experts: Experts) -> dict[str, np.n
     f'{experts.key}|{config.data.seed}|{config.data.pair_prompts}|{src}'.encode()
   ).hexdigest()[:20]
   path = cache.cache_dir('fusionroute', 'pairs') / f'{key}.npz'
-  if path.exists():
-    with np.load(path) as f:
-      return {k: f[k] for k in f.files}
-  answers = [greedy_answers(m, problems) for m in experts.decoders()]
-  out = ip.make_pairs(problems, answers)
-  cache.savez(path, **out)
-  return out
+  return cache.load_or_compute(
+    path, lambda: ip.make_pairs(problems, [greedy_answers(m, problems) for m in experts.decoders()])
+  )

@@ -250,18 +250,9 @@ def expert(spec: ExpertSpec, log: Callable = logging.info) -> tuple[dict, dict]:
   path = cache.cache_dir('fusionroute', 'smollm2_adapters') / f'{spec.key()}.npz'
   model, tok = pretrained()
   add_lora(model, spec.rank, spec.seed)
-  if path.exists():
-    with np.load(path, allow_pickle=False) as f:
-      flat = {k: f[k] for k in f.files}
-    record = json.loads(str(flat.pop('__record__')))
-    state = nnx.state(model, adapters.AdapterParam)
-    pure = jax.tree_util.tree_map_with_path(
-      lambda p, _: jnp.asarray(flat[jax.tree_util.keystr(p)]), nnx.to_pure_dict(state)
-    )
-    nnx.replace_by_pure_dict(state, pure)
-    nnx.update(model, state)
-    log(f'{spec.domain} expert: adapter read from {path}')
-  else:
+  cached = path.exists()
+
+  def train():
     data = load_examples(spec.train_examples, 0, seed=spec.seed)[spec.domain]['train']
     rows = domain_rows(tok, data, DOMAINS.index(spec.domain), spec.seq_len)
     log(f'{spec.domain} expert: LoRA rank {spec.rank}, {len(rows)} rows, {spec.steps} steps')
@@ -275,7 +266,18 @@ def expert(spec: ExpertSpec, log: Callable = logging.info) -> tuple[dict, dict]:
       jax.tree_util.keystr(p): np.asarray(v)
       for p, v in jax.tree_util.tree_flatten_with_path(state)[0]
     }
-    cache.savez(path, __record__=np.asarray(json.dumps(record)), **flat)
+    return {'__record__': np.asarray(json.dumps(record)), **flat}
+
+  flat = cache.load_or_compute(path, train)
+  record = json.loads(str(flat.pop('__record__')))
+  if cached:  # else the model holds the adapter it was just trained into
+    state = nnx.state(model, adapters.AdapterParam)
+    pure = jax.tree_util.tree_map_with_path(
+      lambda p, _: jnp.asarray(flat[jax.tree_util.keystr(p)]), nnx.to_pure_dict(state)
+    )
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(model, state)
+    log(f'{spec.domain} expert: adapter read from {path}')
   return merged_params(model), record
 
 
