@@ -61,13 +61,18 @@ def smollm2(
   max_new_tokens: int,
   task_set: str = 'smollm2',
   log_every: int = 5,
+  warmup_steps: int = 0,
   **rl_overrides,
 ) -> None:
   """The SmolLM2-135M-Instruct variant (python -m common.assets fetch smollm2): its task set in
   the chat template with 100 held-out questions, G = 4, 8 prompts per step left-padded to 96
   tokens, `max_new_tokens`, evaluation in batches of 50 (then `rl_overrides`), Adam at 1e-5, 40
-  steps evaluated every 20, checkpoints every 10."""
+  steps evaluated every 20, checkpoints every 10. c.warmup becomes the pretrained model's SFT
+  warm-up (common.rl.policies.PretrainedWarmup) with `warmup_steps` (0: the released model)."""
   c.model.update(kind='pretrained', name='smollm2')
+  c.warmup = ml_collections.ConfigDict(
+    dataclasses.asdict(policies.PretrainedWarmup(steps=warmup_steps))
+  )
   c.data.update(task_set=task_set, max_eval=100)
   c.rl.update(
     dict(

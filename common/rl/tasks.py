@@ -170,10 +170,28 @@ def expression_prompt(example: dict[str, Any]) -> str:
 CHAT_INSTRUCTION = ' Think step by step, then give the final answer as a number.'
 
 
+def _chat_question(example: dict[str, Any]) -> dict[str, str]:
+  return {'role': 'user', 'content': example['question'].strip() + CHAT_INSTRUCTION}
+
+
 def chat_prompt_tokens(tokenizer, example: dict[str, Any]) -> list[int]:
-  messages = [{'role': 'user', 'content': example['question'].strip() + CHAT_INSTRUCTION}]
-  text = tokenizer.apply_chat_template(messages, True)
+  text = tokenizer.apply_chat_template([_chat_question(example)], True)
   return tokenizer.encode(text, add_bos=False)
+
+
+def worked_answer(example: dict[str, Any]) -> str:
+  """The reply a pretrained policy's SFT warm-up learns: the task's expression worked to its answer,
+  then the answer in the form the scorer extracts ('15 - 43 = -28. The answer is -28.'); only the
+  final sentence for tasks without an expression (leg counting). One line, no reasoning chain: the
+  warm-up teaches the format and the habit of writing the sum, not a method."""
+  expression = json.loads(example['metadata']).get('expression')
+  worked = f'{expression} = {example["answer"]}. ' if expression else ''
+  return f'{worked}The answer is {example["answer"]}.'
+
+
+def chat_sft_messages(example: dict[str, Any]) -> list[dict[str, str]]:
+  """The chat (question as the RL prompt renders it, worked answer) of one train example."""
+  return [_chat_question(example), {'role': 'assistant', 'content': worked_answer(example)}]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -44,14 +44,17 @@ def test_tiny_policy_is_the_warmup_dataclass_and_smollm2_sets_the_pretrained_var
   assert (c.rl.prompts_per_step, c.rl.prompt_len, c.rl.max_new_tokens) == (8, 96, 96)
   assert (c.rl.temperature, c.rl.eval_batch, c.optimizer.lr) == (0.6, 50, 1e-5)
   assert (c.train.num_steps, c.train.eval_every, c.checkpoint.every_steps) == (40, 20, 10)
+  assert policies.PretrainedWarmup(**c.warmup.to_dict()) == policies.PretrainedWarmup(steps=0)
+  rl_config.smollm2(c, max_new_tokens=96, warmup_steps=40)
+  assert c.warmup.steps == 40
 
 
 @pytest.mark.parametrize('paper', PAPERS)
 def test_the_rl_papers_build_their_configs_from_the_shared_blocks(paper):
   base = importlib.import_module(f'experiments.{paper}.configs.base')
-  for variant in ('smoke', 'smollm2'):
+  for variant, warmup in (('smoke', policies.WarmupConfig), ('smollm2', policies.PretrainedWarmup)):
     c = base.get_config(variant)
-    assert dataclasses.asdict(policies.WarmupConfig()) == c.warmup.to_dict()
+    assert set(c.warmup.keys()) == set(dataclasses.asdict(warmup()).keys())
     assert set(c.rl.keys()) == set(loop.rl_config().keys())
     assert (c.optimizer.b1, c.optimizer.b2, c.optimizer.clip_norm) == (0.9, 0.99, 1.0)
   assert (c.model.name, c.rl.prompt_len, c.rl.eval_batch) == ('smollm2', 96, 50)

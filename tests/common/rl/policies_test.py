@@ -1,5 +1,7 @@
-"""common.rl.policies: the warm policy is trained once and then read back bitwise from the cache;
-the policy factory refuses an unknown model.kind."""
+"""common.rl.policies: the warm policies (tiny, and a pretrained model's SFT warm-up) are trained
+once and then read back bitwise from the cache; the policy factory refuses an unknown model.kind."""
+
+import json
 
 from flax import nnx
 import jax
@@ -9,10 +11,14 @@ import pytest
 from common import config as config_lib
 from common import data
 from common import sharding
+from common import testing
+from common.datasets import reasoning_gym as rgd
 from common.models import decoder
+from common.models import loader
 from common.rl import policies
 from common.rl import tasks
 from experiments.ebpo.configs import base
+from tests.common.models import synthetic_gguf as syn
 
 TINY = policies.WarmupConfig(
   d_model=16, num_layers=1, num_heads=2, mlp_dim=32, sft_examples=64, steps=3, batch_size=4
@@ -60,3 +66,53 @@ def test_description_exports_the_tiny_policy_with_its_tokenizer():
     assert d['tokenizer'].decode(chars.encode(text, add_eos=True)) == text
   assert d['tokenizer'].stop_ids == tuple(chars.stop_ids)
   assert d['tokenizer'].pad_id == chars.pad_id
+
+
+def test_worked_answer_is_what_the_scorer_gives_full_marks():
+  rows = tasks.load_examples('smollm2', 'train')
+  by_task = {r['task']: r for r in rows}
+  assert sorted(by_task) == ['basic_arithmetic', 'chain_sum', 'leg_counting']
+  for task, row in by_task.items():
+    reply = tasks.worked_answer(row)
+    assert rgd.score(task, reply, row, binary=True) == 1.0, reply
+    expression = json.loads(row['metadata']).get('expression')
+    if expression:  # the arithmetic tasks write the sum; leg counting only the final sentence
+      assert reply == f'{expression} = {row["answer"]}. The answer is {row["answer"]}.'
+    else:
+      assert reply == f'The answer is {row["answer"]}.'
+  chat = tasks.chat_sft_messages(rows[0])
+  assert [m['role'] for m in chat] == ['user', 'assistant']
+  assert chat[0]['content'].endswith(tasks.CHAT_INSTRUCTION)
+
+
+def test_pretrained_warmup_is_cached_placed_on_the_mesh_and_off_at_zero_steps(
+  tmp_path, monkeypatch
+):
+  monkeypatch.setenv('MONOREPO_DATA_DIR', str(data.data_dir()))  # keep the built data sets
+  monkeypatch.setenv('MONOREPO_CACHE_DIR', str(tmp_path / 'cache'))
+  gguf = tmp_path / 'tiny.gguf'
+  syn.write(gguf, syn.LLAMA)  # a chat template and a BPE tokenizer, random weights
+  mesh = sharding.make_mesh([('data', 2), ('fsdp', 2), ('tensor', 2)])
+  released = loader.load_pretrained(gguf, mesh=mesh)[0]
+
+  model, curve = policies.warm_pretrained(gguf, policies.PretrainedWarmup(), 'smollm2', mesh=mesh)
+  assert curve == []  # steps = 0: the released model, nothing trained or cached
+  testing.assert_trees_equal(_params(model), _params(released))
+  assert not (tmp_path / 'cache' / 'rl_warmup').exists()
+
+  cfg = policies.PretrainedWarmup(steps=2, sft_examples=12, batch_size=2, seq_len=128, lr=1e-3)
+  warm, curve = policies.warm_pretrained(gguf, cfg, 'smollm2', mesh=mesh)
+  assert len(curve) == 2 and all(np.isfinite(curve))
+  (cached,) = (tmp_path / 'cache' / 'rl_warmup').glob('pretrained-*.npz')
+  again, curve2 = policies.warm_pretrained(gguf, cfg, 'smollm2', mesh=mesh)
+  assert curve2 == curve
+  testing.assert_trees_equal(_params(again), _params(warm))  # read back bitwise
+  assert len(list(cached.parent.iterdir())) == 1
+  assert any(
+    not np.array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(_params(released), _params(warm), strict=True)
+  )  # the SFT steps moved the weights
+  for a, b in zip(_params(released), _params(warm), strict=True):
+    assert a.sharding == b.sharding  # placed as the loader places the released model
+  other = policies._pretrained_fingerprint(str(gguf), 'smollm2_easy', cfg)  # noqa: SLF001
+  assert cached.stem != f'pretrained-{other}'  # another task set is another cache entry
