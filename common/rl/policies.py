@@ -104,11 +104,22 @@ def _sft(
   rng = np.random.default_rng(seed)
   curve = []
   batches: list = []
+  t0 = time.perf_counter()
   while len(curve) < steps:
     if not batches:
       order = rng.permutation(len(examples))
       batches = list(sft.packed_batches([examples[i] for i in order], seq_len, batch_size))[::-1]
     curve.append(float(step(model, opt, batches.pop())))
+    if len(curve) % max(1, steps // 10) == 0 and len(curve) < steps:
+      rate = len(curve) / (time.perf_counter() - t0)
+      logging.info(
+        'SFT warm-up step %d/%d: loss %.4f (%.2f steps/s, ETA %.0f s)',
+        len(curve),
+        steps,
+        curve[-1],
+        rate,
+        (steps - len(curve)) / rate,
+      )
   return curve
 
 

@@ -15,6 +15,10 @@ tokenizer. Two teachers:
     every arm is distilled from the same teacher.
   * `LMTeacher`: any decoder with its own tokenizer, greedy, behind text (the real setting:
     Qwen2.5-Coder-0.5B-Instruct for a SmolLM2 student; tokenizers differ, only strings pass).
+  * `WhiteBoxLMTeacher`: an LMTeacher with the student's vocabulary (the student's model after an
+    SFT warm-up on the task's worked answers, common.rl.policies.PretrainedWarmup), which also
+    gives its next-token log-probabilities on the student's rollouts: the white-box OPD baseline's
+    teacher at SmolLM2 scale, one forward per rollout batch.
 
 `TeacherClient` is what the training loop calls: it counts every call, and a call that raises, runs
 past the timeout or returns nothing is counted (`teacher_timeouts`, `teacher_empty`,
@@ -31,6 +35,9 @@ import hashlib
 from typing import Any
 from typing import Protocol
 
+from flax import nnx
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from common.rl.policies import WarmupConfig
@@ -45,6 +52,7 @@ __all__ = [
   'Teacher',
   'TeacherClient',
   'WarmupConfig',
+  'WhiteBoxLMTeacher',
   'create_policy',
   'description',
   'warm_policy',
@@ -127,6 +135,27 @@ class LMTeacher:
     n = int(gen.lengths[0])
     toks = [int(t) for t in np.asarray(gen.tokens[0, :n]) if int(t) not in self.config.stop_tokens]
     return self.decode(toks)
+
+
+@nnx.jit
+def _completion_logprobs(model, inputs, positions, segment_ids, targets):
+  """log softmax of the model's next-token logits at the last targets.shape[1] positions (the
+  completion's, as the OPD loss reads the student's), float32 [B, n, V]."""
+  h = model.hidden_states(inputs, positions=positions, segment_ids=segment_ids)
+  logits = model.logits_from_hidden(h[:, -targets.shape[1] :])
+  return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+
+
+class WhiteBoxLMTeacher(LMTeacher):
+  """An LMTeacher that shares the student's tokenizer, so it also has a white-box face."""
+
+  def rollout_logprobs(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
+    """[B, n, V] next-token log-probabilities on a rollout batch (inputs, positions, segment_ids,
+    targets of completion length n), from one forward of the teacher."""
+    out = _completion_logprobs(
+      self.model, batch['inputs'], batch['positions'], batch['segment_ids'], batch['targets']
+    )
+    return np.asarray(out)
 
 
 class TeacherClient:

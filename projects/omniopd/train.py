@@ -50,6 +50,7 @@ from common.models import loader
 from common.models import spec
 from common.rl import curriculum
 from common.rl import loop
+from common.rl import policies
 from common.rl import rollout
 from common.sampling import sampler as sampler_lib
 from projects.omniopd import evaluate
@@ -58,6 +59,7 @@ from projects.omniopd import losses
 from projects.omniopd import models
 
 MODES = ('omniopd', 'opd', 'sft', 'grpo')
+TEACHERS = ('scripted', 'lm', 'sft')
 TIMING_KEYS = (
   'rollout_s',
   'fork_s',
@@ -75,14 +77,22 @@ def check_config(config: ml_collections.ConfigDict, mesh=None, rules=None) -> No
   if config.mode not in MODES:
     raise config_lib.ConfigError(f'mode={config.mode!r}; expected one of {MODES}')
   losses.check_config(config.omniopd)
-  if config.teacher.kind not in ('scripted', 'lm'):
+  kind = config.teacher.kind
+  if kind not in TEACHERS:
+    raise config_lib.ConfigError(f'teacher.kind={kind!r}; expected one of {TEACHERS}')
+  if config.mode == 'opd' and kind not in ('scripted', 'sft'):
     raise config_lib.ConfigError(
-      f"teacher.kind={config.teacher.kind!r}; expected 'scripted' or 'lm'"
+      f'mode=opd needs a white-box teacher with the student vocabulary (teacher.kind=scripted or '
+      f'sft); teacher.kind={kind!r} only returns text'
     )
-  if config.mode == 'opd' and config.teacher.kind != 'scripted':
+  if kind == 'sft' and (config.model.kind, config.teacher.name) != (
+    'pretrained',
+    config.model.name,
+  ):
     raise config_lib.ConfigError(
-      'mode=opd needs a white-box teacher with the student vocabulary; only teacher.kind=scripted '
-      'has one here (the fine-tuned SmolLM2 teacher is not built: projects/omniopd/README.md)'
+      f'teacher.kind=sft fine-tunes the student model itself (the same vocabulary): it needs '
+      f'model.kind=pretrained and teacher.name=model.name; got {config.model.kind!r}, '
+      f'{config.teacher.name!r} vs {config.model.name!r}'
     )
   if config.mode == 'grpo' and config.rl.group_size < 2:
     raise config_lib.ConfigError('mode=grpo needs rl.group_size >= 2')
@@ -96,14 +106,19 @@ def make_teacher(config: ml_collections.ConfigDict, task: input_pipeline.Task):
   t = config.teacher
   if t.kind == 'scripted':
     return models.ScriptedTeacher(task.answers(), accuracy=t.accuracy, eps=t.eps, seed=t.seed)
-  tmodel, _, tok = loader.load_pretrained(t.name, dtype=config.dtype)
+  tok = loader.load_tokenizer(t.name)
+  if t.kind == 'sft':
+    warmup = policies.PretrainedWarmup(steps=t.sft_steps)
+    tmodel = policies.warm_pretrained(t.name, warmup, config.data.task_set, dtype=config.dtype)[0]
+  else:
+    tmodel = loader.load_pretrained(t.name, dtype=config.dtype)[0]
 
   def render(prompt: str, prefix: str):
     text = tok.apply_chat_template([{'role': 'user', 'content': prompt}], True)
     return tok.encode(text + prefix, add_bos=False)
 
   stop = tuple(tok.stop_ids)
-  return models.LMTeacher(
+  return (models.WhiteBoxLMTeacher if t.kind == 'sft' else models.LMTeacher)(
     tmodel,
     render,
     tok.decode,
@@ -447,18 +462,22 @@ def _opd_batch(ctx: _Ctx, model, prompts, step: int):
   ro = _rollout(ctx, model, prompts, step)
   times = {'rollout_s': time.perf_counter() - t0}
   n, v = rl.max_new_tokens, task.vocab_size
-  teacher_logp = np.zeros((len(prompts), n, v), np.float32)
-  t0 = time.perf_counter()
-  token_id = lambda ch: task.encode_text(ch)[0]  # noqa: E731
-  for b, p in enumerate(prompts):
-    ctx.client.calls += 1  # one white-box query (a forward over the rollout) per sequence
-    text = task.text(p)
-    for j in range(int(ro.lengths[b])):
-      prefix = task.decode(ro.completion[b, :j])
-      teacher_logp[b, j] = ctx.client.teacher.logprobs(text, prefix, token_id, task.eos_id, v)
-  times['teacher_s'] = time.perf_counter() - t0
   batch = {key: ro.batch[key] for key in ('inputs', 'positions', 'segment_ids', 'targets')}
   batch['completion_mask'] = ro.batch['completion_mask']
+  teacher = ctx.client.teacher
+  t0 = time.perf_counter()
+  ctx.client.calls += len(prompts)  # one white-box query (a forward over the rollout) per sequence
+  if isinstance(teacher, models.WhiteBoxLMTeacher):
+    teacher_logp = teacher.rollout_logprobs(batch)
+  else:
+    teacher_logp = np.zeros((len(prompts), n, v), np.float32)
+    token_id = lambda ch: task.encode_text(ch)[0]  # noqa: E731
+    for b, p in enumerate(prompts):
+      text = task.text(p)
+      for j in range(int(ro.lengths[b])):
+        prefix = task.decode(ro.completion[b, :j])
+        teacher_logp[b, j] = teacher.logprobs(text, prefix, token_id, task.eos_id, v)
+  times['teacher_s'] = time.perf_counter() - t0
   batch['teacher_logp'] = teacher_logp
   stats = {
     'reward_mean': float(ro.rewards.mean()),

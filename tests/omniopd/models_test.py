@@ -1,5 +1,6 @@
 """OmniOPD's teachers and forks: the client counts and skips timeouts, empty replies and errors; the
-scripted teacher's text and white-box faces; an LM teacher passes text only; K candidates forked
+scripted teacher's text and white-box faces; an LM teacher passes text only; the white-box LM
+teacher's log-probabilities are its own next-token distribution on the rollout; K candidates forked
 from one prefill equal independent sampling of K tiled prefixes with the same keys."""
 
 import time
@@ -11,6 +12,7 @@ import pytest
 from common import sharding
 from common.rl import rollout
 from common.sampling import sampler as sampler_lib
+from projects.omniopd import losses
 from projects.omniopd import models
 from projects.omniopd import train
 from tests.common.rl import toy
@@ -82,6 +84,33 @@ def test_lm_teacher_passes_only_text():
   )
   out = teacher.continue_text('question', 'partial')
   assert isinstance(out, str) and seen == [('question', 'partial')]
+
+
+def test_white_box_lm_teacher_gives_its_own_distribution_on_the_rollout():
+  teacher = models.WhiteBoxLMTeacher(toy.model(0), lambda p, q: [1], str, max_new_tokens=3)
+  rng = np.random.default_rng(0)
+  b, p, n = 3, 5, 4
+  inputs = rng.integers(3, toy.VOCAB, (b, p + n - 1)).astype(np.int32)
+  batch = {
+    'inputs': inputs,
+    'positions': np.broadcast_to(np.arange(p + n - 1), inputs.shape).astype(np.int32),
+    'segment_ids': np.ones_like(inputs),
+    'targets': rng.integers(3, toy.VOCAB, (b, n)).astype(np.int32),
+  }
+  logp = teacher.rollout_logprobs(batch)
+  full = np.asarray(
+    teacher.model(inputs, positions=batch['positions'], segment_ids=batch['segment_ids'])
+  )
+  assert logp.shape == (b, n, full.shape[-1])  # the decoder's (padded) vocabulary, as the student's
+  np.testing.assert_allclose(np.exp(logp).sum(-1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(logp, np.asarray(jax.nn.log_softmax(full[:, -n:], -1)), atol=1e-5)
+  mask = np.ones((b, n), np.float32)
+  # White-box OPD against itself: zero reverse KL; against another model: positive.
+  assert float(losses.reverse_kl(full[:, -n:], logp, mask)) == pytest.approx(0.0, abs=1e-5)
+  other = np.asarray(
+    toy.model(1)(inputs, positions=batch['positions'], segment_ids=batch['segment_ids'])
+  )
+  assert float(losses.reverse_kl(other[:, -n:], logp, mask)) > 1e-3
 
 
 def test_forked_candidates_equal_independent_sampling_with_the_same_keys():

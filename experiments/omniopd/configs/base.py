@@ -52,7 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mode = 'omniopd'
   rl_config.tiny_policy(c)
   c.teacher = ml_collections.ConfigDict(
-    dict(kind='scripted', accuracy=0.9, eps=0.1, seed=0, name='', max_new_tokens=16)
+    dict(kind='scripted', accuracy=0.9, eps=0.1, seed=0, name='', max_new_tokens=16, sft_steps=0)
   )
   c.omniopd = losses.omniopd_config()
   c.rl = rl_config.rl(eval_batch=200)
