@@ -82,7 +82,7 @@ def greedy_pass_at_1(
   return out
 
 
-def pass_rates(
+def samples(
   model: nnx.Module,
   prompts: Sequence[rollout_lib.Prompt],
   k: int,
@@ -93,9 +93,10 @@ def pass_rates(
   mesh: jax.sharding.Mesh,
   rules: sharding.Rules,
   seed: int,
-) -> dict[int, float]:
-  """{uid: mean of (reward >= 1) over k samples}: the difficulty curriculum's order."""
-  out: dict[int, float] = {}
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+  """{uid: (sequence rewards [k], response lengths [k])} of k samples per prompt, in chunks of
+  about `batch` sequences, every chunk under the same key."""
+  out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
   for chunk, real in _chunks(prompts, max(1, batch // max(k, 1))):
     ro = rollout_lib.rollout(
       model,
@@ -107,9 +108,23 @@ def pass_rates(
       mesh=mesh,
       rules=rules,
     )
-    for p, r in zip(chunk[:real], ro.rewards[:real], strict=True):
-      out[p.uid] = float(np.mean(r >= 1.0))
+    lengths = np.asarray(ro.lengths).reshape(len(chunk), -1)
+    for p, r, n in zip(chunk[:real], ro.rewards[:real], lengths[:real], strict=True):
+      out[p.uid] = (np.asarray(r), n)
   return out
+
+
+def pass_rates(
+  model: nnx.Module,
+  prompts: Sequence[rollout_lib.Prompt],
+  k: int,
+  **kwargs,
+) -> dict[int, float]:
+  """{uid: mean of (reward >= 1) over k samples}: the difficulty curriculum's order. kwargs:
+  `samples`'."""
+  return {
+    uid: float(np.mean(r >= 1.0)) for uid, (r, _) in samples(model, prompts, k, **kwargs).items()
+  }
 
 
 def run_summary(workdir: str | pathlib.Path, train_keys: Mapping[str, str]) -> dict:

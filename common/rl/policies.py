@@ -187,7 +187,13 @@ def warm_policy(cfg: WarmupConfig | None = None, dtype: str = 'float32') -> tupl
 
   flat = cache.load_or_compute(path, train)
   curve = [float(x) for x in flat.pop('__loss_curve__')]
-  _restore(model, flat)
+  # numpy leaves, uncommitted: the tiny policy goes wherever the run's jit places it.
+  state = nnx.state(model, nnx.Param)
+  restored = jax.tree_util.tree_map_with_path(
+    lambda p, _: flat[jax.tree_util.keystr(p)], state.to_pure_dict()
+  )
+  nnx.replace_by_pure_dict(state, restored)
+  nnx.update(model, state)
   return model, curve
 
 
@@ -242,7 +248,8 @@ def _flatten(params: dict) -> dict[str, np.ndarray]:
 
 
 def _restore(model: nnx.Module, flat: dict[str, np.ndarray]) -> None:
-  """Writes cached parameters into `model`, each placed with the sharding its leaf already has."""
+  """Writes cached parameters into a loaded pretrained `model`, each placed with the sharding its
+  leaf already has (the loader's placement on the run's mesh)."""
   state = nnx.state(model, nnx.Param)
   restored = jax.tree_util.tree_map_with_path(
     lambda p, v: jax.device_put(flat[jax.tree_util.keystr(p)], v.sharding), state.to_pure_dict()

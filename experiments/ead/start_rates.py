@@ -4,7 +4,9 @@
       --temperatures=0.3,0.6,1.0 --samples=4
 
 Measured before any training claim (the 10-60% window of the RL issues): which sampling
-temperature leaves enough successful rollouts per group to learn from. Uses the config's policy,
+temperature (and, for a pretrained policy, which SFT warm-up: warmup.steps) leaves enough
+successful rollouts per group to learn from, and how long the responses are (mean and longest in
+tokens, the fraction cut at rl.max_new_tokens). Uses the config's policy,
 held-out prompts, verifier and rollout length exactly as the run would (`train.build_setup`), with
 k samples per prompt at each fixed temperature and the same keys for every temperature. Prints
 one line per temperature and writes them as JSON to --out if given.
@@ -46,7 +48,7 @@ def main(argv=None) -> None:
   results = []
   for temp in (float(t) for t in args.temperatures.split(',') if t):
     t0 = time.perf_counter()
-    rates = evaluate_lib.pass_rates(
+    out = evaluate_lib.samples(
       model,
       setup.eval_prompts,
       args.samples,
@@ -57,13 +59,17 @@ def main(argv=None) -> None:
       rules=rules,
       seed=config.seed,
     )
-    r = np.asarray([rates[p.uid] for p in setup.eval_prompts])
+    r = np.asarray([out[p.uid][0] >= 1.0 for p in setup.eval_prompts]).mean(-1)
+    n = np.concatenate([out[p.uid][1] for p in setup.eval_prompts])
     row = {
       'temperature': temp,
       'prompts': len(r),
       'samples': args.samples,
       'pass_at_1': float(r.mean()),
       f'pass_at_{args.samples}': float((r > 0).mean()),
+      'mean_len': float(n.mean()),
+      'max_len': int(n.max()),
+      'truncated': float((n >= base.max_new_tokens).mean()),
       'seconds': round(time.perf_counter() - t0, 1),
     }
     results.append(row)

@@ -4,7 +4,8 @@ preference pairs the token-level reward models learn from.
 No human-preference data ships offline, so every pair comes from verifiable math (the paper trains
 on human/GPT-labelled pairs; a deviation the README states). For a training prompt x:
   * corrupted pairs: chosen = a correct trace (the reference answer rendered as the policy answers,
-    '-2<EOS>' for the tiny character policy, 'The answer is -2.' for a chat model), rejected = the
+    '-2<EOS>' for the tiny character policy, the worked answer '5 - 7 = -2. The answer is -2.' of
+    common.rl.tasks.worked_answer, which the SFT-warmed chat policy writes), rejected = the
     same trace with ONE digit replaced by another digit at a known position (the corrupted step);
   * policy pairs: rejected = a real wrong sample of the starting policy (temperature 1), chosen = a
     correct sample of the same prompt when the policy has one, else the reference trace; its
@@ -39,6 +40,7 @@ from common.rl.tasks import expression_prompt
 from common.rl.tasks import load_examples
 from common.rl.tasks import make_verifier
 from common.rl.tasks import prompts
+from common.rl.tasks import worked_answer
 
 __all__ = [
   'CharTokenizer',
@@ -92,7 +94,7 @@ def make_text(config: ml_collections.ConfigDict) -> Text:
   return Text(
     tok,
     lambda ex: chat_prompt_tokens(tok, ex),
-    lambda ex: [*tok.encode(f'The answer is {ex["answer"]}.', add_bos=False), stop[0]],
+    lambda ex: [*tok.encode(worked_answer(ex), add_bos=False), stop[0]],
     stop,
     pad,
     tuple(d[0] for d in digits),

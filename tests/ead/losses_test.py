@@ -10,26 +10,43 @@ from experiments.ead.configs import base
 from projects.ead import losses
 
 
-def test_the_smollm2_schedule_has_the_papers_shape():
-  ead = base.get_config('smollm2').ead
+def test_the_papers_schedule_has_its_shape():
+  ead = losses.ead_config()  # the paper's c = 10, tau_max 1.2, tau_min 0.1, +5 per step
   c = ead.warmup_tokens
   assert c == 10 and ead.tau_max == 1.2 and ead.tau_min == 0.1
-  tau = losses.temperatures(ead, 0, 400)
+  tau = losses.temperatures(ead, 0, 2000)
   np.testing.assert_array_equal(tau[:c], 1.0)  # tau = 1 for t < c
   assert np.all(np.diff(tau[c:]) <= 0)  # non-increasing after
   assert tau[-1] == np.float32(ead.tau_min) and tau.min() == np.float32(ead.tau_min)  # floor
   np.testing.assert_allclose(tau[c], 1 + ead.tau_max - np.exp(c / ead.d0), rtol=1e-6)
   assert abs(tau[c] - ead.tau_max) < 0.25  # the first annealed step is near tau_max
   # Later steps cool more slowly (d_s grows), never hotter than tau_max.
-  later = losses.temperatures(ead, 100, 400)
+  later = losses.temperatures(ead, 100, 2000)
   assert np.all(later >= tau) and later.max() <= np.float32(ead.tau_max)
 
 
-def test_the_decay_grows_5_per_step_and_clamps_at_40000():
-  ead = base.get_config('smollm2').ead
-  assert losses.decay_at(ead, 0) == ead.d0
-  assert losses.decay_at(ead, 10) == ead.d0 + 50
-  assert losses.decay_at(ead, 10**6) == 40000.0 == schedules.ead_decay(10**9, 1.0)
+def test_the_smollm2_schedule_is_scaled_to_its_responses():
+  config = base.get_config('smollm2')
+  ead, n = config.ead, config.rl.max_new_tokens
+  tau = losses.temperatures(ead, 0, n)
+  c = ead.warmup_tokens
+  assert c == 0  # the chat template's tokens are in the prompt, none in the response
+  assert tau[0] == np.float32(ead.tau_max) and np.all(np.diff(tau) <= 0)  # hot start, cooling
+  floor = int(np.argmax(tau == np.float32(ead.tau_min)))
+  assert 16 <= floor <= 20 < n  # cooled by the end of a ~19-token worked answer
+  end = losses.temperatures(ead, config.train.num_steps, n)
+  assert np.all(end >= tau)  # cooling slows over training
+
+
+def test_the_decay_grows_linearly_per_step_and_clamps_at_40000():
+  for ead in (losses.ead_config(), base.get_config('smollm2').ead):
+    k = ead.decay_per_step
+    assert losses.decay_at(ead, 0) == ead.d0
+    assert losses.decay_at(ead, 10) == pytest.approx(ead.d0 + 10 * k, rel=1e-12)
+    assert losses.decay_at(ead, 10**8) == 40000.0
+  assert losses.decay_at(losses.ead_config(), 10) == 200.0 + 50  # the paper's 5 per step
+  assert schedules.ead_decay(10**9, 1.0) == 40000.0
+  ead = losses.ead_config()
   k = int((40000 - ead.d0) / 5)
   assert losses.decay_at(ead, k + 1) == 40000.0 and losses.decay_at(ead, k - 1) < 40000.0
 

@@ -26,8 +26,11 @@ Variants:
          40 steps, Adam 1e-4, evaluation (greedy pass@1 on 256 held-out prompts) at 0, 20, 40.
   smollm2: SmolLM2-135M-Instruct (python -m common.assets fetch smollm2) on the shared
          'smollm2_easy' task set (common.rl.tasks: one +/- operation on 1-2 digit operands; 99
-         held-out questions) in its chat template; reference traces 'The answer is N.'; 40 RL
-         steps of 8 prompts x G=4, up to 64 new tokens; the reward model 100 steps of batch 8.
+         held-out questions) in its chat template, the policy after EAD's SFT warm-up (40 steps
+         on worked answers, common.rl.policies.PretrainedWarmup: pass@1 0.399 at T = 1, in the
+         10-60% window); reference traces are those worked answers ('15 - 43 = -28. The answer
+         is -28.'); 40 RL steps of 8 prompts x G=4, up to 32 new tokens; the reward model 100
+         steps of batch 8.
          The harder mix ('smollm2', pass@1 0.025 at T = 1) stays reachable with
          data.task_set=smollm2. Starting pass rate and per-step cost: projects/qrm/README.md
          ("SmolLM2").
@@ -73,7 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.update(num_steps=40, log_every=1, eval_every=20)
     c.checkpoint.every_steps = 20
   if variant == 'smollm2':
-    rl_config.smollm2(c, max_new_tokens=64, task_set='smollm2_easy', log_every=1)
+    rl_config.smollm2(c, max_new_tokens=32, task_set='smollm2_easy', log_every=1, warmup_steps=40)
     c.pairs.update(
       corrupted=400,
       policy_prompts=64,
