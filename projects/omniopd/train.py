@@ -85,14 +85,11 @@ def check_config(config: ml_collections.ConfigDict, mesh=None, rules=None) -> No
       f'mode=opd needs a white-box teacher with the student vocabulary (teacher.kind=scripted or '
       f'sft); teacher.kind={kind!r} only returns text'
     )
-  if kind == 'sft' and (config.model.kind, config.teacher.name) != (
-    'pretrained',
-    config.model.name,
-  ):
+  if kind == 'sft' and (config.model.kind != 'pretrained' or config.teacher.sft_steps < 1):
     raise config_lib.ConfigError(
-      f'teacher.kind=sft fine-tunes the student model itself (the same vocabulary): it needs '
-      f'model.kind=pretrained and teacher.name=model.name; got {config.model.kind!r}, '
-      f'{config.teacher.name!r} vs {config.model.name!r}'
+      f'teacher.kind=sft fine-tunes the student model itself (the same vocabulary) for '
+      f'teacher.sft_steps: it needs model.kind=pretrained and teacher.sft_steps >= 1; got '
+      f'{config.model.kind!r}, {config.teacher.sft_steps}'
     )
   if config.mode == 'grpo' and config.rl.group_size < 2:
     raise config_lib.ConfigError('mode=grpo needs rl.group_size >= 2')
@@ -106,12 +103,13 @@ def make_teacher(config: ml_collections.ConfigDict, task: input_pipeline.Task):
   t = config.teacher
   if t.kind == 'scripted':
     return models.ScriptedTeacher(task.answers(), accuracy=t.accuracy, eps=t.eps, seed=t.seed)
-  tok = loader.load_tokenizer(t.name)
+  name = config.model.name if t.kind == 'sft' else t.name  # sft: the student's own model
+  tok = loader.load_tokenizer(name)
   if t.kind == 'sft':
     warmup = policies.PretrainedWarmup(steps=t.sft_steps)
-    tmodel = policies.warm_pretrained(t.name, warmup, config.data.task_set, dtype=config.dtype)[0]
+    tmodel = policies.warm_pretrained(name, warmup, config.data.task_set, dtype=config.dtype)[0]
   else:
-    tmodel = loader.load_pretrained(t.name, dtype=config.dtype)[0]
+    tmodel = loader.load_pretrained(name, dtype=config.dtype)[0]
 
   def render(prompt: str, prefix: str):
     text = tok.apply_chat_template([{'role': 'user', 'content': prompt}], True)

@@ -119,6 +119,10 @@ def test_bad_keys_stop_before_the_workdir(tmp_path):
     train.train_and_evaluate(base.get_config('smoke,mode=opd,teacher.kind=lm'), tmp_path / 'bad')
   with pytest.raises(config_lib.ConfigError, match='teacher.kind=sft fine-tunes the student'):
     train.train_and_evaluate(base.get_config('smoke,teacher.kind=sft'), tmp_path / 'bad')
+  with pytest.raises(config_lib.ConfigError, match='sft_steps >= 1'):
+    train.train_and_evaluate(
+      base.get_config('smollm2,mode=opd,teacher.kind=sft,teacher.sft_steps=0'), tmp_path / 'bad'
+    )
   with pytest.raises(config_lib.ConfigError, match="teacher.kind='oracle'"):
     train.train_and_evaluate(base.get_config('smoke,teacher.kind=oracle'), tmp_path / 'bad')
   assert not (tmp_path / 'bad').exists()
