@@ -6,7 +6,10 @@
 Measured before any training claim (the 10-60% window of the RL issues): which sampling
 temperature (and, for a pretrained policy, which SFT warm-up: warmup.steps) leaves enough
 successful rollouts per group to learn from, and how long the responses are (mean and longest in
-tokens, the fraction cut at rl.max_new_tokens). Uses the config's policy,
+tokens, the fraction cut at rl.max_new_tokens). `mixed` is the fraction of prompts whose k samples
+are neither all right nor all wrong: with k = rl.group_size, the share of GRPO groups with a
+nonzero advantage at that temperature (pass@1 alone can sit in the window while the prompts split
+into always-solved and never-solved ones). Uses the config's policy,
 held-out prompts, verifier and rollout length exactly as the run would (`train.build_setup`), with
 k samples per prompt at each fixed temperature and the same keys for every temperature. Prints
 one line per temperature and writes them as JSON to --out if given.
@@ -67,6 +70,7 @@ def main(argv=None) -> None:
       'samples': args.samples,
       'pass_at_1': float(r.mean()),
       f'pass_at_{args.samples}': float((r > 0).mean()),
+      'mixed': float(((r > 0) & (r < 1)).mean()),  # prompts whose k samples disagree: signal
       'mean_len': float(n.mean()),
       'max_len': int(n.max()),
       'truncated': float((n >= base.max_new_tokens).mean()),
