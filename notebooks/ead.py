@@ -109,9 +109,10 @@ print('JAX devices:', jax.devices())
 # ## The schedule
 #
 # tau_t = max(1 + tau_max - e^(t/d_s), tau_min) after c tokens at temperature 1, with
-# d_s = min(d_0 + k s, 40000). Left: the SmolLM2 config (the paper's c = 10, tau_max = 1.2,
-# tau_min = 0.1, k = 5) at three training steps: later steps cool more slowly. Right: the smoke
-# config, scaled to answers of 2-4 tokens.
+# d_s = min(d_0 + k s, 40000). Left: the paper's values (`losses.ead_config()`: c = 10,
+# tau_max = 1.2, tau_min = 0.1, k = 5, here d_0 = 200) at three training steps: later steps cool
+# more slowly. Middle: the SmolLM2 config, scaled to its ~19-token worked answers (c = 0,
+# d_0 = 24, k = 0.03). Right: the smoke config, scaled to answers of 2-4 tokens.
 
 # %%
 import matplotlib.pyplot as plt
@@ -120,17 +121,19 @@ import numpy as np
 from experiments.ead.configs import base
 from projects.ead import losses
 
-big, smoke = base.get_config('smollm2'), base.get_config('smoke')
-fig, axes = plt.subplots(1, 2, figsize=(10, 3))
+paper, big, smoke = losses.ead_config(), base.get_config('smollm2'), base.get_config('smoke')
+fig, axes = plt.subplots(1, 3, figsize=(14, 3))
 for s in (0, 100, 1000):
   axes[0].plot(
-    losses.temperatures(big.ead, s, 64), label=f'step {s}: d = {losses.decay_at(big.ead, s):g}'
+    losses.temperatures(paper, s, 512), label=f'step {s}: d = {losses.decay_at(paper, s):g}'
   )
-axes[0].set(xlabel='generated position t', ylabel='temperature', title='smollm2 config')
+axes[0].set(xlabel='generated position t', ylabel='temperature', title="the paper's values")
 axes[0].legend()
+axes[1].plot(losses.temperatures(big.ead, 0, big.rl.max_new_tokens), 'o-')
+axes[1].set(xlabel='generated position t', title='smollm2 config, step 0')
 tau_smoke = losses.temperatures(smoke.ead, 0, smoke.rl.max_new_tokens)
-axes[1].plot(tau_smoke, 'o-')
-axes[1].set(xlabel='generated position t', title='smoke config, step 0')
+axes[2].plot(tau_smoke, 'o-')
+axes[2].set(xlabel='generated position t', title='smoke config, step 0')
 plt.show()
 print('smoke tau at t = 0..5:', ' '.join(f'{x:.3f}' for x in tau_smoke))
 
