@@ -59,6 +59,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from common import cache as cache_lib
 from common import config as config_lib
 from common import metrics as metrics_lib
 from common import sharding
@@ -348,6 +349,7 @@ def _difficulty_rates(run, setup, sampling, ref_graphdef, ref_state, cache):
     rl.max_new_tokens,
     rl.temperature,
     float(sum(float(jnp.sum(x)) for x in jax.tree.leaves(ref_state))),
+    cache_lib.numerics_fingerprint(),  # sampled under this process's XLA flags and device count
   )
   return curriculum_lib.cached_pass_rates(
     cache or (run.workdir / 'pass_rates.json'),

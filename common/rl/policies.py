@@ -141,9 +141,11 @@ def _train(cfg: WarmupConfig) -> tuple[dict, list[float]]:
 
 def _fingerprint(cfg: WarmupConfig) -> str:
   # What the trained parameters depend on: this training code, the SFT code, the data (task specs,
-  # rendering, tokenizer), the config and the model's parameter tree (paths and shapes). The
-  # decoder's source is left out on purpose: edits there that keep the parameters' meaning (speed
-  # work) would otherwise retrain for minutes; a change of parameter layout still retrains.
+  # rendering, tokenizer), the config, the model's parameter tree (paths and shapes) and the
+  # numerics (common.cache.numerics_fingerprint: the test suite's XLA flags train other bits than
+  # a run's). The decoder's source is left out on purpose: edits there that keep the parameters'
+  # meaning (speed work) would otherwise retrain for minutes; a change of parameter layout still
+  # retrains.
   parts = [
     _sft,
     _train,
@@ -158,6 +160,7 @@ def _fingerprint(cfg: WarmupConfig) -> str:
     model = decoder.Decoder(decoder_config(cfg), rngs=nnx.Rngs(0))
   leaves = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param).to_pure_dict())[0]
   src += repr([(jax.tree_util.keystr(p), tuple(v.shape)) for p, v in leaves])
+  src += cache.numerics_fingerprint()
   return hashlib.sha256(src.encode()).hexdigest()[:20]
 
 
@@ -224,7 +227,7 @@ def pretrained_sft_examples(tokenizer, task_set: str, cfg: PretrainedWarmup) -> 
 def _pretrained_fingerprint(name: str, task_set: str, cfg: PretrainedWarmup) -> str:
   # The trained parameters depend on the model file (its sha256 names the released weights and
   # tokenizer), the loader's conversion, this code, the SFT code, the chat rendering and the task
-  # set's specs, and the config.
+  # set's specs, the config, and the numerics (common.cache.numerics_fingerprint).
   parts = [
     _sft,
     warm_pretrained,
@@ -237,6 +240,7 @@ def _pretrained_fingerprint(name: str, task_set: str, cfg: PretrainedWarmup) -> 
   src = ''.join(inspect.getsource(p) for p in parts) + tasks.CHAT_INSTRUCTION
   src += repr(tasks.TASK_SETS[task_set]) + json.dumps(dataclasses.asdict(cfg), sort_keys=True)
   src += f'{loader.resolve(name).sha256} v{loader.CONVERTER_VERSION}'
+  src += cache.numerics_fingerprint()
   return hashlib.sha256(src.encode()).hexdigest()[:20]
 
 

@@ -191,9 +191,10 @@ def decoder_with(cfg: ExpertsConfig, params: dict, dtype: str = 'float32') -> de
 
 
 def fingerprint(cfg: ExpertsConfig) -> str:
-  """What the trained experts depend on: this training code, the data generators, the config and
-  the parameter tree (paths and shapes). The decoder's source is left out on purpose (speed work
-  there must not retrain); a change of its parameter layout still does."""
+  """What the trained experts depend on: this training code, the data generators, the config, the
+  parameter tree (paths and shapes) and the numerics (common.cache.numerics_fingerprint). The
+  decoder's source is left out on purpose (speed work there must not retrain); a change of its
+  parameter layout still does."""
   parts = [
     _train,
     _train_all,
@@ -210,6 +211,7 @@ def fingerprint(cfg: ExpertsConfig) -> str:
   src += json.dumps(dataclasses.asdict(cfg), sort_keys=True)
   leaves = jax.tree_util.tree_flatten_with_path(_params_shapes(cfg))[0]
   src += repr([(jax.tree_util.keystr(p), tuple(v.shape)) for p, v in leaves])
+  src += cache.numerics_fingerprint()
   return hashlib.sha256(src.encode()).hexdigest()[:20]
 
 
