@@ -349,7 +349,7 @@ def _difficulty_rates(run, setup, sampling, ref_graphdef, ref_state, cache):
     rl.max_new_tokens,
     rl.temperature,
     float(sum(float(jnp.sum(x)) for x in jax.tree.leaves(ref_state))),
-    cache_lib.numerics_fingerprint(),  # sampled under this process's XLA flags and device count
+    cache_lib.numerics_fingerprint(devices=False),  # sampled under this process's XLA flags
   )
   return curriculum_lib.cached_pass_rates(
     cache or (run.workdir / 'pass_rates.json'),

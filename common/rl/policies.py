@@ -160,7 +160,7 @@ def _fingerprint(cfg: WarmupConfig) -> str:
     model = decoder.Decoder(decoder_config(cfg), rngs=nnx.Rngs(0))
   leaves = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param).to_pure_dict())[0]
   src += repr([(jax.tree_util.keystr(p), tuple(v.shape)) for p, v in leaves])
-  src += cache.numerics_fingerprint()
+  src += cache.numerics_fingerprint(devices=False)  # a sharded run shares it
   return hashlib.sha256(src.encode()).hexdigest()[:20]
 
 
@@ -240,7 +240,7 @@ def _pretrained_fingerprint(name: str, task_set: str, cfg: PretrainedWarmup) -> 
   src = ''.join(inspect.getsource(p) for p in parts) + tasks.CHAT_INSTRUCTION
   src += repr(tasks.TASK_SETS[task_set]) + json.dumps(dataclasses.asdict(cfg), sort_keys=True)
   src += f'{loader.resolve(name).sha256} v{loader.CONVERTER_VERSION}'
-  src += cache.numerics_fingerprint()
+  src += cache.numerics_fingerprint(devices=False)  # a sharded run shares it
   return hashlib.sha256(src.encode()).hexdigest()[:20]
 
 

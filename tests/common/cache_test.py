@@ -45,6 +45,15 @@ def test_numerics_fingerprint_names_the_device_count_and_flags(monkeypatch):
   monkeypatch.setenv('XLA_FLAGS', '--xla_foo=1')
   version, backend, count, flags = json.loads(cache.numerics_fingerprint())
   assert backend == 'cpu' and count >= 1 and flags == '--xla_foo=1' and version
+  # Without the device count: a sharded run and its 1-device reference share the key, the
+  # flags that change code generation still separate it.
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=8 --xla_foo=1')
+  shared = cache.numerics_fingerprint(devices=False)
+  assert json.loads(shared) == [version, backend, '--xla_foo=1']
+  monkeypatch.setenv('XLA_FLAGS', '--xla_foo=1 --xla_force_host_platform_device_count=1')
+  assert cache.numerics_fingerprint(devices=False) == shared
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=1')
+  assert cache.numerics_fingerprint(devices=False) != shared
 
 
 def test_savez_and_write_text_are_atomic(tmp_path):
