@@ -120,8 +120,8 @@ def pass_rates(
   k: int,
   **kwargs,
 ) -> dict[int, float]:
-  """{uid: mean of (reward >= 1) over k samples}: the difficulty curriculum's order. kwargs:
-  `samples`'."""
+  """{uid: mean of (reward >= 1) over k samples}: the difficulty curriculum's order. kwargs: those
+  of `samples` (batch, sampling, rewards, mesh, rules, seed)."""
   return {
     uid: float(np.mean(r >= 1.0)) for uid, (r, _) in samples(model, prompts, k, **kwargs).items()
   }

@@ -103,20 +103,21 @@ def make_teacher(config: ml_collections.ConfigDict, task: input_pipeline.Task):
   t = config.teacher
   if t.kind == 'scripted':
     return models.ScriptedTeacher(task.answers(), accuracy=t.accuracy, eps=t.eps, seed=t.seed)
-  name = config.model.name if t.kind == 'sft' else t.name  # sft: the student's own model
-  tok = loader.load_tokenizer(name)
-  if t.kind == 'sft':
+  if t.kind == 'sft':  # the student's own model after its SFT warm-up: the same vocabulary
+    name, teacher_cls = config.model.name, models.WhiteBoxLMTeacher
     warmup = policies.PretrainedWarmup(steps=t.sft_steps)
     tmodel = policies.warm_pretrained(name, warmup, config.data.task_set, dtype=config.dtype)[0]
   else:
+    name, teacher_cls = t.name, models.LMTeacher
     tmodel = loader.load_pretrained(name, dtype=config.dtype)[0]
+  tok = loader.load_tokenizer(name)
 
   def render(prompt: str, prefix: str):
     text = tok.apply_chat_template([{'role': 'user', 'content': prompt}], True)
     return tok.encode(text + prefix, add_bos=False)
 
   stop = tuple(tok.stop_ids)
-  return (models.WhiteBoxLMTeacher if t.kind == 'sft' else models.LMTeacher)(
+  return teacher_cls(
     tmodel,
     render,
     tok.decode,
