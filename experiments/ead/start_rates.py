@@ -12,7 +12,8 @@ nonzero advantage at that temperature (pass@1 alone can sit in the window while 
 into always-solved and never-solved ones). Uses the config's policy,
 held-out prompts, verifier and rollout length exactly as the run would (`train.build_setup`), with
 k samples per prompt at each fixed temperature and the same keys for every temperature. Prints
-one line per temperature and writes them as JSON to --out if given.
+one line per temperature and writes them as JSON to --out if given. --split=train measures as many
+of the run's train prompts instead (a gap to the held-out rate is what the warm-up memorised).
 """
 
 import argparse
@@ -35,6 +36,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--config', default='experiments/ead/configs/base.py:smollm2')
   p.add_argument('--temperatures', default='0.6,1.0', help='comma-separated fixed temperatures')
   p.add_argument('--samples', type=int, default=4, help='k: samples per prompt')
+  p.add_argument(
+    '--split',
+    default='test',
+    choices=('test', 'train'),
+    help="test: the held-out prompts; train: as many of the RL run's train prompts (to compare)",
+  )
   p.add_argument('--out', default='', help='optional JSON file for the results')
   return p.parse_args(argv)
 
@@ -48,12 +55,15 @@ def main(argv=None) -> None:
   setup = train.build_setup(config, mesh, rules)
   model = setup.create_model()
   base = loop.sampling_of(config.rl, setup)
+  prompts = setup.eval_prompts
+  if args.split == 'train':
+    prompts = list(setup.train_prompts)[: len(setup.eval_prompts)]
   results = []
   for temp in (float(t) for t in args.temperatures.split(',') if t):
     t0 = time.perf_counter()
     out = evaluate_lib.samples(
       model,
-      setup.eval_prompts,
+      prompts,
       args.samples,
       batch=config.rl.eval_batch * args.samples,
       sampling=dataclasses.replace(base, temperature=temp),
@@ -62,9 +72,10 @@ def main(argv=None) -> None:
       rules=rules,
       seed=config.seed,
     )
-    r = np.asarray([out[p.uid][0] >= 1.0 for p in setup.eval_prompts]).mean(-1)
-    n = np.concatenate([out[p.uid][1] for p in setup.eval_prompts])
+    r = np.asarray([out[p.uid][0] >= 1.0 for p in prompts]).mean(-1)
+    n = np.concatenate([out[p.uid][1] for p in prompts])
     row = {
+      'split': args.split,
       'temperature': temp,
       'prompts': len(r),
       'samples': args.samples,

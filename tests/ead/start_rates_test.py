@@ -34,3 +34,22 @@ def test_start_rates_on_the_smoke_policy(tmp_path):
   same = ('pass_at_1', 'pass_at_2')
   assert [rows[0][k] for k in same] == [rows[1][k] for k in same]  # the same keys every time
   assert 0.0 < rows[2]['pass_at_1'] < 1.0  # the warmed-up smoke policy solves some, not all
+
+
+def test_start_rates_on_train_prompts(tmp_path):
+  out = tmp_path / 'start.json'
+  cmd = [
+    sys.executable,
+    '-m',
+    'experiments.ead.start_rates',
+    '--config=experiments/ead/configs/base.py:smoke',
+    '--temperatures=1.0',
+    '--samples=2',
+    '--split=train',
+    f'--out={out}',
+  ]
+  p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-2000:]
+  (row,) = json.loads(out.read_text())['results']
+  assert row['split'] == 'train' and row['prompts'] == 234  # as many as the held-out set
+  assert 0.0 < row['pass_at_1'] < 1.0
