@@ -45,8 +45,8 @@ def test_tiny_policy_is_the_warmup_dataclass_and_smollm2_sets_the_pretrained_var
   assert (c.rl.temperature, c.rl.eval_batch, c.optimizer.lr) == (0.6, 50, 1e-5)
   assert (c.train.num_steps, c.train.eval_every, c.checkpoint.every_steps) == (40, 20, 10)
   assert policies.PretrainedWarmup(**c.warmup.to_dict()) == policies.PretrainedWarmup(steps=0)
-  rl_config.smollm2(c, max_new_tokens=96, warmup_steps=40)
-  assert c.warmup.steps == 40
+  rl_config.smollm2(c, max_new_tokens=96, warmup_steps=40, lr=3e-6)
+  assert (c.warmup.steps, c.optimizer.lr) == (40, 3e-6)
 
 
 @pytest.mark.parametrize('paper', PAPERS)
