@@ -29,8 +29,8 @@ Variants:
          'smollm2_easy' task set (common.rl.tasks: reasoning-gym chain_sum and basic_arithmetic,
          one +/- operation on 1-2 digit operands; 99 held-out questions) in its chat template
          (prompts left-padded to 96 tokens), after a cached SFT warm-up of 40 steps on worked
-         answers ('15 - 43 = -28. The answer is -28.'; common.rl.policies.PretrainedWarmup, about
-         430 train questions; the first run on a machine trains it, ~10 min on 2 cores). The
+         answers ('15 - 43 = -28. The answer is -28.'; common.rl.policies.PretrainedWarmup: 480
+         of the 2,000 train questions; the first run on a machine trains it, ~10 min on 2 cores). The
          released model starts at pass@1 0.013 at T = 1; the warmed one at 0.399 (pass@4 0.616,
          responses 18.7 tokens on average, at most 21): in the 10-60% window. G=4, 8 prompts per
          step, up to 32 new tokens, 40 steps, Adam 3e-6 (fixed T = 1 over 40 steps: 1e-5 loses
