@@ -29,12 +29,12 @@ Variants:
          'smollm2_easy' task set (common.rl.tasks: reasoning-gym chain_sum and basic_arithmetic,
          one +/- operation on 1-2 digit operands; 99 held-out questions) in its chat template
          (prompts left-padded to 96 tokens), after a cached SFT warm-up of 40 steps on worked
-         answers ('15 - 43 = -28. The answer is -28.'; common.rl.policies.PretrainedWarmup: 480
-         of the 2,000 train questions; the first run on a machine trains it, ~10 min on 2 cores). The
-         released model starts at pass@1 0.013 at T = 1; the warmed one at 0.399 (pass@4 0.616,
-         responses 18.7 tokens on average, at most 21): in the 10-60% window. G=4, 8 prompts per
-         step, up to 32 new tokens, 40 steps, Adam 3e-6 (fixed T = 1 over 40 steps: 1e-5 loses
-         0.12 of held-out greedy pass@1, 1e-6 barely moves, 3e-6 gains pass@1 at T = 1); EAD scaled to the ~19-token responses as the smoke
+         answers ('15 - 43 = -28. The answer is -28.'; common.rl.policies.PretrainedWarmup: 4
+         packed rows of train questions per step; the first run on a machine trains it, ~10 min
+         on 2 cores). The released model starts at pass@1 0.013 at T = 1; the warmed one at
+         0.399 (pass@4 0.616, responses 18.7 tokens on average, at most 21): in the 10-60%
+         window. G=4, 8 prompts per step, up to 32 new tokens, 40 steps, Adam
+         rl_config.WARMED_START_LR (3e-6); EAD scaled to the ~19-token responses as the smoke
          is to its 1-3 characters: c = 0 (the chat template's tokens are all in the prompt),
          tau_max = 1.2, tau_min = 0.1, d_0 = 24 (tau 1.2 at t = 0, 1.02 at 4, 0.80 at 8 where the
          answer is written, 0.33 at 15, the floor from t ~ 18), +0.03 per step. The harder mix ('smollm2': three terms,
@@ -69,7 +69,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.update(num_steps=60, log_every=5, eval_every=20)
     c.checkpoint.every_steps = 20
   if variant == 'smollm2':
-    rl_config.smollm2(c, max_new_tokens=32, task_set='smollm2_easy', warmup_steps=40, lr=3e-6)
+    rl_config.smollm2(
+      c, max_new_tokens=32, task_set='smollm2_easy', warmup_steps=40, lr=rl_config.WARMED_START_LR
+    )
     c.ead.update(warmup_tokens=0, d0=24.0, decay_per_step=0.03)
     c.eval.samples = 8
   return config_lib.finalize(c, overrides)

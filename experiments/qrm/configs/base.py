@@ -29,9 +29,9 @@ Variants:
          held-out questions) in its chat template, the policy after EAD's SFT warm-up (40 steps
          on worked answers, common.rl.policies.PretrainedWarmup: pass@1 0.399 at T = 1, in the
          10-60% window); reference traces are those worked answers ('15 - 43 = -28. The answer
-         is -28.'); 40 RL steps of 8 prompts x G=4, up to 32 new tokens, Adam 3e-6 (from EAD's
-         sweep on the same start: 1e-5 loses held-out accuracy); the reward model 100 steps of
-         batch 8.
+         is -28.'); 40 RL steps of 8 prompts x G=4, up to 32 new tokens, Adam
+         rl_config.WARMED_START_LR (3e-6, EAD's sweep on the same start); the reward model 100
+         steps of batch 8.
          The harder mix ('smollm2', pass@1 0.025 at T = 1) stays reachable with
          data.task_set=smollm2. Starting pass rate and per-step cost: projects/qrm/README.md
          ("SmolLM2").
@@ -77,9 +77,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.update(num_steps=40, log_every=1, eval_every=20)
     c.checkpoint.every_steps = 20
   if variant == 'smollm2':
-    # Adam at 3e-6: EAD's sweep from the same warmed start (GRPO at 1e-5 loses held-out accuracy).
     rl_config.smollm2(
-      c, max_new_tokens=32, task_set='smollm2_easy', log_every=1, warmup_steps=40, lr=3e-6
+      c,
+      max_new_tokens=32,
+      task_set='smollm2_easy',
+      log_every=1,
+      warmup_steps=40,
+      lr=rl_config.WARMED_START_LR,
     )
     c.pairs.update(
       corrupted=400,
