@@ -32,12 +32,17 @@ sampled, so both sides decode every row to the full length), temperature 1, no t
   update:  `RLCluster.update_actor` on that TrainExample (one optimizer step of tunix's GRPO loss,
            beta 0, epsilon 0.2, sequence-mean-token-mean, Adam 1e-4) vs our train step with
            kl_coef 0, clip 0.2/0.2, loss_agg sequence-mean, Adam 1e-4.
-OmniOPD (arXiv 2606.01476; --omniopd_steps=S > 0, off by default): S steps of the smoke OmniOPD
-config (projects/omniopd/train.py: the warmed-up tiny student, the scripted text teacher, edit
-similarity, or MiniLM with --omniopd_similarity=embedding) in a temporary workdir, and the median
-and range over steps 2..S (step 1 compiles) of each part of a step as the loop logs it: student
-rollout, the K-way forks at the audited positions, the teacher calls, the similarity (the embedder),
-the frozen base model's forward for the KL anchor, the update, and the step's total.
+OmniOPD (arXiv 2606.01476; --omniopd_steps=S > 0, off by default): S steps of the OmniOPD config
+--omniopd_variant (smoke: the warmed-up tiny student, the scripted text teacher, edit similarity, or
+MiniLM with --omniopd_similarity=embedding; smollm2: SmolLM2-135M-Instruct with the
+Qwen2.5-Coder-0.5B text teacher, MiniLM similarity) in a temporary workdir, and the median and range
+over steps 2..S (step 1 compiles) of each part of a step as the loop logs it: student rollout, the
+K-way forks at the audited positions, the teacher calls, the similarity (the embedder), the frozen
+base model's forward for the KL anchor, the update, and the step's total.
+--omniopd_update_memory=1,8 compiles (does not run) the OmniOPD update of --omniopd_variant for each
+omniopd.update_groups value and prints XLA's accounting of its working set (temp) beside the state
+and batch (arguments): what decides whether the update fits, without allocating it (and runs
+nothing else).
 
 Work per step is equal up to two implementation choices the output states: tunix's training
 forward runs over all P+N positions and takes logits at every one, ours over P+N-1 positions
@@ -78,7 +83,9 @@ flags.DEFINE_integer('new_tokens', 8, 'generated tokens per sample')
 flags.DEFINE_integer('steps', 12, 'timed repetitions')
 flags.DEFINE_enum('peer', 'tunix', ['tunix', 'none'], 'peer measured in the same run')
 flags.DEFINE_integer('omniopd_steps', 0, 'OmniOPD smoke steps to time (0: skip)')
-flags.DEFINE_enum('omniopd_similarity', 'edit', ['exact', 'edit', 'embedding'], 'chunk similarity')
+flags.DEFINE_enum('omniopd_similarity', None, ['exact', 'edit', 'embedding'], 'chunk similarity')
+flags.DEFINE_enum('omniopd_variant', 'smoke', ['smoke', 'smollm2'], 'OmniOPD config variant')
+flags.DEFINE_list('omniopd_update_memory', [], 'omniopd.update_groups values to compile and size')
 
 VOCAB, PROMPT_LEN = 21, 12
 
@@ -414,8 +421,11 @@ def main(argv):
 OMNIOPD_PARTS = ('rollout_s', 'fork_s', 'teacher_s', 'similarity_s', 'anchor_s', 'update_s')
 
 
-def omniopd_split(steps: int, similarity: str) -> dict[str, list[float]]:
-  """{part: seconds per step, steps 2..S} of an OmniOPD smoke run (see the module docstring)."""
+def omniopd_split(
+  steps: int, similarity: str | None, variant: str = 'smoke'
+) -> dict[str, list[float]]:
+  """{part: seconds per step, steps 2..S} of an OmniOPD run (see the module docstring); similarity
+  None keeps the variant's own."""
   import pathlib  # noqa: PLC0415
   import tempfile  # noqa: PLC0415
 
@@ -425,8 +435,9 @@ def omniopd_split(steps: int, similarity: str) -> dict[str, list[float]]:
 
   root = pathlib.Path(__file__).resolve().parents[1]
   cfg = config_lib.load(
-    f'{root}/experiments/omniopd/configs/base.py:smoke,train.num_steps={steps},train.log_every=1,'
-    f'train.eval_every=0,omniopd.similarity={similarity},checkpoint.every_steps={steps}'
+    f'{root}/experiments/omniopd/configs/base.py:{variant},train.num_steps={steps},'
+    f'train.log_every=1,train.eval_every=0,checkpoint.every_steps={steps}'
+    + (f',omniopd.similarity={similarity}' if similarity else '')
   )
   mesh = sharding.make_mesh([('data', 1)], devices=jax.devices()[:1])
   with tempfile.TemporaryDirectory() as d:
@@ -438,10 +449,11 @@ def omniopd_split(steps: int, similarity: str) -> dict[str, list[float]]:
   return out
 
 
-def print_omniopd_split(steps: int, similarity: str) -> None:
-  split = omniopd_split(steps, similarity)
+def print_omniopd_split(steps: int, similarity: str | None, variant: str = 'smoke') -> None:
+  split = omniopd_split(steps, similarity, variant)
   total = statistics.median(split['total'])
-  print(f'OmniOPD step time split (smoke config, {similarity} similarity, steps 2..{steps}):')
+  how = f'{similarity} similarity' if similarity else "the config's similarity"
+  print(f'OmniOPD step time split ({variant} config, {how}, steps 2..{steps}):')
   for k, v in split.items():
     med = statistics.median(v)
     print(
@@ -450,9 +462,70 @@ def print_omniopd_split(steps: int, similarity: str) -> None:
     )
 
 
+def omniopd_update_memory(variant: str, groups: int) -> tuple[str, dict[str, float]]:
+  """(shapes, {temp, arguments: GiB}) of the compiled OmniOPD update of `variant` (abstract state
+  and batch of the config's shapes: every rollout audited at every slot, chunks at full length)."""
+  import pathlib  # noqa: PLC0415
+
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from common import config as config_lib  # noqa: PLC0415
+  from common import optim  # noqa: PLC0415
+  from common.rl import policies  # noqa: PLC0415
+  from projects.omniopd import train as omniopd_train  # noqa: PLC0415
+
+  root = pathlib.Path(__file__).resolve().parents[1]
+  cfg = config_lib.load(
+    f'{root}/experiments/omniopd/configs/base.py:{variant},omniopd.update_groups={groups}'
+  )
+  mesh = sharding.make_mesh([('data', 1)], devices=jax.devices()[:1])
+  rules = sharding.rules_of(cfg)
+  dcfg = policies.description(cfg)['config']
+  tx = optim.make_optimizer(cfg.optimizer, cfg.train.num_steps)
+  rl, c = cfg.rl, cfg.omniopd
+  m, n, p = rl.prompts_per_step, rl.max_new_tokens, rl.prompt_len
+  rows, length = m * c.audits * c.num_candidates, p + n + c.chunk_len - 1
+  i32, f32 = jnp.int32, jnp.float32
+
+  def rows_of(prefix, b, t, n_out, extra=()):
+    out = {f'{prefix}{k}': jax.ShapeDtypeStruct((b, t), i32) for k in _INPUTS}
+    out[f'{prefix}targets'] = jax.ShapeDtypeStruct((b, n_out), i32)
+    for k in ('completion_mask', *extra):
+      out[f'{prefix}{k}'] = jax.ShapeDtypeStruct((b, n_out), f32)
+    return out
+
+  batch = {
+    **rows_of('c_', rows, length, c.chunk_len),
+    'c_adv': jax.ShapeDtypeStruct((rows,), f32),
+    **rows_of('r_', m, p + n - 1, n, ('anchor_mask', 'base_logp')),
+  }
+  with jax.set_mesh(mesh), sharding.axis_rules(rules):
+    spec = train_loop.abstract_state(
+      lambda: train_loop.TrainState(decoder.Decoder(dcfg, rngs=nnx.Rngs(0)), tx), mesh, rules
+    )
+    step = train_loop.make_train_step(
+      spec.graphdef, omniopd_train.make_loss_fn(cfg), spec.shardings
+    )
+    mem = step.lower(spec.state, batch, jax.random.key(0)).compile().memory_analysis()
+  shapes = f'{rows} candidate rows x {length} positions, {m} rollout rows x {p + n - 1}'
+  gib = {'temp': mem.temp_size_in_bytes / 2**30, 'arguments': mem.argument_size_in_bytes / 2**30}
+  return shapes, gib
+
+
+_INPUTS = ('inputs', 'positions', 'segment_ids')
+
+
 def _main_with_omniopd(argv):
+  for g in FLAGS.omniopd_update_memory:
+    shapes, gib = omniopd_update_memory(FLAGS.omniopd_variant, int(g))
+    print(
+      f'OmniOPD update ({FLAGS.omniopd_variant}, update_groups={g}; {shapes}): working set '
+      f'{gib["temp"]:.2f} GiB, state + batch {gib["arguments"]:.2f} GiB (compiled, not run)'
+    )
+  if FLAGS.omniopd_update_memory:
+    return
   if FLAGS.omniopd_steps > 0:
-    print_omniopd_split(FLAGS.omniopd_steps, FLAGS.omniopd_similarity)
+    print_omniopd_split(FLAGS.omniopd_steps, FLAGS.omniopd_similarity, FLAGS.omniopd_variant)
   main(argv)
 
 

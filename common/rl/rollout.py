@@ -185,8 +185,21 @@ def build_batch(
   }
 
 
-def completion_logprobs(model, batch, *, with_entropy: bool = False):
-  """log pi(completion token) [B, N] (and entropy [B, N]) from one forward over prompt+completion."""
+def completion_logprobs(model, batch, *, with_entropy: bool = False, row_groups: int = 1):
+  """log pi(completion token) [B, N] (and entropy [B, N]) from one forward over prompt+completion.
+
+  row_groups > 1 (no entropy): the rows in that many equal groups, one after another, each group's
+  forward recomputed in the backward pass (`lax.scan` over a `jax.checkpoint`ed body), so a
+  gradient holds one group's activations instead of the batch's: a long-prefix update that does not
+  fit in memory fits, for one more forward. The same values up to float rounding (other matmul
+  shapes). Rematerialising per block instead would not do on CPU: XLA:CPU's scheduler keeps a
+  Python loop of checkpointed blocks' activations alive anyway (measured: the same temp size);
+  a scan's iterations cannot be reordered.
+  """
+  if row_groups > 1:
+    if with_entropy:
+      raise ValueError('completion_logprobs: row_groups > 1 does not return entropies')
+    return _grouped_completion_logprobs(model, batch, row_groups)
   n = batch['targets'].shape[1]
   h = model.hidden_states(
     batch['inputs'], positions=batch['positions'], segment_ids=batch['segment_ids']
@@ -197,6 +210,22 @@ def completion_logprobs(model, batch, *, with_entropy: bool = False):
     return logp
   lsm = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   return logp, -jnp.sum(jnp.exp(lsm) * lsm, axis=-1)
+
+
+def _grouped_completion_logprobs(model, batch, groups: int):
+  rows = batch['targets'].shape[0]
+  if rows % groups:
+    raise ValueError(f'completion_logprobs: {rows} rows do not split into {groups} equal groups')
+  keys = ('inputs', 'positions', 'segment_ids', 'targets')
+  xs = {k: batch[k].reshape(groups, rows // groups, *batch[k].shape[1:]) for k in keys}
+  graphdef, state = nnx.split(model)
+
+  @jax.checkpoint
+  def group(state, x):
+    return completion_logprobs(nnx.merge(graphdef, state), x)
+
+  _, logp = jax.lax.scan(lambda carry, x: (carry, group(state, x)), None, xs)
+  return logp.reshape(rows, logp.shape[-1])
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -93,6 +93,12 @@ def check_config(config: ml_collections.ConfigDict, mesh=None, rules=None) -> No
     )
   if config.mode == 'grpo' and config.rl.group_size < 2:
     raise config_lib.ConfigError('mode=grpo needs rl.group_size >= 2')
+  g, m = config.omniopd.update_groups, config.rl.prompts_per_step
+  if config.mode == 'omniopd' and m % g:
+    raise config_lib.ConfigError(
+      f'omniopd.update_groups={g} must divide rl.prompts_per_step={m} (the rollout rows; the '
+      f'candidate rows are a multiple of them)'
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -173,11 +179,12 @@ def make_loss_fn(config: ml_collections.ConfigDict) -> Callable:
   def omniopd(model, batch, key):
     del key
     cand, roll = _view(batch, 'c_'), _view(batch, 'r_')
+    groups = c.update_groups
     return losses.omniopd_loss(
-      rollout.completion_logprobs(model, cand),
+      rollout.completion_logprobs(model, cand, row_groups=groups),
       cand['adv'],
       cand['completion_mask'],
-      rollout.completion_logprobs(model, roll),
+      rollout.completion_logprobs(model, roll, row_groups=groups),
       roll['base_logp'],
       roll['anchor_mask'],
       pg_coef=c.pg_coef,
@@ -359,14 +366,13 @@ def audit(
     rules=rules,
   )
   times['fork_s'] = time.perf_counter() - t0
-  times['teacher_s'] = 0.0
+  requests = [(task.text(prompts[b]), task.decode(ro.completion[b, :t])) for b, t in pairs]
+  t0 = time.perf_counter()
+  replies = client.ask_many(requests)  # one batched call when the teacher batches
+  times['teacher_s'] = time.perf_counter() - t0
   records, texts, refs, answered = [], [], [], []
-  for i, (b, t) in enumerate(pairs):
-    prefix = task.decode(ro.completion[b, :t])
-    t0 = time.perf_counter()
-    reply = client.ask(task.text(prompts[b]), prefix)
-    times['teacher_s'] += time.perf_counter() - t0
-    rec = {'row': b, 't': t, 'prompt': task.text(prompts[b]), 'prefix': prefix, 'teacher': reply}
+  for i, ((b, t), (prompt, prefix), reply) in enumerate(zip(pairs, requests, replies, strict=True)):
+    rec = {'row': b, 't': t, 'prompt': prompt, 'prefix': prefix, 'teacher': reply}
     records.append(rec)
     if reply is not None:
       rows = range(i * k, (i + 1) * k)
@@ -495,15 +501,16 @@ def _sft_batch(ctx: _Ctx, model, prompts, step: int):
   comp = np.full((len(prompts), n), task.pad, np.int32)
   lens = np.zeros((len(prompts),), np.int32)
   t0 = time.perf_counter()
+  # The teacher is asked once per distinct prompt (first come, first asked), all in one batch.
+  new = list({str(p.uid): p for p in prompts if str(p.uid) not in traces}.items())
+  replies = ctx.client.ask_many([(task.text(p), '') for _, p in new])
+  traces.update({key: reply for (key, _), reply in zip(new, replies, strict=True) if reply})
   missing = 0
   for b, p in enumerate(prompts):
     key = str(p.uid)
     if key not in traces:
-      reply = ctx.client.ask(task.text(p), '')
-      if reply is None:
-        missing += 1
-        continue
-      traces[key] = reply
+      missing += 1
+      continue
     comp[b], lens[b] = task.trace_tokens(traces[key], n)
   times = {'teacher_s': time.perf_counter() - t0}
   toks, mask = rollout.pad_prompts(prompts, rl.prompt_len, task.pad)

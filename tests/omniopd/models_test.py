@@ -1,5 +1,5 @@
-"""OmniOPD's teachers and forks: the client counts and skips timeouts, empty replies and errors; the
-scripted teacher's text and white-box faces; an LM teacher passes text only; the white-box LM
+"""OmniOPD's teachers and forks: the client counts and skips timeouts, empty replies and errors, per
+request or per batch; an LM teacher's batch answers as its single requests; the scripted teacher's text and white-box faces; an LM teacher passes text only; the white-box LM
 teacher's log-probabilities are its own next-token distribution on the rollout; K candidates forked
 from one prefill equal independent sampling of K tiled prefixes with the same keys."""
 
@@ -52,6 +52,75 @@ def test_client_counts_and_skips_timeouts_empty_replies_and_errors():
   again = models.TeacherClient(teacher, timeout_s=0.2)
   again.load_state_dict(client.state_dict())
   assert again.metrics() == {**client.state_dict(), 'teacher_failures': 4}
+
+
+class _Batched(_Flaky):
+  """_Flaky with a batched face: the whole list in one call."""
+
+  def __init__(self, behaviour, answer_count=None):
+    super().__init__(behaviour)
+    self.batches, self.answer_count = [], answer_count
+
+  def continue_texts(self, requests):
+    self.batches.append(list(requests))
+    kinds = {self.behaviour[p] for p, _ in requests}
+    if 'slow' in kinds or 'raise' in kinds:  # one bad request fails the whole batch
+      return [self.continue_text(p, q) for p, q in requests]
+    out = [self.continue_text(p, q) for p, q in requests]
+    return out[: self.answer_count] if self.answer_count is not None else out
+
+
+def test_client_asks_a_batched_teacher_once_and_counts_every_request():
+  teacher = _Batched({'a': 'ok', 'b': 'ok', 'd': 'empty', 'e': 'none'})
+  client = models.TeacherClient(teacher, timeout_s=0.5)
+  assert client.ask_many([('a', '!'), ('d', ''), ('b', '?'), ('e', '')]) == ['a!', None, 'b?', None]
+  assert teacher.batches == [[('a', '!'), ('d', ''), ('b', '?'), ('e', '')]]
+  assert client.state_dict() == {
+    'teacher_calls': 4,
+    'teacher_timeouts': 0,
+    'teacher_empty': 2,
+    'teacher_errors': 0,
+  }
+  assert client.ask_many([]) == [] and len(teacher.batches) == 1
+  # A batch that runs past the timeout or raises costs every request in it, and never the run.
+  slow = models.TeacherClient(_Batched({'a': 'ok', 'b': 'slow'}), timeout_s=0.2)
+  t0 = time.perf_counter()
+  assert slow.ask_many([('a', ''), ('b', '')]) == [None, None]
+  assert time.perf_counter() - t0 < 1.5
+  assert slow.state_dict()['teacher_timeouts'] == 2 and slow.state_dict()['teacher_calls'] == 2
+  down = models.TeacherClient(_Batched({'a': 'ok', 'c': 'raise'}), timeout_s=0.5)
+  assert down.ask_many([('a', ''), ('c', ''), ('a', '')]) == [None] * 3
+  assert down.state_dict()['teacher_errors'] == 3
+  # An answer list of the wrong length is an error, not a misaligned reply.
+  short = models.TeacherClient(_Batched({'a': 'ok'}, answer_count=1), timeout_s=0.5)
+  assert short.ask_many([('a', '1'), ('a', '2')]) == [None, None]
+  assert short.state_dict()['teacher_errors'] == 2
+  # A teacher without a batched face is asked request by request, each within its own timeout.
+  seq = models.TeacherClient(_Flaky({'a': 'ok', 'b': 'slow', 'd': 'empty'}), timeout_s=0.2)
+  assert seq.ask_many([('a', '!'), ('b', ''), ('d', '')]) == ['a!', None, None]
+  assert seq.state_dict() == {
+    'teacher_calls': 3,
+    'teacher_timeouts': 1,
+    'teacher_empty': 1,
+    'teacher_errors': 0,
+  }
+
+
+def test_lm_teacher_answers_a_batch_as_it_answers_each_request():
+  """Left-padded greedy rows give each request's own continuation (a real decoder, prompts of
+  different lengths, 3 requests padded to a bucket of 8 rows)."""
+  renders = {'p': [1, 5, 6], 'q': [1, 7, 3, 4, 9, 9, 4], 'r': [4]}
+  teacher = models.LMTeacher(
+    toy.model(0),
+    lambda prompt, prefix: renders[prompt] + [3 + len(prefix)],
+    lambda ids: ','.join(map(str, ids)),
+    max_new_tokens=5,
+    stop_tokens=(toy.EOS,),
+  )
+  requests = [('p', ''), ('q', 'ab'), ('r', 'abcd')]
+  alone = [teacher.continue_text(p, q) for p, q in requests]
+  assert teacher.continue_texts(requests) == alone
+  assert len(set(alone)) > 1  # the requests are not answered alike
 
 
 def test_scripted_teacher_text_and_white_box_faces():

@@ -66,5 +66,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if variant == 'smollm2':
     rl_config.smollm2(c, max_new_tokens=96, task_set='smollm2_easy', temperature=0.6)
     c.teacher.update(kind='lm', name='qwen2_5_coder_0_5b', max_new_tokens=24, sft_steps=120)
-    c.omniopd.update(audits=3, chunk_len=8, similarity='embedding')
+    c.omniopd.update(audits=3, chunk_len=8, similarity='embedding', update_groups=8)
   return config_lib.finalize(c, overrides)
