@@ -30,13 +30,15 @@ Variants:
          temperature 0.6 (0.013 at 1.0; experiments/omniopd/pass_rate.py); 8 prompts per step,
          up to 96 new tokens; the teacher Qwen2.5-Coder-0.5B-Instruct behind text (python -m
          common.assets fetch qwen2_5_coder_0_5b; another tokenizer); 3 audits per rollout, K = 4
-         chunks of L = 8 tokens, MiniLM similarity (python -m common.assets fetch minilm). Not
-         trained here (budget: README). White-box OPD needs a teacher with the student's
+         chunks of L = 8 tokens, MiniLM similarity (python -m common.assets fetch minilm); the
+         teacher answers a step's audits in one batched call; the update in 8 row groups
+         (omniopd.update_groups: its working set 47 -> 6 GiB). No arm trained yet (cost:
+         README). White-box OPD needs a teacher with the student's
          vocabulary: mode=opd,teacher.kind=sft is SmolLM2 itself after 120 SFT steps on worked
          answers (common.rl.policies.PretrainedWarmup; pass@1 0.533 at T = 0.6, 0.480 at 1.0).
 Arms: mode=omniopd (default) | opd | sft | grpo. Knobs: omniopd.* (audits, min_entropy,
   num_candidates, chunk_len, similarity exact|edit|embedding, alpha_accept, alpha_reject,
-  anchor_coef, pg_coef, teacher_timeout_s), teacher.* (kind scripted|lm|sft, accuracy, eps,
+  anchor_coef, pg_coef, teacher_timeout_s, update_groups), teacher.* (kind scripted|lm|sft, accuracy, eps,
   name (lm), max_new_tokens, sft_steps (sft: the student's model fine-tuned this many steps)).
 """
 
