@@ -4,7 +4,9 @@ Four arms on the same footing (the same student, teacher, prompts per step, step
 evaluation; projects/omniopd/train.py): OmniOPD (text-only teacher audits at entropy peaks),
 white-box OPD (reverse KL to the teacher's next-token distribution), SFT on teacher traces, and GRPO
 (no teacher). Per seed (smoke: seeds 0-2, the scripted teacher; full: the smollm2 config, seed 0
-only, so its verdicts are inconclusive by construction and its white-box arm is absent):
+only, so its verdicts are inconclusive by construction; its white-box arm distils from the only
+teacher with the student's vocabulary, SmolLM2 after 120 SFT steps, teacher.kind=sft, while the
+text arms ask Qwen2.5-Coder-0.5B):
   * omniopd_vs_{opd,sft,grpo} (empirical): final held-out greedy accuracy, OmniOPD minus the arm.
     The detail line gives every arm's accuracy, its gain over step 0 per 1000 teacher calls and per
     1000 sampled student tokens, and the starting pass rate.
@@ -46,11 +48,11 @@ def _runs(suite: str, root: pathlib.Path) -> dict[str, list[dict]]:
   seeds = SEEDS if suite == 'smoke' else (0,)
   out: dict[str, list[dict]] = {}
   for arm, mode in ARMS.items():
-    if suite != 'smoke' and mode == 'opd':
-      continue
+    white_box = ',teacher.kind=sft' if suite != 'smoke' and mode == 'opd' else ''
     for seed in seeds:
       workdir = root / f'{mode}_seed{seed}'
-      train.train_and_evaluate(base.get_config(f'{variant},mode={mode},seed={seed}'), workdir)
+      cfg = base.get_config(f'{variant},mode={mode},seed={seed}{white_box}')
+      train.train_and_evaluate(cfg, workdir)
       out.setdefault(arm, []).append(evaluate.run_summary(workdir))
   return out
 
