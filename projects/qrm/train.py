@@ -211,10 +211,10 @@ def train_reward_model(
 
 
 def _starting_network(config) -> nnx.Module:
-  """The starting policy's network on one device (the reward model's and DPO reference's start)."""
-  if config.model.kind == 'tiny':
-    return models.create_policy(config, None, None)()
-  return loader.load_pretrained(config.model.name, dtype=config.dtype)[0]
+  """The starting policy's network on one device, its SFT warm-up included: the DPO reference (the
+  network the DPO reward model was trained against) and the shape the trained reward model's
+  parameters load into."""
+  return models.create_policy(config, None, sharding.DEFAULT_RULES)()
 
 
 def load_reward_model(config, workdir: str | pathlib.Path) -> nnx.Module:

@@ -76,6 +76,24 @@ def test_dpo_and_orm_arms_and_reinforce_run(tmp_path):
   )
 
 
+def test_the_dpo_reference_is_the_policys_warmed_start_not_the_released_model(monkeypatch):
+  """The RL arm's DPO reference must be the network the DPO reward model was trained against:
+  the starting policy, SFT warm-up included (for SmolLM2 not the released weights)."""
+  seen = []
+
+  def create_policy(config, mesh, rules):
+    seen.append(config.warmup.steps)
+    return lambda: 'the warmed start'
+
+  def released(*args, **kwargs):
+    raise AssertionError('the released model was loaded')
+
+  monkeypatch.setattr(train.models, 'create_policy', create_policy)
+  monkeypatch.setattr(train.loader, 'load_pretrained', released)
+  assert train._starting_network(base.get_config('smollm2')) == 'the warmed start'  # noqa: SLF001
+  assert seen == [40]
+
+
 @pytest.mark.slow
 def test_eight_devices_match_one(tmp_path):
   if jax.device_count() < 8:
