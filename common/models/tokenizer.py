@@ -220,6 +220,19 @@ class Tokenizer(abc.ABC):
       self.apply_chat_template(messages, add_generation_prompt, **kwargs), add_bos=False
     )
 
+  def end_of_turn_id(self) -> int:
+    """The stop token the chat template closes an assistant turn with (SmolLM2 and Qwen2.5:
+    <|im_end|>, not <|endoftext|>, their lower stop id). A reply written for the model (an SFT
+    target, a reference trace) must end with it, as the model's own replies do."""
+    user = [{'role': 'user', 'content': 'q'}]
+    prompt = self.encode_chat(user, True)
+    turn = self.encode_chat([*user, {'role': 'assistant', 'content': 'a'}], False)
+    stops = set(self.stop_ids)
+    found = [i for i in turn[len(prompt) :] if i in stops]
+    if not found:
+      raise TokenizerError('the chat template closes an assistant turn with no stop token')
+    return found[0]
+
   def add_tokens(self, tokens: Sequence[str], special: bool = True) -> list[int]:
     """Adds tokens that are not yet in the vocabulary (at the end); returns the ids of all `tokens`.
 

@@ -4,7 +4,7 @@
       --rm_workdir=/tmp/qrm_smollm2/rm_qrm [--n=3] [--kind=qrm]
 
 For the first --n held-out questions of the config's task set, the reference reply (the task's
-worked answer, '26 - 28 = -2. The answer is -2.', and the first stop token: the traces the
+worked answer, '26 - 28 = -2. The answer is -2.', and the chat's end-of-turn token: the traces the
 corrupted pairs are built from, `input_pipeline.make_text(...).answer`) is scored by the reward model of --rm_workdir as the RL loop would score it
 (`projects.qrm.train.pair_scores`: beta log phi for Q-RM, the scaled log-ratio for DPO), and
 beside each token the starting policy's log-probability and both networks' preferred next token.

@@ -80,7 +80,7 @@ def make_task(config: ml_collections.ConfigDict) -> Task:
     encode_text = lambda s: tok.encode(s, add_bos=False)  # noqa: E731
     stop = tuple(tok.stop_ids)
     pad = tok.pad_id if getattr(tok, 'pad_id', None) is not None else stop[0]
-    eos, vocab = stop[0], tok.vocab_size
+    eos, vocab = tok.end_of_turn_id(), tok.vocab_size  # a teacher trace ends as a chat turn
   return Task(
     train=tasks.prompts(train_ex, 'train', render),
     test=tasks.prompts(test_ex, 'test', render),

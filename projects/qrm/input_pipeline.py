@@ -91,10 +91,11 @@ def make_text(config: ml_collections.ConfigDict) -> Text:
   digits = [tok.encode(str(d), add_bos=False) for d in range(10)]
   if any(len(d) != 1 for d in digits):
     raise config_lib.ConfigError(f'{config.model.name}: digits are not single tokens')
+  end = tok.end_of_turn_id()  # as the warmed policy's own replies end
   return Text(
     tok,
     lambda ex: chat_prompt_tokens(tok, ex),
-    lambda ex: [*tok.encode(worked_answer(ex), add_bos=False), stop[0]],
+    lambda ex: [*tok.encode(worked_answer(ex), add_bos=False), end],
     stop,
     pad,
     tuple(d[0] for d in digits),

@@ -99,6 +99,17 @@ def test_chat_template(bpe):
     bare.apply_chat_template(messages)
 
 
+def test_end_of_turn_is_the_stop_token_the_template_closes_a_reply_with(bpe, spm):
+  # ChatML: <|im_end|>, not <|endoftext|> (the lower stop id); Gemma: <end_of_turn>, not <eos>.
+  assert bpe.end_of_turn_id() == bpe.token_to_id('<|im_end|>') != bpe.stop_ids[0]
+  assert spm.end_of_turn_id() == spm.token_to_id('<end_of_turn>') != spm.eos_id
+  plain = tokenizer_lib.from_gguf_metadata(
+    _bpe_md(**{'tokenizer.chat_template': '{% for m in messages %}{{ m.content }}{% endfor %}'})
+  )
+  with pytest.raises(tokenizer_lib.TokenizerError, match='no stop token'):
+    plain.end_of_turn_id()
+
+
 def test_spm_pieces_bos_and_byte_fallback(spm):
   ids = spm.encode('the world')
   assert ids[0] == 2 and spm.add_bos  # BOS by default, as llama.cpp / transformers do for Gemma
