@@ -39,10 +39,10 @@ Qwen2.5-Coder-0.5B text teacher, MiniLM similarity) in a temporary workdir, and 
 over steps 2..S (step 1 compiles) of each part of a step as the loop logs it: student rollout, the
 K-way forks at the audited positions, the teacher calls, the similarity (the embedder), the frozen
 base model's forward for the KL anchor, the update, and the step's total.
---omniopd_update_memory=1,8 compiles (does not run) the OmniOPD update of --omniopd_variant for each
-omniopd.update_groups value and prints XLA's accounting of its working set (temp) beside the state
-and batch (arguments): what decides whether the update fits, without allocating it (and runs
-nothing else).
+--omniopd_update_memory=1,8 compiles (does not run) the OmniOPD update of --omniopd_variant and its
+GRPO arm's update (the shared loop's) for each rl.update_groups value and prints XLA's accounting of
+its working set (temp) beside the state and batch (arguments): what decides whether the update fits,
+without allocating it (and runs nothing else).
 
 Work per step is equal up to two implementation choices the output states: tunix's training
 forward runs over all P+N positions and takes logits at every one, ours over P+N-1 positions
@@ -85,7 +85,7 @@ flags.DEFINE_enum('peer', 'tunix', ['tunix', 'none'], 'peer measured in the same
 flags.DEFINE_integer('omniopd_steps', 0, 'OmniOPD smoke steps to time (0: skip)')
 flags.DEFINE_enum('omniopd_similarity', None, ['exact', 'edit', 'embedding'], 'chunk similarity')
 flags.DEFINE_enum('omniopd_variant', 'smoke', ['smoke', 'smollm2'], 'OmniOPD config variant')
-flags.DEFINE_list('omniopd_update_memory', [], 'omniopd.update_groups values to compile and size')
+flags.DEFINE_list('omniopd_update_memory', [], 'rl.update_groups values to compile and size')
 
 VOCAB, PROMPT_LEN = 21, 12
 
@@ -462,9 +462,10 @@ def print_omniopd_split(steps: int, similarity: str | None, variant: str = 'smok
     )
 
 
-def omniopd_update_memory(variant: str, groups: int) -> tuple[str, dict[str, float]]:
-  """(shapes, {temp, arguments: GiB}) of the compiled OmniOPD update of `variant` (abstract state
-  and batch of the config's shapes: every rollout audited at every slot, chunks at full length)."""
+def omniopd_update_memory(variant: str, groups: int) -> list[tuple[str, dict[str, float]]]:
+  """[(what, {temp, arguments: GiB})] of the compiled updates of `variant`'s OmniOPD arm and of its
+  GRPO arm (the shared loop's), from an abstract state and a batch of the config's shapes (every
+  rollout audited at every slot, chunks and completions at full length)."""
   import pathlib  # noqa: PLC0415
 
   import jax.numpy as jnp  # noqa: PLC0415
@@ -476,7 +477,7 @@ def omniopd_update_memory(variant: str, groups: int) -> tuple[str, dict[str, flo
 
   root = pathlib.Path(__file__).resolve().parents[1]
   cfg = config_lib.load(
-    f'{root}/experiments/omniopd/configs/base.py:{variant},omniopd.update_groups={groups}'
+    f'{root}/experiments/omniopd/configs/base.py:{variant},rl.update_groups={groups}'
   )
   mesh = sharding.make_mesh([('data', 1)], devices=jax.devices()[:1])
   rules = sharding.rules_of(cfg)
@@ -485,6 +486,7 @@ def omniopd_update_memory(variant: str, groups: int) -> tuple[str, dict[str, flo
   rl, c = cfg.rl, cfg.omniopd
   m, n, p = rl.prompts_per_step, rl.max_new_tokens, rl.prompt_len
   rows, length = m * c.audits * c.num_candidates, p + n + c.chunk_len - 1
+  grpo_rows = m * rl.group_size // rl.num_minibatches
   i32, f32 = jnp.int32, jnp.float32
 
   def rows_of(prefix, b, t, n_out, extra=()):
@@ -494,22 +496,34 @@ def omniopd_update_memory(variant: str, groups: int) -> tuple[str, dict[str, flo
       out[f'{prefix}{k}'] = jax.ShapeDtypeStruct((b, n_out), f32)
     return out
 
-  batch = {
-    **rows_of('c_', rows, length, c.chunk_len),
-    'c_adv': jax.ShapeDtypeStruct((rows,), f32),
-    **rows_of('r_', m, p + n - 1, n, ('anchor_mask', 'base_logp')),
+  updates = {
+    f'OmniOPD ({rows} candidate rows x {length}, {m} rollout rows x {p + n - 1})': (
+      omniopd_train.make_loss_fn(cfg),
+      {
+        **rows_of('c_', rows, length, c.chunk_len),
+        'c_adv': jax.ShapeDtypeStruct((rows,), f32),
+        **rows_of('r_', m, p + n - 1, n, ('anchor_mask', 'base_logp')),
+      },
+    ),
+    f'GRPO ({grpo_rows} rows x {p + n - 1})': (
+      loop.make_loss_fn(rl),
+      rows_of('', grpo_rows, p + n - 1, n, ('advantages', 'old_logp', 'ref_logp')),
+    ),
   }
+  out = []
   with jax.set_mesh(mesh), sharding.axis_rules(rules):
     spec = train_loop.abstract_state(
       lambda: train_loop.TrainState(decoder.Decoder(dcfg, rngs=nnx.Rngs(0)), tx), mesh, rules
     )
-    step = train_loop.make_train_step(
-      spec.graphdef, omniopd_train.make_loss_fn(cfg), spec.shardings
-    )
-    mem = step.lower(spec.state, batch, jax.random.key(0)).compile().memory_analysis()
-  shapes = f'{rows} candidate rows x {length} positions, {m} rollout rows x {p + n - 1}'
-  gib = {'temp': mem.temp_size_in_bytes / 2**30, 'arguments': mem.argument_size_in_bytes / 2**30}
-  return shapes, gib
+    for what, (loss_fn, batch) in updates.items():
+      step = train_loop.make_train_step(spec.graphdef, loss_fn, spec.shardings)
+      mem = step.lower(spec.state, batch, jax.random.key(0)).compile().memory_analysis()
+      gib = {
+        'temp': mem.temp_size_in_bytes / 2**30,
+        'arguments': mem.argument_size_in_bytes / 2**30,
+      }
+      out.append((what, gib))
+  return out
 
 
 _INPUTS = ('inputs', 'positions', 'segment_ids')
@@ -517,11 +531,11 @@ _INPUTS = ('inputs', 'positions', 'segment_ids')
 
 def _main_with_omniopd(argv):
   for g in FLAGS.omniopd_update_memory:
-    shapes, gib = omniopd_update_memory(FLAGS.omniopd_variant, int(g))
-    print(
-      f'OmniOPD update ({FLAGS.omniopd_variant}, update_groups={g}; {shapes}): working set '
-      f'{gib["temp"]:.2f} GiB, state + batch {gib["arguments"]:.2f} GiB (compiled, not run)'
-    )
+    for what, gib in omniopd_update_memory(FLAGS.omniopd_variant, int(g)):
+      print(
+        f'{what} update ({FLAGS.omniopd_variant}, rl.update_groups={g}): working set '
+        f'{gib["temp"]:.2f} GiB, state + batch {gib["arguments"]:.2f} GiB (compiled, not run)'
+      )
   if FLAGS.omniopd_update_memory:
     return
   if FLAGS.omniopd_steps > 0:

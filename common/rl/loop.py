@@ -87,6 +87,9 @@ def rl_config() -> ml_collections.ConfigDict:
       temperature=1.0,
       num_iterations=1,  # passes over each rollout batch (PPO epochs)
       num_minibatches=1,  # optimizer steps per pass
+      # A minibatch's forward in this many sequential row groups, each recomputed in the
+      # backward pass (rollout.completion_logprobs(row_groups=)): memory, not maths.
+      update_groups=1,
       clip_low=0.2,
       clip_high=0.2,  # > clip_low: DAPO's clip-higher (0.28)
       kl_coef=0.001,  # k3 KL to the frozen initial policy; 0 skips the reference forward
@@ -191,6 +194,11 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rul
     raise config_lib.ConfigError(
       f'rl.prompts_per_step * rl.group_size = {rows} is not divisible by rl.num_minibatches'
     )
+  if rl.update_groups < 1 or (rows // rl.num_minibatches) % rl.update_groups:
+    raise config_lib.ConfigError(
+      f'rl.update_groups={rl.update_groups} must be >= 1 and divide a minibatch '
+      f'({rows // rl.num_minibatches} rows)'
+    )
   ways = sharding.batch_divisor(mesh, rules)
   for name, n in (
     ('rl.prompts_per_step', rl.prompts_per_step),
@@ -223,7 +231,7 @@ def make_loss_fn(rl: ml_collections.ConfigDict):
 
   def loss_fn(model, batch, key):
     del key
-    logp = rollout_lib.completion_logprobs(model, batch)
+    logp = rollout_lib.completion_logprobs(model, batch, row_groups=rl.update_groups)
     # One gradient step per rollout: the behaviour policy is the current one, so its logprobs are
     # the forward's own (ratio exactly 1); batch['old_logp'] (the sampler's logprobs when on-policy,
     # else a scoring forward) agrees only up to the float rounding of a differently fused program

@@ -53,9 +53,6 @@ def omniopd_config() -> ml_collections.ConfigDict:
       anchor_coef=0.1,  # beta: KL(pi || pi_base) on unaudited rollout tokens
       pg_coef=1.0,
       teacher_timeout_s=30.0,  # a teacher call slower than this is counted and skipped
-      # The update's forwards in this many sequential row groups, each recomputed in the backward
-      # pass (common.rl.rollout.completion_logprobs(row_groups=)): memory, not maths.
-      update_groups=1,
     )
   )
 
@@ -69,8 +66,6 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     raise config_lib.ConfigError('omniopd.alpha_accept and alpha_reject must be > 0')
   if c.anchor_coef < 0 or c.teacher_timeout_s <= 0:
     raise config_lib.ConfigError('omniopd.anchor_coef must be >= 0, teacher_timeout_s > 0')
-  if c.update_groups < 1:
-    raise config_lib.ConfigError(f'omniopd.update_groups={c.update_groups} must be >= 1')
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -93,10 +93,10 @@ def check_config(config: ml_collections.ConfigDict, mesh=None, rules=None) -> No
     )
   if config.mode == 'grpo' and config.rl.group_size < 2:
     raise config_lib.ConfigError('mode=grpo needs rl.group_size >= 2')
-  g, m = config.omniopd.update_groups, config.rl.prompts_per_step
-  if config.mode == 'omniopd' and m % g:
+  g, m = config.rl.update_groups, config.rl.prompts_per_step
+  if config.mode == 'omniopd' and g >= 1 and m % g:  # g < 1: loop.check_config says so
     raise config_lib.ConfigError(
-      f'omniopd.update_groups={g} must divide rl.prompts_per_step={m} (the rollout rows; the '
+      f'rl.update_groups={g} must divide rl.prompts_per_step={m} (the rollout rows; the '
       f'candidate rows are a multiple of them)'
     )
 
@@ -179,7 +179,7 @@ def make_loss_fn(config: ml_collections.ConfigDict) -> Callable:
   def omniopd(model, batch, key):
     del key
     cand, roll = _view(batch, 'c_'), _view(batch, 'r_')
-    groups = c.update_groups
+    groups = config.rl.update_groups
     return losses.omniopd_loss(
       rollout.completion_logprobs(model, cand, row_groups=groups),
       cand['adv'],

@@ -111,11 +111,11 @@ def test_baselines_run_on_the_same_footing(tmp_path, mode):
 
 
 def test_update_in_row_groups_trains_the_same_run(tmp_path):
-  """omniopd.update_groups changes memory, not the maths: the same losses and metrics (to float
+  """rl.update_groups changes memory, not the maths: the same losses and metrics (to float
   rounding) over the run's steps as the one-group update."""
   rows = {}
   for g in (1, 4):
-    cfg = base.get_config(FAST + f',omniopd.update_groups={g}')
+    cfg = base.get_config(FAST + f',rl.update_groups={g}')
     train.train_and_evaluate(cfg, tmp_path / str(g), mesh=_one_device())
     rows[g] = [r for r in _rows(tmp_path / str(g)) if r['split'] == 'train']
   assert len(rows[1]) == len(rows[4]) == 3
@@ -139,9 +139,9 @@ def test_bad_keys_stop_before_the_workdir(tmp_path):
       base.get_config('smollm2,mode=opd,teacher.kind=sft,teacher.sft_steps=0'), tmp_path / 'bad'
     )
   with pytest.raises(config_lib.ConfigError, match='update_groups=3 must divide'):
-    train.train_and_evaluate(base.get_config('smoke,omniopd.update_groups=3'), tmp_path / 'bad')
+    train.train_and_evaluate(base.get_config('smoke,rl.update_groups=3'), tmp_path / 'bad')
   with pytest.raises(config_lib.ConfigError, match='update_groups=0 must be >= 1'):
-    train.train_and_evaluate(base.get_config('smoke,omniopd.update_groups=0'), tmp_path / 'bad')
+    train.train_and_evaluate(base.get_config('smoke,rl.update_groups=0'), tmp_path / 'bad')
   with pytest.raises(config_lib.ConfigError, match="teacher.kind='oracle'"):
     train.train_and_evaluate(base.get_config('smoke,teacher.kind=oracle'), tmp_path / 'bad')
   assert not (tmp_path / 'bad').exists()

@@ -32,13 +32,13 @@ Variants:
          common.assets fetch qwen2_5_coder_0_5b; another tokenizer); 3 audits per rollout, K = 4
          chunks of L = 8 tokens, MiniLM similarity (python -m common.assets fetch minilm); the
          teacher answers a step's audits in one batched call; the update in 8 row groups
-         (omniopd.update_groups: its working set 47 -> 6 GiB). No arm trained yet (cost:
+         (rl.update_groups: its working set 47 -> 6 GiB). No arm trained yet (cost:
          README). White-box OPD needs a teacher with the student's
          vocabulary: mode=opd,teacher.kind=sft is SmolLM2 itself after 120 SFT steps on worked
          answers (common.rl.policies.PretrainedWarmup; pass@1 0.533 at T = 0.6, 0.480 at 1.0).
 Arms: mode=omniopd (default) | opd | sft | grpo. Knobs: omniopd.* (audits, min_entropy,
   num_candidates, chunk_len, similarity exact|edit|embedding, alpha_accept, alpha_reject,
-  anchor_coef, pg_coef, teacher_timeout_s, update_groups), teacher.* (kind scripted|lm|sft, accuracy, eps,
+  anchor_coef, pg_coef, teacher_timeout_s), rl.update_groups, teacher.* (kind scripted|lm|sft, accuracy, eps,
   name (lm), max_new_tokens, sft_steps (sft: the student's model fine-tuned this many steps)).
 """
 
@@ -68,5 +68,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if variant == 'smollm2':
     rl_config.smollm2(c, max_new_tokens=96, task_set='smollm2_easy', temperature=0.6)
     c.teacher.update(kind='lm', name='qwen2_5_coder_0_5b', max_new_tokens=24, sft_steps=120)
-    c.omniopd.update(audits=3, chunk_len=8, similarity='embedding', update_groups=8)
+    c.omniopd.update(audits=3, chunk_len=8, similarity='embedding')
+    c.rl.update_groups = 8  # the update's forwards in 8 row groups (GRPO's too)
   return config_lib.finalize(c, overrides)

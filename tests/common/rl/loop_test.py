@@ -207,6 +207,22 @@ def test_estimator_names_resolve_at_setup_not_in_the_loop():
   assert 'rl.estimator ==' not in src and "== 'dapo'" not in src and "== 'ebpo'" not in src
 
 
+def test_update_groups_train_the_same_run_and_must_divide_a_minibatch(tmp_path):
+  """rl.update_groups changes the update's memory, not its maths: the same per-step losses (to
+  float rounding) as one group; a count that does not divide a minibatch is a config error."""
+  rows = {}
+  for g in (1, 4):
+    _train(_config(kl_coef=0.01, update_groups=g), tmp_path / str(g), toy.setup('grpo'))
+    rows[g] = [r for r in metrics_lib.read_jsonl(tmp_path / str(g) / 'metrics.jsonl')]
+    rows[g] = [r for r in rows[g] if r['split'] == 'train']
+  assert len(rows[1]) == len(rows[4]) == 4
+  for a, b in zip(rows[1], rows[4], strict=True):
+    for key in ('loss', 'kl', 'grad_norm', 'reward_mean'):
+      assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-6), key
+  with pytest.raises(config_lib.ConfigError, match='rl.update_groups=3 must be >= 1 and divide'):
+    loop.check_config(_config(update_groups=3), toy.one_device_mesh(), sharding.DEFAULT_RULES)
+
+
 def test_several_iterations_move_the_ratio_and_clip(tmp_path):
   cfg = _config(num_iterations=3, num_minibatches=2, clip_low=0.01, clip_high=0.01)
   _train(cfg, tmp_path, toy.setup('grpo'))
