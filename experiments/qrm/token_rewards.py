@@ -5,12 +5,13 @@
 
 For the first --n held-out questions of the config's task set, the reference reply (the task's
 worked answer, '26 - 28 = -2. The answer is -2.', and the chat's end-of-turn token: the traces the
-corrupted pairs are built from, `input_pipeline.make_text(...).answer`) is scored by the reward model of --rm_workdir as the RL loop would score it
-(`projects.qrm.train.pair_scores`: beta log phi for Q-RM, the scaled log-ratio for DPO), and
-beside each token the starting policy's log-probability and both networks' preferred next token.
-Every token of these replies is correct, so a strongly negative reward on one of them is a reward
-the policy will be pushed away from though it should not be: what to look at before believing an
-RL arm driven by these rewards. Prints one line per token and, per reply, the sum of its rewards.
+corrupted pairs are built from, `input_pipeline.make_text(...).answer`) is scored by the reward
+model of --rm_workdir as the RL loop would score it (`projects.qrm.train.pair_scores`: beta log phi
+for Q-RM, the scaled log-ratio for DPO), and beside each token the starting policy's log-probability
+and both networks' preferred next token. Every token of these replies is correct, so a strongly
+negative reward on one of them is a reward the policy will be pushed away from though it should not
+be: what to look at before believing an RL arm driven by these rewards. Prints one line per token
+and, per reply, the sum of its rewards.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 from common import config as config_lib
 from common import sharding
 from common.rl import rollout
+from common.sampling import sampler as sampler_lib
 from projects.qrm import input_pipeline
 from projects.qrm import train
 
@@ -34,12 +36,9 @@ def reference_batch(config, n: int):
   examples = input_pipeline.load_examples(config.data.task_set, 'test', config.data.seed)[:n]
   prompts = input_pipeline.prompts(examples, 'test', text.render)
   replies = [list(text.answer(e)) for e in examples]  # the pairs' reference traces
-  width = max(map(len, replies))
-  completion = np.full((len(replies), width), text.pad, np.int32)
-  for i, r in enumerate(replies):
-    completion[i, : len(r)] = r
+  completion, real = sampler_lib.pad_prompts(replies, side='right', pad_id=text.pad)
   toks, mask = rollout.pad_prompts(prompts, config.rl.prompt_len, text.pad)
-  batch = rollout.build_batch(toks, mask, completion, np.asarray([len(r) for r in replies]))
+  batch = rollout.build_batch(toks, mask, completion, real.sum(axis=1))
   return prompts, batch, text
 
 
@@ -63,12 +62,12 @@ def main() -> None:
   mesh = sharding.make_mesh([('data', 1)], devices=jax.devices()[:1])
   rules = sharding.rules_of(config)
   rm = train.load_reward_model(config, args.rm_workdir)
-  start = train._starting_network(config)  # noqa: SLF001  (the DPO reference and the policy)
+  start = train.starting_network(config)  # the DPO reference and the policy
   prompts, batch, text = reference_batch(config, args.n)
   rows = types.SimpleNamespace(rows=batch)  # pair_scores reads only .rows
   with jax.set_mesh(mesh):
     reward, _ = train.pair_scores(args.kind, rm, start, rows, config.rm, mesh, rules)
-    policy = train._rm_score(start, batch, mesh, rules)  # noqa: SLF001
+    policy = train.rm_score(start, batch, mesh, rules)
   rm_top, policy_top = _top(rm, batch), _top(start, batch)
   word = lambda t: repr(text.tok.decode([int(t)]))  # noqa: E731
   for i, prompt in enumerate(prompts):

@@ -56,7 +56,6 @@ from common.rl.policies import warm_policy
 from common.sampling import sampler as sampler_lib
 
 __all__ = [
-  'BatchedTeacher',
   'LMTeacher',
   'ScriptedTeacher',
   'Teacher',
@@ -71,10 +70,6 @@ __all__ = [
 
 class Teacher(Protocol):
   def continue_text(self, prompt: str, prefix: str) -> str | None: ...
-
-
-class BatchedTeacher(Teacher, Protocol):
-  def continue_texts(self, requests: Sequence[tuple[str, str]]) -> list[str | None]: ...
 
 
 def _unit(text: str, salt: str) -> float:

@@ -117,7 +117,7 @@ def _abstract_model(config) -> nnx.Module:
   )
 
 
-def _rm_score(model, batch: dict[str, np.ndarray], mesh, rules) -> np.ndarray:
+def rm_score(model, batch: dict[str, np.ndarray], mesh, rules) -> np.ndarray:
   graphdef, state = nnx.split(model)
   return rollout.score(graphdef, state, batch, train_state=False, mesh=mesh, rules=rules)
 
@@ -126,12 +126,12 @@ def pair_scores(kind: str, rm, ref, pairs: input_pipeline.Pairs, rm_cfg, mesh, r
   """(token rewards [2K, N] as the RL loop gives them, sequence scores [2K]) of `pairs`."""
   rows = pairs.rows
   mask = rows['completion_mask'] > 0
-  logp = _rm_score(rm, rows, mesh, rules)
+  logp = rm_score(rm, rows, mesh, rules)
   if kind == 'qrm':
     tok = np.where(mask, rm_cfg.beta * logp, 0.0)
     n = np.maximum(mask.sum(-1), 1)
     return tok, np.where(mask, logp, 0.0).sum(-1) / n
-  ref_logp = _rm_score(ref, rows, mesh, rules)
+  ref_logp = rm_score(ref, rows, mesh, rules)
   tok = np.where(mask, rm_cfg.dpo_beta * (logp - ref_logp), 0.0)
   return tok, tok.sum(-1)
 
@@ -160,7 +160,7 @@ def train_reward_model(
     )
     ref_logp = None
     if kind == 'dpo':
-      ref_logp = _rm_score(start, train_pairs.rows, run.mesh, run.rules)
+      ref_logp = rm_score(start, train_pairs.rows, run.mesh, run.rules)
     o = copy.deepcopy(cfg.optimizer)
     with o.unlocked():
       o.lr = cfg.rm.lr
@@ -210,7 +210,7 @@ def train_reward_model(
     return {'step': result.step, 'train': result.train, 'eval': result.eval}
 
 
-def _starting_network(config) -> nnx.Module:
+def starting_network(config) -> nnx.Module:
   """The starting policy's network on one device, its SFT warm-up included: the DPO reference (the
   network the DPO reward model was trained against) and the shape the trained reward model's
   parameters load into."""
@@ -224,7 +224,7 @@ def load_reward_model(config, workdir: str | pathlib.Path) -> nnx.Module:
     raise FileNotFoundError(
       f'{path} is missing: the reward-model run in {workdir} has not finished'
     )
-  model = _starting_network(config)
+  model = starting_network(config)
   with np.load(path) as f:
     return models.load_params(model, {k: f[k] for k in f.files})
 
@@ -248,11 +248,11 @@ def build_setup(config, mesh, rules, rm_dir: pathlib.Path | None) -> loop.RLSetu
     rewards = verifier
   else:
     rm = load_reward_model(config, rm_dir)
-    scorers = [lambda b, m=rm: _rm_score(m, b, mesh, rules)]
+    scorers = [lambda b, m=rm: rm_score(m, b, mesh, rules)]
     scale = config.rm.beta
     if kind == 'dpo':
-      ref = _starting_network(config)
-      scorers.append(lambda b, m=ref: _rm_score(m, b, mesh, rules))
+      ref = starting_network(config)
+      scorers.append(lambda b, m=ref: rm_score(m, b, mesh, rules))
       scale = config.rm.dpo_beta
     rewards = losses.TokenRewards(
       verifier, scorers, scale, prompt_len=config.rl.prompt_len, pad_id=text.pad

@@ -33,7 +33,7 @@ def test_prints_the_loops_token_rewards_of_the_reference_replies(tmp_path, capsy
   _, batch, _ = token_rewards.reference_batch(cfg, 2)
   mesh = sharding.make_mesh([('data', 1)], devices=jax.devices()[:1])
   rm = train.load_reward_model(cfg, tmp_path / 'rm')
-  start = train._starting_network(cfg)  # noqa: SLF001
+  start = train.starting_network(cfg)
   with jax.set_mesh(mesh):
     reward, _ = train.pair_scores(
       'qrm', rm, start, types.SimpleNamespace(rows=batch), cfg.rm, mesh, sharding.rules_of(cfg)

@@ -90,7 +90,7 @@ def test_the_dpo_reference_is_the_policys_warmed_start_not_the_released_model(mo
 
   monkeypatch.setattr(train.models, 'create_policy', create_policy)
   monkeypatch.setattr(train.loader, 'load_pretrained', released)
-  assert train._starting_network(base.get_config('smollm2')) == 'the warmed start'  # noqa: SLF001
+  assert train.starting_network(base.get_config('smollm2')) == 'the warmed start'
   assert seen == [40]
 
 
