@@ -5,7 +5,8 @@ sets, trained tokenizers and the persistent compilation cache all live under `ca
 artefact is keyed by what produced it (`code_fingerprint`: the source of the code that computes it;
 `numerics_fingerprint`: the JAX version, backend, device count and XLA flags, which change the trained
 bits) and written atomically (`atomic_path`, `write_text`, `savez`), so a reader (another process
-starting at the same time) never sees half a file.
+starting at the same time) never sees half a file. A pytree of arrays goes into an .npz and back by
+`tree_to_arrays` and `arrays_to_tree`.
 """
 
 from __future__ import annotations
@@ -94,6 +95,44 @@ def tree_fingerprint(tree: Any) -> str:
     h.update(f'{jax.tree_util.keystr(path)}|{arr.dtype.name}{arr.dtype.str}|{arr.shape}|'.encode())
     h.update(arr.reshape(-1).view(np.uint8))
   return h.hexdigest()[:32]
+
+
+def tree_to_arrays(tree: Any, prefix: str = '') -> dict[str, np.ndarray]:
+  """{prefix + jax.tree_util.keystr(path): np.asarray(leaf)} of a pytree (e.g. a pure parameter
+  dict): the flat form an .npz holds (`savez`, `load_or_compute`), read back by `arrays_to_tree`.
+
+  The keys are jax's own key strings ("['layers'][0]['w']"), so files written by the modules that
+  flattened this way by hand before still load; `prefix` lets several trees share one file.
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {f'{prefix}{jax.tree_util.keystr(p)}': np.asarray(v) for p, v in leaves}
+
+
+def arrays_to_tree(
+  flat: Mapping[str, Any],
+  template: Any,
+  prefix: str = '',
+  leaf_fn: Callable[[Any, Any], Any] | None = None,
+  *,
+  what: str = 'the arrays',
+) -> Any:
+  """`template`'s structure with each leaf read from `flat` (`tree_to_arrays`'s form) by its key.
+
+  A leaf is the stored array itself, or `leaf_fn(array, template_leaf)` (to cast to the
+  template's dtype, or place it with the template's sharding). Every key is checked before any
+  leaf is built, so a file of another structure fails with one line naming the missing keys
+  ("{what} lack [...] (n missing)", a ValueError) instead of a bare KeyError halfway through.
+  """
+  paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(template)[0]]
+  missing = [k for k in (f'{prefix}{jax.tree_util.keystr(p)}' for p in paths) if k not in flat]
+  if missing:
+    raise ValueError(f'{what} lack {missing[:3]} ({len(missing)} missing)')
+
+  def leaf(path, t):
+    array = flat[f'{prefix}{jax.tree_util.keystr(path)}']
+    return array if leaf_fn is None else leaf_fn(array, t)
+
+  return jax.tree_util.tree_map_with_path(leaf, template)
 
 
 def fully_addressable(tree: Any) -> bool:

@@ -33,6 +33,7 @@ import statistics
 import sys
 from typing import Any
 
+from common import config as config_lib
 from common import metrics as metrics_lib
 
 SEED_KEYS = ('seed',)
@@ -102,19 +103,9 @@ def expand(paths: Sequence[str]) -> list[RunRecord]:
 # Derived numbers.
 
 
-def flatten(d: Mapping, prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, Mapping):
-      out.update(flatten(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
-
-
 def differing_keys(runs: Sequence[RunRecord], *, ignore: Sequence[str] = ()) -> list[str]:
   """Config keys (dotted) whose values are not the same in every run."""
-  flat = [flatten(r.config) for r in runs]
+  flat = [config_lib.flatten(r.config) for r in runs]
   keys = sorted(set().union(*flat))
   return [
     k
@@ -194,7 +185,7 @@ def summarize(
   header = ['run', *extra, 'status', 'steps', 'wall', 's/step', *metric_keys]
   rows = []
   for r in runs:
-    flat = flatten(r.config)
+    flat = config_lib.flatten(r.config)
     planned = flat.get('train.num_steps')
     wall = r.provenance.get('wall_time_sec')
     rows.append(
@@ -222,7 +213,7 @@ def groups(runs: Sequence[RunRecord]) -> dict[str, list[RunRecord]]:
   keys = differing_keys(runs, ignore=SEED_KEYS)
   out: dict[str, list[RunRecord]] = {}
   for r in runs:
-    flat = flatten(r.config)
+    flat = config_lib.flatten(r.config)
     label = ', '.join(f'{k}={flat.get(k)}' for k in keys) or 'all runs'
     out.setdefault(label, []).append(r)
   return out

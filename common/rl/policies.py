@@ -184,7 +184,7 @@ def warm_policy(cfg: WarmupConfig | None = None, dtype: str = 'float32') -> tupl
     logging.info(
       'warm-up policy trained in %.0f s (final SFT loss %.3f)', time.perf_counter() - t0, curve[-1]
     )
-    flat = _flatten(params)
+    flat = cache.tree_to_arrays(params)
     flat['__loss_curve__'] = np.asarray(curve)
     return flat
 
@@ -192,10 +192,7 @@ def warm_policy(cfg: WarmupConfig | None = None, dtype: str = 'float32') -> tupl
   curve = [float(x) for x in flat.pop('__loss_curve__')]
   # numpy leaves, uncommitted: the tiny policy goes wherever the run's jit places it.
   state = nnx.state(model, nnx.Param)
-  restored = jax.tree_util.tree_map_with_path(
-    lambda p, _: flat[jax.tree_util.keystr(p)], state.to_pure_dict()
-  )
-  nnx.replace_by_pure_dict(state, restored)
+  nnx.replace_by_pure_dict(state, cache.arrays_to_tree(flat, state.to_pure_dict()))
   nnx.update(model, state)
   return model, curve
 
@@ -244,19 +241,16 @@ def _pretrained_fingerprint(name: str, task_set: str, cfg: PretrainedWarmup) -> 
   return hashlib.sha256(src.encode()).hexdigest()[:20]
 
 
-def _flatten(params: dict) -> dict[str, np.ndarray]:
-  return {
-    jax.tree_util.keystr(p): np.asarray(v)
-    for p, v in jax.tree_util.tree_flatten_with_path(params)[0]
-  }
+# The name stays: warm_pretrained's source (which calls it) is part of its cache key.
+_flatten = cache.tree_to_arrays
 
 
 def _restore(model: nnx.Module, flat: dict[str, np.ndarray]) -> None:
   """Writes cached parameters into a loaded pretrained `model`, each placed with the sharding its
   leaf already has (the loader's placement on the run's mesh)."""
   state = nnx.state(model, nnx.Param)
-  restored = jax.tree_util.tree_map_with_path(
-    lambda p, v: jax.device_put(flat[jax.tree_util.keystr(p)], v.sharding), state.to_pure_dict()
+  restored = cache.arrays_to_tree(
+    flat, state.to_pure_dict(), leaf_fn=lambda a, v: jax.device_put(a, v.sharding)
   )
   nnx.replace_by_pure_dict(state, restored)
   nnx.update(model, state)

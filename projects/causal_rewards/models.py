@@ -25,7 +25,6 @@ import json
 
 from absl import logging
 from flax import nnx
-import jax
 import ml_collections
 import numpy as np
 import optax
@@ -133,13 +132,11 @@ def warm_backbone(config: ml_collections.ConfigDict) -> decoder.Decoder:
     logging.info('warming up the tiny backbone: %d LM steps (once per machine; %s)', w.steps, path)
     params, curve = _warm_train(dcfg, w, pool)
     logging.info('warm-up LM loss %.3f -> %.3f', curve[0], curve[-1])
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
+    return cache.tree_to_arrays(params)
 
   flat = cache.load_or_compute(path, train)
-  restored = jax.tree_util.tree_map_with_path(lambda p, _: flat[jax.tree_util.keystr(p)], template)
   state = nnx.state(model, nnx.Param)
-  nnx.replace_by_pure_dict(state, restored)
+  nnx.replace_by_pure_dict(state, cache.arrays_to_tree(flat, template))
   nnx.update(model, state)
   return model
 

@@ -221,17 +221,6 @@ def _params_shapes(cfg: ExpertsConfig) -> dict:
   return nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
 
 
-def _flatten(tree: dict, prefix: str) -> dict[str, np.ndarray]:
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {f'{prefix}{jax.tree_util.keystr(p)}': np.asarray(v) for p, v in leaves}
-
-
-def _unflatten(flat: dict, prefix: str, template: dict) -> dict:
-  return jax.tree_util.tree_map_with_path(
-    lambda p, _: flat[f'{prefix}{jax.tree_util.keystr(p)}'], template
-  )
-
-
 @dataclasses.dataclass
 class Experts:
   """Host copies (pure dicts of numpy arrays) of the base and the n experts, and loss curves."""
@@ -265,9 +254,9 @@ def load(cfg: ExpertsConfig) -> Experts:
       path.parent,
     )
     out = _train_all(cfg)
-    flat = _flatten(out['base'], 'base')
+    flat = cache.tree_to_arrays(out['base'], 'base')
     for i, p in enumerate(out['experts']):
-      flat.update(_flatten(p, f'expert{i}'))
+      flat.update(cache.tree_to_arrays(p, f'expert{i}'))
     for name, curve in out['curves'].items():
       flat[f'curve/{name}'] = np.asarray(curve, np.float32)
     return flat
@@ -276,8 +265,8 @@ def load(cfg: ExpertsConfig) -> Experts:
   curves = {k[len('curve/') :]: [float(x) for x in v] for k, v in flat.items() if k[:6] == 'curve/'}
   return Experts(
     config=cfg,
-    base=_unflatten(flat, 'base', template),
-    experts=[_unflatten(flat, f'expert{i}', template) for i in range(len(cfg.steps))],
+    base=cache.arrays_to_tree(flat, template, 'base'),
+    experts=[cache.arrays_to_tree(flat, template, f'expert{i}') for i in range(len(cfg.steps))],
     curves=curves,
     key=key,
   )

@@ -261,20 +261,14 @@ def expert(spec: ExpertSpec, log: Callable = logging.info) -> tuple[dict, dict]:
     record['wall_s'] = time.perf_counter() - t0
     record['spec'] = dataclasses.asdict(spec)
     record['trainable'] = adapters.count_trainable(model)
-    state = nnx.to_pure_dict(nnx.state(model, adapters.AdapterParam))
-    flat = {
-      jax.tree_util.keystr(p): np.asarray(v)
-      for p, v in jax.tree_util.tree_flatten_with_path(state)[0]
-    }
+    flat = cache.tree_to_arrays(nnx.to_pure_dict(nnx.state(model, adapters.AdapterParam)))
     return {'__record__': np.asarray(json.dumps(record)), **flat}
 
   flat = cache.load_or_compute(path, train)
   record = json.loads(str(flat.pop('__record__')))
   if cached:  # else the model holds the adapter it was just trained into
     state = nnx.state(model, adapters.AdapterParam)
-    pure = jax.tree_util.tree_map_with_path(
-      lambda p, _: jnp.asarray(flat[jax.tree_util.keystr(p)]), nnx.to_pure_dict(state)
-    )
+    pure = cache.arrays_to_tree(flat, nnx.to_pure_dict(state), leaf_fn=lambda a, _: jnp.asarray(a))
     nnx.replace_by_pure_dict(state, pure)
     nnx.update(model, state)
     log(f'{spec.domain} expert: adapter read from {path}')

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import cache
 from common.rl.policies import WarmupConfig
 from common.rl.policies import create_policy
 from common.rl.policies import description
@@ -44,22 +45,16 @@ def log_phi(z: jax.Array, actions: jax.Array) -> jax.Array:
 
 def params_of(model: nnx.Module) -> dict[str, np.ndarray]:
   """The model's parameters as a flat {path: array} dict (host), for an .npz."""
-  leaves = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param).to_pure_dict())[0]
-  return {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
+  return cache.tree_to_arrays(nnx.state(model, nnx.Param).to_pure_dict())
 
 
 def load_params(model: nnx.Module, flat: dict[str, np.ndarray]) -> nnx.Module:
   """Writes `params_of`-style arrays into `model` (same structure), in place; returns it."""
-  template = nnx.state(model, nnx.Param).to_pure_dict()
-  missing = [
-    jax.tree_util.keystr(p)
-    for p, _ in jax.tree_util.tree_flatten_with_path(template)[0]
-    if jax.tree_util.keystr(p) not in flat
-  ]
-  if missing:
-    raise ValueError(f'reward-model parameters lack {missing[:3]} ({len(missing)} missing)')
-  restored = jax.tree_util.tree_map_with_path(
-    lambda p, v: jnp.asarray(flat[jax.tree_util.keystr(p)], v.dtype), template
+  restored = cache.arrays_to_tree(
+    flat,
+    nnx.state(model, nnx.Param).to_pure_dict(),
+    leaf_fn=lambda a, v: jnp.asarray(a, v.dtype),
+    what='reward-model parameters',
   )
   state = nnx.state(model, nnx.Param)
   nnx.replace_by_pure_dict(state, restored)

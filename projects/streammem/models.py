@@ -641,17 +641,14 @@ def fact_lm(cfg: FactLMConfig, dtype: str = 'float32') -> tuple[decoder.Decoder,
       path.parent,
     )
     params, curve = _train_fact_lm(cfg)
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
+    flat = cache_lib.tree_to_arrays(params)
     flat['__loss_curve__'] = np.asarray(curve)
     return flat
 
   flat = cache_lib.load_or_compute(path, train)
   curve = [float(x) for x in flat.pop('__loss_curve__')]
   state = nnx.state(model, nnx.Param)
-  template = state.to_pure_dict()
-  restored = jax.tree_util.tree_map_with_path(lambda p, _: flat[jax.tree_util.keystr(p)], template)
-  nnx.replace_by_pure_dict(state, restored)
+  nnx.replace_by_pure_dict(state, cache_lib.arrays_to_tree(flat, state.to_pure_dict()))
   nnx.update(model, state)
   return model, curve
 

@@ -103,3 +103,54 @@ def test_load_or_compute_saves_nothing_when_compute_fails(tmp_path):
   with pytest.raises(RuntimeError, match='diverged'):
     cache.load_or_compute(path, broken)
   assert list(tmp_path.iterdir()) == []
+
+
+def _nested():
+  return {'embed': np.arange(4.0), 'layers': [{'w': np.ones((2, 3))}, {'w': np.zeros((2, 3))}]}
+
+
+def test_tree_to_arrays_keys_are_jax_key_strings_and_round_trip_through_an_npz(tmp_path):
+  tree = _nested()
+  flat = cache.tree_to_arrays(jax.tree.map(jax.numpy.asarray, tree))
+  # The exact key strings earlier cache files hold (jax.tree_util.keystr of each path).
+  assert sorted(flat) == ["['embed']", "['layers'][0]['w']", "['layers'][1]['w']"]
+  assert all(isinstance(v, np.ndarray) for v in flat.values())
+  cache.savez(tmp_path / 'p.npz', **flat)
+  with np.load(tmp_path / 'p.npz') as f:
+    back = cache.arrays_to_tree({k: f[k] for k in f.files}, tree)
+  assert jax.tree.structure(back) == jax.tree.structure(tree)
+  jax.tree.map(np.testing.assert_array_equal, back, tree)
+
+
+def test_a_prefix_lets_trees_share_one_file():
+  a, b = _nested(), jax.tree.map(lambda x: x + 1, _nested())
+  flat = {**cache.tree_to_arrays(a, 'base'), **cache.tree_to_arrays(b, 'expert0')}
+  assert "base['layers'][1]['w']" in flat and "expert0['embed']" in flat and len(flat) == 6
+  jax.tree.map(np.testing.assert_array_equal, cache.arrays_to_tree(flat, a, 'base'), a)
+  jax.tree.map(np.testing.assert_array_equal, cache.arrays_to_tree(flat, a, 'expert0'), b)
+
+
+def test_arrays_to_tree_applies_leaf_fn_with_the_template_leaf():
+  template = {'a': jax.numpy.zeros(2, jax.numpy.bfloat16), 'b': [jax.numpy.zeros(3)]}
+  flat = {"['a']": np.ones(2), "['b'][0]": np.arange(3.0)}
+  seen = []
+
+  def cast(array, leaf):
+    seen.append(leaf.shape)
+    return jax.numpy.asarray(array, leaf.dtype)
+
+  out = cache.arrays_to_tree(flat, template, leaf_fn=cast)
+  assert sorted(seen) == [(2,), (3,)]
+  assert out['a'].dtype == jax.numpy.bfloat16 and out['b'][0].dtype == jax.numpy.float32
+  np.testing.assert_array_equal(out['b'][0], np.arange(3.0))
+
+
+def test_arrays_to_tree_names_the_missing_keys():
+  flat = cache.tree_to_arrays(_nested())
+  del flat["['layers'][1]['w']"]
+  with pytest.raises(
+    ValueError, match=r"the arrays lack \[\"\['layers'\]\[1\]\['w'\]\"\] \(1 missing\)"
+  ):
+    cache.arrays_to_tree(flat, _nested())
+  with pytest.raises(ValueError, match=r"params lack \[\"x\['embed'\]\", .*\(3 missing\)"):
+    cache.arrays_to_tree(flat, _nested(), 'x', leaf_fn=lambda a, _: 1 / 0, what='params')
