@@ -39,10 +39,14 @@ Qwen2.5-Coder-0.5B text teacher, MiniLM similarity) in a temporary workdir, and 
 over steps 2..S (step 1 compiles) of each part of a step as the loop logs it: student rollout, the
 K-way forks at the audited positions, the teacher calls, the similarity (the embedder), the frozen
 base model's forward for the KL anchor, the update, and the step's total.
---omniopd_update_memory=1,8 compiles (does not run) the OmniOPD update of --omniopd_variant and its
-GRPO arm's update (the shared loop's) for each rl.update_groups value and prints XLA's accounting of
-its working set (temp) beside the state and batch (arguments): what decides whether the update fits,
-without allocating it (and runs nothing else).
+--omniopd_update_memory=1,8 compiles the OmniOPD update of --omniopd_variant (the audited chunks
+scored through the rollout's KV cache, projects.omniopd.models.forked_logprobs), its peer in the same
+run (the same loss over full prefix + chunk rows, rollout.completion_logprobs, in G row groups) and
+the GRPO arm's update (the shared loop's), for each rl.update_groups value G, and prints XLA's
+accounting of each working set (temp) beside the state and batch (arguments): what decides whether
+an update fits, without allocating it. --omniopd_update_reps=R > 0 also runs each compiled update R
+times, interleaved, on a batch of the config's shapes (random tokens, every audit and token used)
+and prints the median time and its ratio to the peer's (and runs nothing else).
 
 Work per step is equal up to two implementation choices the output states: tunix's training
 forward runs over all P+N positions and takes logits at every one, ours over P+N-1 positions
@@ -86,6 +90,7 @@ flags.DEFINE_integer('omniopd_steps', 0, 'OmniOPD smoke steps to time (0: skip)'
 flags.DEFINE_enum('omniopd_similarity', None, ['exact', 'edit', 'embedding'], 'chunk similarity')
 flags.DEFINE_enum('omniopd_variant', 'smoke', ['smoke', 'smollm2'], 'OmniOPD config variant')
 flags.DEFINE_list('omniopd_update_memory', [], 'rl.update_groups values to compile and size')
+flags.DEFINE_integer('omniopd_update_reps', 0, 'timed runs of each compiled OmniOPD update')
 
 VOCAB, PROMPT_LEN = 21, 12
 
@@ -462,10 +467,11 @@ def print_omniopd_split(steps: int, similarity: str | None, variant: str = 'smok
     )
 
 
-def omniopd_update_memory(variant: str, groups: int) -> list[tuple[str, dict[str, float]]]:
-  """[(what, {temp, arguments: GiB})] of the compiled updates of `variant`'s OmniOPD arm and of its
-  GRPO arm (the shared loop's), from an abstract state and a batch of the config's shapes (every
-  rollout audited at every slot, chunks and completions at full length)."""
+def omniopd_updates(variant: str, groups: int, reps: int = 0) -> list[tuple[str, dict[str, float]]]:
+  """[(what, {temp, arguments: GiB, and with reps > 0 seconds: [per run]})] of the compiled updates
+  of `variant`'s OmniOPD arm, its full-row peer and its GRPO arm (the shared loop's), from an
+  abstract state and a batch of the config's shapes (every rollout audited at every slot, chunks
+  and completions at full length); with reps > 0 each runs `reps` times, interleaved."""
   import pathlib  # noqa: PLC0415
 
   import jax.numpy as jnp  # noqa: PLC0415
@@ -473,6 +479,7 @@ def omniopd_update_memory(variant: str, groups: int) -> list[tuple[str, dict[str
   from common import config as config_lib  # noqa: PLC0415
   from common import optim  # noqa: PLC0415
   from common.rl import policies  # noqa: PLC0415
+  from projects.omniopd import losses as omniopd_losses  # noqa: PLC0415
   from projects.omniopd import train as omniopd_train  # noqa: PLC0415
 
   root = pathlib.Path(__file__).resolve().parents[1]
@@ -484,45 +491,99 @@ def omniopd_update_memory(variant: str, groups: int) -> list[tuple[str, dict[str
   dcfg = policies.description(cfg)['config']
   tx = optim.make_optimizer(cfg.optimizer, cfg.train.num_steps)
   rl, c = cfg.rl, cfg.omniopd
-  m, n, p = rl.prompts_per_step, rl.max_new_tokens, rl.prompt_len
-  rows, length = m * c.audits * c.num_candidates, p + n + c.chunk_len - 1
+  m, n, p, chunk = rl.prompts_per_step, rl.max_new_tokens, rl.prompt_len, c.chunk_len
+  rows, length = m * c.audits * c.num_candidates, p + n + chunk - 1
   grpo_rows = m * rl.group_size // rl.num_minibatches
   i32, f32 = jnp.int32, jnp.float32
+  rng = np.random.default_rng(0)
 
   def rows_of(prefix, b, t, n_out, extra=()):
-    out = {f'{prefix}{k}': jax.ShapeDtypeStruct((b, t), i32) for k in _INPUTS}
-    out[f'{prefix}targets'] = jax.ShapeDtypeStruct((b, n_out), i32)
+    out = {f'{prefix}{k}': ((b, t), i32) for k in _INPUTS}
+    out[f'{prefix}targets'] = ((b, n_out), i32)
     for k in ('completion_mask', *extra):
-      out[f'{prefix}{k}'] = jax.ShapeDtypeStruct((b, n_out), f32)
+      out[f'{prefix}{k}'] = ((b, n_out), f32)
     return out
 
+  roll = rows_of('r_', m, p + n - 1, n, ('anchor_mask', 'base_logp'))
+  forks = {f'c_{k}': ((rows, chunk), i32) for k in ('inputs', 'positions', 'targets')}
+  forks.update(c_rows=((rows,), i32), c_cut=((rows,), i32), c_adv=((rows,), f32))
+  forks['c_completion_mask'] = ((rows, chunk), f32)
+
+  def full_rows_loss(model, batch, key):
+    """The peer: each chunk's log-probs from a forward over its whole prefix + chunk row."""
+    del key
+    cand, roll_ = omniopd_train._view(batch, 'f_'), omniopd_train._view(batch, 'r_')  # noqa: SLF001
+    return omniopd_losses.omniopd_loss(
+      rollout.completion_logprobs(model, cand, row_groups=groups),
+      cand['adv'],
+      cand['completion_mask'],
+      rollout.completion_logprobs(model, roll_, row_groups=groups),
+      roll_['base_logp'],
+      roll_['anchor_mask'],
+      pg_coef=c.pg_coef,
+      anchor_coef=c.anchor_coef,
+    )
+
   updates = {
-    f'OmniOPD ({rows} candidate rows x {length}, {m} rollout rows x {p + n - 1})': (
-      omniopd_train.make_loss_fn(cfg),
-      {
-        **rows_of('c_', rows, length, c.chunk_len),
-        'c_adv': jax.ShapeDtypeStruct((rows,), f32),
-        **rows_of('r_', m, p + n - 1, n, ('anchor_mask', 'base_logp')),
-      },
+    f'OmniOPD, forks through the rollout KV cache ({rows} chunk rows x {chunk} after '
+    f'{m} rollout rows x {p + n - 1})': (omniopd_train.make_loss_fn(cfg), {**forks, **roll}),
+    f'OmniOPD peer, full rows ({rows} rows x {length}, {m} rollout rows x {p + n - 1})': (
+      full_rows_loss,
+      {**rows_of('f_', rows, length, chunk), 'f_adv': ((rows,), f32), **roll},
     ),
     f'GRPO ({grpo_rows} rows x {p + n - 1})': (
       loop.make_loss_fn(rl),
       rows_of('', grpo_rows, p + n - 1, n, ('advantages', 'old_logp', 'ref_logp')),
     ),
   }
-  out = []
+
+  def concrete(name, shape, dtype):
+    """A batch every loss accepts: causal rows, everything real and used, forks cut mid-rollout."""
+    if name.endswith('rows'):
+      return rng.integers(0, m, size=shape).astype(np.int32)
+    if name.endswith('cut'):
+      return rng.integers(p, p + n - 1, size=shape).astype(np.int32)
+    if name.endswith(('positions', 'segment_ids')) and name.startswith('c_'):
+      return np.full(shape, p, np.int32) + np.arange(shape[1], dtype=np.int32)
+    if name.endswith('positions'):
+      return np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy()
+    if name.endswith('segment_ids'):
+      return np.ones(shape, np.int32)
+    if dtype == i32:
+      return rng.integers(0, dcfg.vocab_size, size=shape).astype(np.int32)
+    if name.endswith(('base_logp', 'old_logp', 'ref_logp')):
+      return np.full(shape, -1.0, np.float32)
+    if name.endswith(('adv', 'advantages')):
+      return rng.normal(size=shape).astype(np.float32)
+    return np.ones(shape, np.float32)
+
+  out, compiled = [], []
   with jax.set_mesh(mesh), sharding.axis_rules(rules):
     spec = train_loop.abstract_state(
       lambda: train_loop.TrainState(decoder.Decoder(dcfg, rngs=nnx.Rngs(0)), tx), mesh, rules
     )
-    for what, (loss_fn, batch) in updates.items():
+    for what, (loss_fn, shapes) in updates.items():
       step = train_loop.make_train_step(spec.graphdef, loss_fn, spec.shardings)
-      mem = step.lower(spec.state, batch, jax.random.key(0)).compile().memory_analysis()
+      abstract = {k: jax.ShapeDtypeStruct(*v) for k, v in shapes.items()}
+      exe = step.lower(spec.state, abstract, jax.random.key(0)).compile()
+      mem = exe.memory_analysis()
       gib = {
         'temp': mem.temp_size_in_bytes / 2**30,
         'arguments': mem.argument_size_in_bytes / 2**30,
       }
       out.append((what, gib))
+      compiled.append((exe, {k: concrete(k, *v) for k, v in shapes.items()}))
+    if reps > 0:
+      state = train_loop.init_state(
+        lambda: train_loop.TrainState(decoder.Decoder(dcfg, rngs=nnx.Rngs(0)), tx), mesh, rules
+      ).state
+      for gib in (g for _, g in out):
+        gib['seconds'] = []
+      for _ in range(reps):
+        for (exe, batch), (_, gib) in zip(compiled, out, strict=True):
+          t0 = time.perf_counter()
+          state, _ = jax.block_until_ready(exe(state, batch, jax.random.key(0)))  # donated
+          gib['seconds'].append(time.perf_counter() - t0)
   return out
 
 
@@ -531,11 +592,19 @@ _INPUTS = ('inputs', 'positions', 'segment_ids')
 
 def _main_with_omniopd(argv):
   for g in FLAGS.omniopd_update_memory:
-    for what, gib in omniopd_update_memory(FLAGS.omniopd_variant, int(g)):
+    updates = omniopd_updates(FLAGS.omniopd_variant, int(g), FLAGS.omniopd_update_reps)
+    for what, r in updates:
       print(
         f'{what} update ({FLAGS.omniopd_variant}, rl.update_groups={g}): working set '
-        f'{gib["temp"]:.2f} GiB, state + batch {gib["arguments"]:.2f} GiB (compiled, not run)'
+        f'{r["temp"]:.2f} GiB, state + batch {r["arguments"]:.2f} GiB'
       )
+      if 'seconds' in r:
+        med = statistics.median(r['seconds'])
+        peer = statistics.median(updates[1][1]['seconds'])
+        print(
+          f'  run: {med:.2f} s ({min(r["seconds"]):.2f}-{max(r["seconds"]):.2f}, '
+          f'{len(r["seconds"])} reps), {med / peer:.3f}x the full-row peer'
+        )
   if FLAGS.omniopd_update_memory:
     return
   if FLAGS.omniopd_steps > 0:

@@ -20,6 +20,14 @@ tokenizer. Two teachers:
     gives its next-token log-probabilities on the student's rollouts: the white-box OPD baseline's
     teacher at SmolLM2 scale, one forward per rollout batch.
 
+The student's update (`forked_logprobs`) scores the audited chunks without re-reading their
+prefixes: a candidate forked at (row b, token t) continues row b of the rollout, so its prefix's
+keys and values are that row's. One forward over the rollout rows (which the anchor term needs
+anyway) fills a KV cache; each candidate then runs only its L chunk tokens against its row's cache
+with the slots from t on masked out. Gradients flow through the cache into the prefix, so the loss
+and its gradient are the full-sequence ones (to float rounding) at a fraction of the work: at the
+SmolLM2 config 96 candidate rows of ~200 positions became 8 rollout rows plus 96 rows of 8.
+
 `TeacherClient` is what the training loop calls: it counts every call, and a call that raises, runs
 past the timeout or returns nothing is counted (`teacher_timeouts`, `teacher_empty`,
 `teacher_errors`) and answered None, so the audit is skipped and the run goes on.
@@ -49,10 +57,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import losses as common_losses
 from common.rl.policies import WarmupConfig
 from common.rl.policies import create_policy
 from common.rl.policies import description
 from common.rl.policies import warm_policy
+from common.sampling import kv_cache
 from common.sampling import sampler as sampler_lib
 
 __all__ = [
@@ -64,6 +74,8 @@ __all__ = [
   'WhiteBoxLMTeacher',
   'create_policy',
   'description',
+  'fork_batch',
+  'forked_logprobs',
   'warm_policy',
 ]
 
@@ -243,3 +255,69 @@ class TeacherClient:
 
   def metrics(self) -> dict[str, float]:
     return {**self.state_dict(), 'teacher_failures': self.failures}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The student's log-probabilities of its forked chunks, through the rollout's KV cache.
+
+
+def fork_batch(
+  roll: Mapping[str, np.ndarray],
+  pairs: Sequence[tuple[int, int]],
+  prompt_len: int,
+  candidates: np.ndarray,
+  lengths: np.ndarray,
+  num_candidates: int,
+) -> dict[str, np.ndarray]:
+  """Host rows of the chunks forked at `pairs` [(row b, completion index t)] of a rollout whose
+  training view is `roll` (`rollout.build_batch` rows, prompts left-padded to `prompt_len`), for
+  `forked_logprobs`. candidates [S*K, L] (lengths [S*K]) holds K = num_candidates chunks per fork
+  slot, S >= len(pairs); slots past the pairs (unused fork slots) point at row 0 and are for the
+  caller to mask.
+
+  A chunk's inputs are its prefix's last token then its own first L-1 tokens, at the positions that
+  continue row b; `rows` names the rollout row whose cache it reads and `cut` the first cache slot
+  it may not read (slot j holds input column j: the prefix's last token, recomputed with the chunk,
+  and everything after it).
+  """
+  slots, chunk = len(candidates) // num_candidates, candidates.shape[1]
+  if len(pairs) > slots:
+    raise ValueError(f'fork_batch: {len(pairs)} forks but candidates for {slots} slots')
+  rows, cut = np.zeros(slots, np.int32), np.full(slots, prompt_len - 1, np.int32)
+  for i, (b, t) in enumerate(pairs):
+    rows[i], cut[i] = b, prompt_len + t - 1
+  rows, cut = np.repeat(rows, num_candidates), np.repeat(cut, num_candidates)
+  first = np.asarray(roll['inputs'])[rows, cut]
+  start = np.asarray(roll['positions'])[rows, cut]
+  return {
+    'rows': rows,
+    'cut': cut,
+    'inputs': np.concatenate([first[:, None], candidates[:, :-1]], axis=1).astype(np.int32),
+    'positions': (start[:, None] + np.arange(chunk)[None, :]).astype(np.int32),
+    'targets': candidates.astype(np.int32),
+    'completion_mask': (np.arange(chunk)[None, :] < lengths[:, None]).astype(np.float32),
+  }
+
+
+def forked_logprobs(model, roll: Mapping[str, jax.Array], forks: Mapping[str, jax.Array]):
+  """(log pi of the rollout's completion tokens [R, N], of the forked chunks' tokens [C, L]).
+
+  One forward over the rollout rows fills a KV cache (slot j = input column j; padding written
+  invalid); each chunk reads its row's cache (`forks['rows']`) up to slot `forks['cut']` and runs
+  its L inputs after it. Equal, to float rounding, to `rollout.completion_logprobs` over the rollout
+  and over the full prefix + chunk rows (`rollout.build_batch`), gradient included: the cached keys
+  and values are differentiated through.
+  """
+  n = roll['targets'].shape[1]
+  r, s = roll['inputs'].shape
+  chunk = forks['inputs'].shape[1]
+  cache = kv_cache.KVCache.init(model.cfg, r, s + chunk)
+  h, cache = model.hidden_states(
+    roll['inputs'], positions=roll['positions'], cache=cache, input_mask=roll['segment_ids'] > 0
+  )
+  roll_logp = common_losses.token_logprobs(model.logits_from_hidden(h[:, -n:]), roll['targets'])
+  late = jnp.arange(cache.max_len)[None, :] >= forks['cut'][:, None]
+  forked = cache.take_rows(forks['rows']).evict(late)
+  hc, _ = model.hidden_states(forks['inputs'], positions=forks['positions'], cache=forked)
+  fork_logp = common_losses.token_logprobs(model.logits_from_hidden(hc), forks['targets'])
+  return roll_logp, fork_logp

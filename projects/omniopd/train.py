@@ -93,12 +93,6 @@ def check_config(config: ml_collections.ConfigDict, mesh=None, rules=None) -> No
     )
   if config.mode == 'grpo' and config.rl.group_size < 2:
     raise config_lib.ConfigError('mode=grpo needs rl.group_size >= 2')
-  g, m = config.rl.update_groups, config.rl.prompts_per_step
-  if config.mode == 'omniopd' and g >= 1 and m % g:  # g < 1: loop.check_config says so
-    raise config_lib.ConfigError(
-      f'rl.update_groups={g} must divide rl.prompts_per_step={m} (the rollout rows; the '
-      f'candidate rows are a multiple of them)'
-    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -178,13 +172,13 @@ def make_loss_fn(config: ml_collections.ConfigDict) -> Callable:
 
   def omniopd(model, batch, key):
     del key
-    cand, roll = _view(batch, 'c_'), _view(batch, 'r_')
-    groups = config.rl.update_groups
+    forks, roll = _view(batch, 'c_'), _view(batch, 'r_')
+    roll_logp, fork_logp = models.forked_logprobs(model, roll, forks)
     return losses.omniopd_loss(
-      rollout.completion_logprobs(model, cand, row_groups=groups),
-      cand['adv'],
-      cand['completion_mask'],
-      rollout.completion_logprobs(model, roll, row_groups=groups),
+      fork_logp,
+      forks['adv'],
+      forks['completion_mask'],
+      roll_logp,
       roll['base_logp'],
       roll['anchor_mask'],
       pg_coef=c.pg_coef,
@@ -426,8 +420,9 @@ def _omniopd_batch(ctx: _Ctx, model, prompts, step: int):
     scores.extend(float(x) for x in rec['scores'])
     accept.append(rec['acceptance'])
   skipped = sum(rec['teacher'] is None for rec in au.records)
-  cb = rollout.build_batch(
-    np.repeat(au.prefix_tokens, k, 0), np.repeat(au.prefix_mask, k, 0), au.candidates, au.lengths
+  # The chunks run against their rollout row's KV cache in the update (models.forked_logprobs).
+  cb = models.fork_batch(
+    ro.batch, au.pairs, ctx.sampling.prompt_len, au.candidates, au.lengths, num_candidates=k
   )
   cb['completion_mask'] = cb['completion_mask'] * use[:, None]
   cb['adv'] = adv

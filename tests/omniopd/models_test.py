@@ -1,11 +1,14 @@
 """OmniOPD's teachers and forks: the client counts and skips timeouts, empty replies and errors, per
 request or per batch; an LM teacher's batch answers as its single requests; the scripted teacher's text and white-box faces; an LM teacher passes text only; the white-box LM
 teacher's log-probabilities are its own next-token distribution on the rollout; K candidates forked
-from one prefill equal independent sampling of K tiled prefixes with the same keys."""
+from one prefill equal independent sampling of K tiled prefixes with the same keys; chunks scored
+through the rollout's KV cache equal chunks scored after their whole prefixes, gradient included."""
 
 import time
 
+from flax import nnx
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -220,3 +223,50 @@ def test_forked_candidates_equal_independent_sampling_with_the_same_keys():
   np.testing.assert_array_equal(done, np.asarray(ind.done))
   # And the candidates of one prefix differ from each other (they are K draws, not one copy).
   assert len({tuple(r) for r in cand[:k]}) > 1
+
+
+def test_forked_logprobs_equal_full_prefix_rows_with_their_gradient():
+  """Chunks scored against the rollout's KV cache give the log-probs and the gradient of scoring
+  each chunk after its whole prefix (the rows `rollout.build_batch` makes): ragged prompts, forks
+  at the first completion token and at the last, unused fork slots, chunks of every length."""
+  model = toy.model(0)
+  rng = np.random.default_rng(0)
+  p, n, chunk, k = 5, 6, 3, 2
+  prompts = [list(rng.integers(3, toy.VOCAB, size=size)) for size in (3, 5, 1)]
+  ptoks, pmask = sampler_lib.pad_prompts(prompts, side='left', pad_id=0, length=p)
+  completion = rng.integers(3, toy.VOCAB, size=(3, n)).astype(np.int32)
+  roll = rollout.build_batch(ptoks, pmask, completion, np.asarray([6, 4, 2]))
+  pairs, slots = [(0, 2), (1, 0), (2, 1), (0, 5)], 5
+  cand = rng.integers(3, toy.VOCAB, size=(slots * k, chunk)).astype(np.int32)
+  clen = rng.integers(1, chunk + 1, size=slots * k)
+  forks = models.fork_batch(roll, pairs, p, cand, clen, k)
+  prefixes = [prompts[b] + completion[b, :t].tolist() for b, t in pairs]
+  prefixes += [prompts[0]] * (slots - len(pairs))
+  ftoks, fmask = sampler_lib.pad_prompts(prefixes, side='left', pad_id=0, length=p + n)
+  full = rollout.build_batch(np.repeat(ftoks, k, 0), np.repeat(fmask, k, 0), cand, clen)
+  np.testing.assert_array_equal(forks['targets'], full['targets'])
+  np.testing.assert_array_equal(forks['completion_mask'], full['completion_mask'])
+  roll_mask, fork_mask = roll['completion_mask'] > 0, full['completion_mask'] > 0
+  w_roll = rng.normal(size=roll_mask.shape).astype(np.float32)
+  w_fork = rng.normal(size=fork_mask.shape).astype(np.float32)
+
+  def shared(m):
+    return models.forked_logprobs(m, roll, forks)
+
+  def separate(m):
+    return rollout.completion_logprobs(m, roll), rollout.completion_logprobs(m, full)
+
+  def loss(m, logprobs):
+    a, b = logprobs(m)
+    return jnp.sum(jnp.where(roll_mask, a * w_roll, 0)) + jnp.sum(
+      jnp.where(fork_mask, b * w_fork, 0)
+    )
+
+  (a1, b1), (a0, b0) = shared(model), separate(model)
+  np.testing.assert_allclose(np.where(roll_mask, a1, 0), np.where(roll_mask, a0, 0), atol=1e-5)
+  np.testing.assert_allclose(np.where(fork_mask, b1, 0), np.where(fork_mask, b0, 0), atol=1e-5)
+  g1 = nnx.to_pure_dict(nnx.grad(lambda m: loss(m, shared))(model))
+  g0 = nnx.to_pure_dict(nnx.grad(lambda m: loss(m, separate))(model))
+  scale = max(float(np.abs(x).max()) for x in jax.tree.leaves(g0))
+  assert scale > 1e-2  # the check below is not vacuous
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5 * scale), g1, g0)

@@ -110,21 +110,6 @@ def test_baselines_run_on_the_same_footing(tmp_path, mode):
   assert calls == {'opd': 16, 'sft': 16, 'grpo': 0}[mode]
 
 
-def test_update_in_row_groups_trains_the_same_run(tmp_path):
-  """rl.update_groups changes memory, not the maths: the same losses and metrics (to float
-  rounding) over the run's steps as the one-group update."""
-  rows = {}
-  for g in (1, 4):
-    cfg = base.get_config(FAST + f',rl.update_groups={g}')
-    train.train_and_evaluate(cfg, tmp_path / str(g), mesh=_one_device())
-    rows[g] = [r for r in _rows(tmp_path / str(g)) if r['split'] == 'train']
-  assert len(rows[1]) == len(rows[4]) == 3
-  for a, b in zip(rows[1], rows[4], strict=True):
-    assert a['teacher_calls'] == b['teacher_calls'] and a['audits'] == b['audits']
-    for key in ('loss', 'pg_loss', 'anchor_kl', 'grad_norm'):
-      assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-6), key
-
-
 def test_bad_keys_stop_before_the_workdir(tmp_path):
   with pytest.raises(config_lib.ConfigError, match='mode'):
     train.train_and_evaluate(base.get_config('smoke,mode=dpo'), tmp_path / 'bad')
@@ -138,7 +123,7 @@ def test_bad_keys_stop_before_the_workdir(tmp_path):
     train.train_and_evaluate(
       base.get_config('smollm2,mode=opd,teacher.kind=sft,teacher.sft_steps=0'), tmp_path / 'bad'
     )
-  with pytest.raises(config_lib.ConfigError, match='update_groups=3 must divide'):
+  with pytest.raises(config_lib.ConfigError, match='update_groups=3 must be >= 1 and divide'):
     train.train_and_evaluate(base.get_config('smoke,rl.update_groups=3'), tmp_path / 'bad')
   with pytest.raises(config_lib.ConfigError, match='update_groups=0 must be >= 1'):
     train.train_and_evaluate(base.get_config('smoke,rl.update_groups=0'), tmp_path / 'bad')

@@ -31,9 +31,10 @@ Variants:
          up to 96 new tokens; the teacher Qwen2.5-Coder-0.5B-Instruct behind text (python -m
          common.assets fetch qwen2_5_coder_0_5b; another tokenizer); 3 audits per rollout, K = 4
          chunks of L = 8 tokens, MiniLM similarity (python -m common.assets fetch minilm); the
-         teacher answers a step's audits in one batched call; the update in 8 row groups
-         (rl.update_groups: its working set 47 -> 6 GiB). No arm trained yet (cost:
-         README). White-box OPD needs a teacher with the student's
+         teacher answers a step's audits in one batched call; the update scores the forks
+         through the rollout's KV cache (projects.omniopd.models.forked_logprobs), and the GRPO
+         arm's update runs in 8 row groups (rl.update_groups: 14.95 -> 2.22 GiB). No arm
+         trained yet (cost: README). White-box OPD needs a teacher with the student's
          vocabulary: mode=opd,teacher.kind=sft is SmolLM2 itself after 120 SFT steps on worked
          answers (common.rl.policies.PretrainedWarmup; pass@1 0.533 at T = 0.6, 0.480 at 1.0).
 Arms: mode=omniopd (default) | opd | sft | grpo. Knobs: omniopd.* (audits, min_entropy,
@@ -69,5 +70,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     rl_config.smollm2(c, max_new_tokens=96, task_set='smollm2_easy', temperature=0.6)
     c.teacher.update(kind='lm', name='qwen2_5_coder_0_5b', max_new_tokens=24, sft_steps=120)
     c.omniopd.update(audits=3, chunk_len=8, similarity='embedding')
-    c.rl.update_groups = 8  # the update's forwards in 8 row groups (GRPO's too)
+    c.rl.update_groups = 8  # the GRPO arm's update (the shared loop's) in 8 row groups
   return config_lib.finalize(c, overrides)
