@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+from flax import nnx
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -115,3 +116,23 @@ def test_serving_gap_is_the_cached_paths_difference_from_the_single_pass(backbon
   assert want <= 1e-5 and float(jnp.max(jnp.abs(single))) > 0.1  # outputs far from zero
   user = jnp.arange(1, 5, dtype=jnp.int32)
   assert float(evaluate.serving_gap(m, items, ts, user)) <= 1e-5
+  # A gap far above rounding is reported as it is: a served path off by 0.25 in one entry.
+  shift = jnp.zeros_like(served).at[1, 2].set(0.25)
+  broken = _ServedWith(m, shift)
+  assert float(evaluate.serving_gap(broken, items, ts)) == pytest.approx(0.25, abs=1e-5)
+
+
+class _ServedWith(nnx.Module):
+  """A model whose cached serving path is off by `shift` (the rest is the wrapped model's)."""
+
+  def __init__(self, model, shift):
+    self.model, self.cfg, self.shift = model, model.cfg, nnx.Variable(shift)
+
+  def compress(self, *args, **kwargs):
+    return self.model.compress(*args, **kwargs)
+
+  def user_vectors(self, *args, **kwargs):
+    return self.model.user_vectors(*args, **kwargs)
+
+  def serve(self, *args, **kwargs):
+    return self.model.serve(*args, **kwargs) + self.shift[...]
