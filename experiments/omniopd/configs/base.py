@@ -33,8 +33,8 @@ Variants:
          chunks of L = 8 tokens, MiniLM similarity (python -m common.assets fetch minilm); the
          teacher answers a step's audits in one batched call; the update scores the forks
          through the rollout's KV cache (projects.omniopd.models.forked_logprobs), and the GRPO
-         arm's update runs in 8 row groups (rl.update_groups: 14.95 -> 2.22 GiB). No arm
-         trained yet (cost: README). White-box OPD needs a teacher with the student's
+         arm's update runs in 8 row groups (rl.update_groups: 14.95 -> 2.22 GiB). A step is
+         ~68 s on 2 cores (README). White-box OPD needs a teacher with the student's
          vocabulary: mode=opd,teacher.kind=sft is SmolLM2 itself after 120 SFT steps on worked
          answers (common.rl.policies.PretrainedWarmup; pass@1 0.533 at T = 0.6, 0.480 at 1.0).
 Arms: mode=omniopd (default) | opd | sft | grpo. Knobs: omniopd.* (audits, min_entropy,
