@@ -36,8 +36,8 @@ Batching. A step's audits are independent requests, and a teacher served as a mo
 faster together: an LM teacher decoding one request at a time reads all its weights for every
 token of every request (Qwen2.5-Coder-0.5B on 2 CPU cores: ~2.4 s per 24-token continuation, 24
 requests per step). A teacher may therefore also offer `continue_texts(requests) -> list`, which
-`TeacherClient.ask_many` calls once for the whole list, within one timeout; a teacher without it is
-asked request by request, each within its own. The answers are the same text either way (greedy
+`TeacherClient.ask_many` calls once for the whole list, within the per-request timeout times the
+number of requests; a teacher without it is asked request by request, each within its own. The answers are the same text either way (greedy
 decoding of left-padded rows; tested on a real decoder); only the failure accounting is coarser:
 a batch that times out or raises counts every request in it.
 """
@@ -204,20 +204,23 @@ class TeacherClient:
     return self._call(self.teacher.continue_text, prompt, prefix)
 
   def ask_many(self, requests: Sequence[tuple[str, str]]) -> list[str | None]:
-    """Answers to every (prompt, prefix), None where skipped: one bounded call when the teacher
-    batches (`continue_texts`), else one bounded call per request."""
+    """Answers to every (prompt, prefix), None where skipped: one call when the teacher batches
+    (`continue_texts`), bounded by the per-request timeout times the number of requests (a batch
+    of n is n requests' worth of work; a fixed bound would skip a whole step's audits whenever the
+    batch grew), else one bounded call per request."""
     batched = getattr(self.teacher, 'continue_texts', None)
     if batched is None or not requests:
       return [self.ask(prompt, prefix) for prompt, prefix in requests]
     return self._call(batched, list(requests), n=len(requests))
 
   def _call(self, fn, *args, n: int | None = None):
-    """fn(*args) within the timeout; `n` requests in one batched call (a list answer), or one."""
+    """fn(*args) within the timeout (n times it for `n` requests in one batched call, a list
+    answer), or one request."""
     count = 1 if n is None else n
     self.calls += count
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     try:
-      out = pool.submit(fn, *args).result(self.timeout_s)
+      out = pool.submit(fn, *args).result(self.timeout_s * count)
       if n is not None and (not isinstance(out, list) or len(out) != n):
         raise ValueError(f'a batched teacher answered {n} requests with {out!r:.80}')
     except concurrent.futures.TimeoutError:

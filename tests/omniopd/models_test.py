@@ -60,12 +60,13 @@ def test_client_counts_and_skips_timeouts_empty_replies_and_errors():
 class _Batched(_Flaky):
   """_Flaky with a batched face: the whole list in one call."""
 
-  def __init__(self, behaviour, answer_count=None):
+  def __init__(self, behaviour, answer_count=None, seconds=0.0):
     super().__init__(behaviour)
-    self.batches, self.answer_count = [], answer_count
+    self.batches, self.answer_count, self.seconds = [], answer_count, seconds
 
   def continue_texts(self, requests):
     self.batches.append(list(requests))
+    time.sleep(self.seconds)
     kinds = {self.behaviour[p] for p, _ in requests}
     if 'slow' in kinds or 'raise' in kinds:  # one bad request fails the whole batch
       return [self.continue_text(p, q) for p, q in requests]
@@ -85,7 +86,11 @@ def test_client_asks_a_batched_teacher_once_and_counts_every_request():
     'teacher_errors': 0,
   }
   assert client.ask_many([]) == [] and len(teacher.batches) == 1
-  # A batch that runs past the timeout or raises costs every request in it, and never the run.
+  # A batch has the per-request timeout times its size: 4 requests in 0.5 s at 0.2 s each pass.
+  busy = models.TeacherClient(_Batched({'a': 'ok'}, seconds=0.5), timeout_s=0.2)
+  assert busy.ask_many([('a', str(i)) for i in range(4)]) == ['a0', 'a1', 'a2', 'a3']
+  assert busy.state_dict()['teacher_timeouts'] == 0
+  # A batch that runs past its timeout or raises costs every request in it, and never the run.
   slow = models.TeacherClient(_Batched({'a': 'ok', 'b': 'slow'}), timeout_s=0.2)
   t0 = time.perf_counter()
   assert slow.ask_many([('a', ''), ('b', '')]) == [None, None]
