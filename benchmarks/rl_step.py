@@ -512,7 +512,8 @@ def omniopd_updates(variant: str, groups: int, reps: int = 0) -> list[tuple[str,
   def full_rows_loss(model, batch, key):
     """The peer: each chunk's log-probs from a forward over its whole prefix + chunk row."""
     del key
-    cand, roll_ = omniopd_train._view(batch, 'f_'), omniopd_train._view(batch, 'r_')  # noqa: SLF001
+    cand = {k[2:]: v for k, v in batch.items() if k.startswith('f_')}
+    roll_ = {k[2:]: v for k, v in batch.items() if k.startswith('r_')}
     return omniopd_losses.omniopd_loss(
       rollout.completion_logprobs(model, cand, row_groups=groups),
       cand['adv'],
@@ -543,7 +544,7 @@ def omniopd_updates(variant: str, groups: int, reps: int = 0) -> list[tuple[str,
       return rng.integers(0, m, size=shape).astype(np.int32)
     if name.endswith('cut'):
       return rng.integers(p, p + n - 1, size=shape).astype(np.int32)
-    if name.endswith(('positions', 'segment_ids')) and name.startswith('c_'):
+    if name == 'c_positions':  # a chunk's positions continue its prefix
       return np.full(shape, p, np.int32) + np.arange(shape[1], dtype=np.int32)
     if name.endswith('positions'):
       return np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy()
