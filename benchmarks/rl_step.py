@@ -47,6 +47,12 @@ accounting of each working set (temp) beside the state and batch (arguments): wh
 an update fits, without allocating it. --omniopd_update_reps=R > 0 also runs each compiled update R
 times, interleaved, on a batch of the config's shapes (random tokens, every audit and token used)
 and prints the median time and its ratio to the peer's (and runs nothing else).
+--omniopd_fork_reps=R > 0 times OmniOPD's forks on one real rollout of --omniopd_variant's student
+(its prompts, its audits at the rollout's entropy peaks, K chunks of L tokens each): forked from the
+rollout's own KV cache (projects.omniopd.train.fork_candidates) against its peer in the same run,
+every prefix prefilled afresh and forked K ways (what the forks did before), R interleaved runs of
+each after one compiling run, the median time, their ratio and the share of candidates whose tokens
+agree (the same keys; they differ only where float rounding moves a draw) (and runs nothing else).
 
 Work per step is equal up to two implementation choices the output states: tunix's training
 forward runs over all P+N positions and takes logits at every one, ours over P+N-1 positions
@@ -59,6 +65,7 @@ from __future__ import annotations
 import importlib.metadata
 import statistics
 import time
+from typing import Any
 
 from absl import app
 from absl import flags
@@ -91,6 +98,7 @@ flags.DEFINE_enum('omniopd_similarity', None, ['exact', 'edit', 'embedding'], 'c
 flags.DEFINE_enum('omniopd_variant', 'smoke', ['smoke', 'smollm2'], 'OmniOPD config variant')
 flags.DEFINE_list('omniopd_update_memory', [], 'rl.update_groups values to compile and size')
 flags.DEFINE_integer('omniopd_update_reps', 0, 'timed runs of each compiled OmniOPD update')
+flags.DEFINE_integer('omniopd_fork_reps', 0, 'timed runs of OmniOPD forks, cached vs afresh')
 
 VOCAB, PROMPT_LEN = 21, 12
 
@@ -591,6 +599,117 @@ def omniopd_updates(variant: str, groups: int, reps: int = 0) -> list[tuple[str,
 _INPUTS = ('inputs', 'positions', 'segment_ids')
 
 
+def omniopd_forks(variant: str, reps: int) -> dict[str, Any]:
+  """{seconds: {ours, afresh: [per run]}, agree: share of equal candidate rows, slots, forks,
+  prefix_tokens} for `variant`'s forks at one real rollout's entropy peaks (module docstring)."""
+  import pathlib  # noqa: PLC0415
+
+  from common import config as config_lib  # noqa: PLC0415
+  from projects.omniopd import input_pipeline as omniopd_input  # noqa: PLC0415
+  from projects.omniopd import losses as omniopd_losses  # noqa: PLC0415
+  from projects.omniopd import models as omniopd_models  # noqa: PLC0415
+  from projects.omniopd import train as omniopd_train  # noqa: PLC0415
+
+  root = pathlib.Path(__file__).resolve().parents[1]
+  cfg = config_lib.load(f'{root}/experiments/omniopd/configs/base.py:{variant}')
+  c, rl = cfg.omniopd, cfg.rl
+  mesh = sharding.make_mesh([('data', 1)], devices=jax.devices()[:1])
+  rules = sharding.rules_of(cfg)
+  task = omniopd_input.make_task(cfg)
+  sampling = omniopd_train.sampling_of(cfg, task)
+  prompts = task.train[: rl.prompts_per_step]
+  m, n, k, slots = len(prompts), sampling.max_new_tokens, c.num_candidates, 0
+  key = train_loop.step_key(cfg.seed, 1, 'fork')
+  with jax.set_mesh(mesh), sharding.axis_rules(rules):
+    student = omniopd_models.create_policy(cfg, mesh, rules)()
+    ro = rollout.rollout(
+      student,
+      prompts,
+      train_loop.step_key(cfg.seed, 1, 'rollout'),
+      sampling=sampling,
+      rewards=task.verifier(),
+      num_samples=1,
+      mesh=mesh,
+      rules=rules,
+      return_cache=True,
+    )
+    peaks = omniopd_losses.peak_entropy_positions(ro.entropies, ro.lengths, c.audits, c.min_entropy)
+    pairs = [(b, t) for b in range(m) for t in peaks[b]]
+    slots = m * c.audits
+    ids = np.arange(slots) + 1
+    prefixes = [list(prompts[b].tokens) + ro.completion[b, :t].tolist() for b, t in pairs]
+    prefixes += [list(prompts[0].tokens)] * (slots - len(pairs))
+    toks, mask = sampler_lib.pad_prompts(
+      prefixes, side='left', pad_id=sampling.pad_id, length=sampling.prompt_len + n
+    )
+    config = sampler_lib.SamplingConfig(
+      max_new_tokens=c.chunk_len,
+      temperature=sampling.temperature,
+      stop_tokens=tuple(sampling.stop_tokens),
+      pad_id=sampling.pad_id,
+    )
+
+    def ours():
+      return omniopd_train.fork_candidates(
+        student,
+        ro,
+        pairs,
+        ids,
+        key,
+        slots=slots,
+        num_candidates=k,
+        chunk_len=c.chunk_len,
+        sampling=sampling,
+        mesh=mesh,
+        rules=rules,
+      )[0]
+
+    def afresh():
+      gen = sampler_lib.generate(
+        student,
+        toks,
+        mask,
+        config=config,
+        key=sampler_lib.row_keys(key, ids),
+        num_samples=k,
+        prompt_bucket=toks.shape[1],
+      )
+      return np.asarray(gen.tokens)
+
+    fns = {'ours': ours, 'afresh': afresh}
+    first = {name: fn() for name, fn in fns.items()}  # compiles
+    seconds = {name: [] for name in fns}
+    for _ in range(reps):
+      for name, fn in fns.items():
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        seconds[name].append(time.perf_counter() - t0)
+  agree = float(np.mean(np.all(first['ours'] == first['afresh'], axis=1)))
+  return {
+    'seconds': seconds,
+    'agree': agree,
+    'slots': slots,
+    'forks': len(pairs),
+    'prefix_tokens': int(mask.sum()),
+  }
+
+
+def print_omniopd_forks(variant: str, reps: int) -> None:
+  r = omniopd_forks(variant, reps)
+  print(
+    f'OmniOPD forks ({variant} config: {r["slots"]} fork slots, {r["forks"]} at entropy peaks, '
+    f'{r["prefix_tokens"]} prefix tokens; {reps} interleaved runs each):'
+  )
+  peer = statistics.median(r['seconds']['afresh'])
+  for name, what in (('ours', 'from the rollout KV cache'), ('afresh', 'each prefix prefilled')):
+    v = r['seconds'][name]
+    print(
+      f'  {what:<26} {statistics.median(v):8.3f} s ({min(v):.3f}-{max(v):.3f}) '
+      f'{statistics.median(v) / peer:.3f}x'
+    )
+  print(f'  candidates with equal tokens: {100 * r["agree"]:.1f}%')
+
+
 def _main_with_omniopd(argv):
   for g in FLAGS.omniopd_update_memory:
     updates = omniopd_updates(FLAGS.omniopd_variant, int(g), FLAGS.omniopd_update_reps)
@@ -606,7 +725,9 @@ def _main_with_omniopd(argv):
           f'  run: {med:.2f} s ({min(r["seconds"]):.2f}-{max(r["seconds"]):.2f}, '
           f'{len(r["seconds"])} reps), {med / peer:.3f}x the full-row peer'
         )
-  if FLAGS.omniopd_update_memory:
+  if FLAGS.omniopd_fork_reps > 0:
+    print_omniopd_forks(FLAGS.omniopd_variant, FLAGS.omniopd_fork_reps)
+  if FLAGS.omniopd_update_memory or FLAGS.omniopd_fork_reps > 0:
     return
   if FLAGS.omniopd_steps > 0:
     print_omniopd_split(FLAGS.omniopd_steps, FLAGS.omniopd_similarity, FLAGS.omniopd_variant)

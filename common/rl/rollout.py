@@ -38,6 +38,7 @@ from common import losses
 from common import sharding
 from common import train_loop
 from common.rl import curriculum as curriculum_lib
+from common.sampling import kv_cache
 from common.sampling import sampler as sampler_lib
 
 Prompt = curriculum_lib.Prompt
@@ -260,6 +261,7 @@ class Rollout:
   token_rewards: np.ndarray | None  # [M*G, N] when the reward source gives them
   seconds: float
   token_mask: np.ndarray | None = None  # [M*G, N] bool: tokens carrying a reward (None: all)
+  cache: kv_cache.KVCache | None = None  # the sampler's final cache (`rollout(return_cache=True)`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,6 +287,7 @@ def rollout(
   rules: sharding.Rules,
   temperature: sampler_lib.Temperature | None = None,
   sample_logprobs: bool = False,
+  return_cache: bool = False,
 ) -> Rollout:
   """`num_samples` responses for each prompt (forked from one prefill) and their rewards.
 
@@ -293,7 +296,9 @@ def rollout(
   `temperature` overrides `sampling.temperature` (a float, or a per-position schedule the sampler
   takes: EAD's annealing); with `sample_logprobs` the batch also holds 'sample_logp', each token's
   log-probability under the distribution it was sampled from (the temperature used at its
-  position), the behaviour policy mu_tau of truncated importance sampling.
+  position), the behaviour policy mu_tau of truncated importance sampling. With `return_cache` the
+  rollout keeps the sampler's final KV cache (device arrays, rows as the batch's; slot j holds
+  input column j of `batch['inputs']`), from which OmniOPD forks candidates without a new prefill.
   """
   g = num_samples
   tokens, mask = pad_prompts(prompts, sampling.prompt_len, sampling.pad_id)
@@ -315,6 +320,7 @@ def rollout(
     key=keys,
     num_samples=g,
     prompt_bucket=sampling.prompt_len,
+    return_cache=return_cache,
   )
   completion, lengths, ent, logp = sharding.gather_rows(
     (gen.tokens, gen.lengths, gen.model_entropies, gen.logprobs)
@@ -332,7 +338,16 @@ def rollout(
     )
   r = rewards.score(prompts, completion, lengths, g)
   return Rollout(
-    list(prompts), batch, completion, lengths, ent, r.sequence, r.token, seconds, r.token_mask
+    list(prompts),
+    batch,
+    completion,
+    lengths,
+    ent,
+    r.sequence,
+    r.token,
+    seconds,
+    r.token_mask,
+    gen.cache,
   )
 
 

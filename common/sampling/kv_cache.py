@@ -267,6 +267,32 @@ class KVCache:
     is_free = ~jnp.take_along_axis(valid, order, axis=-1)
     return jnp.where(is_free, order, self.max_len).astype(jnp.int32)
 
+  def grow(self, extra: int) -> KVCache:
+    """`extra` more slots per row after the last, empty and unreadable: room to continue a cache
+    that is full (e.g. to fork a finished rollout at one of its tokens). `length` is unchanged."""
+    if extra < 0:
+      raise ValueError(f'grow: extra must be >= 0, got {extra}')
+    if extra == 0:
+      return self
+
+    def pad(x, axis):
+      widths = [(0, 0)] * x.ndim
+      widths[axis] = (0, extra)
+      return jnp.pad(x, widths)
+
+    layers = tuple(
+      _constrain(
+        LayerKV(
+          k=pad(layer.k, 2),
+          v=pad(layer.v, 2),
+          positions=pad(layer.positions, 1),
+          valid=pad(layer.valid, 1),
+        )
+      )
+      for layer in self.layers
+    )
+    return dataclasses.replace(self, layers=layers)
+
   # -------------------------------------------------------------------------------------------------
   # Rows.
 

@@ -48,6 +48,8 @@ from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
 import concurrent.futures
+import dataclasses
+import functools
 import hashlib
 from typing import Any
 from typing import Protocol
@@ -264,6 +266,42 @@ class TeacherClient:
 # The student's log-probabilities of its forked chunks, through the rollout's KV cache.
 
 
+def fork_points(
+  roll: Mapping[str, np.ndarray], pairs: Sequence[tuple[int, int]], prompt_len: int, slots: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """Where each of `slots` fork slots continues the rollout whose training view is `roll`
+  (`rollout.build_batch` rows, prompts left-padded to `prompt_len`): (row, cut, token, position),
+  each [slots].
+
+  A fork at (row b, completion index t) continues row b after its prompt and first t completion
+  tokens. `cut` = prompt_len + t - 1 is the input column (and the rollout cache's slot) of that
+  prefix's last token: a fork reads the row's cache before `cut` and feeds `token` (the prefix's
+  last token) again at its own `position`, so that its output predicts the fork's first token.
+  Slots past the pairs fork row 0 after its prompt (unused: for the caller to mask).
+  """
+  if len(pairs) > slots:
+    raise ValueError(f'fork_points: {len(pairs)} forks for {slots} slots')
+  rows, cut = np.zeros(slots, np.int32), np.full(slots, prompt_len - 1, np.int32)
+  for i, (b, t) in enumerate(pairs):
+    rows[i], cut[i] = b, prompt_len + t - 1
+  token = np.asarray(roll['inputs'])[rows, cut].astype(np.int32)
+  position = np.asarray(roll['positions'])[rows, cut].astype(np.int32)
+  return rows, cut, token, position
+
+
+@functools.partial(jax.jit, static_argnames=('extra',))
+def fork_cache(
+  cache: kv_cache.KVCache, rows: jax.Array, cut: jax.Array, position: jax.Array, extra: int
+) -> kv_cache.KVCache:
+  """The rollout cache's `rows` (one per fork), unreadable from slot `cut` on, with `extra` free
+  slots after the last and each row's next token at `position`: what `sampler.generate(cache=)`
+  continues from when it is fed the prefix's last token (`fork_points`). No prefix is prefilled
+  again: the keys and values before the cut are the rollout's own."""
+  forked = cache.take_rows(rows)
+  forked = forked.evict(jnp.arange(forked.max_len)[None, :] >= cut[:, None]).grow(extra)
+  return dataclasses.replace(forked, next_position=jnp.asarray(position, jnp.int32))
+
+
 def fork_batch(
   roll: Mapping[str, np.ndarray],
   pairs: Sequence[tuple[int, int]],
@@ -279,19 +317,14 @@ def fork_batch(
   caller to mask.
 
   A chunk's inputs are its prefix's last token then its own first L-1 tokens, at the positions that
-  continue row b; `rows` names the rollout row whose cache it reads and `cut` the first cache slot
-  it may not read (slot j holds input column j: the prefix's last token, recomputed with the chunk,
-  and everything after it).
+  continue row b (`fork_points`); `rows` names the rollout row whose cache it reads and `cut` the
+  first cache slot it may not read (slot j holds input column j: the prefix's last token,
+  recomputed with the chunk, and everything after it).
   """
   slots, chunk = len(candidates) // num_candidates, candidates.shape[1]
-  if len(pairs) > slots:
-    raise ValueError(f'fork_batch: {len(pairs)} forks but candidates for {slots} slots')
-  rows, cut = np.zeros(slots, np.int32), np.full(slots, prompt_len - 1, np.int32)
-  for i, (b, t) in enumerate(pairs):
-    rows[i], cut[i] = b, prompt_len + t - 1
-  rows, cut = np.repeat(rows, num_candidates), np.repeat(cut, num_candidates)
-  first = np.asarray(roll['inputs'])[rows, cut]
-  start = np.asarray(roll['positions'])[rows, cut]
+  rows, cut, first, start = (
+    np.repeat(x, num_candidates) for x in fork_points(roll, pairs, prompt_len, slots)
+  )
   return {
     'rows': rows,
     'cut': cut,

@@ -7,8 +7,8 @@ same optimizer, and is evaluated by the same greedy held-out accuracy and repeti
 
   omniopd  One student rollout per prompt (common.rl.rollout; the sampler's per-token entropies),
            audits at its entropy peaks (losses.peak_entropy_positions); at each audited position t
-           the prefix prompt + y_<t is prefilled once and K candidate chunks of L tokens are forked
-           from its KV cache (common.sampling.sampler.generate(num_samples=K)); the teacher
+           K candidate chunks of L tokens are forked from the rollout's own KV cache, cut after
+           the prefix prompt + y_<t (models.fork_cache; sampler.generate(num_samples=K)); the teacher
            (models.TeacherClient: text in, text out, counted, timeouts and empty replies skipped)
            continues the prefix's text; candidate k scores s_k = sim(chunk_k, teacher chunk)
            (exact / edit / MiniLM embedding); advantages s_k - p with p the Dirichlet-smoothed
@@ -30,6 +30,7 @@ keys fold in (prompt uid, position), so a killed-and-resumed run replays the uni
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections.abc import Sequence
 import dataclasses
 import json
 import pathlib
@@ -252,29 +253,38 @@ def _rollout(ctx: _Ctx, model, prompts, step: int) -> rollout.Rollout:
 
 def fork_candidates(
   model,
-  prefixes: list[list[int]],
+  ro: rollout.Rollout,
+  pairs: Sequence[tuple[int, int]],
   ids: np.ndarray,
   key: jax.Array,
   *,
+  slots: int,
   num_candidates: int,
   chunk_len: int,
-  length: int,
   sampling: rollout.Sampling,
   mesh,
   rules,
 ):
-  """K candidate chunks per prefix, forked from one prefill of each prefix (rows b*K .. b*K+K-1):
-  (prefix tokens [A, length], prefix mask, chunk tokens [A*K, L], lengths [A*K], done [A*K]).
+  """K candidate chunks of L tokens at each fork (row b, completion index t) of a rollout, forked
+  from the rollout's own KV cache (`ro.cache`; `models.fork_points`, `models.fork_cache`): no
+  prefix is prefilled again, each fork feeds its prefix's last token once and samples K chunks.
+  (chunk tokens [slots*K, L], lengths [slots*K], done [slots*K]); rows b*K .. b*K+K-1 belong to
+  fork slot b; slots past the pairs fork row 0 after its prompt.
 
-  Row keys are fold_in(key, ids[a]) and sample k of row a uses fold_in(that key, k)
-  (`sampler.fork_keys`), so a candidate depends only on (key, its id, k)."""
-  toks, mask = sampler_lib.pad_prompts(prefixes, side='left', pad_id=sampling.pad_id, length=length)
+  Row keys are fold_in(key, ids[a]) and sample k of slot a uses fold_in(that key, k)
+  (`sampler.fork_keys`), so a candidate depends only on (key, its id, k), and equals sampling from
+  its whole prefix afresh with those keys (to float rounding in the logits: the prefix's keys and
+  values come from the rollout's decode steps instead of one prefill)."""
+  if ro.cache is None:
+    raise ValueError('fork_candidates needs the rollout cache: rollout.rollout(return_cache=True)')
+  rows, cut, token, position = models.fork_points(ro.batch, pairs, sampling.prompt_len, slots)
+  cache = models.fork_cache(ro.cache, rows, cut, position, extra=1 + chunk_len)
   keys = jax.random.key_data(sampler_lib.row_keys(key, np.asarray(ids, np.int64) % (2**31)))
   keys = jax.random.wrap_key_data(sharding.global_rows(np.asarray(keys), mesh, rules))
   gen = sampler_lib.generate(
     model,
-    sharding.global_rows(toks, mesh, rules),
-    sharding.global_rows(mask, mesh, rules),
+    sharding.global_rows(token[:, None], mesh, rules),
+    sharding.global_rows(np.ones((slots, 1), bool), mesh, rules),
     config=sampler_lib.SamplingConfig(
       max_new_tokens=chunk_len,
       temperature=sampling.temperature,
@@ -283,22 +293,22 @@ def fork_candidates(
     ),
     key=keys,
     num_samples=num_candidates,
-    prompt_bucket=length,
+    cache=cache,
+    prompt_bucket=1,
   )
   cand, clen, done = sharding.gather_rows((gen.tokens, gen.lengths, gen.done))
-  return toks, mask, np.asarray(cand), np.asarray(clen), np.asarray(done)
+  return np.asarray(cand), np.asarray(clen), np.asarray(done)
 
 
 @dataclasses.dataclass
 class Audits:
-  """One OmniOPD rollout with its audits: `pairs` [(row, t)], the forked prefixes (tokens / mask
-  [A, P]), candidates [A*K, L] with lengths and done flags, and per audit a record
+  """One OmniOPD rollout with its audits: `pairs` [(row, t)], the number of fork slots (A >=
+  len(pairs)), candidates [A*K, L] with lengths and done flags, and per audit a record
   {row, t, prefix, teacher (None: skipped), candidates, scores, advantages, acceptance}."""
 
   rollout: rollout.Rollout
   pairs: list[tuple[int, int]]
-  prefix_tokens: np.ndarray
-  prefix_mask: np.ndarray
+  slots: int
   candidates: np.ndarray
   lengths: np.ndarray
   done: np.ndarray
@@ -324,7 +334,8 @@ def audit(
   """Rollout -> entropy peaks -> K forked chunks per peak -> teacher text -> scores -> advantages.
 
   Every rollout gets `c.audits` slots (one compiled fork program): slots without a peak fork the
-  first prompt again under ids no real audit has, and their candidates are never used."""
+  first prompt again under ids no real audit has, and their candidates are never used. The
+  rollout keeps its KV cache until the forks have continued it."""
   m, n, k = len(prompts), sampling.max_new_tokens, c.num_candidates
   slots = m * c.audits
   times = {}
@@ -338,27 +349,28 @@ def audit(
     num_samples=1,
     mesh=mesh,
     rules=rules,
+    return_cache=True,
   )
   times['rollout_s'] = time.perf_counter() - t0
   peaks = losses.peak_entropy_positions(ro.entropies, ro.lengths, c.audits, c.min_entropy)
   pairs = [(b, t) for b in range(m) for t in peaks[b]]
-  prefixes = [list(prompts[b].tokens) + ro.completion[b, :t].tolist() for b, t in pairs]
   ids = [prompts[b].uid * (n + 1) + t for b, t in pairs]
-  prefixes += [list(prompts[0].tokens)] * (slots - len(pairs))
   ids += [2**31 - 1 - i for i in range(slots - len(pairs))]
   t0 = time.perf_counter()
-  toks, mask, cand, clen, done = fork_candidates(
+  cand, clen, done = fork_candidates(
     model,
-    prefixes,
+    ro,
+    pairs,
     np.asarray(ids),
     fork_key,
+    slots=slots,
     num_candidates=k,
     chunk_len=c.chunk_len,
-    length=sampling.prompt_len + n,
     sampling=sampling,
     mesh=mesh,
     rules=rules,
   )
+  ro = dataclasses.replace(ro, cache=None)  # the forks were its last reader
   times['fork_s'] = time.perf_counter() - t0
   requests = [(task.text(prompts[b]), task.decode(ro.completion[b, :t])) for b, t in pairs]
   t0 = time.perf_counter()
@@ -387,7 +399,7 @@ def audit(
     )
     rec['scores'] = s
   times['similarity_s'] = time.perf_counter() - t0
-  return Audits(ro, pairs, toks, mask, cand, clen, done, records, times)
+  return Audits(ro, pairs, slots, cand, clen, done, records, times)
 
 
 def _omniopd_batch(ctx: _Ctx, model, prompts, step: int):
@@ -408,7 +420,7 @@ def _omniopd_batch(ctx: _Ctx, model, prompts, step: int):
     rules=ctx.run.rules,
   )
   ro = au.rollout
-  adv = np.zeros((len(au.prefix_tokens) * k,), np.float32)
+  adv = np.zeros((au.slots * k,), np.float32)
   use = np.zeros_like(adv)
   anchor = ro.batch['completion_mask'].copy()
   scores, accept = [], []

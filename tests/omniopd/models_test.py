@@ -1,7 +1,7 @@
 """OmniOPD's teachers and forks: the client counts and skips timeouts, empty replies and errors, per
 request or per batch; an LM teacher's batch answers as its single requests; the scripted teacher's text and white-box faces; an LM teacher passes text only; the white-box LM
 teacher's log-probabilities are its own next-token distribution on the rollout; K candidates forked
-from one prefill equal independent sampling of K tiled prefixes with the same keys; chunks scored
+from the rollout's KV cache equal independent sampling of K tiled prefixes with the same keys; chunks scored
 through the rollout's KV cache equal chunks scored after their whole prefixes, gradient included."""
 
 import time
@@ -14,6 +14,7 @@ import pytest
 
 from common import sharding
 from common.rl import rollout
+from common.sampling import kv_cache
 from common.sampling import sampler as sampler_lib
 from projects.omniopd import losses
 from projects.omniopd import models
@@ -190,44 +191,83 @@ def test_white_box_lm_teacher_gives_its_own_distribution_on_the_rollout():
   assert float(losses.reverse_kl(other[:, -n:], logp, mask)) > 1e-3
 
 
-def test_forked_candidates_equal_independent_sampling_with_the_same_keys():
+def test_candidates_forked_from_the_rollout_cache_equal_sampling_each_prefix_afresh():
+  """K candidates forked from the rollout's own KV cache (no prefix prefilled again) equal K
+  tiled copies of each whole prefix sampled from scratch with the same keys: forks at the first
+  completion token and later, ragged prompts, an unused slot (row 0 after its prompt)."""
   model = toy.model(0)
-  mesh = sharding.make_mesh([('data', 1)], devices=jax.devices()[:1])
+  mesh = toy.one_device_mesh()
   rules = sharding.DEFAULT_RULES
-  sampling = rollout.Sampling(prompt_len=4, max_new_tokens=3, temperature=1.0, stop_tokens=(2,))
-  prefixes = [[1, 5, 6], [1, 1, 7, 3, 4], [4]]
-  ids = np.asarray([11, 22, 33])
+  p, n, chunk, k = 4, 5, 3, 4
+  sampling = rollout.Sampling(prompt_len=p, max_new_tokens=n, temperature=1.0, stop_tokens=())
+  prompts = toy.prompts(3)
   key = jax.random.key(7)
-  k = 4
   with jax.set_mesh(mesh):
-    toks, mask, cand, clen, done = train.fork_candidates(
+    ro = rollout.rollout(
       model,
-      prefixes,
+      prompts,
+      jax.random.key(3),
+      sampling=sampling,
+      rewards=rollout.VerifierRewards(toy.verifier),
+      num_samples=1,
+      mesh=mesh,
+      rules=rules,
+      return_cache=True,
+    )
+    pairs, slots = [(0, 0), (1, 3), (2, 4), (0, 2)], 5
+    ids = np.asarray([11, 22, 33, 44, 55])
+    cand, clen, done = train.fork_candidates(
+      model,
+      ro,
+      pairs,
       ids,
       key,
+      slots=slots,
       num_candidates=k,
-      chunk_len=3,
-      length=8,
+      chunk_len=chunk,
       sampling=sampling,
       mesh=mesh,
       rules=rules,
     )
-  assert cand.shape == (len(prefixes) * k, 3)
-  # Independent: each prefix tiled K times, keys fold_in(fold_in(key, id), k), no forking.
+  assert cand.shape == (slots * k, chunk)
+  prefixes = [list(prompts[b].tokens) + ro.completion[b, :t].tolist() for b, t in pairs]
+  prefixes += [list(prompts[0].tokens)]
+  toks, mask = sampler_lib.pad_prompts(prefixes, side='left', pad_id=0, length=p + n)
   keys = sampler_lib.fork_keys(sampler_lib.row_keys(key, ids), k)
-  ind = sampler_lib.generate(
+  afresh = sampler_lib.generate(
     model,
     np.repeat(toks, k, 0),
     np.repeat(mask, k, 0),
-    config=sampler_lib.SamplingConfig(max_new_tokens=3, temperature=1.0, stop_tokens=(2,)),
+    config=sampler_lib.SamplingConfig(max_new_tokens=chunk, temperature=1.0),
     key=keys,
-    prompt_bucket=8,
+    prompt_bucket=p + n,
   )
-  np.testing.assert_array_equal(cand, np.asarray(ind.tokens))
-  np.testing.assert_array_equal(clen, np.asarray(ind.lengths))
-  np.testing.assert_array_equal(done, np.asarray(ind.done))
-  # And the candidates of one prefix differ from each other (they are K draws, not one copy).
+  np.testing.assert_array_equal(cand, np.asarray(afresh.tokens))
+  np.testing.assert_array_equal(clen, np.asarray(afresh.lengths))
+  np.testing.assert_array_equal(done, np.asarray(afresh.done))
+  # The candidates of one fork differ from each other (K draws, not one copy), and forks of the
+  # same row at different positions differ (the cut is honoured).
   assert len({tuple(r) for r in cand[:k]}) > 1
+  assert not np.array_equal(cand[:k], cand[3 * k : 4 * k])
+
+
+def test_fork_cache_cuts_grows_and_places_the_next_token():
+  model = toy.model(0)
+  cache = kv_cache.KVCache.init(model.cfg, 2, 6)
+  ones = jnp.ones((2, 6, 1, 16))
+  cache = cache.write(0, 0, ones, ones, jnp.broadcast_to(jnp.arange(6), (2, 6)))
+  cache = cache.advance(6, jnp.asarray([6, 6]))
+  forked = models.fork_cache(
+    cache, jnp.asarray([1, 1, 0]), jnp.asarray([2, 5, 0]), jnp.asarray([9, 8, 7]), extra=3
+  )
+  layer = forked.read(0)
+  assert forked.max_len == 9 and forked.batch == 3 and int(forked.length) == 6
+  np.testing.assert_array_equal(
+    np.asarray(layer.valid),
+    [[1, 1, 0, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0, 0], [0] * 9],
+  )
+  np.testing.assert_array_equal(np.asarray(forked.next_position), [9, 8, 7])
+  assert float(jnp.abs(layer.k[:, :, 6:]).max()) == 0.0
 
 
 def test_forked_logprobs_equal_full_prefix_rows_with_their_gradient():

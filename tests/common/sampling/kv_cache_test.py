@@ -195,3 +195,21 @@ def test_repeat_and_take_rows():
   np.testing.assert_array_equal(rep.next_position, [8] * 6)
   back = rep.take_rows(jnp.asarray([0, 3]))
   np.testing.assert_array_equal(back.read(0).v, cache.read(0).v)
+
+
+def test_grow_adds_empty_slots_and_continues_like_a_larger_cache():
+  model = _build(LLAMA)
+  tokens = _tokens()
+  small = kv_cache.KVCache.init(LLAMA, B, T)
+  _, small = _cached(model, tokens, small)  # full: no room for another token
+  grown = small.grow(4)
+  assert grown.max_len == T + 4 and int(grown.length) == T
+  np.testing.assert_array_equal(grown.read(1).k[:, :, :T], small.read(1).k)
+  assert not bool(grown.read(0).valid[:, T:].any())
+  big = kv_cache.KVCache.init(LLAMA, B, T + 4)
+  _, big = _cached(model, tokens, big)
+  nxt = _tokens((B, 2), seed=1)
+  _close(_cached(model, nxt, grown)[0], _cached(model, nxt, big)[0])
+  assert small.grow(0) is small
+  with pytest.raises(ValueError, match='extra must be >= 0'):
+    small.grow(-1)
