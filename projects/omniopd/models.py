@@ -132,7 +132,15 @@ class ScriptedTeacher:
 
 class LMTeacher:
   """A decoder behind text: `render(prompt, prefix) -> its own token ids`, greedy decoding of up to
-  `max_new_tokens`, `decode(ids) -> text`. Its tokenizer need not be the student's."""
+  `max_new_tokens`, `decode(ids) -> text`. Its tokenizer need not be the student's.
+
+  Requests that share a prompt share their prefill (`share_prefixes`, the default): OmniOPD audits
+  a rollout at several positions, so a step's requests come in groups of one prompt with nested
+  prefixes. The longest request of each group is prefilled once; every request of the group then
+  reads that cache up to the tokens it shares with it (at least all but its last token are fed
+  again) and continues from there, as the student's forks continue the rollout's cache
+  (`fork_cache`). The answers are each request's own greedy continuation (to float rounding: the
+  shared keys and values come from another row's prefill)."""
 
   def __init__(
     self,
@@ -144,9 +152,10 @@ class LMTeacher:
     stop_tokens: Sequence[int] = (),
     pad_id: int = 0,
     batch_bucket: int = 8,
+    share_prefixes: bool = True,
   ):
     self.model, self.render, self.decode = model, render, decode
-    self.batch_bucket = int(batch_bucket)
+    self.batch_bucket, self.share_prefixes = int(batch_bucket), bool(share_prefixes)
     self.config = sampler_lib.SamplingConfig(
       max_new_tokens=max_new_tokens,
       temperature=0.0,
@@ -163,15 +172,88 @@ class LMTeacher:
     (repeats of the last one) so that steps with different audit counts share compiled code."""
     if not requests:
       return []
-    ids = [list(self.render(prompt, prefix)) for prompt, prefix in requests]
-    rows = len(ids) if len(ids) == 1 else -(-len(ids) // self.batch_bucket) * self.batch_bucket
-    gen = sampler_lib.generate(self.model, ids + [ids[-1]] * (rows - len(ids)), config=self.config)
+    gen = self.generate(requests)
     tokens, lengths = np.asarray(gen.tokens), np.asarray(gen.lengths)
     stop = set(self.config.stop_tokens)
     return [
       self.decode([int(t) for t in tokens[i, : lengths[i]] if int(t) not in stop])
-      for i in range(len(ids))
+      for i in range(len(requests))
     ]
+
+  def generate(self, requests: Sequence[tuple[str, str]]) -> sampler_lib.Generation:
+    """The greedy generation of the requests' rows (request order, then the bucket's padding)."""
+    ids = [list(self.render(prompt, prefix)) for prompt, prefix in requests]
+    hosts, host_of, shared = shared_prefixes(ids, [prompt for prompt, _ in requests])
+    if self.share_prefixes and len(hosts) < len(ids):
+      return self._continue_shared(ids, hosts, host_of, shared)
+    return sampler_lib.generate(self.model, self._rows(ids), config=self.config)
+
+  def _rows(self, rows: list) -> list:
+    n = len(rows) if len(rows) == 1 else -(-len(rows) // self.batch_bucket) * self.batch_bucket
+    return rows + [rows[-1]] * (n - len(rows))
+
+  def _continue_shared(self, ids, hosts, host_of, shared) -> sampler_lib.Generation:
+    """Every request continued from its host's prefilled cache."""
+    host_ids = self._rows([ids[h] for h in hosts])
+    host_len = _round_up(max(len(x) for x in host_ids), 16)
+    toks, mask = sampler_lib.pad_prompts(
+      host_ids, side='left', pad_id=self.config.pad_id, length=host_len
+    )
+    cache = _prefill_cache(self.model, toks, mask, host_len)
+    rest = [ids[i][shared[i] :] for i in range(len(ids))]
+    rest_len = _round_up(max(len(x) for x in rest), 8)
+    rows = np.asarray(self._rows(list(range(len(ids)))))
+    row_of = {h: r for r, h in enumerate(hosts)}
+    host_row = np.asarray([row_of[host_of[i]] for i in rows], np.int32)
+    start = host_len - np.asarray([len(ids[host_of[i]]) for i in rows])  # left padding
+    cut = (start + np.asarray([shared[i] for i in rows])).astype(np.int32)
+    position = np.asarray([shared[i] for i in rows], np.int32)
+    n = self.config.max_new_tokens
+    forked = fork_cache(cache, host_row, cut, position, extra=rest_len + n)
+    rtoks, rmask = sampler_lib.pad_prompts(
+      [rest[i] for i in rows], side='left', pad_id=self.config.pad_id, length=rest_len
+    )
+    return sampler_lib.generate(
+      self.model, rtoks, rmask, config=self.config, cache=forked, prompt_bucket=rest_len
+    )
+
+
+def shared_prefixes(
+  ids: Sequence[Sequence[int]], prompts: Sequence[str]
+) -> tuple[list[int], list[int], list[int]]:
+  """(hosts, host_of, shared) for requests' token ids grouped by prompt: the longest request of
+  each prompt hosts the group (hosts: their indices in order of first appearance); request i reads
+  its host's first shared[i] tokens (their common prefix, less one so that at least one token of
+  the request is fed again: its last, whose output starts the continuation)."""
+  longest: dict[str, int] = {}
+  for i, prompt in enumerate(prompts):
+    j = longest.get(prompt)
+    if j is None or len(ids[i]) > len(ids[j]):
+      longest[prompt] = i
+  hosts = list(dict.fromkeys(longest[prompt] for prompt in prompts))
+  host_of, shared = [], []
+  for i, prompt in enumerate(prompts):
+    h = longest[prompt]
+    common = 0
+    for a, b in zip(ids[i], ids[h], strict=False):
+      if a != b:
+        break
+      common += 1
+    host_of.append(h)
+    shared.append(min(common, len(ids[i]) - 1))
+  return hosts, host_of, shared
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+@functools.partial(nnx.jit, static_argnames=('cache_len',))
+def _prefill_cache(model, tokens, mask, cache_len: int) -> kv_cache.KVCache:
+  """The KV cache of left-padded rows (padding written unreadable), no logits."""
+  cache = kv_cache.KVCache.init(model.cfg, tokens.shape[0], cache_len)
+  _, cache = model.hidden_states(tokens, cache=cache, input_mask=mask)
+  return cache
 
 
 @nnx.jit

@@ -117,19 +117,44 @@ def test_client_asks_a_batched_teacher_once_and_counts_every_request():
 
 def test_lm_teacher_answers_a_batch_as_it_answers_each_request():
   """Left-padded greedy rows give each request's own continuation (a real decoder, prompts of
-  different lengths, 3 requests padded to a bucket of 8 rows)."""
+  different lengths, padded to a bucket of 8 rows), and so do requests that share a prompt and
+  read their group's longest prefill (nested prefixes, one equal to its host, a host alone)."""
   renders = {'p': [1, 5, 6], 'q': [1, 7, 3, 4, 9, 9, 4], 'r': [4]}
-  teacher = models.LMTeacher(
-    toy.model(0),
-    lambda prompt, prefix: renders[prompt] + [3 + len(prefix)],
-    lambda ids: ','.join(map(str, ids)),
-    max_new_tokens=5,
-    stop_tokens=(toy.EOS,),
-  )
+
+  def teacher(share):
+    return models.LMTeacher(
+      toy.model(0),
+      lambda prompt, prefix: renders[prompt] + [3 + ord(c) % 12 for c in prefix],
+      lambda ids: ','.join(map(str, ids)),
+      max_new_tokens=5,
+      stop_tokens=(toy.EOS,),
+      share_prefixes=share,
+    )
+
+  plain = teacher(False)
   requests = [('p', ''), ('q', 'ab'), ('r', 'abcd')]
-  alone = [teacher.continue_text(p, q) for p, q in requests]
-  assert teacher.continue_texts(requests) == alone
+  alone = [plain.continue_text(p, q) for p, q in requests]
+  assert plain.continue_texts(requests) == alone
+  assert teacher(True).continue_texts(requests) == alone  # no prompt repeats: nothing to share
   assert len(set(alone)) > 1  # the requests are not answered alike
+  grouped = [('p', 'ab'), ('p', ''), ('q', 'a'), ('p', 'abcde'), ('r', 'x'), ('q', 'ab')]
+  grouped += [('p', 'abz'), ('p', 'ab'), ('q', 'ba')]
+  alone = [plain.continue_text(p, q) for p, q in grouped]
+  assert teacher(True).continue_texts(grouped) == alone
+  assert len(set(alone)) > 3
+  # Not only the greedy tokens: every row's log-probabilities are its own.
+  shared, fresh = teacher(True).generate(grouped), plain.generate(grouped)
+  np.testing.assert_array_equal(shared.tokens, fresh.tokens)
+  np.testing.assert_allclose(shared.logprobs, fresh.logprobs, atol=1e-5)
+
+
+def test_shared_prefixes_pick_the_longest_request_of_a_prompt_as_host():
+  ids = [[1, 2, 3], [1, 2], [1, 2, 3, 4], [7, 8], [1, 2, 9, 9]]
+  hosts, host_of, shared = models.shared_prefixes(ids, ['a', 'a', 'a', 'b', 'a'])
+  assert hosts == [2, 3]
+  assert host_of == [2, 2, 2, 3, 2]
+  # Each reads the tokens it shares with its host, less one: its last token is always fed again.
+  assert shared == [2, 1, 3, 1, 2]
 
 
 def test_scripted_teacher_text_and_white_box_faces():

@@ -31,10 +31,12 @@ Variants:
          up to 96 new tokens; the teacher Qwen2.5-Coder-0.5B-Instruct behind text (python -m
          common.assets fetch qwen2_5_coder_0_5b; another tokenizer); 3 audits per rollout, K = 4
          chunks of L = 8 tokens, MiniLM similarity (python -m common.assets fetch minilm); the
-         teacher answers a step's audits in one batched call; the update scores the forks
-         through the rollout's KV cache (projects.omniopd.models.forked_logprobs), and the GRPO
-         arm's update runs in 8 row groups (rl.update_groups: 14.95 -> 2.22 GiB). A step is
-         ~68 s on 2 cores (README). White-box OPD needs a teacher with the student's
+         teacher answers a step's audits in one batched call, prefilling each prompt's longest
+         request once (models.LMTeacher share_prefixes); the forks are sampled from, and the
+         update scores them through, the rollout's KV cache (projects.omniopd.models.fork_cache,
+         forked_logprobs), and the GRPO arm's update runs in 8 row groups (rl.update_groups:
+         14.95 -> 2.22 GiB). A step was ~68 s on 2 cores before the shared prefills and the
+         cached forks (README). White-box OPD needs a teacher with the student's
          vocabulary: mode=opd,teacher.kind=sft is SmolLM2 itself after 120 SFT steps on worked
          answers (common.rl.policies.PretrainedWarmup; pass@1 0.533 at T = 0.6, 0.480 at 1.0).
 Arms: mode=omniopd (default) | opd | sft | grpo. Knobs: omniopd.* (audits, min_entropy,
