@@ -118,11 +118,13 @@ def make_teacher(config: ml_collections.ConfigDict, task: input_pipeline.Task):
     return tok.encode(text + prefix, add_bos=False)
 
   stop = tuple(tok.stop_ids)
+  # The sft arm asks for whole traces, the others for continuations of a prefix.
+  whole = config.mode == 'sft' and t.trace_tokens > 0
   return teacher_cls(
     tmodel,
     render,
     tok.decode,
-    max_new_tokens=t.max_new_tokens,
+    max_new_tokens=t.trace_tokens if whole else t.max_new_tokens,
     stop_tokens=stop,
     pad_id=stop[0],
   )

@@ -17,6 +17,7 @@ from experiments.omniopd.configs import base
 from projects.omniopd import evaluate
 from projects.omniopd import models
 from projects.omniopd import train
+from tests.common.rl import toy
 
 # A warm-up of seconds (its own cache entry, shared with tests/ead), 3 steps, 8 eval prompts.
 FAST = (
@@ -130,3 +131,30 @@ def test_bad_keys_stop_before_the_workdir(tmp_path):
   with pytest.raises(config_lib.ConfigError, match="teacher.kind='oracle'"):
     train.train_and_evaluate(base.get_config('smoke,teacher.kind=oracle'), tmp_path / 'bad')
   assert not (tmp_path / 'bad').exists()
+
+
+class _Tokenizer:
+  stop_ids = (2,)
+
+  def apply_chat_template(self, messages, add_generation_prompt):
+    return messages[0]['content']
+
+  def encode(self, text, add_bos=False):
+    return [3 + ord(c) % 12 for c in text]
+
+  def decode(self, ids):
+    return ','.join(map(str, ids))
+
+
+@pytest.mark.parametrize('mode', ['omniopd', 'sft'])
+def test_the_sft_arm_asks_the_lm_teacher_for_whole_traces(monkeypatch, mode):
+  """The sft arm's traces are whole answers (teacher.trace_tokens); the other arms' teacher
+  continues a prefix for teacher.max_new_tokens."""
+  monkeypatch.setattr(train.loader, 'load_pretrained', lambda name, dtype: (toy.model(0), None))
+  monkeypatch.setattr(train.loader, 'load_tokenizer', lambda name: _Tokenizer())
+  config = base.get_config(f'smollm2,mode={mode}')
+  teacher = train.make_teacher(config, task=None)
+  assert isinstance(teacher, models.LMTeacher)
+  want = {'omniopd': config.teacher.max_new_tokens, 'sft': config.teacher.trace_tokens}[mode]
+  assert teacher.config.max_new_tokens == want
+  assert config.teacher.trace_tokens > config.rl.max_new_tokens > config.teacher.max_new_tokens

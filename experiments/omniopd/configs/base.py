@@ -42,7 +42,8 @@ Variants:
 Arms: mode=omniopd (default) | opd | sft | grpo. Knobs: omniopd.* (audits, min_entropy,
   num_candidates, chunk_len, similarity exact|edit|embedding, alpha_accept, alpha_reject,
   anchor_coef, pg_coef, teacher_timeout_s), rl.update_groups, teacher.* (kind scripted|lm|sft, accuracy, eps,
-  name (lm), max_new_tokens, sft_steps (sft: the student's model fine-tuned this many steps)).
+  name (lm), max_new_tokens (a continuation of a prefix), trace_tokens (the sft arm's whole traces;
+  0: max_new_tokens), sft_steps (sft: the student's model fine-tuned this many steps)).
 """
 
 import ml_collections
@@ -58,7 +59,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mode = 'omniopd'
   rl_config.tiny_policy(c)
   c.teacher = ml_collections.ConfigDict(
-    dict(kind='scripted', accuracy=0.9, eps=0.1, seed=0, name='', max_new_tokens=16, sft_steps=0)
+    dict(
+      kind='scripted',
+      accuracy=0.9,
+      eps=0.1,
+      seed=0,
+      name='',
+      max_new_tokens=16,
+      trace_tokens=0,
+      sft_steps=0,
+    )
   )
   c.omniopd = losses.omniopd_config()
   c.rl = rl_config.rl(eval_batch=200)
@@ -70,7 +80,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 20
   if variant == 'smollm2':
     rl_config.smollm2(c, max_new_tokens=96, task_set='smollm2_easy', temperature=0.6)
-    c.teacher.update(kind='lm', name='qwen2_5_coder_0_5b', max_new_tokens=24, sft_steps=120)
+    # The SFT arm's traces are whole answers (the teacher reaches its answer in ~100 tokens; a
+    # reply cut at 24 would teach the student to stop before answering): 160 teacher tokens, more
+    # than the student's 96, so a cut reply is always longer than the student's cap and never ends
+    # in EOS.
+    c.teacher.update(
+      kind='lm', name='qwen2_5_coder_0_5b', max_new_tokens=24, trace_tokens=160, sft_steps=120
+    )
     c.omniopd.update(audits=3, chunk_len=8, similarity='embedding')
     c.rl.update_groups = 8  # the GRPO arm's update (the shared loop's) in 8 row groups
   return config_lib.finalize(c, overrides)
