@@ -618,7 +618,8 @@ def omniopd_forks(variant: str, reps: int) -> dict[str, Any]:
   task = omniopd_input.make_task(cfg)
   sampling = omniopd_train.sampling_of(cfg, task)
   prompts = task.train[: rl.prompts_per_step]
-  m, n, k, slots = len(prompts), sampling.max_new_tokens, c.num_candidates, 0
+  m, n, k = len(prompts), sampling.max_new_tokens, c.num_candidates
+  slots = m * c.audits
   key = train_loop.step_key(cfg.seed, 1, 'fork')
   with jax.set_mesh(mesh), sharding.axis_rules(rules):
     student = omniopd_models.create_policy(cfg, mesh, rules)()
@@ -635,7 +636,6 @@ def omniopd_forks(variant: str, reps: int) -> dict[str, Any]:
     )
     peaks = omniopd_losses.peak_entropy_positions(ro.entropies, ro.lengths, c.audits, c.min_entropy)
     pairs = [(b, t) for b in range(m) for t in peaks[b]]
-    slots = m * c.audits
     ids = np.arange(slots) + 1
     prefixes = [list(prompts[b].tokens) + ro.completion[b, :t].tolist() for b, t in pairs]
     prefixes += [list(prompts[0].tokens)] * (slots - len(pairs))

@@ -189,7 +189,7 @@ class LMTeacher:
     return sampler_lib.generate(self.model, self._rows(ids), config=self.config)
 
   def _rows(self, rows: list) -> list:
-    n = len(rows) if len(rows) == 1 else -(-len(rows) // self.batch_bucket) * self.batch_bucket
+    n = len(rows) if len(rows) == 1 else _round_up(len(rows), self.batch_bucket)
     return rows + [rows[-1]] * (n - len(rows))
 
   def _continue_shared(self, ids, hosts, host_of, shared) -> sampler_lib.Generation:
