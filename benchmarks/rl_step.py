@@ -53,6 +53,13 @@ rollout's own KV cache (projects.omniopd.train.fork_candidates) against its peer
 every prefix prefilled afresh and forked K ways (what the forks did before), R interleaved runs of
 each after one compiling run, the median time, their ratio and the share of candidates whose tokens
 agree (the same keys; they differ only where float rounding moves a draw) (and runs nothing else).
+--trim_reps=R > 0 times the shared loop's GRPO update (the reference's scoring forward and one
+optimizer step, common.rl.loop.make_loss_fn) on one real rollout of --omniopd_variant's GRPO arm
+(mode=grpo: its prompts, G samples each) over the columns common.rl.rollout.trim_columns keeps
+(rl.trim_multiple: the prompt columns that are padding in every row and the completion columns
+past every row's end dropped) against the whole padded batch, R interleaved runs of each after
+one compiling run, the medians, their ratio and the largest log-prob difference (and runs nothing
+else).
 
 Work per step is equal up to two implementation choices the output states: tunix's training
 forward runs over all P+N positions and takes logits at every one, ours over P+N-1 positions
@@ -99,6 +106,7 @@ flags.DEFINE_enum('omniopd_variant', 'smoke', ['smoke', 'smollm2'], 'OmniOPD con
 flags.DEFINE_list('omniopd_update_memory', [], 'rl.update_groups values to compile and size')
 flags.DEFINE_integer('omniopd_update_reps', 0, 'timed runs of each compiled OmniOPD update')
 flags.DEFINE_integer('omniopd_fork_reps', 0, 'timed runs of OmniOPD forks, cached vs afresh')
+flags.DEFINE_integer('trim_reps', 0, 'timed runs of the GRPO update, trimmed vs whole batch')
 
 VOCAB, PROMPT_LEN = 21, 12
 
@@ -710,6 +718,101 @@ def print_omniopd_forks(variant: str, reps: int) -> None:
   print(f'  candidates with equal tokens: {100 * r["agree"]:.1f}%')
 
 
+def trimmed_update(variant: str, reps: int) -> dict[str, Any]:
+  """{seconds: {trimmed, whole: [per run]}, widths: {trimmed, whole}, logp_dev, real_tokens} of
+  the shared loop's GRPO update (the reference's scoring forward + one optimizer step) on one real
+  rollout of `variant`'s GRPO arm (its prompts, G samples each), over the columns
+  rollout.trim_columns keeps (rl.trim_multiple) against the whole padded rectangle."""
+  import pathlib  # noqa: PLC0415
+
+  from common import config as config_lib  # noqa: PLC0415
+  from common import optim  # noqa: PLC0415
+  from projects.omniopd import input_pipeline as omniopd_input  # noqa: PLC0415
+  from projects.omniopd import models as omniopd_models  # noqa: PLC0415
+  from projects.omniopd import train as omniopd_train  # noqa: PLC0415
+
+  root = pathlib.Path(__file__).resolve().parents[1]
+  cfg = config_lib.load(f'{root}/experiments/omniopd/configs/base.py:{variant},mode=grpo')
+  rl = cfg.rl
+  mesh = sharding.make_mesh([('data', 1)], devices=jax.devices()[:1])
+  rules = sharding.rules_of(cfg)
+  task = omniopd_input.make_task(cfg)
+  sampling = omniopd_train.sampling_of(cfg, task)
+  prompts = task.train[: rl.prompts_per_step]
+  with jax.set_mesh(mesh), sharding.axis_rules(rules):
+    create = omniopd_models.create_policy(cfg, mesh, rules)
+    student = create()
+    ro = rollout.rollout(
+      student,
+      prompts,
+      train_loop.step_key(cfg.seed, 1, 'rollout'),
+      sampling=sampling,
+      rewards=task.verifier(),
+      num_samples=rl.group_size,
+      mesh=mesh,
+      rules=rules,
+    )
+    adv = advantages.GRPO().advantages(ro.rewards, np.ones_like(ro.rewards, bool), ro.prompts)
+    whole = dict(ro.batch, advantages=adv.values.reshape(-1).astype(np.float32))
+    whole['old_logp'] = whole.pop('behaviour_logp')
+    batches = {'trimmed': rollout.trim_columns(whole, rl.trim_multiple), 'whole': whole}
+    ref_graphdef, ref_state = nnx.split(create())
+    tx = optim.make_optimizer(cfg.optimizer, cfg.train.num_steps)
+    graphdef, state = nnx.split(train_loop.TrainState(student, tx))
+    shardings = sharding.state_shardings(state, mesh, rules)
+    state = jax.device_put(state, shardings)
+    step = train_loop.make_train_step(graphdef, loop.make_loss_fn(rl), shardings)
+
+    def update(state, batch):
+      batch = dict(batch)
+      batch['ref_logp'] = rollout.score(
+        ref_graphdef, ref_state, batch, train_state=False, mesh=mesh, rules=rules
+      )
+      rows = sharding.global_rows(batch, mesh, rules)
+      return jax.block_until_ready(step(state, rows, jax.random.key(0)))[0]
+
+    logp = {
+      k: rollout.score(ref_graphdef, ref_state, b, train_state=False, mesh=mesh, rules=rules)
+      for k, b in batches.items()
+    }
+    for b in batches.values():  # compiles
+      state = update(state, b)
+    seconds = {k: [] for k in batches}
+    for _ in range(reps):
+      for k, b in batches.items():
+        t0 = time.perf_counter()
+        state = update(state, b)
+        seconds[k].append(time.perf_counter() - t0)
+  n = logp['trimmed'].shape[1]
+  valid = whole['completion_mask'][:, :n] > 0
+  dev = float(np.abs(logp['trimmed'] - logp['whole'][:, :n])[valid].max())
+  return {
+    'seconds': seconds,
+    'widths': {k: b['inputs'].shape[1] for k, b in batches.items()},
+    'rows': whole['inputs'].shape[0],
+    'logp_dev': dev,
+    'real_tokens': int(whole['segment_ids'].sum()),
+  }
+
+
+def print_trimmed_update(variant: str, reps: int) -> None:
+  r = trimmed_update(variant, reps)
+  w = r['widths']
+  print(
+    f'GRPO update of the {variant} OmniOPD config ({r["rows"]} rows of one real rollout, '
+    f'{r["real_tokens"]} real input tokens; reference forward + optimizer step; {reps} '
+    'interleaved runs each):'
+  )
+  peer = statistics.median(r['seconds']['whole'])
+  for name in ('trimmed', 'whole'):
+    v = r['seconds'][name]
+    print(
+      f'  {name:<8} {r["rows"]} x {w[name]:<4} {statistics.median(v):8.2f} s '
+      f'({min(v):.2f}-{max(v):.2f}) {statistics.median(v) / peer:.3f}x'
+    )
+  print(f'  max |log-prob difference| over the completion tokens: {r["logp_dev"]:.2e}')
+
+
 def _main_with_omniopd(argv):
   for g in FLAGS.omniopd_update_memory:
     updates = omniopd_updates(FLAGS.omniopd_variant, int(g), FLAGS.omniopd_update_reps)
@@ -727,7 +830,9 @@ def _main_with_omniopd(argv):
         )
   if FLAGS.omniopd_fork_reps > 0:
     print_omniopd_forks(FLAGS.omniopd_variant, FLAGS.omniopd_fork_reps)
-  if FLAGS.omniopd_update_memory or FLAGS.omniopd_fork_reps > 0:
+  if FLAGS.trim_reps > 0:
+    print_trimmed_update(FLAGS.omniopd_variant, FLAGS.trim_reps)
+  if FLAGS.omniopd_update_memory or FLAGS.omniopd_fork_reps > 0 or FLAGS.trim_reps > 0:
     return
   if FLAGS.omniopd_steps > 0:
     print_omniopd_split(FLAGS.omniopd_steps, FLAGS.omniopd_similarity, FLAGS.omniopd_variant)

@@ -90,6 +90,10 @@ def rl_config() -> ml_collections.ConfigDict:
       # A minibatch's forward in this many sequential row groups, each recomputed in the
       # backward pass (rollout.completion_logprobs(row_groups=)): memory, not maths.
       update_groups=1,
+      # The update (and its scoring forwards) over the batch without the columns that are
+      # padding in every row, kept widths rounded up to this many columns (rollout.trim_columns;
+      # the same maths, fewer shapes to compile the coarser it is); 0 trains the whole rectangle.
+      trim_multiple=32,
       clip_low=0.2,
       clip_high=0.2,  # > clip_low: DAPO's clip-higher (0.28)
       kl_coef=0.001,  # k3 KL to the frozen initial policy; 0 skips the reference forward
@@ -194,6 +198,8 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rul
     raise config_lib.ConfigError(
       f'rl.prompts_per_step * rl.group_size = {rows} is not divisible by rl.num_minibatches'
     )
+  if rl.trim_multiple < 0:
+    raise config_lib.ConfigError(f'rl.trim_multiple={rl.trim_multiple} must be >= 0 (0: no trim)')
   if rl.update_groups < 1 or (rows // rl.num_minibatches) % rl.update_groups:
     raise config_lib.ConfigError(
       f'rl.update_groups={rl.update_groups} must be >= 1 and divide a minibatch '
@@ -248,6 +254,7 @@ def make_loss_fn(rl: ml_collections.ConfigDict):
       kl_coef=rl.kl_coef,
       agg=rl.loss_agg,
       tis_weights=batch.get('tis_weight'),
+      max_len=rl.max_new_tokens,
     )
     valid = batch['completion_mask'] > 0
     dev = jnp.where(valid, jnp.abs(jax.lax.stop_gradient(logp) - batch['old_logp']), 0.0)
@@ -477,12 +484,14 @@ def _step(ctx: _Context, state, step: int):
     )
     raw = np.exp(np.where(valid_tok, behaviour - sample_logp, 0.0))
     tis_capped = float((raw[valid_tok] > setup.tis_cap).mean()) if valid_tok.any() else 0.0
+  valid = batch['completion_mask'] > 0
   on_policy = rl.num_iterations == 1 and rl.num_minibatches == 1
   if on_policy:
     # The loss takes the ratio's denominator from its own forward (exactly 1); old_logp only
     # feeds the behaviour_logp_dev metric, so the sampler's logprobs serve and save a forward.
     batch['old_logp'] = behaviour
-  else:
+  batch = rollout_lib.trim_columns(batch, rl.trim_multiple)
+  if not on_policy:
     batch['old_logp'] = rollout_lib.score(
       ctx.spec.graphdef, state, batch, train_state=True, mesh=run.mesh, rules=run.rules
     )
@@ -508,7 +517,6 @@ def _step(ctx: _Context, state, step: int):
   step_metrics = jax.device_get(step_metrics)
   update_s = time.perf_counter() - t0
 
-  valid = batch['completion_mask'] > 0
   n_tok = float(valid.sum())
   flat_rewards = ro.rewards[group_mask]
   mean = lambda key: float(np.mean([m[key] for m in step_metrics]))  # noqa: E731

@@ -55,8 +55,13 @@ def tis_weights(target_logp, behaviour_logp, cap: float, mask=None) -> jax.Array
   return jnp.minimum(jnp.exp(d), jnp.float32(cap))
 
 
-def aggregate(per_token: jax.Array, mask: jax.Array, agg: str) -> jax.Array:
-  """Reduces [B, T] per-token values over valid tokens (mask) to a scalar by `agg`."""
+def aggregate(
+  per_token: jax.Array, mask: jax.Array, agg: str, max_len: int | None = None
+) -> jax.Array:
+  """Reduces [B, T] per-token values over valid tokens (mask) to a scalar by `agg`.
+
+  max_len: sequence-sum-norm's constant denominator, the generation budget (None: T, which is
+  the budget unless the batch's padding columns were trimmed: rollout.trim_columns)."""
   m = mask.astype(jnp.float32)
   x = jnp.where(m > 0, per_token, 0.0)
   if agg == 'token-mean':
@@ -65,7 +70,7 @@ def aggregate(per_token: jax.Array, mask: jax.Array, agg: str) -> jax.Array:
     per_seq = x.sum(-1) / jnp.maximum(m.sum(-1), 1.0)
     return per_seq.mean()
   if agg == 'sequence-sum-norm':
-    return (x.sum(-1) / per_token.shape[-1]).mean()
+    return (x.sum(-1) / (per_token.shape[-1] if max_len is None else max_len)).mean()
   raise ValueError(f'unknown loss aggregation {agg!r}; expected one of {AGGREGATIONS}')
 
 
@@ -81,11 +86,12 @@ def policy_loss(
   kl_coef: float = 0.0,
   agg: str = 'token-mean',
   tis_weights: jax.Array | None = None,
+  max_len: int | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """(loss, metrics) of the clipped surrogate; logp/old_logp/ref_logp/mask [B, T], advantages [B]
   (one per sequence) or [B, T] (one per token); tis_weights [B, T] (see `tis_weights`) or None
   (no importance correction: the code path of a run without TIS is unchanged). With weights, the
-  metrics also hold tis_weight_mean.
+  metrics also hold tis_weight_mean. max_len: sequence-sum-norm's denominator (see `aggregate`).
 
   Metrics (token means over valid tokens): pg_loss, kl, clip_frac (tokens whose clipped branch is
   active), ratio_mean, ratio_max_dev (max |rho - 1|).
@@ -108,12 +114,12 @@ def policy_loss(
     kl = jax.lax.stop_gradient(k3_kl(logp, jnp.where(valid, ref_logp, logp)))
   else:
     kl = jnp.zeros_like(logp)
-  loss = aggregate(per_token, m, agg)
+  loss = aggregate(per_token, m, agg, max_len)
   n = jnp.maximum(m.sum(), 1.0)
   tok_mean = lambda x: jnp.where(valid, x, 0.0).sum() / n  # noqa: E731
   is_clipped = valid & (ratio * a != surrogate)
   metrics = {
-    'pg_loss': aggregate(pg, m, agg),
+    'pg_loss': aggregate(pg, m, agg, max_len),
     'kl': tok_mean(jax.lax.stop_gradient(kl)),
     'clip_frac': tok_mean(is_clipped.astype(jnp.float32)),
     'ratio_mean': tok_mean(jax.lax.stop_gradient(ratio)),

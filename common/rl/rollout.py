@@ -186,6 +186,45 @@ def build_batch(
   }
 
 
+INPUT_KEYS = ('inputs', 'positions', 'segment_ids')  # [B, P+N-1]; every other [B, N] array
+# of a build_batch batch (targets, masks, log-probs, per-token advantages) is completion-aligned.
+
+
+def trim_columns(batch: Mapping[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
+  """`batch` (build_batch rows) without the prompt columns that are padding in every row and the
+  completion columns past every row's end, each kept part rounded up to `multiple` columns.
+
+  Why: rollouts pad prompts to a fixed width and completions to max_new_tokens, so an update
+  over the whole [B, P+N-1] rectangle spends much of its forward and backward on padding
+  (SmolLM2's chat prompts are 51-62 tokens padded to 96). Left padding is segment 0 with its own
+  positions, so dropping columns that are padding in every row leaves each real token's inputs,
+  position and attended set unchanged: the same log-probs and gradients up to float rounding
+  (other matmul shapes). The rounding bounds how many shapes the update compiles for. multiple
+  <= 0 returns the batch as is. Arrays that are not 2-D with the input or the completion width
+  (per-sequence advantages [B]) pass through.
+  """
+  if multiple <= 0:
+    return dict(batch)
+  b, width = batch['inputs'].shape
+  n = batch['targets'].shape[1]
+  p = width - n + 1
+  real_prompt = batch['segment_ids'][:, :p] > 0
+  first = int(np.argmax(real_prompt, axis=1).min()) if real_prompt.any() else p - 1
+  keep_p = min(p, -(-(p - first) // multiple) * multiple)
+  ends = (batch['completion_mask'] > 0) * np.arange(1, n + 1)[None, :]
+  keep_n = min(n, max(-(-int(ends.max(initial=0)) // multiple), 1) * multiple)
+  cols = slice(p - keep_p, p + keep_n - 1)
+  out = {}
+  for k, v in batch.items():
+    if k in INPUT_KEYS:
+      out[k] = v[:, cols]
+    elif v.ndim == 2 and v.shape == (b, n):
+      out[k] = v[:, :keep_n]
+    else:
+      out[k] = v
+  return out
+
+
 def completion_logprobs(model, batch, *, with_entropy: bool = False, row_groups: int = 1):
   """log pi(completion token) [B, N] (and entropy [B, N]) from one forward over prompt+completion.
 

@@ -94,6 +94,67 @@ def test_grouped_logprobs_keep_values_and_gradients_and_hold_one_groups_activati
     rollout.completion_logprobs(model, batch, row_groups=3)
 
 
+def _ragged_batch(rng, rows=8, p=24, n=12):
+  """build_batch rows whose prompts are left-padded by 9..15 columns and whose completions end
+  by column 7: trimmable at both ends."""
+  toks = rng.integers(3, toy.VOCAB, (rows, p)).astype(np.int32)
+  mask = np.arange(p)[None, :] >= rng.integers(9, 16, rows)[:, None]
+  toks = np.where(mask, toks, 0)
+  completion = rng.integers(3, toy.VOCAB, (rows, n)).astype(np.int32)
+  lengths = rng.integers(1, 8, rows)
+  lengths[0] = 7
+  batch = rollout.build_batch(toks, mask, completion, lengths)
+  batch['advantages'] = rng.normal(size=rows).astype(np.float32)
+  batch['token_adv'] = rng.normal(size=(rows, n)).astype(np.float32)
+  return batch
+
+
+def test_trimmed_columns_keep_every_real_token_and_round_to_the_multiple():
+  batch = _ragged_batch(np.random.default_rng(0))  # prompt 24 (9..15 padding), completion 12
+  t = rollout.trim_columns(batch, 4)
+  # The prompt keeps its last 16 columns (24 - 9 = 15 hold a real token somewhere, rounded up to
+  assert t['inputs'].shape == (8, 16 + 8 - 1)  # 16), the completion its first 8 (7 -> 8).
+  assert t['targets'].shape == t['completion_mask'].shape == t['token_adv'].shape == (8, 8)
+  assert t['advantages'] is batch['advantages']  # per-sequence arrays pass through
+  assert t['segment_ids'].sum() == batch['segment_ids'].sum()  # no real token lost
+  np.testing.assert_array_equal(t['inputs'], batch['inputs'][:, 8 : 8 + 23])
+  np.testing.assert_array_equal(t['completion_mask'].sum(1), batch['completion_mask'].sum(1))
+  np.testing.assert_array_equal(t['positions'], batch['positions'][:, 8 : 8 + 23])
+  for k, v in rollout.trim_columns(batch, 0).items():  # 0: no trim
+    assert v is batch[k]
+  whole = rollout.trim_columns(batch, 64)  # a multiple wider than the batch keeps it whole
+  assert all(whole[k].shape == batch[k].shape for k in batch)
+
+
+@pytest.mark.parametrize('agg', loss_lib.AGGREGATIONS)
+def test_trimmed_update_has_the_untrimmed_loss_and_gradient(agg):
+  """The loss (every aggregation, sequence-sum-norm normalised by the generation budget rather
+  than the trimmed width) and its gradient are the whole rectangle's up to float rounding."""
+  cfg = dataclasses.replace(_model().cfg, num_layers=2)
+  with sharding.unsharded():
+    model = decoder.Decoder(cfg, rngs=nnx.Rngs(0))
+  batch = _ragged_batch(np.random.default_rng(1))
+  batch['old_logp'] = np.zeros_like(batch['completion_mask'])
+  graphdef, state = nnx.split(model)
+
+  def loss_and_grad(b):
+    def loss(s):
+      logp = rollout.completion_logprobs(nnx.merge(graphdef, s), b)
+      return loss_lib.policy_loss(
+        logp, b['old_logp'], b['token_adv'], b['completion_mask'], agg=agg, max_len=12
+      )[0]
+
+    return jax.value_and_grad(loss)(state)
+
+  l0, g0 = loss_and_grad(jax.device_put(batch))
+  trimmed = rollout.trim_columns(batch, 4)
+  assert trimmed['inputs'].shape[1] < batch['inputs'].shape[1]
+  l1, g1 = loss_and_grad(jax.device_put(trimmed))
+  np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
 def _grads(model, batch, **kw):
   def f(m):
     logp = rollout.completion_logprobs(m, batch)
@@ -221,6 +282,23 @@ def test_update_groups_train_the_same_run_and_must_divide_a_minibatch(tmp_path):
       assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-6), key
   with pytest.raises(config_lib.ConfigError, match='rl.update_groups=3 must be >= 1 and divide'):
     loop.check_config(_config(update_groups=3), toy.one_device_mesh(), sharding.DEFAULT_RULES)
+
+
+def test_trimming_padding_columns_trains_the_same_run(tmp_path):
+  """rl.trim_multiple drops padding columns from the update, not maths: prompts padded to 12
+  columns (2-3 real tokens) train as with trimming off, to float rounding; < 0 is refused."""
+  rows = {}
+  for m in (0, 2):
+    cfg = _config(kl_coef=0.01, prompt_len=12, trim_multiple=m, loss_agg='sequence-sum-norm')
+    _train(cfg, tmp_path / str(m), toy.setup('grpo'))
+    rows[m] = [r for r in metrics_lib.read_jsonl(tmp_path / str(m) / 'metrics.jsonl')]
+  for a, b in zip(rows[0], rows[2], strict=True):
+    for key in ('loss', 'kl', 'grad_norm', 'reward_mean', 'pass_at_1', 'entropy'):
+      if key in a:
+        assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-6), key
+  assert len(rows[0]) == len(rows[2]) == 7  # 4 train + 3 eval lines
+  with pytest.raises(config_lib.ConfigError, match='rl.trim_multiple=-1 must be >= 0'):
+    loop.check_config(_config(trim_multiple=-1), toy.one_device_mesh(), sharding.DEFAULT_RULES)
 
 
 def test_several_iterations_move_the_ratio_and_clip(tmp_path):
