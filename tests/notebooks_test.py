@@ -10,7 +10,8 @@
   fetches only the build backend, as in tests/packaging_test.py);
 - no notebook forces the CPU, and each prints `jax.devices()`;
 - committed outputs: every notebook but persrec carries the outputs of one top-to-bottom run
-  (`PYTHONPATH=$PWD jupytext --to ipynb --execute notebooks/NAME.py`), small and without errors;
+  (`PYTHONPATH=$PWD jupytext --to ipynb --execute notebooks/NAME.py`, with
+  requirements-notebooks.txt installed), small and without errors;
   persrec carries none (the MovieLens terms forbid redistributing the data);
 - the lm_pretrain script runs end to end on the smoke config, with its progress lines in the output.
 """

@@ -45,7 +45,8 @@ def test_pip_install_then_import_from_outside_the_repo(tmp_path):
 
 
 def test_every_requirements_file_resolves_with_the_pinned_stack():
-  """`pip install -r requirements.txt -r <file>` must be installable as documented (the reference
+  """`pip install -r requirements.txt -r <file>` must be installable as documented, the reference
+  and notebook files together (the reference
   stack once pinned transformers 5.23.0, which needs safetensors >= 0.8, against 0.7.0). The peers
   and llama.cpp files are installed beside the stack with --no-deps (their own bounds would move
   jax), so for them the check is that they pin nothing the stack pins differently."""
@@ -62,6 +63,8 @@ def test_every_requirements_file_resolves_with_the_pinned_stack():
       str(root / 'requirements.txt'),
       '-r',
       str(root / 'requirements-reference.txt'),
+      '-r',
+      str(root / 'requirements-notebooks.txt'),
     ],
     capture_output=True,
     text=True,
