@@ -206,7 +206,7 @@ def make_renderer(config) -> Renderer:
   from common.models import loader  # noqa: PLC0415
 
   tok = loader.load_tokenizer(config.model.name)
-  end = tok.stop_ids[0]
+  end = tok.end_of_turn_id()  # a reply ends as the model's own turns do (SmolLM2: <|im_end|>)
 
   def encode_prompt(q):
     messages = [{'role': 'user', 'content': q['question']}]

@@ -107,3 +107,31 @@ def test_config_errors_are_one_line():
       ip.check_config(base.get_config(f'smoke,{bad}'))
   with pytest.raises(config_lib.ConfigError, match='response_len'):
     ip.make_data(base.get_config('smoke,data.cue=length,data.response_len=6'))
+
+
+class _ChatTokenizer:
+  """ChatML-like: stop ids (<|endoftext|> = 2, <|im_end|> = 7); a turn closes with 7."""
+
+  stop_ids = (2, 7)
+  pad_id = None
+
+  def apply_chat_template(self, messages, add_generation_prompt):
+    return messages[0]['content']
+
+  def encode(self, text, add_bos=False):
+    return [10 + ord(c) % 40 for c in text]
+
+  def end_of_turn_id(self):
+    return 7
+
+
+def test_a_pretrained_models_responses_end_with_its_end_of_turn_token(monkeypatch):
+  """The reward head reads the last token: a response must end as the model's chat turns do
+  (SmolLM2's <|im_end|>), not with its lowest stop id (<|endoftext|>)."""
+  from common.models import loader  # noqa: PLC0415
+
+  monkeypatch.setattr(loader, 'load_tokenizer', lambda name: _ChatTokenizer())
+  r = ip.make_renderer(base.get_config('smollm2'))
+  ids = r.response('The answer is 4.')
+  assert ids[-1] == 7 and 2 not in ids
+  assert r.pad_id == 7
