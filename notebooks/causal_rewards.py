@@ -154,9 +154,9 @@ print(f'cue on the chosen side in {sum(cue_on_chosen)}/400 training pairs;',
 # responses, i.e. when the reward model's representation carries no information about the cue
 # beyond what the label explains: counterfactual invariance in the sense of Veitch et al. (2021),
 # which the paper adapts to reward models. The penalty is measured for both runs (`mmd` in the
-# logs); with lambda = 0 it adds nothing to the loss. Lambda = 10 is the conditional run the
-# README's lambda sweep marks Pareto-optimal (the reproduction claims use lambda = 1; change `LAM`
-# to compare). The workdirs are temporary.
+# logs); with lambda = 0 it adds nothing to the loss. Lambda = 10 is the largest value of the
+# README's lambda sweep, where conditional CRM's reward depends least on the cue (the reproduction
+# claims use lambda = 1; change `LAM` to compare). The workdirs are temporary.
 
 # %%
 import tempfile
