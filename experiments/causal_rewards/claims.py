@@ -1,8 +1,10 @@
 """Causal Rewards' claims for the reproduction suite (`python -m experiments.reproduce --only=causal_rewards`).
 
-Every empirical claim reads the same 15 runs: 3 seeds (seed = data.seed = 0, 1, 2: the head's
-init and the pair stream) x 5 methods on the sycophancy cue (a flattering opener on the chosen
-response of 90% of training pairs; decorrelated test quads, projects/causal_rewards/evaluate.py):
+Every empirical claim reads the same 20 runs: 5 seeds (seed = data.seed = 0..4: the head's init
+and the pair stream; at 3 seeds the sycophancy verdict flipped between an Intel and an AMD VM) x 4
+trained methods (length_pen reads the vanilla runs) on the sycophancy cue (a flattering opener on
+the chosen response of 90% of training pairs; decorrelated test quads,
+projects/causal_rewards/evaluate.py):
   vanilla      Bradley-Terry (crm.lam = 0)
   balance      data balancing (importance weights making the cue independent of the label)
   length_pen   the vanilla model's rewards with the post-hoc length penalty (lp_* metrics; no run)
@@ -27,7 +29,7 @@ same seed; the details give every method's mean and 95% t half-width.
   * resume_bitwise / sharded_first_steps: the shared invariants on a small CRM run.
 
 Budgets: smoke runs the config's smoke variant (100 steps; ~10-25 s per run on the shared 2-core
-machine, all 15 runs in this process, plus three small subprocess runs for the invariants); full
+machine, all 20 runs in this process, plus three small subprocess runs for the invariants); full
 runs the default config (600 steps, 512 test quads), ~2-3 min per run, resumable per run.
 """
 
@@ -44,7 +46,7 @@ from projects.causal_rewards import losses
 from projects.causal_rewards import train
 
 TITLE = 'Causal Rewards: counterfactually invariant reward models (CRM, arXiv 2501.09620)'
-SEEDS = (0, 1, 2)
+SEEDS = (0, 1, 2, 3, 4)
 LAM = 1.0
 CONFIG = 'experiments/causal_rewards/configs/base.py'
 METHODS = {
