@@ -186,7 +186,7 @@ def build_batch(
   }
 
 
-INPUT_KEYS = ('inputs', 'positions', 'segment_ids')  # [B, P+N-1]; every other [B, N] array
+INPUT_KEYS = ('inputs', 'positions', 'segment_ids')  # [B, P+N-1]; every other [B, N, ...] array
 # of a build_batch batch (targets, masks, log-probs, per-token advantages) is completion-aligned.
 
 
@@ -200,7 +200,8 @@ def trim_columns(batch: Mapping[str, np.ndarray], multiple: int) -> dict[str, np
   positions, so dropping columns that are padding in every row leaves each real token's inputs,
   position and attended set unchanged: the same log-probs and gradients up to float rounding
   (other matmul shapes). The rounding bounds how many shapes the update compiles for. multiple
-  <= 0 returns the batch as is. Arrays that are not 2-D with the input or the completion width
+  <= 0 returns the batch as is. Arrays [B, N, ...] are completion-aligned (targets, masks,
+  log-probs, per-token advantages, a teacher's per-token distributions [B, N, V]); others
   (per-sequence advantages [B]) pass through.
   """
   if multiple <= 0:
@@ -218,7 +219,7 @@ def trim_columns(batch: Mapping[str, np.ndarray], multiple: int) -> dict[str, np
   for k, v in batch.items():
     if k in INPUT_KEYS:
       out[k] = v[:, cols]
-    elif v.ndim == 2 and v.shape == (b, n):
+    elif v.ndim >= 2 and v.shape[:2] == (b, n):
       out[k] = v[:, :keep_n]
     else:
       out[k] = v

@@ -475,9 +475,10 @@ def _opd_batch(ctx: _Ctx, model, prompts, step: int):
   t0 = time.perf_counter()
   ro = _rollout(ctx, model, prompts, step)
   times = {'rollout_s': time.perf_counter() - t0}
-  n, v = rl.max_new_tokens, task.vocab_size
-  batch = {key: ro.batch[key] for key in ('inputs', 'positions', 'segment_ids', 'targets')}
-  batch['completion_mask'] = ro.batch['completion_mask']
+  keys = ('inputs', 'positions', 'segment_ids', 'targets', 'completion_mask')
+  # The teacher's forward and the update skip the columns that are padding in every row.
+  batch = rollout.trim_columns({key: ro.batch[key] for key in keys}, rl.trim_multiple)
+  n, v = batch['targets'].shape[1], task.vocab_size
   teacher = ctx.client.teacher
   t0 = time.perf_counter()
   ctx.client.calls += len(prompts)  # one white-box query (a forward over the rollout) per sequence
@@ -523,7 +524,7 @@ def _sft_batch(ctx: _Ctx, model, prompts, step: int):
     comp[b], lens[b] = task.trace_tokens(traces[key], n)
   times = {'teacher_s': time.perf_counter() - t0}
   toks, mask = rollout.pad_prompts(prompts, rl.prompt_len, task.pad)
-  batch = rollout.build_batch(toks, mask, comp, lens)
+  batch = rollout.trim_columns(rollout.build_batch(toks, mask, comp, lens), rl.trim_multiple)
   return batch, 0, {'traces': float(len(traces)), 'rows_without_trace': float(missing), **times}
 
 
