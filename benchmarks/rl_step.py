@@ -57,8 +57,8 @@ agree (the same keys; they differ only where float rounding moves a draw) (and r
 optimizer step, common.rl.loop.make_loss_fn) on one real rollout of --omniopd_variant's GRPO arm
 (mode=grpo: its prompts, G samples each) over the columns common.rl.rollout.trim_columns keeps
 (rl.trim_multiple: the prompt columns that are padding in every row and the completion columns
-past every row's end dropped) against the whole padded batch, R interleaved runs of each after
-one compiling run, the medians, their ratio and the largest log-prob difference (and runs nothing
+past every row's end dropped) against the whole padded batch, R interleaved runs of each (in
+alternating order) after one compiling run, the medians, their ratio and the largest log-prob difference (and runs nothing
 else).
 
 Work per step is equal up to two implementation choices the output states: tunix's training
@@ -778,8 +778,9 @@ def trimmed_update(variant: str, reps: int) -> dict[str, Any]:
     for b in batches.values():  # compiles
       state = update(state, b)
     seconds = {k: [] for k in batches}
-    for _ in range(reps):
-      for k, b in batches.items():
+    order = list(batches.items())
+    for rep in range(reps):
+      for k, b in order if rep % 2 == 0 else order[::-1]:  # each goes first every other run
         t0 = time.perf_counter()
         state = update(state, b)
         seconds[k].append(time.perf_counter() - t0)

@@ -40,6 +40,28 @@ RESUME_MUTABLE = (
 )
 
 
+# Keys added after runs were checkpointed without them, with the value that reproduces what those
+# runs did: a saved config that lacks one reads as that value, so an older run resumes when the
+# key is set to it (and the resume check names the key otherwise) instead of being refused as
+# another experiment. A key's section must exist in the saved config.
+ADDED_KEYS = {
+  'rl.trim_multiple': 0,  # the RL update over the whole padded batch (common.rl.loop)
+}
+
+
+def with_added_keys(saved: Mapping) -> dict:
+  """A copy of a saved config dict with each absent ADDED_KEYS entry set to its legacy value."""
+  out = to_dict(saved)  # a fresh copy (a JSON round trip)
+  for dotted, legacy in ADDED_KEYS.items():
+    *parents, leaf = dotted.split('.')
+    node = out
+    for part in parents:
+      node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict) and leaf not in node:
+      node[leaf] = legacy
+  return out
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Infrastructure defaults shared by every experiment."""
   c = ml_collections.ConfigDict()
@@ -167,8 +189,9 @@ def _mutable(key: str, allow: Iterable[str]) -> bool:
 def resume_differences(
   saved: Mapping, current: Mapping, allow: Iterable[str] = RESUME_MUTABLE
 ) -> list[str]:
-  """Dotted keys whose values differ between two config dicts, ignoring the allow-list."""
-  a, b = flatten(to_dict(saved)), flatten(to_dict(current))
+  """Dotted keys whose values differ between two config dicts, ignoring the allow-list; a key of
+  ADDED_KEYS absent from `saved` compares as its legacy value."""
+  a, b = flatten(with_added_keys(saved)), flatten(to_dict(current))
   keys = sorted(set(a) | set(b))
   return [
     k for k in keys if a.get(k, '<absent>') != b.get(k, '<absent>') and not _mutable(k, allow)

@@ -252,7 +252,7 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLik
   has_ckpt = ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
   current = config_lib.to_dict(config)
   if saved_path.exists() and has_ckpt:
-    saved = json.loads(saved_path.read_text())
+    saved = config_lib.with_added_keys(json.loads(saved_path.read_text()))
     diff = config_lib.resume_differences(saved, current)
     if diff:
       shown = ', '.join(f'{k} ({_lookup(saved, k)!r} -> {_lookup(current, k)!r})' for k in diff[:8])

@@ -287,7 +287,7 @@ for key, label in ROWS:
 
 # %% [markdown]
 # Reading the numbers: the cells above print what this run measured. On this smoke task the README
-# reports (3 seeds) that no method learns the content (accuracy at chance for every method), so
+# reports (5 seeds) that no method learns the content (accuracy at chance for every method), so
 # what to look at is the cue's pull. Compare the gap between the two columns of each strip
 # plot, the shift histogram's mean, and the P(cue preferred), bias, Spearman and Best-of-4 rows:
 # the closer to the values of an invariant model (0.5, 0, 0, and 0.25 or less), the less the reward

@@ -45,9 +45,9 @@ def test_pip_install_then_import_from_outside_the_repo(tmp_path):
 
 
 def test_every_requirements_file_resolves_with_the_pinned_stack():
-  """`pip install -r requirements.txt -r <file>` must be installable as documented, the reference
-  and notebook files together (the reference
-  stack once pinned transformers 5.23.0, which needs safetensors >= 0.8, against 0.7.0). The peers
+  """`pip install -r requirements.txt -r <file>` must be installable as documented; the reference
+  and notebook files are resolved together with the stack (the reference stack once pinned
+  transformers 5.23.0, which needs safetensors >= 0.8, against 0.7.0). The peers
   and llama.cpp files are installed beside the stack with --no-deps (their own bounds would move
   jax), so for them the check is that they pin nothing the stack pins differently."""
   root = testing.REPO_ROOT

@@ -18,7 +18,10 @@ One step:
      reward_mean and the group filter keep the source's reward;
   5. update: `num_iterations` passes over the batch in `num_minibatches` minibatches, each one
      optimizer step of the clipped token-level surrogate (common.rl.loss) through
-     common.train_loop.make_train_step (jit, donated state), its rows sharded like `fit`'s batches.
+     common.train_loop.make_train_step (jit, donated state), its rows sharded like `fit`'s batches;
+     the update and the scoring forwards of step 2 run over the batch without the columns that
+     are padding in every row (rollout.trim_columns, rl.trim_multiple; 0: the whole padded
+     rectangle, as runs saved before the key existed, which resume only with it at 0).
 
 The run skeleton (common.train_loop.Run) owns the workdir, mesh, checkpoints, metrics, signals and
 results; the estimator's and the reward source's state ride in the checkpoint's `extra` as JSON.
@@ -31,7 +34,8 @@ uninterrupted one, and the result does not depend on the number of processes.
 Metrics per step (metrics.jsonl, TensorBoard): reward_mean, pass_at_1 (fraction of samples with
 reward >= 1), zero_signal_frac (groups whose advantages before batch standardisation are all
 |A| <= 1e-8), entropy (policy entropy per response token at temperature 1), kl, clip_frac,
-response_len, grad_norm, rollout_tok_s, update_tok_s, the estimator's and the reward source's own
+response_len, grad_norm, rollout_tok_s, update_tok_s (the input positions trained, after the
+trim, per second; a step that meets a new trimmed width also compiles), the estimator's and the reward source's own
 metrics, and with overlong shaping the mean penalty and the fraction of penalised responses.
 Evaluation: greedy pass@1 on the held-out prompts (`eval/pass_at_1`, and per cluster).
 

@@ -210,7 +210,8 @@ def trim_columns(batch: Mapping[str, np.ndarray], multiple: int) -> dict[str, np
   n = batch['targets'].shape[1]
   p = width - n + 1
   real_prompt = batch['segment_ids'][:, :p] > 0
-  first = int(np.argmax(real_prompt, axis=1).min()) if real_prompt.any() else p - 1
+  # A row without a prompt token (none in practice) reads as starting at the last prompt column.
+  first = int(np.where(real_prompt.any(1), np.argmax(real_prompt, axis=1), p - 1).min())
   keep_p = min(p, -(-(p - first) // multiple) * multiple)
   ends = (batch['completion_mask'] > 0) * np.arange(1, n + 1)[None, :]
   keep_n = min(n, max(-(-int(ends.max(initial=0)) // multiple), 1) * multiple)

@@ -208,3 +208,20 @@ def test_mesh_spec_is_in_canonical_order():
 def test_mesh_spec_after_override():
   c = config_lib.finalize(config_lib.base_config(), {'mesh.fsdp': '2', 'mesh.tensor': '2'})
   assert config_lib.mesh_spec(c) == [('data', -1), ('fsdp', 2), ('tensor', 2)]
+
+
+def test_a_key_added_since_a_run_was_saved_compares_as_its_legacy_value():
+  """An RL run saved before rl.trim_multiple existed trained the whole padded batch: it resumes
+  with the key at 0 (its maths), and the default (32) is named as the difference."""
+  saved = {'rl': {'group_size': 4}, 'seed': 0}
+  assert config_lib.with_added_keys(saved) == {
+    'rl': {'group_size': 4, 'trim_multiple': 0},
+    'seed': 0,
+  }
+  assert saved == {'rl': {'group_size': 4}, 'seed': 0}  # not modified
+  now = {'rl': {'group_size': 4, 'trim_multiple': 32}, 'seed': 0}
+  assert config_lib.resume_differences(saved, now) == ['rl.trim_multiple']
+  assert (
+    config_lib.resume_differences(saved, {**now, 'rl': {'group_size': 4, 'trim_multiple': 0}}) == []
+  )
+  assert config_lib.with_added_keys({'seed': 0}) == {'seed': 0}  # no rl section: nothing added

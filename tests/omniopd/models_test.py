@@ -216,6 +216,21 @@ def test_white_box_lm_teacher_gives_its_own_distribution_on_the_rollout():
   assert float(losses.reverse_kl(other[:, -n:], logp, mask)) > 1e-3
 
 
+def test_white_box_teacher_scores_a_trimmed_rollout_as_the_whole_one():
+  """The OPD arm hands the teacher the rollout without its all-padding columns
+  (rollout.trim_columns): the same distributions on the kept completion positions."""
+  teacher = models.WhiteBoxLMTeacher(toy.model(0), lambda p, q: [1], str, max_new_tokens=3)
+  rng = np.random.default_rng(1)
+  prompts = toy.prompts(4)  # 2-3 tokens, left-padded to 10 columns
+  toks, mask = rollout.pad_prompts(prompts, 10, 0)
+  completion = rng.integers(3, toy.VOCAB, (4, 8)).astype(np.int32)
+  batch = rollout.build_batch(toks, mask, completion, np.array([3, 1, 4, 2]))
+  trimmed = rollout.trim_columns(batch, 2)
+  assert trimmed['inputs'].shape == (4, 4 + 4 - 1)  # prompt 10 -> 4 columns, completion 8 -> 4
+  whole, cut = teacher.rollout_logprobs(batch), teacher.rollout_logprobs(trimmed)
+  np.testing.assert_allclose(cut, whole[:, :4], atol=1e-5)
+
+
 def test_candidates_forked_from_the_rollout_cache_equal_sampling_each_prefix_afresh():
   """K candidates forked from the rollout's own KV cache (no prefix prefilled again) equal K
   tiled copies of each whole prefix sampled from scratch with the same keys: forks at the first
