@@ -2,7 +2,9 @@
 
 Every method decodes the same held-out prompts greedily (the paper's setting) through the same
 compiled loop (`models.generate`; only the `models.Mixing` and the weights differ), for at most
-ANSWER_LEN tokens, and an answer counts when it equals the verified one exactly:
+ANSWER_LEN tokens, and an answer counts when it equals the verified one exactly (the SmolLM2 arm:
+at most data.max_new_tokens tokens, scored by reasoning-gym's verifier, `smollm2.grade`; its
+domains are math / string / logic and its experts math / string / general):
 
   per domain   accuracy on data.eval_per_domain held-out prompts of each of math / code / instruct;
   mixed        the mean of the three (the paper's "Avg" over its benchmarks);
@@ -46,39 +48,80 @@ from common.sampling import sampler
 from projects.fusionroute import experts as experts_lib
 from projects.fusionroute import input_pipeline as ip
 from projects.fusionroute import models
+from projects.fusionroute import smollm2 as sm
 
 ROUTER_METHODS = ('fusionroute', 'routing_only', 'router_lm', 'deferral')
 MERGES = ('task_arithmetic', 'ties', 'dare')
 
 
+def exact_match(
+  problems: Sequence[ip.Problem], tokens: np.ndarray, lengths: np.ndarray
+) -> tuple[list[str], np.ndarray]:
+  """The smoke's rule: (answers, correct) where an answer equals the verified one and ends (EOS)."""
+  del lengths  # decode() stops at EOS
+  answers = [ip.decode(t) for t in tokens]
+  correct = [
+    a == p.answer and ip.EOS in t for a, p, t in zip(answers, problems, tokens, strict=True)
+  ]
+  return answers, np.asarray(correct, bool)
+
+
 @dataclasses.dataclass
 class EvalSet:
-  """The held-out prompts: the domain set, then the flaw set (rows padded to whole batches)."""
+  """The held-out prompts: the domain set, then the flaw set (rows padded to whole batches), and
+  how they are decoded and graded (the smoke's defaults; the SmolLM2 arm's in `eval_set`)."""
 
-  problems: list[ip.Problem]
+  problems: list  # ip.Problem, or the SmolLM2 arm's reasoning-gym examples
   flaw: np.ndarray  # [R] bool: the row belongs to the flaw set
-  tokens: np.ndarray  # [R', PROMPT_LEN] left-padded prompts (R' >= R: whole batches)
-  mask: np.ndarray  # [R', PROMPT_LEN] bool
+  tokens: np.ndarray  # [R', P] left-padded prompts (R' >= R: whole batches)
+  mask: np.ndarray  # [R', P] bool
   domains: np.ndarray  # [R'] int32
   batch_size: int
+  grade: Callable[[Sequence, np.ndarray, np.ndarray], tuple[list[str], np.ndarray]] = exact_match
+  domain_names: tuple[str, ...] = ip.DOMAINS
+  expert_names: tuple[str, ...] = ip.DOMAINS  # expert i is the expert of domain i
+  max_new_tokens: int = ip.ANSWER_LEN
+  eos_id: int = ip.EOS
+  pad_id: int = ip.PAD
 
   @property
   def rows(self) -> int:
     return len(self.problems)
 
 
+def is_smollm2(config: ml_collections.ConfigDict) -> bool:
+  return config.experts.source == sm.SOURCE
+
+
 def eval_set(config: ml_collections.ConfigDict) -> EvalSet:
-  problems = ip.eval_problems(config)
-  flaw = ip.flaw_problems(config)
-  every = problems + flaw
   b = config.eval.batch_size
+  if is_smollm2(config):
+    every = sm.eval_problems(config)
+    prompts = sm.prompts_of(sm.tokenizer(), every)
+    problem_domains = [p['domain'] for p in every]
+    flaw = np.zeros(len(every), bool)
+    pad, length = sm.PAD, sm.PROMPT_LEN
+    decoding = dict(
+      grade=sm.grade,
+      domain_names=sm.DOMAINS,
+      expert_names=sm.EXPERTS,
+      max_new_tokens=config.data.max_new_tokens,
+      eos_id=sm.tokenizer().eos_id,
+      pad_id=sm.PAD,
+    )
+  else:
+    problems, flaw_set = ip.eval_problems(config), ip.flaw_problems(config)
+    every = problems + flaw_set
+    prompts = [ip.prompt_ids(p) for p in every]
+    problem_domains = [p.domain for p in every]
+    flaw = np.asarray([False] * len(problems) + [True] * len(flaw_set))
+    pad, length = ip.PAD, ip.PROMPT_LEN
+    decoding = {}
   total = -(-len(every) // b) * b
-  prompts = [ip.prompt_ids(p) for p in every]
   prompts += [prompts[0]] * (total - len(every))
-  tokens, mask = sampler.pad_prompts(prompts, side='left', pad_id=ip.PAD, length=ip.PROMPT_LEN)
-  domains = np.asarray([p.domain for p in every] + [every[0].domain] * (total - len(every)))
-  is_flaw = np.asarray([False] * len(problems) + [True] * len(flaw))
-  return EvalSet(every, is_flaw, tokens, mask, domains.astype(np.int32), b)
+  tokens, mask = sampler.pad_prompts(prompts, side='left', pad_id=pad, length=length)
+  domains = np.asarray(problem_domains + [problem_domains[0]] * (total - len(every)), np.int32)
+  return EvalSet(every, flaw, tokens, mask, domains, b, **decoding)
 
 
 @dataclasses.dataclass
@@ -114,9 +157,9 @@ def decode(
         inputs[0],
         mix,
         prompt_mask=inputs[1],
-        max_new_tokens=ip.ANSWER_LEN,
-        eos_id=ip.EOS,
-        pad_id=ip.PAD,
+        max_new_tokens=es.max_new_tokens,
+        eos_id=es.eos_id,
+        pad_id=es.pad_id,
       )
     gen = sharding.gather_rows(gen)
     toks.append(np.asarray(gen.tokens))
@@ -125,12 +168,10 @@ def decode(
     lens.append(np.asarray(gen.lengths))
   r = es.rows
   tokens, logprobs = np.concatenate(toks)[:r], np.concatenate(lps)[:r]
-  lengths = np.maximum(np.concatenate(lens)[:r], 1)
-  answers = [ip.decode(t) for t in tokens]
-  correct = np.asarray([a == p.answer for a, p in zip(answers, es.problems, strict=True)])
-  # A correct answer must also end: decode() stops at EOS, so check that EOS was emitted.
-  ended = np.asarray([ip.EOS in t for t in tokens])
-  return Decoded(answers, correct & ended, logprobs.sum(1) / lengths, np.concatenate(sels)[:r])
+  lengths = np.concatenate(lens)[:r]
+  answers, correct = es.grade(es.problems, tokens, lengths)
+  mean_logprob = logprobs.sum(1) / np.maximum(lengths, 1)
+  return Decoded(answers, correct, mean_logprob, np.concatenate(sels)[:r])
 
 
 class _mesh_context:  # noqa: N801 - a context manager used like a function
@@ -154,7 +195,7 @@ def summarize(d: Decoded, es: EvalSet) -> dict[str, float]:
   out = {}
   domain_rows = ~es.flaw
   accs = []
-  for i, name in enumerate(ip.DOMAINS):
+  for i, name in enumerate(es.domain_names):
     rows = domain_rows & (es.domains[: es.rows] == i)
     accs.append(float(d.correct[rows].mean()))
     out[name] = accs[-1]
@@ -169,9 +210,10 @@ def summarize(d: Decoded, es: EvalSet) -> dict[str, float]:
 
 
 def mixings(
-  n: int, defer_threshold: float = 0.5
+  n: int, defer_threshold: float = 0.5, expert_names: Sequence[str] = ip.DOMAINS
 ) -> dict[str, Callable[[int, np.ndarray], models.Mixing]]:
-  """Method name -> mixing(batch, domains) for the decoding rules over a model's own router."""
+  """Method name -> mixing(batch, domains) for the decoding rules over a model's own router
+  (`expert_<name>`: expert i alone, named by expert_names[i])."""
   out = {
     'deferral': lambda b, _: models.deferral(b, n, defer_threshold),
     'fusionroute': lambda b, _: models.fusionroute(b, n),
@@ -180,7 +222,7 @@ def mixings(
     'uniform': lambda b, _: models.uniform(b, n),
     'oracle': lambda _, domains: models.oracle(domains, n),
   }
-  for i, name in enumerate(ip.DOMAINS):
+  for i, name in enumerate(expert_names):
     out[f'expert_{name}'] = lambda b, _, i=i: models.single_expert(b, n, i)
   return out
 
@@ -194,7 +236,7 @@ def evaluate_methods(
   rules=sharding.DEFAULT_RULES,
   defer_threshold: float = 0.5,
 ) -> dict[str, Decoded]:
-  table = mixings(model.num_experts, defer_threshold)
+  table = mixings(model.num_experts, defer_threshold, es.expert_names)
   return {m: decode(model, es, table[m], mesh=mesh, rules=rules) for m in methods}
 
 
@@ -230,7 +272,7 @@ def heldout_loss(
 def make_eval_fn(config: ml_collections.ConfigDict, mesh, rules) -> Callable:
   """fit's eval_fn(model, step): the router methods' accuracies and the held-out loss."""
   es = eval_set(config)
-  rows = ip.eval_rows(ip.eval_problems(config))
+  rows = sm.eval_rows(config) if is_smollm2(config) else ip.eval_rows(ip.eval_problems(config))
   methods = ROUTER_METHODS if config.method == 'fusionroute' else ('router_lm',)
 
   def evaluate(model, step):
@@ -292,10 +334,10 @@ def baselines(
   logit averaging, oracle domain routing, sequence selection and the three merges. `model` supplies
   the experts (its router is unused by these mixings, except the merges', which replace it)."""
   es = eval_set(config)
-  names = [f'expert_{d}' for d in ip.DOMAINS]
+  names = [f'expert_{e}' for e in es.expert_names]
   results = evaluate_methods(model, es, [*names, 'uniform', 'oracle'], mesh=mesh, rules=rules)
   results['sequence_selection'] = sequence_selection([results[n] for n in names], es)
-  table = mixings(model.num_experts)
+  table = mixings(model.num_experts, expert_names=es.expert_names)
   for merge in MERGES:
     merged = with_router_lm(model, params=merged_params(ex, merge, config))
     results[merge] = decode(merged, es, table['router_lm'], mesh=mesh, rules=rules)

@@ -172,13 +172,16 @@ def decoder_with(cfg: ExpertsConfig, params: dict, dtype: str = 'float32') -> de
   """A decoder holding `params`, built from abstract shapes: no random initial weights are drawn
   only to be overwritten (eager random init of every model was a large share of a smoke run's
   time). Equal to load_params(new_decoder(cfg, dtype), params)."""
+  return decoder_from(decoder_config(cfg, dtype), params)
+
+
+def decoder_from(dcfg: decoder.DecoderConfig, params: dict) -> decoder.Decoder:
+  """`decoder_with` for any decoder shapes (the SmolLM2 arm's experts too)."""
   captured = {}
 
   def split():  # jax.eval_shape: nnx.eval_shape would read the annotations as a mesh's axes
     with sharding.unsharded():
-      captured['graphdef'], state = nnx.split(
-        decoder.Decoder(decoder_config(cfg, dtype), rngs=nnx.Rngs(0))
-      )
+      captured['graphdef'], state = nnx.split(decoder.Decoder(dcfg, rngs=nnx.Rngs(0)))
     return state
 
   state = jax.eval_shape(split)

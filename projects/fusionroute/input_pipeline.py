@@ -249,11 +249,12 @@ def router_seed(config: ml_collections.ConfigDict) -> int:
 ROUTER_SEED_OFFSET = 1000
 
 
-def train_iterator(config: ml_collections.ConfigDict):
-  """Stage 1's iterator: balanced SFT rows of the three domains, data.batch_size per step."""
-  d = config.data
-  source = SFTSource(router_seed(config), d.flaw)
-  return data.batch_iterator(source, global_batch_size=d.batch_size)
+def train_iterator(config: ml_collections.ConfigDict, source=None):
+  """Stage 1's iterator: balanced SFT rows of the three domains, data.batch_size per step (rows of
+  `source`, by default the smoke's SFTSource)."""
+  if source is None:
+    source = SFTSource(router_seed(config), config.data.flaw)
+  return data.batch_iterator(source, global_batch_size=config.data.batch_size)
 
 
 def eval_rows(problems: Sequence[Problem]) -> dict[str, np.ndarray]:
@@ -368,15 +369,18 @@ def pair_rows(pref: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
   return out
 
 
-def mix_iterator(config: ml_collections.ConfigDict, pairs: Mapping[str, np.ndarray]):
-  """Stage 2's iterator: data.batch_size SFT rows and data.batch_size preference pairs per step
-  ({'sft': rows, 'pref': pref_items}; pairs must carry the reference log-probs PREF_REF_KEYS)."""
+def mix_iterator(config: ml_collections.ConfigDict, pairs: Mapping[str, np.ndarray], sft=None):
+  """Stage 2's iterator: data.batch_size SFT rows (of `sft`, by default the smoke's SFTSource) and
+  data.batch_size preference pairs per step ({'sft': rows, 'pref': pref_items}; pairs must carry
+  the reference log-probs PREF_REF_KEYS)."""
   d = config.data
   missing = [k for k in PREF_REF_KEYS if k not in pairs]
   if missing:
     raise ValueError(f'pairs lack the reference log-probs {missing}')
   seed = router_seed(config)
-  source = MixSource(SFTSource(seed, d.flaw), pairs, seed, offset=1 << 36)
+  if sft is None:
+    sft = SFTSource(seed, d.flaw)
+  source = MixSource(sft, pairs, seed, offset=1 << 36)
   return data.batch_iterator(
     source,
     global_batch_size=d.batch_size,

@@ -22,6 +22,14 @@ that the verifier rejects (the domain's own expert first), as in the smoke.
 The fine-tuned adapters are cached outside the repo under a fingerprint of this code, the task
 specs and the training settings (`ExpertSpec.key`), so the experts train once per machine; a
 merged expert is rebuilt from the pretrained weights plus its cached adapter in seconds.
+
+The launcher's arm (`experiments/fusionroute/configs/base.py:smollm2`, experts.source='smollm2')
+reads its pieces from here, in the shapes `train` and `evaluate` take from the smoke's modules:
+`load_experts` (an `Experts` like experts.Experts: base = SmolLM2, experts = math, string,
+general), `sft_source` (the router's balanced rows), `eval_problems` / `grade` / `eval_rows` (the
+held-out questions, the verifier, the held-out loss rows) and `preference_pairs` (cached with the
+experts' keys). Each domain's train questions are split once: the first data.pair_prompts make
+the preference pairs, the rest the router's SFT rows.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -40,10 +49,12 @@ from absl import logging
 from flax import nnx
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
 from common import cache
+from common import config as config_lib
 from common import losses as lm_losses
 from common import sharding
 from common.adapters import core as adapters
@@ -53,6 +64,7 @@ from common.models import decoder
 from common.models import loader
 from common.preference import scoring
 from common.sampling import sampler
+from projects.fusionroute import experts as experts_lib
 from projects.fusionroute import input_pipeline as ip
 
 ASSET = 'smollm2'
@@ -61,6 +73,9 @@ EXPERTS = ('math', 'string', 'general')  # expert i is the expert of DOMAINS[i]
 SYSTEM = 'Reply with the final answer only.'
 LORA_PATTERN = r'layers/\d+/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)'
 PAD = 0  # <|endoftext|>; <|im_end|> (2) is the reply's end
+SOURCE = 'smollm2'  # config.experts.source of this arm
+PROMPT_LEN = 80  # the longest chat prompt of the three families is 73 tokens
+TRAIN_EXAMPLES, TEST_EXAMPLES = 2000, 200  # per domain (math's test split: 94 after de-duplication)
 
 
 def task_specs(train: int, test: int) -> dict[str, rgd.TaskSpec]:
@@ -193,6 +208,20 @@ EXPERT_SPECS = {
   'math': ExpertSpec('math', steps=120, seq_len=40),
   'string': ExpertSpec('string', steps=40, seq_len=88),
 }
+
+
+def expert_specs(config: ml_collections.ConfigDict) -> dict[str, ExpertSpec]:
+  """The arm's LoRA experts: EXPERT_SPECS with config.experts.lora_steps (math, string) steps (the
+  defaults give the pilot's specs, so the pilot's cached adapters serve the arm)."""
+  steps = tuple(int(s) for s in config.experts.lora_steps)
+  if len(steps) != len(EXPERT_SPECS):
+    raise config_lib.ConfigError(
+      f'experts.lora_steps={steps} needs one entry per LoRA expert {tuple(EXPERT_SPECS)}'
+    )
+  return {
+    name: dataclasses.replace(spec, steps=n)
+    for (name, spec), n in zip(EXPERT_SPECS.items(), steps, strict=True)
+  }
 
 
 def row_loss(model, batch) -> jax.Array:
@@ -381,3 +410,191 @@ def pairs(
   out['domain'] = np.asarray(domain, np.int32)
   out['expert'] = np.asarray(expert_of, np.int32)
   return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# The launcher's arm (config.experts.source == SOURCE).
+
+
+def decoder_config(dtype: str = 'float32') -> decoder.DecoderConfig:
+  """SmolLM2-135M-Instruct's shapes (the router LM and every expert)."""
+  return loader.load_config(ASSET, dtype=dtype)
+
+
+@dataclasses.dataclass
+class Experts:
+  """The arm's experts as host parameter dicts, read as experts.Experts is by `train` and
+  `evaluate`: `base` = SmolLM2-135M-Instruct (the merges' common base and the router's 'base'
+  init), `experts` = (math, string, general) in EXPERTS order, general being the base itself."""
+
+  base: dict
+  experts: list[dict]
+  curves: dict[str, list[float]]
+  key: str
+
+  def decoders(self, dtype: str = 'float32') -> list[decoder.Decoder]:
+    cfg = decoder_config(dtype)
+    return [experts_lib.decoder_from(cfg, p) for p in self.experts]
+
+  def base_decoder(self, dtype: str = 'float32') -> decoder.Decoder:
+    return experts_lib.decoder_from(decoder_config(dtype), self.base)
+
+
+def load_experts(config: ml_collections.ConfigDict, log: Callable = logging.info) -> Experts:
+  """SmolLM2 and its two merged LoRA experts (adapters trained on first use, then cached)."""
+  specs = expert_specs(config)
+  merged, curves = {}, {}
+  for name, spec in specs.items():
+    merged[name], record = expert(spec, log)
+    curves[name] = record['curve']
+  model, _ = pretrained()
+  base = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+  params = {**merged, 'general': base}
+  key = hashlib.sha256('|'.join(s.key() for s in specs.values()).encode()).hexdigest()[:20]
+  return Experts(base=base, experts=[params[e] for e in EXPERTS], curves=curves, key=key)
+
+
+@functools.lru_cache(maxsize=1)
+def tokenizer():
+  return loader.load_tokenizer(ASSET)
+
+
+@functools.lru_cache(maxsize=4)
+def _examples(seed: int) -> dict[str, dict[str, list[dict]]]:
+  return load_examples(TRAIN_EXAMPLES, TEST_EXAMPLES, seed)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The arm's data keys, one line per problem (before a run creates its workdir)."""
+  missing = [
+    f'{group}.{key}'
+    for group, key in (('experts', 'lora_steps'), ('data', 'seq_len'), ('data', 'max_new_tokens'))
+    if key not in config[group]
+  ]
+  if missing:
+    raise config_lib.ConfigError(
+      f'experts.source={SOURCE!r} needs {", ".join(missing)}: start from the smollm2 variant '
+      '(configs/base.py:smollm2)'
+    )
+  d = config.data
+  problems = []
+  if d.pair_prompts >= TRAIN_EXAMPLES:
+    problems.append(
+      f'data.pair_prompts={d.pair_prompts} leaves no SFT rows of {TRAIN_EXAMPLES} train '
+      'questions per domain'
+    )
+  if d.flaw != 'none':
+    problems.append(f"data.flaw={d.flaw!r}: the SmolLM2 experts have no planted flaw; use 'none'")
+  if d.max_new_tokens < 1 or d.seq_len < 1:
+    problems.append(
+      f'data.max_new_tokens={d.max_new_tokens} and data.seq_len={d.seq_len} must be >= 1'
+    )
+  if problems:
+    raise config_lib.ConfigError('; '.join(problems))
+  expert_specs(config)
+  test = _examples(d.seed)
+  short = {
+    dom: len(test[dom]['test']) for dom in DOMAINS if len(test[dom]['test']) < d.eval_per_domain
+  }
+  if short:
+    raise config_lib.ConfigError(
+      f'data.eval_per_domain={d.eval_per_domain} exceeds the held-out questions of {short}'
+    )
+
+
+class SFTSource:
+  """The router's training rows: item g is a row of domain g % 3 (balanced), each domain's rows
+  visited in a fresh order every epoch (a seeded permutation per domain and epoch), so item g is
+  a function of (seed, g) only and a resumed run reads the same rows."""
+
+  def __init__(self, rows: Sequence[Sequence[dict]], seed: int):
+    if any(not r for r in rows):
+      raise ValueError('a domain has no SFT rows')
+    self.rows, self.seed = [list(r) for r in rows], seed
+
+  def __len__(self) -> int:
+    return 1 << 40
+
+  def _order(self, domain: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([self.seed, 0x5F7, domain, epoch]).permutation(
+      len(self.rows[domain])
+    )
+
+  def __getitem__(self, g: int) -> dict[str, np.ndarray]:
+    g = int(g)
+    dom = g % len(self.rows)
+    epoch, pos = divmod(g // len(self.rows), len(self.rows[dom]))
+    return self.rows[dom][int(self._order(dom, epoch)[pos])]
+
+
+def sft_source(config: ml_collections.ConfigDict) -> SFTSource:
+  """Balanced rows of every domain's train questions past the first data.pair_prompts."""
+  d, tok = config.data, tokenizer()
+  data = _examples(d.seed)
+  rows = [
+    domain_rows(tok, data[dom]['train'][d.pair_prompts :], i, d.seq_len)
+    for i, dom in enumerate(DOMAINS)
+  ]
+  return SFTSource(rows, ip.router_seed(config))
+
+
+def eval_problems(config: ml_collections.ConfigDict) -> list[dict]:
+  """data.eval_per_domain held-out questions of each domain, domain-major (with 'domain' set)."""
+  data = _examples(config.data.seed)
+  return [
+    {**ex, 'domain': i}
+    for i, dom in enumerate(DOMAINS)
+    for ex in data[dom]['test'][: config.data.eval_per_domain]
+  ]
+
+
+def grade(
+  problems: Sequence[dict], tokens: np.ndarray, lengths: np.ndarray, tok=None
+) -> tuple[list[str], np.ndarray]:
+  """(decoded answers, verifier-correct [R] bool) of greedy completions (`score`'s rule)."""
+  tok = tok or tokenizer()
+  answers = [
+    tok.decode([int(t) for t in row[: int(n)]]) for row, n in zip(tokens, lengths, strict=True)
+  ]
+  return answers, score(tok, problems, tokens, lengths) > 0
+
+
+def eval_rows(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """SFT rows of the held-out questions (the router LM's held-out loss)."""
+  tok, d = tokenizer(), config.data
+  rows = []
+  for p in eval_problems(config):
+    rows += domain_rows(tok, [p], p['domain'], d.seq_len)
+  return stack(rows)
+
+
+def preference_pairs(config: ml_collections.ConfigDict, ex: Experts) -> dict[str, np.ndarray]:
+  """`pairs` over the first data.pair_prompts train questions of each domain, from every expert's
+  greedy answers (data.max_new_tokens), cached under the experts' key; 'flaw' is all False."""
+  d, tok = config.data, tokenizer()
+  data = _examples(d.seed)
+  examples = {dom: data[dom]['train'][: d.pair_prompts] for dom in DOMAINS}
+  src = inspect.getsource(pairs) + inspect.getsource(greedy) + inspect.getsource(prompt_ids)
+  key = hashlib.sha256(
+    f'{ex.key}|{d.seed}|{d.pair_prompts}|{d.max_new_tokens}|{src}'.encode()
+  ).hexdigest()[:20]
+  path = cache.cache_dir('fusionroute', 'smollm2_pairs') / f'{key}.npz'
+
+  def compute():
+    answers = []
+    for name, model in zip(EXPERTS, ex.decoders(), strict=True):
+      t0 = time.perf_counter()
+      answers.append(
+        {
+          dom: greedy(
+            model, prompts_of(tok, exs), d.max_new_tokens, tok.eos_id, config.eval.batch_size
+          )
+          for dom, exs in examples.items()
+        }
+      )
+      logging.info('pair answers of the %s expert: %.0f s', name, time.perf_counter() - t0)
+    out = pairs(tok, examples, answers, PROMPT_LEN, d.max_new_tokens + 1)
+    out['flaw'] = np.zeros(len(out['domain']), bool)
+    return out
+
+  return cache.load_or_compute(path, compute)

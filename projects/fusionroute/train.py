@@ -24,6 +24,10 @@ The model (models.FusionRoute) holds the router (the base LM every expert was fi
 a fresh routing head seeded by config.seed) and the frozen experts (experts.py: trained once and
 cached). `config.method='finetuned'` trains the paper's fine-tuned baseline instead: the same
 stages with routing off (L_LM, then SFT + plain DPO), evaluated as the router LM alone.
+
+config.experts.source picks the experts and their data: 'tiny' (the smoke's procedural domains,
+experts.py and input_pipeline.py) or 'smollm2' (SmolLM2-135M-Instruct and its merged LoRA experts
+on reasoning-gym families, smollm2.py); the stages, losses and evaluation are the same code.
 """
 
 from __future__ import annotations
@@ -38,36 +42,47 @@ import ml_collections
 
 from common import checkpoint as ckpt_lib
 from common import config as config_lib
-from common import errors
 from common import metrics as metrics_lib
 from common import optim
 from common import sharding
 from common import train_loop
+from common.models import decoder
 from common.preference import reference
 from projects.fusionroute import evaluate
 from projects.fusionroute import experts as experts_lib
 from projects.fusionroute import input_pipeline
 from projects.fusionroute import losses
 from projects.fusionroute import models
+from projects.fusionroute import smollm2 as sm
 
 METHODS = ('fusionroute', 'finetuned')
-ROUTER_INITS = ('base', *input_pipeline.DOMAINS)
+SOURCES = ('tiny', sm.SOURCE)
 STAGE1_DIR = 'stage1'
 BASELINES_FILE = 'baselines.json'
 
 
-class NotAvailable(errors.UserError):
-  """A configuration this code cannot run yet (e.g. the SmolLM2 experts, issue #20 item 4)."""
+def is_smollm2(config: ml_collections.ConfigDict) -> bool:
+  return config.experts.source == sm.SOURCE
+
+
+def domains(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The evaluation domains; expert i is domain i's (router.init names one, or 'base')."""
+  return sm.DOMAINS if is_smollm2(config) else input_pipeline.DOMAINS
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
+  if config.experts.source not in SOURCES:
+    raise config_lib.ConfigError(
+      f'experts.source={config.experts.source!r} is not one of {SOURCES}'
+    )
   input_pipeline.check_config(config)
   problems = []
   if config.method not in METHODS:
     problems.append(f'method={config.method!r} is not one of {METHODS}')
-  if config.router.init not in ROUTER_INITS:
-    problems.append(f'router.init={config.router.init!r} is not one of {ROUTER_INITS}')
-  if len(config.experts.steps) != len(input_pipeline.DOMAINS):
+  inits = ('base', *domains(config))
+  if config.router.init not in inits:
+    problems.append(f'router.init={config.router.init!r} is not one of {inits}')
+  if not is_smollm2(config) and len(config.experts.steps) != len(input_pipeline.DOMAINS):
     problems.append(
       f'experts.steps has {len(config.experts.steps)} entries; one per domain '
       f'{input_pipeline.DOMAINS} is needed'
@@ -78,46 +93,61 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     problems.append(f'debug.stage={config.debug.stage} must be 1 or 2')
   if problems:
     raise config_lib.ConfigError('; '.join(problems))
-  if config.experts.source != 'tiny':
-    raise NotAvailable(
-      f'experts.source={config.experts.source!r}: only the tiny procedural experts exist so far; '
-      'the SmolLM2-135M experts (adapter fine-tunes on reasoning-gym, issue #20 item 4) are not '
-      'built yet'
-    )
+  if is_smollm2(config):
+    sm.check_config(config)
 
 
 # ---------------------------------------------------------------------------------------------------
 # The model.
 
 
-def load_experts(config: ml_collections.ConfigDict) -> experts_lib.Experts:
+def load_experts(config: ml_collections.ConfigDict) -> experts_lib.Experts | sm.Experts:
+  if is_smollm2(config):
+    return sm.load_experts(config)
   return experts_lib.load(experts_lib.ExpertsConfig.from_config(config))
 
 
+def decoder_config(config: ml_collections.ConfigDict) -> decoder.DecoderConfig:
+  """The shapes of the router LM and of every expert."""
+  if is_smollm2(config):
+    return sm.decoder_config(config.dtype)
+  return experts_lib.decoder_config(experts_lib.ExpertsConfig.from_config(config), config.dtype)
+
+
 def build_model(
-  config: ml_collections.ConfigDict, ex: experts_lib.Experts | None
+  config: ml_collections.ConfigDict, ex: experts_lib.Experts | sm.Experts | None
 ) -> models.FusionRoute:
   """The router (LM from config.router.init, fresh head seeded by config.seed) and the frozen
   experts; `ex=None` gives the same structure with random weights (abstract shapes, eval_shape)."""
-  cfg = experts_lib.ExpertsConfig.from_config(config)
-  n = len(input_pipeline.DOMAINS)
+  dcfg = decoder_config(config)
+  n = len(domains(config))
   with sharding.unsharded():
     if ex is not None:  # built from the loaded weights (no random init drawn to be overwritten)
-      init = ex.base if config.router.init == 'base' else ex.experts[_domain(config.router.init)]
-      lm = experts_lib.decoder_with(cfg, init, config.dtype)
+      init = (
+        ex.base
+        if config.router.init == 'base'
+        else ex.experts[domains(config).index(config.router.init)]
+      )
+      lm = experts_lib.decoder_from(dcfg, init)
+      experts = [experts_lib.decoder_from(dcfg, p) for p in ex.experts]
     else:
-      lm = experts_lib.new_decoder(cfg, config.dtype)
+      lm = decoder.Decoder(dcfg, rngs=nnx.Rngs(0))
+      experts = [decoder.Decoder(dcfg, rngs=nnx.Rngs(0)) for _ in range(n)]
     router = models.Router(lm, n, rngs=nnx.Rngs(config.seed))
-    experts = (
-      ex.decoders(config.dtype)
-      if ex is not None
-      else [experts_lib.new_decoder(cfg, config.dtype) for _ in range(n)]
-    )
     return models.FusionRoute(router, experts)
 
 
-def _domain(name: str) -> int:
-  return input_pipeline.DOMAINS.index(name)
+def sft_source(config: ml_collections.ConfigDict):
+  """The router's SFT rows (both stages; stage 2 reads them from index 2**36 on)."""
+  if is_smollm2(config):
+    return sm.sft_source(config)
+  return input_pipeline.SFTSource(input_pipeline.router_seed(config), config.data.flaw)
+
+
+def preference_pairs(config: ml_collections.ConfigDict, ex) -> dict:
+  if is_smollm2(config):
+    return sm.preference_pairs(config, ex)
+  return experts_lib.pairs(config, ex)
 
 
 def create_state_fn(config: ml_collections.ConfigDict, num_steps: int, ex=None) -> Callable:
@@ -174,7 +204,7 @@ def run_stage1(
       run,
       create_state=create_state_fn(c1, run.num_steps),
       loss_fn=losses.stage1_loss_fn(c1),
-      train_iter=input_pipeline.train_iterator(c1),
+      train_iter=input_pipeline.train_iterator(c1, sft_source(c1)),
       eval_fn=evaluate.make_eval_fn(c1, run.mesh, run.rules),
       initial_state=lambda spec: host_state(c1, run.num_steps, ex, spec),
       learning_rate=optim.learning_rate(c1.optimizer, run.num_steps),
@@ -193,11 +223,10 @@ def reference_pairs(
   config: ml_collections.ConfigDict,
   run: train_loop.Run,
   model: models.FusionRoute,
-  ex: experts_lib.Experts,
+  pairs: dict,
 ) -> dict:
   """The preference pairs with CDPO's reference log-probs: the stage-1 router LM's, computed once
   (common.preference.reference; cached under WORKDIR/reference, so a resumed stage 2 reads them)."""
-  pairs = experts_lib.pairs(config, ex)
   with jax.set_mesh(run.mesh), sharding.axis_rules(run.rules):
     ref = reference.reference_logps(
       model.router.lm,
@@ -225,13 +254,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
     if run.finished:
       return train_loop.FitResult.of_finished(run)
     ex = load_experts(config)
+    # The experts' answers to the pair prompts (cached on disk) before stage 1, so that the host
+    # copies of the experts can go before stage 2 (the SmolLM2 arm's are 1.6 GB).
+    pairs = preference_pairs(config, ex)
     run_stage1(given, run.workdir / STAGE1_DIR, ex)
+    del ex
     num_steps = run.num_steps
     create = create_state_fn(config, num_steps)
     spec = train_loop.abstract_state(create, run.mesh, run.rules)
     with jax.set_mesh(run.mesh):
       stage1 = stage1_model(run.workdir / STAGE1_DIR, spec)
-    pairs = reference_pairs(config, run, stage1, ex)
+    pairs = reference_pairs(config, run, stage1, pairs)
 
     def initial_state(spec):
       # Stage 1's model and a fresh optimizer (zero moments, step 0), placed as `spec` says; the
@@ -248,7 +281,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
       run,
       create_state=create,
       loss_fn=losses.stage2_loss_fn(config),
-      train_iter=input_pipeline.mix_iterator(config, pairs),
+      train_iter=input_pipeline.mix_iterator(config, pairs, sft_source(config)),
       eval_fn=evaluate.make_eval_fn(config, run.mesh, run.rules),
       initial_state=initial_state,
       learning_rate=optim.learning_rate(config.optimizer, num_steps),

@@ -116,3 +116,58 @@ def test_smollm2_experts_share_the_vocabulary_and_prompts_end_with_the_assistant
   sm.add_lora(model, rank=2, seed=0)
   merged = sm.merged_params(model)
   jax.tree.map(np.testing.assert_array_equal, merged, base)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The launcher's arm (experts.source='smollm2').
+
+
+def _rows(n: int, domain: int) -> list[dict]:
+  return [ip.reply_row([1, 3 + i], [4 + i, 2], 4, domain) for i in range(n)]
+
+
+def test_sft_source_is_balanced_and_visits_every_row_once_per_epoch():
+  rows = [_rows(3, 0), _rows(2, 1), _rows(4, 2)]
+  src = sm.SFTSource(rows, seed=7)
+  items = [src[g] for g in range(3 * 12)]
+  assert [int(r['domain']) for r in items[:6]] == [0, 1, 2, 0, 1, 2]
+  for dom, n in enumerate((3, 2, 4)):
+    firsts = [int(r['inputs'][1]) for r in items[dom::3][:n]]  # the first epoch of the domain
+    assert sorted(firsts) == [3 + i for i in range(n)]
+  again = sm.SFTSource(rows, seed=7)
+  for g in (0, 5, 35, (1 << 36) + 11):  # a function of (seed, g) only: resumable
+    np.testing.assert_array_equal(src[g]['inputs'], again[g]['inputs'])
+  other = [int(sm.SFTSource(rows, seed=8)[g]['inputs'][1]) for g in range(36)]
+  assert other != [int(r['inputs'][1]) for r in items]
+  with pytest.raises(ValueError, match='no SFT rows'):
+    sm.SFTSource([rows[0], []], seed=0)
+
+
+def test_grade_scores_verbose_answers_with_the_verifier_and_cuts_at_the_length():
+  tok = _Tok()
+  problems = [
+    {'task': 'basic_arithmetic', 'question': '1 + 1 =', 'answer': '2', 'metadata': '{}'},
+    {'task': 'basic_arithmetic', 'question': '2 + 3 =', 'answer': '5', 'metadata': '{}'},
+    {'task': 'basic_arithmetic', 'question': '2 + 2 =', 'answer': '4', 'metadata': '{}'},
+  ]
+  texts = ['2', '6', '4']
+  toks = [tok.encode(t) + [2] for t in texts]
+  tokens = np.asarray([t + [3 + ord('9')] * (4 - len(t)) for t in toks])  # junk after the end
+  answers, correct = sm.grade(problems, tokens, np.asarray([2, 2, 1]), tok=tok)
+  assert answers == ['2', '6', '4']
+  np.testing.assert_array_equal(correct, [True, False, True])
+
+
+def test_check_config_names_what_the_arm_needs():
+  from experiments.fusionroute.configs import base
+
+  with pytest.raises(Exception, match='needs experts.lora_steps'):
+    sm.check_config(base.get_config('smoke,experts.source=smollm2'))
+  with pytest.raises(Exception, match="no planted flaw"):
+    sm.check_config(base.get_config('smollm2,data.flaw=carry9'))
+  three = base.get_config('smollm2')
+  three.experts.lora_steps = (1, 2, 3)
+  with pytest.raises(Exception, match='one entry per LoRA expert'):
+    sm.expert_specs(three)
+  specs = sm.expert_specs(base.get_config('smollm2'))
+  assert specs == sm.EXPERT_SPECS  # the default arm reads the pilot's cached adapters

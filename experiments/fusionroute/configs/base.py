@@ -22,24 +22,18 @@ Variants (times on the shared 2-core machine with the experts cached):
          (most of it compilation).
   (default): the same experts, stage 1 600 + stage 2 600 steps, 256 held-out prompts per domain.
          About 6 minutes (not yet run by the claims suite).
-  smollm2: the issue's real-model arm. Its experts exist (projects/fusionroute/smollm2.py:
-         SmolLM2-135M-Instruct as general expert and router init, math and string experts as
-         merged LoRA fine-tunes of it on reasoning-gym families, same tokenizer) and are measured
-         by experiments/fusionroute/smollm2_pilot.py (expert x domain matrix, router steps, fused
-         decoding); the launcher still stops on experts.source=smollm2 with a one-line error
-         (the two-stage Run's input pipeline, evaluation and pairs are the tiny procedural ones).
-         Measured per-step costs on the 2 shared cores (2026-12-06, load average 10-17; quiet
-         figures where we saw them): LoRA expert step (8 rows, rank 16 on all 210 projections)
-         1.5 s quiet / 11 s median under load at 40 tokens, 13-30 s under load at 88 tokens;
-         greedy evaluation of 32 questions x 24 tokens by one model 10-46 s under load; router
-         stage-1 step (6 rows x 88 tokens: router forward + backward, 3 expert forwards, AdamW on
-         135M parameters) 68-77 s under load, compilation included in the first; 5-12 s at load 5-11
-         once compiled (the 30-step pilot, 03:05 UTC). Estimate for the
-         planned arm (stage 1 400 + stage 2 400 steps of 8 SFT rows (+ 8 pairs), 4 forwards of
-         135M per row): at the loaded router-step cost it is about 400 x 90 s + 400 x 250 s, some
-         38 hours; at a quiet machine's cost (about 8x less, as for the LoRA step) about 5 hours,
-         not the hour the issue hoped for. An hour fits about 60 + 60 steps, or the 400 + 400 with
-         rows of about 40 tokens and 4 rows per step. Not run.
+  smollm2: the issue's real-model arm (projects/fusionroute/smollm2.py): SmolLM2-135M-Instruct as
+         the general expert and the router's init (router.init='base', as the paper starts its
+         router from its instruct expert), math and string experts as merged LoRA fine-tunes of
+         it on reasoning-gym families (the same tokenizer; experts.lora_steps), held-out domains
+         math / string / logic (syllogism, seen by no fine-tune) scored by reasoning-gym's
+         verifier on greedy answers of at most data.max_new_tokens tokens. Stage 1 60 + stage 2
+         60 steps of 6 SFT rows (+ 6 preference pairs in stage 2), AdamW 1e-5, 64 held-out
+         questions per domain, 64 pair prompts per domain. Sized from the pilot's measured costs
+         (router step 5-12 s at load 5-11, an evaluation of 4 fused decodings of 96 questions
+         about 5 min under load) to about an hour on 2 cores once the experts' adapters are
+         cached (training them the first time: ~35 min under load); `python -m
+         experiments.fusionroute.smollm2_pilot` measures the expert x domain matrix alone.
 Override any key: --config.train.num_steps=300 or base.py:smoke,method=finetuned,seed=1.
 """
 
@@ -55,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.method = 'fusionroute'
   c.experts = ml_collections.ConfigDict(
     dict(
-      source='tiny',  # 'tiny' (procedural, trained here) | 'smollm2' (not built yet)
+      source='tiny',  # 'tiny' (procedural, trained here) | 'smollm2' (the real-model arm)
       d_model=64,
       num_layers=4,
       num_heads=4,
@@ -106,11 +100,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.update(num_steps=150, log_every=10, eval_every=150)
     c.checkpoint.every_steps = 50
   if variant == 'smollm2':
-    c.experts.update(source='smollm2')
-    c.router.init = 'instruct'  # the paper: the router starts from the instruction expert
-    c.data.update(batch_size=8, eval_per_domain=100, flaw_eval=50, pair_prompts=200)
-    c.stage1.num_steps = 400
-    c.optimizer.update(lr=1e-5)
-    c.train.update(num_steps=400, log_every=10, eval_every=200)
-    c.checkpoint.every_steps = 50
+    c.experts.update(source='smollm2', lora_steps=(120, 40))  # math, string (the pilot's)
+    c.router.init = 'base'  # SmolLM2-135M-Instruct, the general expert
+    c.data.update(
+      flaw='none', batch_size=6, eval_per_domain=64, pair_prompts=64, seq_len=96, max_new_tokens=24
+    )
+    c.eval.batch_size = 32
+    c.stage1.num_steps = 60
+    c.optimizer.update(lr=1e-5, warmup_steps=5, weight_decay=0.0)
+    c.train.update(num_steps=60, log_every=5, eval_every=60)
+    c.checkpoint.every_steps = 20
   return config_lib.finalize(c, overrides)
