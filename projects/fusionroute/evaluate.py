@@ -89,13 +89,9 @@ class EvalSet:
     return len(self.problems)
 
 
-def is_smollm2(config: ml_collections.ConfigDict) -> bool:
-  return config.experts.source == sm.SOURCE
-
-
 def eval_set(config: ml_collections.ConfigDict) -> EvalSet:
   b = config.eval.batch_size
-  if is_smollm2(config):
+  if sm.is_source(config):
     every = sm.eval_problems(config)
     prompts = sm.prompts_of(sm.tokenizer(), every)
     problem_domains = [p['domain'] for p in every]
@@ -258,21 +254,35 @@ def _nll_sum(lm, batch):
 
 
 def heldout_loss(
-  model: models.FusionRoute, rows: Mapping[str, np.ndarray], mesh=None, rules=None
+  model: models.FusionRoute,
+  rows: Mapping[str, np.ndarray],
+  mesh=None,
+  rules=None,
+  batch_size: int | None = None,
 ) -> float:
-  """The router LM's mean NLL of the held-out answers (reply tokens)."""
+  """The router LM's mean NLL of the held-out answers (reply tokens), in one call, or in chunks of
+  batch_size rows (the SmolLM2 arm: 192 rows of 96 x 49,152 logits would take 3.6 GB at once)."""
   batch = {k: v for k, v in rows.items() if k != 'domain'}
-  if mesh is not None:
-    batch = sharding.global_rows(batch, mesh, rules)
-  with _mesh_context(mesh, rules):
-    total, count = _nll_sum(model.router.lm, batch)
-  return float(total) / max(float(count), 1.0)
+  n = len(batch['inputs'])
+  size = n if batch_size is None else batch_size
+  total, count = 0.0, 0.0
+  for start in range(0, n, size):
+    chunk = {k: v[start : start + size] for k, v in batch.items()}
+    if len(chunk['inputs']) < size:  # the last chunk padded with masked rows: one shape
+      pad = size - len(chunk['inputs'])
+      chunk = {k: np.concatenate([v, np.zeros_like(v[:pad])]) for k, v in chunk.items()}
+    if mesh is not None:
+      chunk = sharding.global_rows(chunk, mesh, rules)
+    with _mesh_context(mesh, rules):
+      t, c = _nll_sum(model.router.lm, chunk)
+    total, count = total + float(t), count + float(c)
+  return total / max(count, 1.0)
 
 
 def make_eval_fn(config: ml_collections.ConfigDict, mesh, rules) -> Callable:
   """fit's eval_fn(model, step): the router methods' accuracies and the held-out loss."""
   es = eval_set(config)
-  rows = sm.eval_rows(config) if is_smollm2(config) else ip.eval_rows(ip.eval_problems(config))
+  rows = sm.eval_rows(config) if sm.is_source(config) else ip.eval_rows(ip.eval_problems(config))
   methods = ROUTER_METHODS if config.method == 'fusionroute' else ('router_lm',)
 
   def evaluate(model, step):
@@ -281,7 +291,10 @@ def make_eval_fn(config: ml_collections.ConfigDict, mesh, rules) -> Callable:
       model, es, methods, mesh=mesh, rules=rules, defer_threshold=config.eval.defer_threshold
     )
     out = flat_metrics(decoded, es)
-    out['loss'] = heldout_loss(model, rows, mesh, rules)
+    chunk = (
+      config.eval.batch_size if sm.is_source(config) else None
+    )  # the smoke: one call, as before
+    out['loss'] = heldout_loss(model, rows, mesh, rules, chunk)
     return out
 
   return evaluate

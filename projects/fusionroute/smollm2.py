@@ -28,8 +28,12 @@ reads its pieces from here, in the shapes `train` and `evaluate` take from the s
 `load_experts` (an `Experts` like experts.Experts: base = SmolLM2, experts = math, string,
 general), `sft_source` (the router's balanced rows), `eval_problems` / `grade` / `eval_rows` (the
 held-out questions, the verifier, the held-out loss rows) and `preference_pairs` (cached with the
-experts' keys). Each domain's train questions are split once: the first data.pair_prompts make
-the preference pairs, the rest the router's SFT rows.
+experts' keys). The held-out questions are reasoning-gym's test split of data.seed (de-duplicated
+against its train split, which is the experts' training data). The router's questions
+(`router_examples`) come from another reasoning-gym seed, ROUTER_SEED + data.seed, each distinct
+and none of them an expert's training question or a held-out one (as the smoke's router never
+trains on its experts' rows); per domain the first data.pair_prompts make the preference pairs,
+the rest the router's SFT rows.
 """
 
 from __future__ import annotations
@@ -76,6 +80,9 @@ PAD = 0  # <|endoftext|>; <|im_end|> (2) is the reply's end
 SOURCE = 'smollm2'  # config.experts.source of this arm
 PROMPT_LEN = 80  # the longest chat prompt of the three families is 73 tokens
 TRAIN_EXAMPLES, TEST_EXAMPLES = 2000, 200  # per domain (math's test split: 94 after de-duplication)
+ROUTER_SEED = (
+  1000  # reasoning-gym seed offset of the router's questions (485 distinct new math ones)
+)
 
 
 def task_specs(train: int, test: int) -> dict[str, rgd.TaskSpec]:
@@ -464,6 +471,40 @@ def _examples(seed: int) -> dict[str, dict[str, list[dict]]]:
   return load_examples(TRAIN_EXAMPLES, TEST_EXAMPLES, seed)
 
 
+def is_source(config: ml_collections.ConfigDict) -> bool:
+  """Whether a FusionRoute config runs this arm (config.experts.source)."""
+  return config.experts.source == SOURCE
+
+
+@functools.lru_cache(maxsize=4)
+def _router_examples(seed: int, expert_seeds: tuple[int, ...]) -> dict[str, list[dict]]:
+  held = {
+    ex['question']
+    for s in {*expert_seeds, seed}
+    for dom in DOMAINS
+    for split in ('train', 'test')
+    for ex in _examples(s)[dom][split]
+    if split == 'test' or s in expert_seeds
+  }
+  out = {}
+  for dom in DOMAINS:
+    fresh = []
+    for ex in _examples(ROUTER_SEED + seed)[dom]['train']:
+      if ex['question'] not in held:
+        held.add(ex['question'])
+        fresh.append(ex)
+    out[dom] = fresh
+  return out
+
+
+def router_examples(config: ml_collections.ConfigDict) -> dict[str, list[dict]]:
+  """{domain: the router's questions}: reasoning-gym train questions of seed ROUTER_SEED +
+  data.seed, in order, without repeats and without any question the experts trained on or the
+  evaluation holds out (so pairs and SFT rows are disjoint from both and from each other)."""
+  seeds = tuple(sorted({spec.seed for spec in expert_specs(config).values()}))
+  return _router_examples(config.data.seed, seeds)
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """The arm's data keys, one line per problem (before a run creates its workdir)."""
   missing = [
@@ -478,11 +519,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     )
   d = config.data
   problems = []
-  if d.pair_prompts >= TRAIN_EXAMPLES:
-    problems.append(
-      f'data.pair_prompts={d.pair_prompts} leaves no SFT rows of {TRAIN_EXAMPLES} train '
-      'questions per domain'
-    )
   if d.flaw != 'none':
     problems.append(f"data.flaw={d.flaw!r}: the SmolLM2 experts have no planted flaw; use 'none'")
   if d.max_new_tokens < 1 or d.seq_len < 1:
@@ -500,6 +536,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise config_lib.ConfigError(
       f'data.eval_per_domain={d.eval_per_domain} exceeds the held-out questions of {short}'
     )
+  router = router_examples(config)
+  few = {dom: len(router[dom]) for dom in DOMAINS if len(router[dom]) <= d.pair_prompts}
+  if few:
+    raise config_lib.ConfigError(
+      f'data.pair_prompts={d.pair_prompts} leaves no SFT rows of the router questions {few}'
+    )
 
 
 class SFTSource:
@@ -515,6 +557,7 @@ class SFTSource:
   def __len__(self) -> int:
     return 1 << 40
 
+  @functools.lru_cache(maxsize=8)  # noqa: B019 - a few epochs' permutations, per source
   def _order(self, domain: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([self.seed, 0x5F7, domain, epoch]).permutation(
       len(self.rows[domain])
@@ -528,12 +571,11 @@ class SFTSource:
 
 
 def sft_source(config: ml_collections.ConfigDict) -> SFTSource:
-  """Balanced rows of every domain's train questions past the first data.pair_prompts."""
+  """Balanced rows of every domain's router questions past the first data.pair_prompts."""
   d, tok = config.data, tokenizer()
-  data = _examples(d.seed)
+  router = router_examples(config)
   rows = [
-    domain_rows(tok, data[dom]['train'][d.pair_prompts :], i, d.seq_len)
-    for i, dom in enumerate(DOMAINS)
+    domain_rows(tok, router[dom][d.pair_prompts :], i, d.seq_len) for i, dom in enumerate(DOMAINS)
   ]
   return SFTSource(rows, ip.router_seed(config))
 
@@ -572,12 +614,14 @@ def preference_pairs(config: ml_collections.ConfigDict, ex: Experts) -> dict[str
   """`pairs` over the first data.pair_prompts train questions of each domain, from every expert's
   greedy answers (data.max_new_tokens), cached under the experts' key; 'flaw' is all False."""
   d, tok = config.data, tokenizer()
-  data = _examples(d.seed)
-  examples = {dom: data[dom]['train'][: d.pair_prompts] for dom in DOMAINS}
-  src = inspect.getsource(pairs) + inspect.getsource(greedy) + inspect.getsource(prompt_ids)
-  key = hashlib.sha256(
-    f'{ex.key}|{d.seed}|{d.pair_prompts}|{d.max_new_tokens}|{src}'.encode()
-  ).hexdigest()[:20]
+  router = router_examples(config)
+  examples = {dom: router[dom][: d.pair_prompts] for dom in DOMAINS}
+  parts = [preference_pairs, pairs, greedy, prompt_ids, reply_ids, score, rgd.score]
+  parts += [scoring.pad_pairs, _router_examples, load_examples, task_specs]
+  src = ''.join(inspect.getsource(p) for p in parts)
+  settings = [ex.key, d.seed, d.pair_prompts, d.max_new_tokens, config.eval.batch_size]
+  settings += [PROMPT_LEN, EXPERTS, DOMAINS, ROUTER_SEED, SYSTEM]
+  key = hashlib.sha256(f'{settings}|{src}'.encode()).hexdigest()[:20]
   path = cache.cache_dir('fusionroute', 'smollm2_pairs') / f'{key}.npz'
 
   def compute():

@@ -61,13 +61,9 @@ STAGE1_DIR = 'stage1'
 BASELINES_FILE = 'baselines.json'
 
 
-def is_smollm2(config: ml_collections.ConfigDict) -> bool:
-  return config.experts.source == sm.SOURCE
-
-
 def domains(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """The evaluation domains; expert i is domain i's (router.init names one, or 'base')."""
-  return sm.DOMAINS if is_smollm2(config) else input_pipeline.DOMAINS
+  return sm.DOMAINS if sm.is_source(config) else input_pipeline.DOMAINS
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -82,7 +78,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   inits = ('base', *domains(config))
   if config.router.init not in inits:
     problems.append(f'router.init={config.router.init!r} is not one of {inits}')
-  if not is_smollm2(config) and len(config.experts.steps) != len(input_pipeline.DOMAINS):
+  if not sm.is_source(config) and len(config.experts.steps) != len(input_pipeline.DOMAINS):
     problems.append(
       f'experts.steps has {len(config.experts.steps)} entries; one per domain '
       f'{input_pipeline.DOMAINS} is needed'
@@ -93,7 +89,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     problems.append(f'debug.stage={config.debug.stage} must be 1 or 2')
   if problems:
     raise config_lib.ConfigError('; '.join(problems))
-  if is_smollm2(config):
+  if sm.is_source(config):
     sm.check_config(config)
 
 
@@ -102,14 +98,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def load_experts(config: ml_collections.ConfigDict) -> experts_lib.Experts | sm.Experts:
-  if is_smollm2(config):
+  if sm.is_source(config):
     return sm.load_experts(config)
   return experts_lib.load(experts_lib.ExpertsConfig.from_config(config))
 
 
 def decoder_config(config: ml_collections.ConfigDict) -> decoder.DecoderConfig:
   """The shapes of the router LM and of every expert."""
-  if is_smollm2(config):
+  if sm.is_source(config):
     return sm.decoder_config(config.dtype)
   return experts_lib.decoder_config(experts_lib.ExpertsConfig.from_config(config), config.dtype)
 
@@ -139,13 +135,13 @@ def build_model(
 
 def sft_source(config: ml_collections.ConfigDict):
   """The router's SFT rows (both stages; stage 2 reads them from index 2**36 on)."""
-  if is_smollm2(config):
+  if sm.is_source(config):
     return sm.sft_source(config)
   return input_pipeline.SFTSource(input_pipeline.router_seed(config), config.data.flaw)
 
 
 def preference_pairs(config: ml_collections.ConfigDict, ex) -> dict:
-  if is_smollm2(config):
+  if sm.is_source(config):
     return sm.preference_pairs(config, ex)
   return experts_lib.pairs(config, ex)
 

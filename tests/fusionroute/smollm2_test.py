@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from common import config as config_lib
 from common import sharding
 from common.adapters import core as adapters
 from common.models import decoder
@@ -150,24 +151,47 @@ def test_grade_scores_verbose_answers_with_the_verifier_and_cuts_at_the_length()
     {'task': 'basic_arithmetic', 'question': '2 + 3 =', 'answer': '5', 'metadata': '{}'},
     {'task': 'basic_arithmetic', 'question': '2 + 2 =', 'answer': '4', 'metadata': '{}'},
   ]
-  texts = ['2', '6', '4']
+  texts = ['The answer is 2.', '6', '4']
   toks = [tok.encode(t) + [2] for t in texts]
-  tokens = np.asarray([t + [3 + ord('9')] * (4 - len(t)) for t in toks])  # junk after the end
-  answers, correct = sm.grade(problems, tokens, np.asarray([2, 2, 1]), tok=tok)
-  assert answers == ['2', '6', '4']
+  width = max(map(len, toks)) + 2
+  tokens = np.asarray([t + [3 + ord('9')] * (width - len(t)) for t in toks])  # junk after the end
+  lengths = np.asarray([len(toks[0]), 2, 1])  # the last: cut before its answer's end
+  answers, correct = sm.grade(problems, tokens, lengths, tok=tok)
+  assert answers == ['The answer is 2.', '6', '4']
   np.testing.assert_array_equal(correct, [True, False, True])
 
 
 def test_check_config_names_what_the_arm_needs():
   from experiments.fusionroute.configs import base
 
-  with pytest.raises(Exception, match='needs experts.lora_steps'):
-    sm.check_config(base.get_config('smoke,experts.source=smollm2'))
-  with pytest.raises(Exception, match="no planted flaw"):
-    sm.check_config(base.get_config('smollm2,data.flaw=carry9'))
+  def one_line_error(config, match, check=sm.check_config):
+    with pytest.raises(config_lib.ConfigError, match=match) as e:
+      check(config)
+    assert '\n' not in str(e.value)
+
+  one_line_error(base.get_config('smoke,experts.source=smollm2'), 'needs experts.lora_steps')
+  one_line_error(base.get_config('smollm2,data.flaw=carry9'), 'no planted flaw')
+  one_line_error(base.get_config('smollm2,data.eval_per_domain=100'), r"\{'math': 94\}")
+  one_line_error(base.get_config('smollm2,data.pair_prompts=600'), 'leaves no SFT rows')
   three = base.get_config('smollm2')
   three.experts.lora_steps = (1, 2, 3)
-  with pytest.raises(Exception, match='one entry per LoRA expert'):
-    sm.expert_specs(three)
+  one_line_error(three, 'one entry per LoRA expert', check=sm.expert_specs)
   specs = sm.expert_specs(base.get_config('smollm2'))
   assert specs == sm.EXPERT_SPECS  # the default arm reads the pilot's cached adapters
+
+
+def test_router_questions_are_distinct_and_neither_trained_on_nor_held_out():
+  """The router's pairs and SFT rows never repeat a question, and none is one the experts were
+  fine-tuned on (the same reasoning-gym train split, EXPERT_SPECS) or one the evaluation asks."""
+  from experiments.fusionroute.configs import base
+
+  config = base.get_config('smollm2')
+  router = sm.router_examples(config)
+  experts = sm.load_examples(sm.TRAIN_EXAMPLES, 0, seed=0)
+  evaluated = {p['question'] for p in sm.eval_problems(config)}
+  for dom in sm.DOMAINS:
+    questions = [ex['question'] for ex in router[dom]]
+    assert len(questions) == len(set(questions)) > config.data.pair_prompts
+    trained = {ex['question'] for ex in experts[dom]['train']}
+    assert not set(questions) & (trained | evaluated), dom
+  assert len(router['math']) == 485  # basic_arithmetic repeats itself; still 421 SFT questions

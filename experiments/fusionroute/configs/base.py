@@ -29,11 +29,13 @@ Variants (times on the shared 2-core machine with the experts cached):
          math / string / logic (syllogism, seen by no fine-tune) scored by reasoning-gym's
          verifier on greedy answers of at most data.max_new_tokens tokens. Stage 1 60 + stage 2
          60 steps of 6 SFT rows (+ 6 preference pairs in stage 2), AdamW 1e-5, 64 held-out
-         questions per domain, 64 pair prompts per domain. Sized from the pilot's measured costs
-         (router step 5-12 s at load 5-11, an evaluation of 4 fused decodings of 96 questions
-         about 5 min under load) to about an hour on 2 cores once the experts' adapters are
-         cached (training them the first time: ~35 min under load); `python -m
-         experiments.fusionroute.smollm2_pilot` measures the expert x domain matrix alone.
+         questions per domain, 64 pair prompts per domain (the router's questions: another
+         reasoning-gym seed, none trained on by the experts or held out). Estimated from the
+         pilot's measured costs (router step 5-12 s at load 5-11; 4 fused decodings of 96
+         questions about 5 min under load, so ~10 min per evaluation of 192, two per run) at
+         1-1.5 h on 2 cores once the experts' adapters are cached (training them the first time:
+         ~35 min under load); `python -m experiments.fusionroute.smollm2_pilot` measures the
+         expert x domain matrix alone.
 Override any key: --config.train.num_steps=300 or base.py:smoke,method=finetuned,seed=1.
 """
 
