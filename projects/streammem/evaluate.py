@@ -36,9 +36,16 @@ from projects.streammem import models
 FULL = 'full'
 
 
-def label(method_name: str, budget: int | None) -> str:
-  """'streammem@64' (per-layer budget 64), or 'full'."""
-  return FULL if method_name == FULL else f'{method_name}@{budget}'
+def label(method_name: str, budget: int | float | None) -> str:
+  """'streammem@64' (per-layer budget 64), 'streammem@r0.5' (compression ratio 0.5), or 'full'."""
+  if method_name == FULL:
+    return FULL
+  return f'{method_name}@r{budget:g}' if isinstance(budget, float) else f'{method_name}@{budget}'
+
+
+def budgets_of(config: ml_collections.ConfigDict) -> list[int | float]:
+  """The run's budgets: eval.budgets (entries per layer), then eval.ratios (compression ratios)."""
+  return [int(b) for b in config.eval.budgets] + [float(r) for r in config.eval.get('ratios', ())]
 
 
 def methods_of(config: ml_collections.ConfigDict) -> list[models.Method]:
@@ -143,13 +150,13 @@ def evaluate_batch(
   results: dict[str, models.StreamResult] = {}
   full = None
   for m in methods_of(config):
-    budgets = [None] if m.press is None else list(config.eval.budgets)
+    budgets = [None] if m.press is None else budgets_of(config)
     for budget in budgets:
       r = models.run_stream(
         streamer,
         episodes,
         m,
-        budget or 0,
+        0 if budget is None else budget,
         clip_len=s.clip_len,
         frame_tokens=s.frame_tokens,
         key=key,

@@ -793,6 +793,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       )
   if not 0.0 <= s.frame_filter <= 1.0:
     raise config_lib.ConfigError(f'stream.frame_filter={s.frame_filter} must be in [0, 1] (0: off)')
+  ratios = tuple(config.eval.get('ratios', ()))
+  if any(not 0.0 <= float(r) < 1.0 for r in ratios):
+    raise config_lib.ConfigError(f'eval.ratios={ratios}: compression ratios must be in [0, 1)')
   if s.filter_methods not in ('streammem', 'all'):
     raise config_lib.ConfigError(
       f"stream.filter_methods={s.filter_methods!r}: 'streammem' (the paper) or 'all'"

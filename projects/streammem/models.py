@@ -154,15 +154,38 @@ METHODS = (
 )
 
 
+def press_budget(budget: int | float) -> memory.Budget:
+  """A run's budget: an int is entries per layer (the paper's fixed memory), a float the fraction
+  of each layer's held entries evicted at every clip (kvpress's compression_ratio; the pinned
+  prefix counts among the held entries and is never evicted)."""
+  if isinstance(budget, float):
+    return memory.Budget(compression_ratio=budget)
+  return memory.Budget(layer_tokens=max(int(budget), 1))
+
+
+def ratio_held(ratio: float, *, prefix: int, stream: int, clip: int) -> int:
+  """The most entries a layer can hold after any clip's press under a ratio budget: held entries
+  n follow n <- floor((n + clip) (1 - ratio)) from the prefix (the press's float32 rule), which
+  settles near clip (1 - ratio) / ratio, so the memory stays bounded whatever the stream length."""
+  keep = np.float32(1.0 - ratio)
+  n = most = prefix
+  for _ in range(-(-stream // clip)):
+    n = int(np.floor(np.float32(n + clip) * keep))
+    most = max(most, n)
+  return most
+
+
 def capacity(
-  method_: Method, budget: int, *, prefix: int, stream: int, clip: int, extra: int
+  method_: Method, budget: int | float, *, prefix: int, stream: int, clip: int, extra: int
 ) -> int:
-  """Cache slots a method needs: a pressed memory holds its per-layer budget plus one clip and the
-  proxy (or, afterwards, the question); full KV holds every clip, the last one padded to clip
-  length (padding occupies slots, invalid). `extra` = the longest proxy or question + answer
-  appended at once."""
+  """Cache slots a method needs: a pressed memory holds its per-layer budget (a ratio budget:
+  `ratio_held`) plus one clip and the proxy (or, afterwards, the question); full KV holds every
+  clip, the last one padded to clip length (padding occupies slots, invalid). `extra` = the
+  longest proxy or question + answer appended at once."""
   if method_.press is None:
     return prefix + -(-stream // clip) * clip + extra
+  if isinstance(budget, float):
+    return ratio_held(budget, prefix=prefix, stream=stream, clip=clip) + clip + extra
   return max(budget, prefix) + clip + extra
 
 
@@ -423,7 +446,7 @@ def run_stream(
   streamer: Streamer,
   episodes: input_pipeline.Episodes,
   method_: Method,
-  layer_budget: int,
+  layer_budget: int | float,
   *,
   clip_len: int,
   frame_tokens: int,
@@ -467,7 +490,7 @@ def run_stream(
   if slots is not None and slots < need:
     raise ValueError(f'slots={slots} < the {need} this method needs')
   slots = need if slots is None else slots
-  budget = memory.Budget(layer_tokens=max(layer_budget, 1))
+  budget = press_budget(layer_budget)
   if method_.press is not None:  # a clear error before anything runs (pinned never evicted)
     budget.check_pinned(streamer.cfg.num_layers, int(np.asarray(prefix_valid).sum(1).max()))
   if frame_filter:

@@ -85,7 +85,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
       run.num_steps,
       config.data.batch_size,
       len(evaluate.methods_of(config)),
-      list(config.eval.budgets),
+      evaluate.budgets_of(config),
     )
     for step in range(start + 1, run.num_steps + 1):
       t0 = time.perf_counter()

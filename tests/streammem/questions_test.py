@@ -93,6 +93,15 @@ def test_config_checks_of_the_new_keys():
   c.stream.filter_methods = 'fifo'
   with pytest.raises(config_lib.ConfigError, match='filter_methods'):
     input_pipeline.check_config(c)
+  c = base.get_config('smoke')
+  c.eval.ratios = (0.5, 1.0)
+  with pytest.raises(config_lib.ConfigError, match=r'eval.ratios=.*\[0, 1\)'):
+    input_pipeline.check_config(c)
+  c.eval.ratios = (0.5,)
+  input_pipeline.check_config(c)
+  assert evaluate.budgets_of(c) == [*c.eval.budgets, 0.5]
+  assert evaluate.label('streammem', 0.5) == 'streammem@r0.5'
+  assert evaluate.label('streammem', 24) == 'streammem@24'
 
 
 def test_frame_filtering_applies_to_streammem_only_or_to_every_method():

@@ -61,6 +61,34 @@ def test_kept_tokens_never_exceed_the_budget(name, length, budget):
   assert len(set(r.memory_bytes)) == 1  # the memory's size is constant, clip after clip
 
 
+@pytest.mark.parametrize('ratio', [0.5, 0.75])
+def test_a_ratio_budget_keeps_its_fraction_and_a_memory_bounded_in_stream_length(ratio):
+  """Under a compression ratio each clip's press keeps floor(held (1 - r)) entries per layer; the
+  memory settles near clip (1 - r) / r, and the cache `capacity` sizes from `ratio_held` is the
+  same for a stream 4x longer (constant memory)."""
+  length, clip = 45, 8
+  r = stream(util.episodes(2, length, seed=3), 'streammem', ratio)
+  held, expected = 1, []  # the pinned BOS
+  for start in range(0, length, clip):
+    held = int(np.floor(np.float32(held + min(clip, length - start)) * np.float32(1 - ratio)))
+    expected.append(held)
+  np.testing.assert_array_equal(
+    r.kept, np.broadcast_to(np.asarray(expected)[:, None, None], r.kept.shape)
+  )
+  assert max(expected) <= models.ratio_held(ratio, prefix=1, stream=length, clip=clip)
+  m = models.method('streammem', frames_per_clip=2)
+  short, long = (
+    models.capacity(m, ratio, prefix=1, stream=n, clip=clip, extra=4) for n in (length, 4 * length)
+  )
+  assert (
+    short
+    == long
+    < models.capacity(models.method('full'), 0, prefix=1, stream=length, clip=clip, extra=4)
+  )
+  assert models.press_budget(ratio) == memory.Budget(compression_ratio=ratio)
+  assert models.press_budget(12) == memory.Budget(layer_tokens=12)
+
+
 @pytest.mark.parametrize('name', EVICTING)
 def test_budget_above_the_stream_equals_full_kv_bitwise(name):
   e = util.episodes(2, 40)

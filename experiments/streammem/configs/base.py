@@ -119,7 +119,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
   )
   c.eval = ml_collections.ConfigDict(
-    dict(methods=METHODS, budgets=(24, 48), episodes=8, num_seeds=1)
+    # budgets: entries per layer (M = budget x layers); ratios: compression ratios (the fraction of
+    # each layer's held entries evicted at every clip, kvpress's ratio), e.g. (0.5, 0.75).
+    dict(methods=METHODS, budgets=(24, 48), ratios=(), episodes=8, num_seeds=1)
   )
   # The video run (data.source='video'): frames of the opencv_videos asset, resized to size x size,
   # grid x grid patches per frame (one visual token each), events = square x square colour squares.
