@@ -427,7 +427,10 @@ def pad_prompts(
     raise ValueError(f"side must be 'left' or 'right', got {side!r}")
   if any(len(x) == 0 for x in prompts):
     raise ValueError('every prompt needs at least one token')
-  p = max(len(x) for x in prompts) if length is None else length
+  longest = max(len(x) for x in prompts)
+  if length is not None and longest > length:
+    raise ValueError(f'a prompt of {longest} tokens does not fit length={length}')
+  p = longest if length is None else length
   tokens = np.full((len(prompts), p), pad_id, np.int32)
   mask = np.zeros((len(prompts), p), bool)
   for i, x in enumerate(prompts):

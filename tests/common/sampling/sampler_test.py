@@ -272,6 +272,9 @@ def test_pad_prompts_and_temperature_arrays():
   np.testing.assert_array_equal(tokens, [[1, 2, 3], [4, 0, 0]])
   with pytest.raises(ValueError, match='at least one'):
     sampler.pad_prompts([[1], []])
+  with pytest.raises(ValueError, match='a prompt of 3 tokens does not fit length=2'):
+    sampler.pad_prompts([[1, 2, 3], [4]], length=2)
+  np.testing.assert_array_equal(sampler.pad_prompts([[1, 2]], length=3)[0], [[0, 1, 2]])
   np.testing.assert_array_equal(sampler.temperature_array(0.7, 3), np.full(3, 0.7, np.float32))
   np.testing.assert_array_equal(sampler.temperature_array(lambda t: 1.0 / (t + 1), 2), [1.0, 0.5])
   with pytest.raises(ValueError, match='temperature array'):
