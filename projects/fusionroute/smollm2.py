@@ -327,11 +327,23 @@ def prompts_of(tok, examples: Sequence[dict]) -> list[list[int]]:
 
 def score(tok, examples: Sequence[dict], tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
   """[R] 1.0 where the verifier accepts the decoded completion (up to its <|im_end|>)."""
-  out = []
-  for ex, row, n in zip(examples, tokens, lengths, strict=True):
-    text = tok.decode([int(t) for t in row[: int(n)]])
-    out.append(rgd.score(ex['task'], text, ex, binary=True))
-  return np.asarray(out, np.float32)
+  return grade(examples, tokens, lengths, tok)[1].astype(np.float32)
+
+
+def grade(
+  problems: Sequence[dict], tokens: np.ndarray, lengths: np.ndarray, tok=None
+) -> tuple[list[str], np.ndarray]:
+  """(decoded completions up to their lengths, verifier-correct [R] bool): a verbose but
+  correct answer counts (reasoning-gym's answer extraction)."""
+  tok = tok or tokenizer()
+  answers = [
+    tok.decode([int(t) for t in row[: int(n)]]) for row, n in zip(tokens, lengths, strict=True)
+  ]
+  correct = [
+    rgd.score(ex['task'], text, ex, binary=True) > 0
+    for ex, text in zip(problems, answers, strict=True)
+  ]
+  return answers, np.asarray(correct, bool)
 
 
 def greedy(
@@ -436,29 +448,22 @@ class Experts:
 
   base: dict
   experts: list[dict]
-  curves: dict[str, list[float]]
   key: str
 
   def decoders(self, dtype: str = 'float32') -> list[decoder.Decoder]:
     cfg = decoder_config(dtype)
     return [experts_lib.decoder_from(cfg, p) for p in self.experts]
 
-  def base_decoder(self, dtype: str = 'float32') -> decoder.Decoder:
-    return experts_lib.decoder_from(decoder_config(dtype), self.base)
-
 
 def load_experts(config: ml_collections.ConfigDict, log: Callable = logging.info) -> Experts:
   """SmolLM2 and its two merged LoRA experts (adapters trained on first use, then cached)."""
   specs = expert_specs(config)
-  merged, curves = {}, {}
-  for name, spec in specs.items():
-    merged[name], record = expert(spec, log)
-    curves[name] = record['curve']
+  merged = {name: expert(spec, log)[0] for name, spec in specs.items()}
   model, _ = pretrained()
   base = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
   params = {**merged, 'general': base}
   key = hashlib.sha256('|'.join(s.key() for s in specs.values()).encode()).hexdigest()[:20]
-  return Experts(base=base, experts=[params[e] for e in EXPERTS], curves=curves, key=key)
+  return Experts(base=base, experts=[params[e] for e in EXPERTS], key=key)
 
 
 @functools.lru_cache(maxsize=1)
@@ -478,14 +483,11 @@ def is_source(config: ml_collections.ConfigDict) -> bool:
 
 @functools.lru_cache(maxsize=4)
 def _router_examples(seed: int, expert_seeds: tuple[int, ...]) -> dict[str, list[dict]]:
-  held = {
-    ex['question']
-    for s in {*expert_seeds, seed}
-    for dom in DOMAINS
-    for split in ('train', 'test')
-    for ex in _examples(s)[dom][split]
-    if split == 'test' or s in expert_seeds
+  trained = {
+    ex['question'] for s in expert_seeds for d in DOMAINS for ex in _examples(s)[d]['train']
   }
+  evaluated = {ex['question'] for d in DOMAINS for ex in _examples(seed)[d]['test']}
+  held = trained | evaluated
   out = {}
   for dom in DOMAINS:
     fresh = []
@@ -590,23 +592,12 @@ def eval_problems(config: ml_collections.ConfigDict) -> list[dict]:
   ]
 
 
-def grade(
-  problems: Sequence[dict], tokens: np.ndarray, lengths: np.ndarray, tok=None
-) -> tuple[list[str], np.ndarray]:
-  """(decoded answers, verifier-correct [R] bool) of greedy completions (`score`'s rule)."""
-  tok = tok or tokenizer()
-  answers = [
-    tok.decode([int(t) for t in row[: int(n)]]) for row, n in zip(tokens, lengths, strict=True)
-  ]
-  return answers, score(tok, problems, tokens, lengths) > 0
-
-
 def eval_rows(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
   """SFT rows of the held-out questions (the router LM's held-out loss)."""
-  tok, d = tokenizer(), config.data
+  tok, problems = tokenizer(), eval_problems(config)
   rows = []
-  for p in eval_problems(config):
-    rows += domain_rows(tok, [p], p['domain'], d.seq_len)
+  for i in range(len(DOMAINS)):
+    rows += domain_rows(tok, [p for p in problems if p['domain'] == i], i, config.data.seq_len)
   return stack(rows)
 
 
