@@ -147,6 +147,12 @@ def domain_rows(tok, examples: Sequence[dict], domain: int, seq_len: int) -> lis
   return rows
 
 
+def row_lengths(tok, examples: Sequence[dict]) -> list[int]:
+  """Each example's SFT row length as domain_rows measures it (that function is part of the
+  adapters' cache key, so it is left as it is rather than rewritten on top of this one)."""
+  return [len(prompt_ids(tok, ex)) + len(reply_ids(tok, ex['answer'])) - 1 for ex in examples]
+
+
 # ---------------------------------------------------------------------------------------------------
 # LoRA experts, merged.
 
@@ -543,6 +549,22 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if few:
     raise config_lib.ConfigError(
       f'data.pair_prompts={d.pair_prompts} leaves no SFT rows of the router questions {few}'
+    )
+  # Rows longer than seq_len are dropped (and logged); a domain left with none is an error now,
+  # not an empty SFT source or held-out loss once the experts are loaded.
+  tok, held_out = tokenizer(), eval_problems(config)
+  shortest = {
+    f'{what} {dom}': min(row_lengths(tok, exs))
+    for i, dom in enumerate(DOMAINS)
+    for what, exs in (
+      ('SFT', router[dom][d.pair_prompts :]),
+      ('held-out', [p for p in held_out if p['domain'] == i]),
+    )
+  }
+  over = {k: n for k, n in shortest.items() if n > d.seq_len}
+  if over:
+    raise config_lib.ConfigError(
+      f'data.seq_len={d.seq_len} is shorter than every row of {over} (shortest, in tokens)'
     )
 
 

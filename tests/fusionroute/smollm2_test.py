@@ -173,6 +173,11 @@ def test_check_config_names_what_the_arm_needs():
   one_line_error(base.get_config('smollm2,data.flaw=carry9'), 'no planted flaw')
   one_line_error(base.get_config('smollm2,data.eval_per_domain=100'), r"\{'math': 94\}")
   one_line_error(base.get_config('smollm2,data.pair_prompts=600'), 'leaves no SFT rows')
+  # Math rows are 31-35 tokens long, string and logic rows 62 and more (measured).
+  one_line_error(
+    base.get_config('smollm2,data.seq_len=50'), r"data.seq_len=50 .*\{'SFT string': \d+"
+  )
+  sm.check_config(base.get_config('smollm2'))  # the arm's seq_len keeps rows of every domain
   three = base.get_config('smollm2')
   three.experts.lora_steps = (1, 2, 3)
   one_line_error(three, 'one entry per LoRA expert', check=sm.expert_specs)
