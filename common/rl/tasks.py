@@ -1,5 +1,6 @@
 """Reasoning-gym tasks (common.datasets.reasoning_gym) as RL prompts with a verifier, shared by the
-RL papers that train on them (EBPO, EAD).
+RL papers that train on them (EBPO, EAD, OmniOPD, Q-RM); `policy_text` gives each policy kind's
+tokenizer, prompt rendering, stop and pad tokens.
 
 Two renderings of the same examples:
   * 'expression' for the smoke's tiny character-level LM: the task's arithmetic expression without
@@ -16,16 +17,21 @@ metrics, the clustered curriculum) are the task names.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Sequence
+import dataclasses
 import functools
 import json
 from typing import Any
 
+import ml_collections
 import numpy as np
 
 from common import data
 from common.datasets import reasoning_gym as rgd
+from common.models import loader
+from common.models import tokenizer as tokenizer_lib
 from common.rl import curriculum
 
 # Train prompt uids are example indices; test uids are offset so they never collide.
@@ -192,6 +198,31 @@ def worked_answer(example: dict[str, Any]) -> str:
 def chat_sft_messages(example: dict[str, Any]) -> list[dict[str, str]]:
   """The chat (question as the RL prompt renders it, worked answer) of one train example."""
   return [_chat_question(example), {'role': 'assistant', 'content': worked_answer(example)}]
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyText:
+  """A policy's tokenizer and how an example becomes its prompt; rollouts end at a stop token and
+  are padded with pad."""
+
+  tok: Any  # CharTokenizer or common.models.tokenizer's
+  render: Callable[[dict[str, Any]], list[int]]
+  stop: tuple[int, ...]
+  pad: int
+
+
+def policy_text(model: ml_collections.ConfigDict) -> PolicyText:
+  """model.kind 'tiny': characters and the expression rendering; otherwise model.name's converted
+  tokenizer and the chat rendering (pad: the tokenizer's own, else its first stop token)."""
+  if model.kind == 'tiny':
+    char = CharTokenizer()
+    return PolicyText(
+      char, lambda ex: char.encode(expression_prompt(ex)), tuple(char.stop_ids), char.pad_id
+    )
+  tok = tokenizer_lib.load(loader.converted_dir(model.name) / 'tokenizer')
+  stop = tuple(tok.stop_ids)
+  pad = tok.pad_id if getattr(tok, 'pad_id', None) is not None else stop[0]
+  return PolicyText(tok, lambda ex: chat_prompt_tokens(tok, ex), stop, pad)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from common.rl.tasks import chat_prompt_tokens
 from common.rl.tasks import expression_prompt
 from common.rl.tasks import load_examples
 from common.rl.tasks import make_verifier
+from common.rl.tasks import policy_text
 from common.rl.tasks import prompts
 
 __all__ = [
@@ -28,5 +29,6 @@ __all__ = [
   'expression_prompt',
   'load_examples',
   'make_verifier',
+  'policy_text',
   'prompts',
 ]

@@ -21,9 +21,7 @@ from common import cache as cache_lib
 from common import optim
 from common import sharding
 from common import train_loop
-from common.models import loader
 from common.models import spec
-from common.models import tokenizer as tokenizer_lib
 from common.rl import loop
 from common.rl import rollout
 from projects.ebpo import input_pipeline
@@ -43,31 +41,17 @@ def build_setup(
   train_ex = _subset(input_pipeline.load_examples(d.task_set, 'train', d.seed), d.max_train)
   test_ex = _subset(input_pipeline.load_examples(d.task_set, 'test', d.seed), d.max_eval)
   create_model = models.create_policy(config, mesh, rules)  # an unknown model.kind stops here
-  if config.model.kind == 'tiny':
-    tok = input_pipeline.CharTokenizer()
-
-    def render(ex):
-      return tok.encode(input_pipeline.expression_prompt(ex))
-
-    stop, pad = tuple(tok.stop_ids), tok.pad_id
-  else:
-    tok = tokenizer_lib.load(loader.converted_dir(config.model.name) / 'tokenizer')
-
-    def render(ex):
-      return input_pipeline.chat_prompt_tokens(tok, ex)
-
-    stop = tuple(tok.stop_ids)
-    pad = tok.pad_id if getattr(tok, 'pad_id', None) is not None else stop[0]
+  text = input_pipeline.policy_text(config.model)
   return loop.RLSetup(
     create_model=create_model,
     tx=optim.make_optimizer(config.optimizer, config.train.num_steps),
-    train_prompts=input_pipeline.prompts(train_ex, 'train', render),
-    eval_prompts=input_pipeline.prompts(test_ex, 'test', render),
-    rewards=rollout.VerifierRewards(input_pipeline.make_verifier(tok.decode)),
+    train_prompts=input_pipeline.prompts(train_ex, 'train', text.render),
+    eval_prompts=input_pipeline.prompts(test_ex, 'test', text.render),
+    rewards=rollout.VerifierRewards(input_pipeline.make_verifier(text.tok.decode)),
     estimator=make_estimator(config),
-    stop_tokens=stop,
-    pad_id=pad,
-    decode=tok.decode,
+    stop_tokens=text.stop,
+    pad_id=text.pad,
+    decode=text.tok.decode,
     learning_rate=optim.learning_rate(config.optimizer, config.train.num_steps),
   )
 

@@ -16,8 +16,6 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from common.models import loader
-from common.models import tokenizer as tokenizer_lib
 from common.rl import curriculum
 from common.rl import rollout
 from common.rl import tasks
@@ -67,29 +65,23 @@ def make_task(config: ml_collections.ConfigDict) -> Task:
   d = config.data
   train_ex = _subset(tasks.load_examples(d.task_set, 'train', d.seed), d.max_train)
   test_ex = _subset(tasks.load_examples(d.task_set, 'test', d.seed), d.max_eval)
+  policy = tasks.policy_text(config.model)
+  tok = policy.tok
   if config.model.kind == 'tiny':
-    tok = tasks.CharTokenizer()
-    render = lambda ex: tok.encode(tasks.expression_prompt(ex))  # noqa: E731
     text = lambda p: tasks.expression_prompt(p.payload)  # noqa: E731
-    encode_text = lambda s: tok.encode(s, add_bos=False)  # noqa: E731
-    stop, pad, eos, vocab = tuple(tok.stop_ids), tok.pad_id, tok.eos_id, tok.vocab_size
+    eos = tok.eos_id
   else:
-    tok = tokenizer_lib.load(loader.converted_dir(config.model.name) / 'tokenizer')
-    render = lambda ex: tasks.chat_prompt_tokens(tok, ex)  # noqa: E731
     text = lambda p: p.payload['question'].strip() + tasks.CHAT_INSTRUCTION  # noqa: E731
-    encode_text = lambda s: tok.encode(s, add_bos=False)  # noqa: E731
-    stop = tuple(tok.stop_ids)
-    pad = tok.pad_id if getattr(tok, 'pad_id', None) is not None else stop[0]
-    eos, vocab = tok.end_of_turn_id(), tok.vocab_size  # a teacher trace ends as a chat turn
+    eos = tok.end_of_turn_id()  # a teacher trace ends as a chat turn
   return Task(
-    train=tasks.prompts(train_ex, 'train', render),
-    test=tasks.prompts(test_ex, 'test', render),
+    train=tasks.prompts(train_ex, 'train', policy.render),
+    test=tasks.prompts(test_ex, 'test', policy.render),
     text=text,
     decode=tok.decode,
-    encode_text=encode_text,
+    encode_text=lambda s: tok.encode(s, add_bos=False),
     eos_id=eos,
-    stop=stop,
-    pad=pad,
-    vocab_size=vocab,
+    stop=policy.stop,
+    pad=policy.pad,
+    vocab_size=tok.vocab_size,
     tokenizer=tok,
   )

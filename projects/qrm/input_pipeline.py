@@ -30,15 +30,13 @@ from common import config as config_lib
 from common import data as data_lib
 from common import sharding
 from common import train_loop
-from common.models import loader
-from common.models import tokenizer as tokenizer_lib
 from common.preference import scoring
 from common.rl import rollout
 from common.rl.tasks import CharTokenizer
-from common.rl.tasks import chat_prompt_tokens
 from common.rl.tasks import expression_prompt
 from common.rl.tasks import load_examples
 from common.rl.tasks import make_verifier
+from common.rl.tasks import policy_text
 from common.rl.tasks import prompts
 from common.rl.tasks import worked_answer
 
@@ -74,32 +72,20 @@ class Text:
 
 
 def make_text(config: ml_collections.ConfigDict) -> Text:
-  """The tokenizer and renderings of config.model.kind ('tiny': characters; 'pretrained': chat)."""
-  if config.model.kind == 'tiny':
-    tok = CharTokenizer()
-    return Text(
-      tok,
-      lambda ex: tok.encode(expression_prompt(ex)),
-      lambda ex: tok.encode(ex['answer'], add_bos=False, add_eos=True),
-      tuple(tok.stop_ids),
-      tok.pad_id,
-      tuple(tok.encode(str(d), add_bos=False)[0] for d in range(10)),
-    )
-  tok = tokenizer_lib.load(loader.converted_dir(config.model.name) / 'tokenizer')
-  stop = tuple(tok.stop_ids)
-  pad = tok.pad_id if getattr(tok, 'pad_id', None) is not None else stop[0]
+  """The shared policy text of config.model (common.rl.tasks.policy_text), with the reference
+  answers ('tiny': the bare number; 'pretrained': the worked answer, ending its chat turn) and
+  the digit tokens that corrupted traces swap."""
+  base = policy_text(config.model)
+  tok = base.tok
   digits = [tok.encode(str(d), add_bos=False) for d in range(10)]
-  if any(len(d) != 1 for d in digits):
-    raise config_lib.ConfigError(f'{config.model.name}: digits are not single tokens')
-  end = tok.end_of_turn_id()  # as the warmed policy's own replies end
-  return Text(
-    tok,
-    lambda ex: chat_prompt_tokens(tok, ex),
-    lambda ex: [*tok.encode(worked_answer(ex), add_bos=False), end],
-    stop,
-    pad,
-    tuple(d[0] for d in digits),
-  )
+  if config.model.kind == 'tiny':
+    answer = lambda ex: tok.encode(ex['answer'], add_bos=False, add_eos=True)  # noqa: E731
+  else:
+    if any(len(d) != 1 for d in digits):
+      raise config_lib.ConfigError(f'{config.model.name}: digits are not single tokens')
+    end = tok.end_of_turn_id()  # as the warmed policy's own replies end
+    answer = lambda ex: [*tok.encode(worked_answer(ex), add_bos=False), end]  # noqa: E731
+  return Text(tok, base.render, answer, base.stop, base.pad, tuple(d[0] for d in digits))
 
 
 def corrupt(trace: Sequence[int], digit_ids: Sequence[int], rng: np.random.Generator):

@@ -1,5 +1,6 @@
 """projects.ebpo.input_pipeline: tokenizer, prompt rendering, verifier on real reasoning-gym data."""
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -32,3 +33,21 @@ def test_smoke_prompts_and_verifier_on_the_built_data():
     wrong = np.asarray(tok.encode(str(int(p.payload['answer']) + 1), add_bos=False))
     assert verify(p, wrong) == 0.0
     assert verify(p, np.zeros(0, np.int32)) == 0.0  # empty completion: 0, never an exception
+
+
+def test_policy_text_of_the_tiny_policy_renders_expressions():
+  text = ip.policy_text(ml_collections.ConfigDict({'kind': 'tiny', 'name': ''}))
+  ex = ip.load_examples('smoke', 'test')[0]
+  assert text.render(ex) == text.tok.encode(ip.expression_prompt(ex))
+  assert text.stop == tuple(text.tok.stop_ids) and text.pad == text.tok.pad_id
+
+
+@pytest.mark.real_model
+def test_policy_text_of_smollm2_renders_the_chat_template():
+  text = ip.policy_text(ml_collections.ConfigDict({'kind': 'pretrained', 'name': 'smollm2'}))
+  ex = ip.load_examples('smollm2', 'test')[0]
+  assert text.render(ex) == ip.chat_prompt_tokens(text.tok, ex)
+  rendered = text.tok.decode(text.render(ex), skip_special=False)
+  assert rendered.endswith('assistant\n')  # the generation prompt: the policy answers next
+  assert ex['question'].strip() + ip.CHAT_INSTRUCTION in rendered
+  assert text.stop and text.pad is not None
