@@ -1,9 +1,9 @@
 """The README's multi-seed table of FusionRoute runs: per-domain accuracy as seed means, mixed per
 seed, and FusionRoute's paired differences from each method, read from finished workdirs.
 
-    python -m experiments.fusionroute.seeds_table --root=/tmp/fr_sm2 [--seeds=0,1,2]
+    python -m experiments.fusionroute.seeds_table --runs=/tmp/fr_sm2 [--seeds=0,1,2]
 
-ROOT holds the workdirs as the claims suite names them: fusionroute_seed{S} (its stage1/ inside),
+RUNS holds the workdirs as the claims suite names them: fusionroute_seed{S} (its stage1/ inside),
 finetuned_seed{S} (method=finetuned) and baselines (experiments.fusionroute.baselines; the
 router-free methods do not depend on the seed). A seed whose fusionroute run has not finished is
 left out and named; a finetuned run that has not finished leaves that row's seed blank. Why a
@@ -24,7 +24,7 @@ import numpy as np
 
 from projects.fusionroute import train
 
-_ROOT = flags.DEFINE_string('root', None, 'directory of the runs (see the module docstring)')
+_RUNS = flags.DEFINE_string('runs', None, 'directory of the runs (see the module docstring)')
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'seeds to tabulate')
 
 BASELINE_NAMES = {
@@ -110,7 +110,7 @@ def markdown(done: Sequence[int], table: dict[str, list], domains: Sequence[str]
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  root = pathlib.Path(_ROOT.value)
+  root = pathlib.Path(_RUNS.value)
   seeds = [int(s) for s in _SEEDS.value]
   done, table = rows(root, seeds)
   missing = sorted(set(seeds) - set(done))
@@ -123,5 +123,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  flags.mark_flag_as_required('root')
+  flags.mark_flag_as_required('runs')
   app.run(main)
