@@ -248,6 +248,20 @@ def make_video_eval_fn(config: ml_collections.ConfigDict, mesh, rules):
   return eval_fn
 
 
+def merge_sweeps(parts: list[dict[str, Any]]) -> dict[str, Any]:
+  """One `sweep` record from several (e.g. one per trained model): each cell's per-seed lists
+  concatenated in the order of `parts`."""
+  out: dict[str, Any] = {'length': {}, 'budget': {}}
+  for part in parts:
+    for axis, methods in part.items():
+      for method, cells in methods.items():
+        for x, stats in cells.items():
+          cell = out[axis].setdefault(method, {}).setdefault(x, {k: [] for k in stats})
+          for k, values in stats.items():
+            cell[k].extend(values)
+  return out
+
+
 def sweep(
   streamer: models.Streamer,
   episodes_at,

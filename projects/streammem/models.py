@@ -37,6 +37,8 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
+import pathlib
 from typing import Any
 
 from absl import logging
@@ -48,6 +50,7 @@ import numpy as np
 import optax
 
 from common import cache as cache_lib
+from common import checkpoint as ckpt_lib
 from common import config as config_lib
 from common import sharding
 from common.kv_press import frames
@@ -795,6 +798,23 @@ def create_video_lm(config: ml_collections.ConfigDict, *, seed: int | None = Non
     lang.VIS,
     rngs=nnx.Rngs(config.seed if seed is None else seed),
   )
+
+
+def load_video_run(workdir: str | os.PathLike) -> tuple[ml_collections.ConfigDict, VideoLM]:
+  """A video run's config (its config.json) and trained model (its newest checkpoint's
+  parameters): the models the full suite trained, for sweeps that stream without training."""
+  path = pathlib.Path(workdir)
+  if not (path / 'config.json').is_file():
+    raise config_lib.ConfigError(f'{path} is not a run workdir (no config.json)')
+  saved = config_lib.with_added_keys(json.loads((path / 'config.json').read_text()))
+  config = ml_collections.ConfigDict(saved)
+  if config.data.source != 'video':
+    raise config_lib.ConfigError(f'{path}: data.source={config.data.source!r}, not a video run')
+  with sharding.unsharded():
+    model = create_video_lm(config)
+  abstract = ckpt_lib.abstract_like(nnx.state(model))
+  nnx.update(model, ckpt_lib.restore_params(path / 'checkpoints', abstract))
+  return config, model
 
 
 def tiny_streamer(seed: int = 0) -> tuple[input_pipeline.FactLanguage, Streamer]:

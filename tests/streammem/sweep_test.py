@@ -40,3 +40,26 @@ def test_sweep_covers_every_cell_and_a_large_budget_matches_full_kv():
   np.testing.assert_allclose(data['budget']['fifo']['64']['dloglik'], 0.0, atol=1e-5)
   fig = plots.figure(data, 'test', 4, 24)
   assert len(fig.axes) == 4
+
+
+def test_sweeps_of_separate_seeds_merge_into_the_sweep_of_both():
+  """What the video sweep does with one trained model per seed: merged per-seed records equal
+  one sweep over the same seeds (here one model, so the merge must reproduce it exactly)."""
+  config = base.get_config('smoke')
+  config.stream.update(clip_len=8, frame_tokens=4)
+  config.eval.methods = ('streammem', 'fifo')
+  streamer = util.streamer()
+
+  def run(seeds):
+    return evaluate.sweep(
+      streamer,
+      lambda length, seed: util.episodes(2, length, seed=seed),
+      config,
+      lengths=[16, 24],
+      budgets=[4, 8],
+      length_budget=4,
+      budget_length=24,
+      seeds=seeds,
+    )
+
+  assert evaluate.merge_sweeps([run([0]), run([1])]) == run([0, 1])

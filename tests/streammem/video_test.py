@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from common import assets
+from common import config as config_lib
 from common import metrics
 from common import sharding
 from common import train_loop
@@ -126,3 +127,16 @@ def test_kill_and_resume_of_the_video_training_is_bitwise(tmp_path):
   b = jax.device_get(nnx.state(train_loop.model_of(resumed.graphdef, resumed.state), nnx.Param))
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.slow  # a 4-step video run, ~20-45 s
+def test_a_video_run_loads_back_as_its_trained_model(tmp_path):
+  ref = train.train_and_evaluate(_config(), str(tmp_path / 'run'))
+  config, model = models.load_video_run(tmp_path / 'run')
+  assert config.data.source == 'video' and config.train.num_steps == 4
+  want = jax.device_get(nnx.state(train_loop.model_of(ref.graphdef, ref.state), nnx.Param))
+  got = jax.device_get(nnx.state(model, nnx.Param))
+  for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+    np.testing.assert_array_equal(x, y)
+  with pytest.raises(config_lib.ConfigError, match='not a run workdir'):
+    models.load_video_run(tmp_path)
