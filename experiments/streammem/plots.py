@@ -138,25 +138,25 @@ def main(argv=None) -> int:
   args.length_budget = args.length_budget or defaults[2]
   args.budget_length = args.budget_length or defaults[3]
   t0 = time.perf_counter()
+
+  def sweep(model, episodes_at, config, seeds):
+    return evaluate.sweep(
+      models.Streamer(model),
+      episodes_at,
+      config,
+      lengths=lengths,
+      budgets=budgets,
+      length_budget=args.length_budget,
+      budget_length=args.budget_length,
+      seeds=seeds,
+    )
+
   if video:
     runs = [models.load_video_run(r) for r in args.video_runs.split(',') if r]
-    seeds = [int(config.data.seed) for config, _ in runs]
-    config, parts = runs[0][0], []
-    for run_config, model in runs:
-      parts.append(
-        evaluate.sweep(
-          models.Streamer(model),
-          lambda n, seed, c=run_config: evaluate.video_episodes(c, n, 1000 * seed),
-          run_config,
-          lengths=lengths,
-          budgets=budgets,
-          length_budget=args.length_budget,
-          budget_length=args.budget_length,
-          seeds=[int(run_config.data.seed)],
-        )
-      )
-    data = evaluate.merge_sweeps(parts)
-    arg = 'video'
+    seeds = [int(c.data.seed) for c, _ in runs]
+    config, arg = runs[0][0], 'video'
+    episodes = lambda c: lambda n, seed: evaluate.video_episodes(c, n, 1000 * seed)  # noqa: E731
+    data = evaluate.merge_sweeps([sweep(m, episodes(c), c, [int(c.data.seed)]) for c, m in runs])
   else:
     path, _, arg = args.config.partition(':')
     if pathlib.Path(path).resolve() != pathlib.Path(base.__file__).resolve():
@@ -167,23 +167,13 @@ def main(argv=None) -> int:
       raise SystemExit('--config: a video config trains its model in a run; use --video_runs')
     seeds = _ints(args.seeds)
     model, tokenizer = models.create_model(config)
-    streamer = models.Streamer(model)
 
     def episodes_at(length, seed):
       c = base.get_config(arg or None)
       c.data.update(stream_len=length, seed=seed)
       return input_pipeline.make_episodes(c, tokenizer)(1)
 
-    data = evaluate.sweep(
-      streamer,
-      episodes_at,
-      config,
-      lengths=lengths,
-      budgets=budgets,
-      length_budget=args.length_budget,
-      budget_length=args.budget_length,
-      seeds=seeds,
-    )
+    data = sweep(model, episodes_at, config, seeds)
   seconds = time.perf_counter() - t0
   name = args.name or (arg.split(',')[0] if arg else 'default')
   out = pathlib.Path(args.out)
