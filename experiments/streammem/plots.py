@@ -16,11 +16,12 @@ on 2 cores). The video setup trains its model in a run, so its sweep reads finis
 (one trained model per seed, each streaming its own run's held-out test episodes; lengths in
 frames, 4 visual tokens each):
 
-  python -m experiments.streammem.plots --video_runs=RUN0,RUN1,RUN2 --out=reports/streammem
+  python -m experiments.streammem.plots --video_runs=RUN0,RUN1,RUN2 \
+    --methods=streammem,oracle,fifo,uniform,streaming_llm,random --out=reports/streammem
 
 (defaults then: --lengths=16,32,64,128,256 frames, --budgets=4,8,16,32,64,128, --length_budget=32,
 --budget_length=128; the runs of `python -m experiments.reproduce --suite=full --only=streammem`
-are full_seed0-2 under its workdir root).
+are full_seed0-2 under its workdir root; --methods narrows the runs' 13 methods to the claims').
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ def main(argv=None) -> int:
     '--budget_length', type=int, default=0, help='default 512 tokens (video: 128 frames)'
   )
   p.add_argument('--video_runs', default='', help='finished video runs (workdirs, comma-separated)')
+  p.add_argument('--methods', default='', help="a subset of the config's eval.methods (comma list)")
   p.add_argument('--seeds', default='0,1,2')
   p.add_argument('--out', default='reports/streammem')
   p.add_argument('--name', default='', help='file stem suffix (default: the config variant)')
@@ -139,6 +141,18 @@ def main(argv=None) -> int:
   args.budget_length = args.budget_length or defaults[3]
   t0 = time.perf_counter()
 
+  def only(config):
+    """config with eval.methods narrowed to --methods (each must be one of the config's)."""
+    if args.methods:
+      wanted = tuple(m for m in args.methods.split(',') if m)
+      unknown = sorted(set(wanted) - set(config.eval.methods))
+      if unknown:
+        raise SystemExit(
+          f'--methods: {unknown} not in the config eval.methods {config.eval.methods}'
+        )
+      config.eval.methods = wanted
+    return config
+
   def sweep(model, episodes_at, config, seeds):
     return evaluate.sweep(
       models.Streamer(model),
@@ -153,6 +167,8 @@ def main(argv=None) -> int:
 
   if video:
     runs = [models.load_video_run(r) for r in args.video_runs.split(',') if r]
+    for c, _ in runs:
+      only(c)
     seeds = [int(c.data.seed) for c, _ in runs]
     config, arg = runs[0][0], 'video'
     episodes = lambda c: lambda n, seed: evaluate.video_episodes(c, n, 1000 * seed)  # noqa: E731
@@ -161,7 +177,7 @@ def main(argv=None) -> int:
     path, _, arg = args.config.partition(':')
     if pathlib.Path(path).resolve() != pathlib.Path(base.__file__).resolve():
       raise SystemExit(f'--config must be {base.__file__}:<variant>, got {args.config}')
-    config = base.get_config(arg or None)
+    config = only(base.get_config(arg or None))
     input_pipeline.check_config(config)
     if config.data.source == 'video':
       raise SystemExit('--config: a video config trains its model in a run; use --video_runs')
