@@ -45,7 +45,9 @@ COLOURS = {
 }
 
 
-DEFAULTS = ('128,256,512,1024,2048', '8,16,24,48,96', 24, 512)  # lengths, budgets, at, at
+# lengths, budgets, --length_budget, --budget_length when not given (video lengths are frames)
+DEFAULTS = ('128,256,512,1024,2048', '8,16,24,48,96', 24, 512)
+VIDEO_DEFAULTS = ('16,32,64,128,256', '4,8,16,32,64,128', 32, 128)
 
 
 def _ints(text: str) -> list[int]:
@@ -111,7 +113,7 @@ def main(argv=None) -> int:
   )
   p.add_argument('--video_runs', default='', help='finished video runs (workdirs, comma-separated)')
   p.add_argument('--methods', default='', help="a subset of the config's eval.methods (comma list)")
-  p.add_argument('--seeds', default='0,1,2')
+  p.add_argument('--seeds', default='0,1,2', help="data seeds (video: each run's own)")
   p.add_argument('--out', default='reports/streammem')
   p.add_argument('--name', default='', help='file stem suffix (default: the config variant)')
   p.add_argument('--from_json', default='', help='redraw the figure of a sweep_<name>.json')
@@ -134,7 +136,7 @@ def main(argv=None) -> int:
   from projects.streammem import models  # noqa: PLC0415
 
   video = bool(args.video_runs)
-  defaults = ('16,32,64,128,256', '4,8,16,32,64,128', 32, 128) if video else DEFAULTS
+  defaults = VIDEO_DEFAULTS if video else DEFAULTS
   lengths = _ints(args.lengths or defaults[0])
   budgets = _ints(args.budgets or defaults[1])
   args.length_budget = args.length_budget or defaults[2]
