@@ -38,6 +38,7 @@ import numpy as np
 
 from experiments import reproduce
 from experiments.fusionroute.configs import base
+from projects.fusionroute import evaluate
 from projects.fusionroute import input_pipeline
 from projects.fusionroute import train
 
@@ -89,21 +90,16 @@ def _table(suite: str, root: pathlib.Path) -> dict[str, list[dict[str, float]]]:
     fr = run('fusionroute', seed, suite, root)
     ft = run('finetuned', seed, suite, root)
     for method in ('fusionroute', 'routing_only', 'deferral'):
-      out.setdefault(method, []).append(_method(fr, method))
-    out.setdefault('finetuned', []).append(_method(ft, 'router_lm'))
+      out.setdefault(method, []).append(evaluate.method_metrics(fr, method))
+    out.setdefault('finetuned', []).append(evaluate.method_metrics(ft, 'router_lm'))
     out.setdefault('sft_only', []).append(_stage1(root, seed, 'fusionroute'))
   return out
-
-
-def _method(res: dict, method: str) -> dict[str, float]:
-  prefix = f'{method}/'
-  return {k[len(prefix) :]: v for k, v in res.items() if k.startswith(prefix)}
 
 
 def _stage1(root: pathlib.Path, seed: int, method: str) -> dict[str, float]:
   """`method`'s summary at the end of stage 1 (for fusionroute: the paper's SFT-only ablation)."""
   path = root / f'fusionroute_seed{seed}' / train.STAGE1_DIR / 'results.json'
-  return _method(json.loads(path.read_text())['eval'], method)
+  return evaluate.method_metrics(json.loads(path.read_text())['eval'], method)
 
 
 def _mean(rows, key: str) -> str:

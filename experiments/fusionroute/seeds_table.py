@@ -22,6 +22,7 @@ from absl import flags
 import ml_collections
 import numpy as np
 
+from projects.fusionroute import evaluate
 from projects.fusionroute import train
 
 _RUNS = flags.DEFINE_string('runs', None, 'directory of the runs (see the module docstring)')
@@ -58,10 +59,6 @@ def _eval(path: pathlib.Path) -> dict | None:
   return json.loads(results.read_text())['eval'] if results.is_file() else None
 
 
-def _method(res: dict, prefix: str) -> dict[str, float]:
-  return {k[len(prefix) + 1 :]: v for k, v in res.items() if k.startswith(prefix + '/')}
-
-
 def rows(root: pathlib.Path, seeds: Sequence[int]) -> tuple[list[int], dict[str, list]]:
   """(finished seeds, {row name: [summary dict or None per finished seed]})."""
   done = [s for s in seeds if _eval(root / f'fusionroute_seed{s}') is not None]
@@ -76,7 +73,7 @@ def rows(root: pathlib.Path, seeds: Sequence[int]) -> tuple[list[int], dict[str,
     per_seed = []
     for s in done:
       res = _eval(root / f'{kind}_seed{s}' / stage)
-      per_seed.append(_method(res, prefix) if res is not None else None)
+      per_seed.append(evaluate.method_metrics(res, prefix) if res is not None else None)
     table[name] = per_seed
   return done, table
 

@@ -241,6 +241,12 @@ def flat_metrics(results: Mapping[str, Decoded], es: EvalSet) -> dict[str, float
   return {f'{m}/{k}': v for m, d in results.items() for k, v in summarize(d, es).items()}
 
 
+def method_metrics(flat: Mapping[str, float], method: str) -> dict[str, float]:
+  """One method's summary back out of `flat_metrics`' dict (e.g. a results.json 'eval')."""
+  prefix = f'{method}/'
+  return {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
+
+
 # ---------------------------------------------------------------------------------------------------
 # The held-out LM loss (the run's eval 'loss').
 

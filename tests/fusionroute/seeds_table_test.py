@@ -6,20 +6,35 @@ import json
 import numpy as np
 
 from experiments.fusionroute import seeds_table
+from projects.fusionroute import evaluate
 from projects.fusionroute import train
 
 METHODS = ('fusionroute', 'routing_only', 'router_lm', 'deferral')
 
 
+def _flat(summary: dict[str, dict[str, float]]) -> dict[str, float]:
+  """The names evaluate.flat_metrics writes: '<method>/<metric>'."""
+  return {f'{m}/{k}': v for m, d in summary.items() for k, v in d.items()}
+
+
 def _write(path, summary: dict[str, dict[str, float]]) -> None:
   path.mkdir(parents=True, exist_ok=True)
-  flat = {f'{m}/{k}': v for m, d in summary.items() for k, v in d.items()}
+  flat = _flat(summary)
   (path / 'results.json').write_text(json.dumps({'step': 1, 'eval': flat}))
   (path / 'config.json').write_text(json.dumps({'experts': {'source': 'smollm2'}}))
 
 
 def _acc(mixed: float) -> dict[str, float]:
   return {'math': mixed, 'string': mixed / 2, 'logic': 0.0, 'mixed': mixed, 'domain_match': 0.5}
+
+
+def test_method_metrics_inverts_the_flat_names_without_prefix_leaks():
+  summary = {m: _acc(0.1 * i) for i, m in enumerate(METHODS)}
+  flat = _flat(summary)
+  for m in METHODS:
+    assert evaluate.method_metrics(flat, m) == summary[m]
+  assert evaluate.method_metrics(flat, 'router') == {}  # a prefix of router_lm, not a method
+  assert evaluate.method_metrics(flat, 'fusion') == {}
 
 
 def test_table_pairs_each_method_with_fusionroute_per_seed(tmp_path):
