@@ -28,10 +28,8 @@ from projects.fusionroute import train
 _RUNS = flags.DEFINE_string('runs', None, 'directory of the runs (see the module docstring)')
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'seeds to tabulate')
 
+# The router-free baselines besides the experts alone (rows 'expert_<name>', best first).
 BASELINE_NAMES = {
-  'expert_math': 'math expert alone',
-  'expert_string': 'string expert alone',
-  'expert_general': 'general expert alone',
   'uniform': 'uniform logit averaging',
   'oracle': 'oracle domain routing',
   'sequence_selection': 'sequence selection',
@@ -66,6 +64,11 @@ def rows(root: pathlib.Path, seeds: Sequence[int]) -> tuple[list[int], dict[str,
   base = root / 'baselines' / train.BASELINES_FILE
   if base.is_file():
     fixed = json.loads(base.read_text())
+    experts = sorted(
+      (k for k in fixed if k.startswith('expert_')), key=lambda k: -fixed[k]['mixed']
+    )
+    for key in experts:
+      table[f'{key.removeprefix("expert_")} expert alone'] = [fixed[key]] * len(done)
     for key, name in BASELINE_NAMES.items():
       if key in fixed:
         table[name] = [fixed[key]] * len(done)
@@ -78,6 +81,10 @@ def rows(root: pathlib.Path, seeds: Sequence[int]) -> tuple[list[int], dict[str,
   return done, table
 
 
+def _mean(xs: Sequence[float]) -> str:
+  return f'{np.mean(xs):.3f}' if xs else ''
+
+
 def _mean_sd(xs: Sequence[float]) -> str:
   if not xs:
     return ''
@@ -87,15 +94,18 @@ def _mean_sd(xs: Sequence[float]) -> str:
 
 
 def markdown(done: Sequence[int], table: dict[str, list], domains: Sequence[str]) -> str:
-  """Per-domain seed means, mixed per seed and mean ± sd (n - 1), FusionRoute minus the row."""
+  """Per-domain (and planted-flaw, where evaluated) seed means, mixed per seed and mean ± sd
+  (n - 1), FusionRoute minus the row."""
   fr = table['FusionRoute']
+  if any('flaw' in r for r in fr if r is not None):
+    domains = [*domains, 'flaw']
   head = ['method', *domains, *(f'mixed, seed {s}' for s in done), 'mixed', 'FusionRoute - it']
   out = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for name, per_seed in table.items():
     have = [r for r in per_seed if r is not None]
     if not have:
       continue
-    doms = [f'{np.mean([r[d] for r in have]):.3f}' for d in domains]
+    doms = [_mean([r[d] for r in have if d in r]) for d in domains]
     mixed = ['' if r is None else f'{r["mixed"]:.3f}' for r in per_seed]
     diffs = [f['mixed'] - r['mixed'] for f, r in zip(fr, per_seed, strict=True) if r is not None]
     diff = '' if name == 'FusionRoute' else _mean_sd(diffs)

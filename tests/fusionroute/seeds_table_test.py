@@ -67,3 +67,18 @@ def test_table_pairs_each_method_with_fusionroute_per_seed(tmp_path):
   assert ft[8].rstrip(' |') == f'{np.mean([0.2, 0.05]):.3f} ± {np.std([0.2, 0.05], ddof=1):.3f}'
   assert lines['oracle domain routing'][8].startswith('0.300 ± 0.100')  # seed-free, paired
   assert lines['routing-only'][8].startswith('0.100 ± 0.000')
+
+
+def test_experts_alone_come_best_first_and_the_flaw_set_gets_a_column(tmp_path):
+  run = tmp_path / 'fusionroute_seed0'
+  _write(run, {m: {**_acc(0.9), 'flaw': 0.8} for m in METHODS})
+  fixed = {'expert_code': _acc(0.2), 'expert_math': _acc(0.4), 'uniform': _acc(0.5)}
+  (tmp_path / 'baselines').mkdir()
+  (tmp_path / 'baselines' / train.BASELINES_FILE).write_text(json.dumps(fixed))
+
+  done, table = seeds_table.rows(tmp_path, [0])
+  assert list(table)[:3] == ['math expert alone', 'code expert alone', 'uniform logit averaging']
+  head, _, *body = seeds_table.markdown(done, table, ('math', 'string', 'logic')).splitlines()
+  assert head.split(' | ')[1:5] == ['math', 'string', 'logic', 'flaw']
+  fr = next(line for line in body if line.startswith('| FusionRoute |'))
+  assert fr.split(' | ')[4] == '0.800'
