@@ -62,8 +62,14 @@ BASELINES_FILE = 'baselines.json'
 
 
 def domains(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """The evaluation domains; expert i is domain i's (router.init names one, or 'base')."""
+  """The evaluation domains; expert i is domain i's."""
   return sm.DOMAINS if sm.is_source(config) else input_pipeline.DOMAINS
+
+
+def expert_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """Expert i's name, what router.init may name besides 'base'. The tiny experts are named by
+  their domains; SmolLM2's third expert is SmolLM2 itself ('general'), not a 'logic' model."""
+  return sm.EXPERTS if sm.is_source(config) else input_pipeline.DOMAINS
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -75,7 +81,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   problems = []
   if config.method not in METHODS:
     problems.append(f'method={config.method!r} is not one of {METHODS}')
-  inits = ('base', *domains(config))
+  inits = ('base', *expert_names(config))
   if config.router.init not in inits:
     problems.append(f'router.init={config.router.init!r} is not one of {inits}')
   if not sm.is_source(config) and len(config.experts.steps) != len(input_pipeline.DOMAINS):
@@ -122,7 +128,7 @@ def build_model(
       init = (
         ex.base
         if config.router.init == 'base'
-        else ex.experts[domains(config).index(config.router.init)]
+        else ex.experts[expert_names(config).index(config.router.init)]
       )
       lm = experts_lib.decoder_from(dcfg, init)
       experts = [experts_lib.decoder_from(dcfg, p) for p in ex.experts]

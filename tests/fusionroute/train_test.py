@@ -21,6 +21,7 @@ import jax
 import numpy as np
 import pytest
 
+from common import config as config_lib
 from common import metrics
 from common import testing
 from experiments.fusionroute.configs import base
@@ -163,6 +164,13 @@ def test_config_errors_are_one_line(override, message):
   with pytest.raises(Exception) as e:
     train.check_config(base.get_config(f'smoke,{override}'))
   assert message in str(e.value) and '\n' not in str(e.value)
+
+
+def test_router_init_names_an_expert_of_the_configured_source():
+  assert train.expert_names(base.get_config('smoke')) == ('math', 'code', 'instruct')
+  assert train.expert_names(base.get_config('smollm2')) == ('math', 'string', 'general')
+  with pytest.raises(config_lib.ConfigError, match="router.init='logic' is not one of "):
+    train.check_config(base.get_config('smollm2,router.init=logic'))  # a domain, not an expert
 
 
 SMOLLM2 = (
