@@ -22,6 +22,7 @@ from absl import flags
 import ml_collections
 import numpy as np
 
+from experiments import reproduce
 from projects.fusionroute import evaluate
 from projects.fusionroute import train
 
@@ -115,6 +116,19 @@ def markdown(done: Sequence[int], table: dict[str, list], domains: Sequence[str]
   return '\n'.join(out)
 
 
+def intervals(table: dict[str, list]) -> list[str]:
+  """FusionRoute's mixed minus each row's, paired by seed, as mean ± 95% t half-width (the
+  reproduction suite's summary), for rows with at least two finished seeds."""
+  fr, out = table['FusionRoute'], []
+  for name, per_seed in table.items():
+    diffs = [f['mixed'] - r['mixed'] for f, r in zip(fr, per_seed, strict=True) if r is not None]
+    if name != 'FusionRoute' and len(diffs) > 1:
+      s = reproduce.summarize(diffs)
+      per = ' / '.join(f'{d:+.3f}' for d in diffs)
+      out.append(f'FusionRoute - {name}: {s.mean:+.3f} ± {s.spread:.3f} (per seed {per})')
+  return out
+
+
 def main(argv: Sequence[str]) -> None:
   del argv
   root = pathlib.Path(_RUNS.value)
@@ -125,6 +139,8 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f'no finished fusionroute_seed{{S}} run under {root} for seeds {seeds}')
   config = json.loads((root / f'fusionroute_seed{done[0]}' / 'config.json').read_text())
   print(markdown(done, table, train.domains(ml_collections.ConfigDict(config))))
+  print('\nMixed accuracy, paired by seed, mean ± 95% t half-width:')
+  print('\n'.join(intervals(table)))
   if missing:
     print(f'\n(seeds {missing}: no finished fusionroute run under {root}; left out)')
 

@@ -82,3 +82,18 @@ def test_experts_alone_come_best_first_and_the_flaw_set_gets_a_column(tmp_path):
   assert head.split(' | ')[1:5] == ['math', 'string', 'logic', 'flaw']
   fr = next(line for line in body if line.startswith('| FusionRoute |'))
   assert fr.split(' | ')[4] == '0.800'
+
+
+def test_intervals_are_paired_differences_with_a_t_half_width(tmp_path):
+  fr, ro = {0: 0.6, 1: 0.5, 2: 0.7}, {0: 0.55, 1: 0.49, 2: 0.6}
+  for s in fr:
+    summary = {m: _acc(fr[s]) for m in METHODS} | {'routing_only': _acc(ro[s])}
+    _write(tmp_path / f'fusionroute_seed{s}', summary)
+  done, table = seeds_table.rows(tmp_path, [0, 1, 2])
+  line = next(
+    x for x in seeds_table.intervals(table) if x.startswith('FusionRoute - routing-only:')
+  )
+  d = np.array([fr[s] - ro[s] for s in (0, 1, 2)])
+  half = 4.303 * d.std(ddof=1) / np.sqrt(3)  # t(0.975, df=2)
+  assert f'{d.mean():+.3f} ± {half:.3f} (per seed +0.050 / +0.010 / +0.100)' in line
+  assert not any(x.startswith('FusionRoute - FusionRoute') for x in seeds_table.intervals(table))
