@@ -83,6 +83,15 @@ def load(path: str | os.PathLike) -> RunRecord:
   )
 
 
+def final_eval(path: str | os.PathLike) -> dict | None:
+  """The eval metrics a finished run wrote (results.json's 'eval'); None while it has not finished
+  or never started, so seed tables can tabulate what exists while other seeds still run."""
+  p = pathlib.Path(path)
+  if not (p / 'results.json').is_file():
+    return None
+  return load(p).results['eval']
+
+
 def expand(paths: Sequence[str]) -> list[RunRecord]:
   """Runs named directly, or every run one level below a directory that is not itself a run."""
   out = []

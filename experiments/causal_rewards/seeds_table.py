@@ -14,12 +14,12 @@ named.
 from __future__ import annotations
 
 from collections.abc import Sequence
-import json
 import pathlib
 
 from absl import app
 from absl import flags
 
+from common import runs as runs_lib
 from experiments import reproduce
 
 _RUNS = flags.DEFINE_string('crm_runs', None, 'directory of the lam{L}_s{S} workdirs')
@@ -38,16 +38,11 @@ COLUMNS = (
 )
 
 
-def _eval(path: pathlib.Path) -> dict | None:
-  results = path / 'results.json'
-  return json.loads(results.read_text())['eval'] if results.is_file() else None
-
-
 def runs(
   root: pathlib.Path, arms: Sequence[str], seeds: Sequence[int]
 ) -> tuple[list[int], dict[str, list[dict]]]:
   """(seeds with every arm finished, {lambda: [eval metrics per such seed]})."""
-  found = {lam: {s: _eval(root / f'lam{lam}_s{s}') for s in seeds} for lam in arms}
+  found = {lam: {s: runs_lib.final_eval(root / f'lam{lam}_s{s}') for s in seeds} for lam in arms}
   done = [s for s in seeds if all(found[lam][s] is not None for lam in arms)]
   return done, {lam: [found[lam][s] for s in done] for lam in arms}
 
@@ -62,9 +57,10 @@ def _difference(crm: Sequence[dict], vanilla: Sequence[dict], key: str) -> str:
 
 
 def table(root: pathlib.Path, arms: Sequence[str], seeds: Sequence[int]) -> list[str]:
+  """The markdown rows; a ValueError when no seed has every arm finished (main says it as usage)."""
   done, by_arm = runs(root, arms, seeds)
   if not done:
-    raise SystemExit(f'no seed of {list(seeds)} has every arm {list(arms)} finished under {root}')
+    raise ValueError(f'no seed of {list(seeds)} has every arm {list(arms)} finished under {root}')
   vanilla, crm = arms
   lines = [
     '| run | seed | ' + ' | '.join(name for name, _ in COLUMNS) + ' |',
@@ -93,7 +89,11 @@ def main(argv):
   del argv
   if not _RUNS.value:
     raise app.UsageError('--crm_runs is required')
-  print('\n'.join(table(pathlib.Path(_RUNS.value), _ARMS.value, [int(s) for s in _SEEDS.value])))
+  try:
+    lines = table(pathlib.Path(_RUNS.value), _ARMS.value, [int(s) for s in _SEEDS.value])
+  except ValueError as e:  # runs_lib.RunsError included
+    raise app.UsageError(str(e)) from e
+  print('\n'.join(lines))
 
 
 if __name__ == '__main__':

@@ -22,6 +22,7 @@ from absl import flags
 import ml_collections
 import numpy as np
 
+from common import runs as runs_lib
 from experiments import reproduce
 from projects.fusionroute import evaluate
 from projects.fusionroute import train
@@ -53,14 +54,9 @@ ROUTED = (
 )
 
 
-def _eval(path: pathlib.Path) -> dict | None:
-  results = path / 'results.json'
-  return json.loads(results.read_text())['eval'] if results.is_file() else None
-
-
 def rows(root: pathlib.Path, seeds: Sequence[int]) -> tuple[list[int], dict[str, list]]:
   """(finished seeds, {row name: [summary dict or None per finished seed]})."""
-  done = [s for s in seeds if _eval(root / f'fusionroute_seed{s}') is not None]
+  done = [s for s in seeds if runs_lib.final_eval(root / f'fusionroute_seed{s}') is not None]
   table: dict[str, list] = {}
   base = root / 'baselines' / train.BASELINES_FILE
   if base.is_file():
@@ -76,7 +72,7 @@ def rows(root: pathlib.Path, seeds: Sequence[int]) -> tuple[list[int], dict[str,
   for name, kind, stage, prefix in ROUTED:
     per_seed = []
     for s in done:
-      res = _eval(root / f'{kind}_seed{s}' / stage)
+      res = runs_lib.final_eval(root / f'{kind}_seed{s}' / stage)
       per_seed.append(evaluate.method_metrics(res, prefix) if res is not None else None)
     table[name] = per_seed
   return done, table
@@ -137,7 +133,7 @@ def main(argv: Sequence[str]) -> None:
   missing = sorted(set(seeds) - set(done))
   if not done:
     raise app.UsageError(f'no finished fusionroute_seed{{S}} run under {root} for seeds {seeds}')
-  config = json.loads((root / f'fusionroute_seed{done[0]}' / 'config.json').read_text())
+  config = runs_lib.load(root / f'fusionroute_seed{done[0]}').config
   print(markdown(done, table, train.domains(ml_collections.ConfigDict(config))))
   print('\nMixed accuracy, paired by seed, mean ± 95% t half-width:')
   print('\n'.join(intervals(table)))

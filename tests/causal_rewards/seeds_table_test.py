@@ -15,6 +15,7 @@ def _write(root, lam: str, seed: int, value: float) -> None:
   run = root / f'lam{lam}_s{seed}'
   run.mkdir(parents=True)
   ev = {k: value + 0.01 * i for i, k in enumerate(KEYS)}
+  (run / 'config.json').write_text(json.dumps({'crm': {'lam': float(lam)}, 'seed': seed}))
   (run / 'results.json').write_text(json.dumps({'step': 200, 'train': {}, 'eval': ev}))
 
 
@@ -49,5 +50,5 @@ def test_one_seed_prints_the_difference_without_an_interval(tmp_path):
 
 def test_no_finished_seed_is_an_error_naming_the_directory(tmp_path):
   _write(tmp_path, '0', 0, 0.5)  # the CRM arm never finished
-  with pytest.raises(SystemExit, match='no seed of \\[0\\] has every arm'):
+  with pytest.raises(ValueError, match='no seed of \\[0\\] has every arm'):
     seeds_table.table(tmp_path, ['0', '1.0'], [0])

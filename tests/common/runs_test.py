@@ -71,3 +71,19 @@ def test_seconds_per_step_skips_compilation_evaluations_and_restarts():
 def test_not_a_run_is_one_line(tmp_path, capsys):
   assert runs.main(['summarize', str(tmp_path)]) == 2
   assert capsys.readouterr().err.startswith('error: ')
+
+
+def test_final_eval_is_the_finished_runs_eval_and_none_before(tmp_path):
+  run = tmp_path / 'finished'
+  run.mkdir()
+  (run / 'config.json').write_text('{}')
+  (run / 'results.json').write_text(json.dumps({'step': 3, 'eval': {'acc': 0.5}}))
+  assert runs.final_eval(run) == {'acc': 0.5}
+  assert runs.final_eval(tmp_path / 'never_started') is None
+  (tmp_path / 'unfinished').mkdir()
+  (tmp_path / 'unfinished' / 'config.json').write_text('{}')
+  assert runs.final_eval(tmp_path / 'unfinished') is None
+  (tmp_path / 'no_config').mkdir()
+  (tmp_path / 'no_config' / 'results.json').write_text('{"eval": {}}')
+  with pytest.raises(runs.RunsError, match='not a run directory'):
+    runs.final_eval(tmp_path / 'no_config')
