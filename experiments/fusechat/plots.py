@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 
+import ml_collections
+
 from common import runs
 from projects.fusechat import plots
+from projects.fusechat import train
 
 
 def main(argv=None) -> int:
@@ -20,12 +23,13 @@ def main(argv=None) -> int:
   p.add_argument('--title', default='')
   args = p.parse_args(argv)
   try:
-    eval_metrics = runs.final_eval(args.run)
+    run = runs.load(args.run)
   except runs.RunsError as e:
     p.error(str(e))  # one line, exit 2
-  if eval_metrics is None:
+  if run.results is None:
     p.error(f'{args.run} has not finished (no results.json)')
-  fig = plots.figure(eval_metrics, args.title)
+  names = train.model_names(ml_collections.ConfigDict(run.config))
+  fig = plots.figure(run.results['eval'], names, args.title)
   fig.savefig(args.out, metadata={'Software': None})
   print(f'wrote {args.out}')
   return 0

@@ -2,48 +2,41 @@
 string tasks, R documentation text) for the pivot, each source, each fused target and each merge.
 
 Bars rather than a table because the question is one of ordering per skill: does a fused target
-move towards its source's strong skill, and does a merge keep both. `figure(eval_metrics)` takes a
+move towards its source's strong skill, and does a merge keep both. `figure(eval_metrics, names)` takes a
 run's final eval row (results.json's 'eval'); experiments/fusechat/plots.py is the command line.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from collections.abc import Sequence
 
 import numpy as np
 
-SKILLS = ('code', 'text')
-CHANCE = 0.25  # four choices per multiple-choice item (projects/fusechat/corpora.py)
+from projects.fusechat import corpora
+from projects.fusechat import evaluate
+
+CHANCE = 1 / len(corpora.OPS)  # a code item offers one result per operation; text items as many
 
 
-def model_names(eval_metrics: Mapping[str, float]) -> list[str]:
-  """Models with per-skill accuracy, in reading order: pivot, sources, fused targets, merges."""
-  names = sorted({k.split('/')[0] for k in eval_metrics if k.endswith('/code/acc')})
-
-  def rank(name: str) -> int:
-    if name == 'pivot':
-      return 0
-    return 1 if name.startswith('source_') else 2 if name.startswith('fused_') else 3
-
-  return sorted(names, key=lambda n: (rank(n), names.index(n)))
-
-
-def figure(eval_metrics: Mapping[str, float], title: str = ''):
-  """Two panels over the models: accuracy per skill (chance dashed), nats per byte per skill."""
+def figure(eval_metrics: Mapping[str, float], names: Sequence[str], title: str = ''):
+  """Two panels over `names` (train.model_names): accuracy per skill (chance dashed), nats per byte per skill."""
   import matplotlib  # noqa: PLC0415
 
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # noqa: PLC0415
 
-  names = model_names(eval_metrics)
-  if not names:
-    raise ValueError('no per-skill accuracy (<model>/code/acc) in these eval metrics')
+  missing = [n for n in names if f'{n}/code/acc' not in eval_metrics]
+  if missing:
+    raise ValueError(
+      f'no per-skill accuracy (<model>/code/acc) for {missing} in these eval metrics'
+    )
   x = np.arange(len(names))
   fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
   for ax, (metric, label) in zip(
     axes, (('acc', 'accuracy'), ('nll_byte', 'held-out nats per byte')), strict=True
   ):
-    for i, skill in enumerate(SKILLS):
+    for i, skill in enumerate(evaluate.SKILLS):
       values = [eval_metrics[f'{n}/{skill}/{metric}'] for n in names]
       ax.bar(x + 0.4 * i - 0.2, values, 0.4, label=skill)
     ax.set_xticks(x, [n.removeprefix('fused_').removeprefix('source_') for n in names])

@@ -49,6 +49,12 @@ def target_names(config: ml_collections.ConfigDict) -> list[str]:
   return [f'fused_{short(s)}' for s in config.model.sources]
 
 
+def model_names(config: ml_collections.ConfigDict) -> list[str]:
+  """Every evaluated model in reading order: pivot, fused targets, merges, sources."""
+  sources = [f'source_{short(s)}' for s in config.model.sources]
+  return ['pivot', *target_names(config), *config.merge.methods, *sources]
+
+
 _STEPS: dict[tuple, object] = {}  # make_step's jitted functions in this process, by their inputs
 
 
@@ -216,12 +222,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
       'final:\n%s',
       evaluate.table(
         last_eval,
-        [
-          'pivot',
-          *names,
-          *config.merge.methods,
-          *[f'source_{short(s)}' for s in config.model.sources],
-        ],
+        model_names(config),
         ['code/acc', 'text/acc', 'acc', 'code/nll_byte', 'text/nll_byte'],
       ),
     )
