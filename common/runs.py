@@ -232,9 +232,9 @@ def draw(ax: Any, grouped: Mapping[str, Sequence[RunRecord]], key: str) -> None:
   """One panel of `plot` on a matplotlib Axes: metric `key` ('split/name') of each configuration
   of `grouped` (`groups`), the i-th in the i-th colour of matplotlib's cycle, its seeds as thin
   lines of that colour around their mean (a curve of one point is drawn as a marker)."""
-  import matplotlib.pyplot as plt  # noqa: PLC0415
+  import matplotlib  # noqa: PLC0415
 
-  colours = plt.rcParams['axes.prop_cycle'].by_key()['color']
+  colours = matplotlib.rcParams['axes.prop_cycle'].by_key()['color']
   split, name = key.split('/', 1)
   for i, (label, members) in enumerate(grouped.items()):
     colour = colours[i % len(colours)]
@@ -258,22 +258,17 @@ def _dot(points: Sequence) -> str | None:
 
 
 def plot(runs: Sequence[RunRecord], metric_keys: Sequence[str], out: pathlib.Path) -> pathlib.Path:
-  import matplotlib  # noqa: PLC0415
-
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # noqa: PLC0415
+  from matplotlib import figure as mpl_figure  # noqa: PLC0415
 
   grouped = groups(runs)
-  fig, axes = plt.subplots(
-    1, len(metric_keys), figsize=(4.2 * len(metric_keys), 3.2), squeeze=False
-  )
+  fig = mpl_figure.Figure(figsize=(4.2 * len(metric_keys), 3.2))
+  axes = fig.subplots(1, len(metric_keys), squeeze=False)
   for ax, key in zip(axes[0], metric_keys, strict=True):
     draw(ax, grouped, key)
   axes[0][0].legend(fontsize=7)
   fig.tight_layout()
   out.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(out, dpi=120)
-  plt.close(fig)
   return out
 
 

@@ -90,6 +90,8 @@ import logging
 import jax
 import matplotlib
 
+# %matplotlib inline
+
 
 def _progress(record):  # this repository's INFO lines (a table: its first line), others' warnings
   if record.levelno >= logging.WARNING:
@@ -147,14 +149,7 @@ from projects.fusechat import train
 
 workdir = pathlib.Path(tempfile.mkdtemp()) / 'fusechat'
 result = train.train_and_evaluate(config, str(workdir))
-names = [
-  'pivot',
-  'fused_coder',
-  'fused_general',
-  *config.merge.methods,
-  'source_coder',
-  'source_general',
-]
+names = train.model_names(config)  # pivot, fused targets, merges, sources
 print(
   evaluate.table(
     result.eval, names, ['code/acc', 'text/acc', 'acc', 'code/nll_byte', 'text/nll_byte']
@@ -162,20 +157,13 @@ print(
 )
 
 # %% [markdown]
-# ## Per-skill accuracy
+# ## Per-skill accuracy and loss
 #
-# Chance is 0.25 on both skills.
+# The run's per-skill bars (`projects.fusechat.plots`, also `python -m experiments.fusechat.plots`):
+# does a fused target move towards its source's strong skill, and does a merge keep both? Chance
+# (dashed) is one in `len(corpora.OPS)`.
 
 # %%
-import matplotlib.pyplot as plt
-import numpy as np
+from projects.fusechat import plots
 
-fig, ax = plt.subplots(figsize=(9, 3))
-x = np.arange(len(names))
-for i, skill in enumerate(('code', 'text')):
-  ax.bar(x + 0.4 * i - 0.2, [result.eval[f'{n}/{skill}/acc'] for n in names], 0.4, label=skill)
-ax.axhline(0.25, color='gray', lw=0.8, ls='--')
-ax.set_xticks(x, names, rotation=30, ha='right')
-ax.set_ylabel('accuracy')
-ax.legend()
-fig.tight_layout()
+plots.figure(result.eval, names)

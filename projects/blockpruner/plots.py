@@ -35,13 +35,11 @@ def order_grid(order: list[models.Block], num_layers: int) -> np.ndarray:
 def figure(runs: Mapping[str, pathlib.Path], num_layers: int, order_of: str, title: str = ''):
   """Perplexity per held-out source and MC accuracy vs removed parameters (one curve per run), and
   the removal order of run `order_of`."""
-  import matplotlib  # noqa: PLC0415
-
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # noqa: PLC0415
+  from matplotlib import figure as mpl_figure  # noqa: PLC0415
 
   keys = ('rdocs/perplexity', 'chatterbot/perplexity', 'mc/mean')
-  fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+  fig = mpl_figure.Figure(figsize=(20, 4.2))
+  axes = fig.subplots(1, 4)
   for label, workdir in runs.items():
     rows = metrics.read_jsonl(pathlib.Path(workdir) / 'metrics.jsonl')
     for ax, key in zip(axes[:3], keys, strict=True):

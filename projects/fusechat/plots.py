@@ -21,10 +21,7 @@ CHANCE = 1 / len(corpora.OPS)  # a code item offers one result per operation; te
 
 def figure(eval_metrics: Mapping[str, float], names: Sequence[str], title: str = ''):
   """Two panels over `names` (train.model_names): accuracy per skill (chance dashed), nats per byte per skill."""
-  import matplotlib  # noqa: PLC0415
-
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # noqa: PLC0415
+  from matplotlib import figure as mpl_figure  # noqa: PLC0415
 
   missing = [n for n in names if f'{n}/code/acc' not in eval_metrics]
   if missing:
@@ -32,7 +29,8 @@ def figure(eval_metrics: Mapping[str, float], names: Sequence[str], title: str =
       f'no per-skill accuracy (<model>/code/acc) for {missing} in these eval metrics'
     )
   x = np.arange(len(names))
-  fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+  fig = mpl_figure.Figure(figsize=(12, 3.8))
+  axes = fig.subplots(1, 2)
   for ax, (metric, label) in zip(
     axes, (('acc', 'accuracy'), ('nll_byte', 'held-out nats per byte')), strict=True
   ):

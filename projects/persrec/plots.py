@@ -45,13 +45,11 @@ def figure(
   title: str = 'synthetic histories: recall vs window',
 ):
   """The two-panel matplotlib figure from `run_points(...)` and the serving benchmark's JSON rows."""
-  import matplotlib  # noqa: PLC0415
-
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # noqa: PLC0415
+  from matplotlib import figure as mpl_figure  # noqa: PLC0415
   import matplotlib.ticker  # noqa: PLC0415
 
-  fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+  fig = mpl_figure.Figure(figsize=(10, 4), dpi=100)
+  left, right = fig.subplots(1, 2)
   for arm, pts in points.items():
     rows = by_window(pts)
     xs, means = [r[0] for r in rows], [r[1] for r in rows]

@@ -133,20 +133,17 @@ def final_task_accuracy(records: Sequence[runs_lib.RunRecord]) -> dict[str, dict
 def figure(records: Sequence[runs_lib.RunRecord], out: str | pathlib.Path) -> pathlib.Path:
   """The README's figure (see the module docstring); returns its path."""
   import matplotlib  # noqa: PLC0415
-
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # noqa: PLC0415
+  from matplotlib import figure as mpl_figure  # noqa: PLC0415
 
   grouped = runs_lib.groups(records)
   finals = final_task_accuracy(records)
   tasks = sorted({t for per_task in finals.values() for t in per_task})
-  fig, axes = plt.subplots(
-    1, len(CURVES) + 1, figsize=(4.2 * len(CURVES) + max(4.0, 0.9 * len(tasks)), 3.6)
-  )
+  fig = mpl_figure.Figure(figsize=(4.2 * len(CURVES) + max(4.0, 0.9 * len(tasks)), 3.6))
+  axes = fig.subplots(1, len(CURVES) + 1)
   for ax, key in zip(axes, CURVES, strict=False):
     runs_lib.draw(ax, grouped, key)
   ax = axes[-1]
-  colours = plt.rcParams['axes.prop_cycle'].by_key()['color']  # runs.draw's colours
+  colours = matplotlib.rcParams['axes.prop_cycle'].by_key()['color']  # runs.draw's colours
   width = 0.8 / max(1, len(finals))
   for i, per_task in enumerate(finals.values()):
     colour = colours[i % len(colours)]
@@ -163,5 +160,4 @@ def figure(records: Sequence[runs_lib.RunRecord], out: str | pathlib.Path) -> pa
   out = pathlib.Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(out, dpi=100)
-  plt.close(fig)
   return out

@@ -4,6 +4,7 @@ reasoning-gym runs; the figure colours by configuration and never joins tasks wi
 
 import json
 
+from matplotlib import figure as mpl_figure
 import pytest
 
 from common import runs
@@ -81,7 +82,13 @@ def test_figure_one_colour_per_configuration_and_tasks_are_not_joined(tmp_path, 
     'adapter.preset=smore22': {'x': pytest.approx([0.5, 0.6]), 'y': pytest.approx([0.25, 0.3])},
   }
   figures = []
-  monkeypatch.setattr('matplotlib.pyplot.close', figures.append)  # keep the figure to inspect
+  savefig = mpl_figure.Figure.savefig
+
+  def keep(fig, *args, **kwargs):  # keep the figure to inspect
+    figures.append(fig)
+    return savefig(fig, *args, **kwargs)
+
+  monkeypatch.setattr(mpl_figure.Figure, 'savefig', keep)
   out = report.figure(records, tmp_path / 'plots' / 'curves.png')
   assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   ce, accuracy, tasks = figures[0].axes
