@@ -8,6 +8,8 @@ CI's fresh clones on the same machine.
 import os
 import pathlib
 
+import pytest
+
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 _flags = os.environ.get('XLA_FLAGS', '')
@@ -28,3 +30,20 @@ _cache_root = pathlib.Path(
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', str(_cache_root / 'jax_cache'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+  """The matplotlib Figures a test saves, in order, to inspect (Figure.savefig still writes them):
+  the library figures are plain Figure objects, outside pyplot's registry."""
+  from matplotlib import figure  # noqa: PLC0415
+
+  saved = []
+  savefig = figure.Figure.savefig
+
+  def keep(fig, *args, **kwargs):
+    saved.append(fig)
+    return savefig(fig, *args, **kwargs)
+
+  monkeypatch.setattr(figure.Figure, 'savefig', keep)
+  return saved

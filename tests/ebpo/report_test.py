@@ -23,13 +23,11 @@ def _runs(root):
       (path / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
 
 
-def test_figure_colours_by_configuration_not_by_seed(tmp_path, monkeypatch):
+def test_figure_colours_by_configuration_not_by_seed(tmp_path, saved_figures):
   _runs(tmp_path / 'runs')
-  figures = []
-  monkeypatch.setattr('matplotlib.pyplot.close', figures.append)  # keep the figure to inspect
   out = report.figure(tmp_path / 'runs', tmp_path / 'curves.png')
   assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-  axes = figures[0].axes
+  axes = saved_figures[0].axes
   assert [ax.get_title() for ax in axes] == [f'train/{k}' for k in report.KEYS]
   legend = [t.get_text() for t in axes[0].get_legend().get_texts()]
   assert legend == ['rl.estimator=ebpo (2 seeds)', 'rl.estimator=grpo (2 seeds)']

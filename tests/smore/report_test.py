@@ -4,7 +4,6 @@ reasoning-gym runs; the figure colours by configuration and never joins tasks wi
 
 import json
 
-from matplotlib import figure as mpl_figure
 import pytest
 
 from common import runs
@@ -71,7 +70,7 @@ def test_runs_table_has_no_constant_row_for_token_task_runs(tmp_path):
   assert text == report.table({'lora_seed0': report.summarize(records[0])})
 
 
-def test_figure_one_colour_per_configuration_and_tasks_are_not_joined(tmp_path, monkeypatch):
+def test_figure_one_colour_per_configuration_and_tasks_are_not_joined(tmp_path, saved_figures):
   for preset in ('lora', 'smore22'):
     for seed in (0, 1):
       acc = 0.5 + 0.1 * seed + (0.2 if preset == 'lora' else 0.0)
@@ -81,17 +80,9 @@ def test_figure_one_colour_per_configuration_and_tasks_are_not_joined(tmp_path, 
     'adapter.preset=lora': {'x': pytest.approx([0.7, 0.8]), 'y': pytest.approx([0.35, 0.4])},
     'adapter.preset=smore22': {'x': pytest.approx([0.5, 0.6]), 'y': pytest.approx([0.25, 0.3])},
   }
-  figures = []
-  savefig = mpl_figure.Figure.savefig
-
-  def keep(fig, *args, **kwargs):  # keep the figure to inspect
-    figures.append(fig)
-    return savefig(fig, *args, **kwargs)
-
-  monkeypatch.setattr(mpl_figure.Figure, 'savefig', keep)
   out = report.figure(records, tmp_path / 'plots' / 'curves.png')
   assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-  ce, accuracy, tasks = figures[0].axes
+  ce, accuracy, tasks = saved_figures[0].axes
   assert [ce.get_title(), accuracy.get_title()] == ['train/ce', 'eval/accuracy']
   # Per configuration: two seeds (thin) and their mean, all in the configuration's colour.
   colours = [line.get_color() for line in ce.lines]
