@@ -65,7 +65,8 @@ def _metadata(w, arch: str, cfg: decoder.DecoderConfig, context_length: int | No
 
 
 def _pad_token(i: int) -> str:
-  """The placeholder of model row i past the tokenizer (a name no real vocabulary uses)."""
+  """The token string of padding row i (the model's rows past the tokenizer's ids): a name no
+  real vocabulary uses, so a GGUF reader sees a full, unique token list."""
   return f'<|export_pad_{i}|>'
 
 
