@@ -22,6 +22,7 @@ import os
 import pathlib
 from typing import Any
 
+from flax import nnx
 import jax
 import numpy as np
 
@@ -184,3 +185,35 @@ def load_or_compute(
   arrays = {k: np.asarray(v) for k, v in compute().items()}
   savez(path, **arrays)
   return arrays
+
+
+def fixture_step(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """`nnx.jit(fn)` for a cached fixture's training step, compiled at XLA:CPU's default optimisation
+  whatever this process's XLA flags say.
+
+  `fn(model, optimizer, *batch)` updates its two graph nodes in place and returns the loss, as
+  under `nnx.jit`. Why not `nnx.jit`: the test suite compiles at `--xla_backend_optimization_level=0`
+  (its hundreds of small programs compile faster), which runs a fixture's hundreds of training
+  steps about 1.5x slower, and a cold cache (a fresh CI machine) trains every fixture once;
+  `jax.jit` takes per-computation compiler options, `nnx.jit` does not. Under a run's flags these
+  options are XLA's defaults and the step trains the bits `nnx.jit` trains (bitwise: a small
+  decoder in tests/common/cache_test.py; the tiny RL warm-up's 1000 steps and SmolLM2's 40-step
+  warm-up, measured once), so no run's results move; under the suite's flags its bits are its
+  own, kept apart by the fixtures' keys (each names this function's source and the numerics).
+  """
+  options = {'xla_backend_optimization_level': 3, 'xla_llvm_disable_expensive_passes': False}
+
+  def pure(graphdef, state, *batch):
+    model, optimizer = nnx.merge(graphdef, state)
+    loss = fn(model, optimizer, *batch)
+    return nnx.state((model, optimizer)), loss
+
+  compiled = jax.jit(pure, static_argnums=0, compiler_options=options)
+
+  def step(model, optimizer, *batch):
+    graphdef, state = nnx.split((model, optimizer))
+    new_state, loss = compiled(graphdef, state, *batch)
+    nnx.update((model, optimizer), new_state)
+    return loss
+
+  return step

@@ -46,7 +46,9 @@ class TinyLMConfig:
 
 def _code_fingerprint() -> str:
   # The language, the loss and the model: edits elsewhere in these modules do not retrain.
-  return cache.code_fingerprint(data.MarkovLanguage, losses, decoder, _train_tiny_lm)
+  return cache.code_fingerprint(
+    data.MarkovLanguage, losses, decoder, _train_tiny_lm, cache.fixture_step
+  )
 
 
 def decoder_config(cfg: TinyLMConfig) -> decoder.DecoderConfig:
@@ -75,7 +77,7 @@ def _train_tiny_lm(cfg: TinyLMConfig) -> tuple[dict, list[float]]:
     )
     opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
-  @nnx.jit
+  @cache.fixture_step
   def step(model, opt, tokens):
     def loss_fn(m):
       return losses.next_token_loss(m, tokens)[0]

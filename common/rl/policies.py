@@ -95,7 +95,7 @@ def _sft(
     tx = optax.adamw(optax.cosine_decay_schedule(lr, steps, 0.1), b2=0.98)
     opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
-  @nnx.jit
+  @cache.fixture_step
   def step(model, opt, batch):
     loss, grads = nnx.value_and_grad(lambda m: sft.sft_loss(m, batch)[0])(model)
     opt.update(model, grads)
@@ -147,6 +147,7 @@ def _fingerprint(cfg: WarmupConfig) -> str:
   # meaning (speed work) would otherwise retrain for minutes; a change of parameter layout still
   # retrains.
   parts = [
+    cache.fixture_step,
     _sft,
     _train,
     sft_examples,
@@ -226,6 +227,7 @@ def _pretrained_fingerprint(name: str, task_set: str, cfg: PretrainedWarmup) -> 
   # tokenizer), the loader's conversion, this code, the SFT code, the chat rendering and the task
   # set's specs, the config, and the numerics (common.cache.numerics_fingerprint).
   parts = [
+    cache.fixture_step,
     _sft,
     warm_pretrained,
     pretrained_sft_examples,

@@ -248,7 +248,7 @@ def _train_tiny(cfg: TinyTextLM, tok: tokenizer_lib.Tokenizer) -> tuple[dict, li
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b2=0.95))
   opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
-  @nnx.jit
+  @cache.fixture_step
   def step(model, opt, tokens):
     loss, grads = nnx.value_and_grad(lambda m: common_losses.next_token_loss(m, tokens)[0])(model)
     opt.update(model, grads)
@@ -270,7 +270,7 @@ def tiny_text_lm(
   key = _digest(
     dataclasses.asdict(cfg),
     tiny_tokenizer_file(cfg.vocab_size).read_text(),
-    cache.code_fingerprint(decoder, common_losses, _train_tiny),
+    cache.code_fingerprint(decoder, common_losses, _train_tiny, cache.fixture_step),
     cache.numerics_fingerprint(),
   )
   path = cache.cache_dir('blockpruner', 'tiny_text_lm') / f'{key}.npz'

@@ -97,7 +97,7 @@ def _warm_train(dcfg: decoder.DecoderConfig, w: Warmup, pool) -> tuple[dict, lis
     tx = optax.adamw(optax.cosine_decay_schedule(w.lr, w.steps, 0.1), b2=0.98)
     opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
-  @nnx.jit
+  @cache.fixture_step
   def step(model, opt, rows):
     def f(m):
       logits = m(rows[:, :-1])
@@ -120,7 +120,9 @@ def warm_backbone(config: ml_collections.ConfigDict) -> decoder.Decoder:
   w = Warmup(steps=config.model.warmup_steps)
   pool = input_pipeline.question_pool(config.data.seed)
   key = json.dumps([dataclasses.asdict(w), repr(dcfg), [q['question'] for q in pool]])
-  key += cache.code_fingerprint(_warm_rows, _warm_train, input_pipeline.CharTokenizer)
+  key += cache.code_fingerprint(
+    _warm_rows, _warm_train, input_pipeline.CharTokenizer, cache.fixture_step
+  )
   key += cache.numerics_fingerprint()
   name = hashlib.sha256(key.encode()).hexdigest()[:20]
   path = cache.cache_dir('causal_rewards_warmup') / f'{name}.npz'

@@ -170,7 +170,7 @@ def _train_tiny(recipe: TinyRecipe, tok: tokenizer_lib.Tokenizer) -> dict:
     wrt=nnx.Param,
   )
 
-  @nnx.jit
+  @cache.fixture_step
   def step(model, opt, tokens):
     loss, grads = nnx.value_and_grad(lambda m: common_losses.next_token_loss(m, tokens)[0])(model)
     opt.update(model, grads)
@@ -191,7 +191,7 @@ def tiny_member(name: str, dtype: str = 'float32') -> Member:
   key = _digest(
     dataclasses.asdict(recipe),
     [tok.id_to_token(i) for i in range(tok.vocab_size)],
-    cache.code_fingerprint(decoder, common_losses, _train_tiny),
+    cache.code_fingerprint(decoder, common_losses, _train_tiny, cache.fixture_step),
     _corpus_fingerprint(),
     cache.numerics_fingerprint(),
   )

@@ -110,7 +110,7 @@ def _train(model: decoder.Decoder, source, steps: int, cfg: ExpertsConfig) -> li
   with sharding.unsharded():
     opt = nnx.Optimizer(model, optax.adamw(schedule, b2=0.98), wrt=nnx.Param)
 
-  @nnx.jit
+  @cache.fixture_step
   def step(model, opt, batch):
     loss, grads = nnx.value_and_grad(row_loss)(model, batch)
     opt.update(model, grads)
@@ -199,6 +199,7 @@ def fingerprint(cfg: ExpertsConfig) -> str:
   decoder's source is left out on purpose (speed work there must not retrain); a change of its
   parameter layout still does."""
   parts = [
+    cache.fixture_step,
     _train,
     _train_all,
     row_loss,

@@ -618,7 +618,7 @@ def _train_fact_lm(cfg: FactLMConfig) -> tuple[dict, list[float]]:
     )
     opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
-  @nnx.jit
+  @cache_lib.fixture_step
   def step(model, opt, batch):
     loss, grads = nnx.value_and_grad(lambda m: losses.answer_loss(m, batch)[0])(model)
     opt.update(model, grads)
@@ -651,7 +651,11 @@ def fact_lm(cfg: FactLMConfig, dtype: str = 'float32') -> tuple[decoder.Decoder,
     (
       json.dumps(dataclasses.asdict(cfg), sort_keys=True)
       + cache_lib.code_fingerprint(
-        _train_fact_lm, input_pipeline.FactLanguage, losses.answer_loss, decoder
+        _train_fact_lm,
+        input_pipeline.FactLanguage,
+        losses.answer_loss,
+        decoder,
+        cache_lib.fixture_step,
       )
       + cache_lib.numerics_fingerprint()
     ).encode()

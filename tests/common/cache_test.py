@@ -2,12 +2,23 @@
 
 import json
 import os
+from pathlib import Path
+import subprocess
+import sys
+import textwrap
 
+from flax import nnx
 import jax
 import numpy as np
+import optax
 import pytest
 
 from common import cache
+from common import losses
+from common import sharding
+from common.models import decoder
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_cache_dir_is_outside_the_repo_and_honours_the_env(tmp_path, monkeypatch):
@@ -154,3 +165,104 @@ def test_arrays_to_tree_names_the_missing_keys():
     cache.arrays_to_tree(flat, _nested())
   with pytest.raises(ValueError, match=r"params lack \[\"x\['embed'\]\", .*\(3 missing\)"):
     cache.arrays_to_tree(flat, _nested(), 'x', leaf_fn=lambda a, _: 1 / 0, what='params')
+
+
+# A few steps of a tiny decoder's next-token training, by nnx.jit or by cache.fixture_step; the
+# script prints both runs' final parameters and curves, so a process with any XLA flags compares.
+_TRAIN_BOTH = textwrap.dedent(
+  """
+  import json, sys
+  from flax import nnx
+  import numpy as np, optax
+  from common import cache, losses, sharding
+  from common.models import decoder
+
+  def train(jit):
+    cfg = decoder.DecoderConfig(vocab_size=32, d_model=16, num_layers=1, num_heads=2,
+                                num_kv_heads=2, head_dim=8, mlp_dim=32)
+    with sharding.unsharded():
+      model = decoder.Decoder(cfg, rngs=nnx.Rngs(0))
+      opt = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
+
+    @jit
+    def step(model, opt, tokens):
+      loss, grads = nnx.value_and_grad(lambda m: losses.next_token_loss(m, tokens)[0])(model)
+      opt.update(model, grads)
+      return loss
+
+    rng = np.random.default_rng(0)
+    curve = [float(step(model, opt, rng.integers(1, 32, (4, 12)).astype(np.int32)))
+             for _ in range(4)]
+    flat = np.concatenate([np.asarray(v).ravel() for v in
+                           jax.tree.leaves(nnx.state(model, nnx.Param))])
+    return curve, flat, int(opt.step.value)
+
+  import jax
+  a, b = train(nnx.jit), train(cache.fixture_step)
+  print(json.dumps({'curves': [a[0], b[0]], 'steps': [a[2], b[2]],
+                    'bitwise': bool(np.array_equal(a[1], b[1])),
+                    'max_diff': float(np.abs(a[1] - b[1]).max())}))
+  """
+)
+
+
+def _train_both(xla_flags: str) -> dict:
+  env = {**os.environ, 'XLA_FLAGS': xla_flags, 'PYTHONPATH': str(REPO)}
+  proc = subprocess.run(
+    [sys.executable, '-c', _TRAIN_BOTH],
+    env=env,
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_fixture_step_trains_nnx_jits_bits_under_a_runs_flags():
+  # A run compiles at XLA's defaults, which are fixture_step's options: a fixture trained by a
+  # run is the one nnx.jit trained, so no run's results move with this speed work.
+  out = _train_both('')
+  assert out['bitwise'] and out['curves'][0] == out['curves'][1], out
+  assert out['steps'] == [4, 4]
+
+
+def test_fixture_step_updates_the_model_and_optimizer_in_place_under_the_suites_flags():
+  # Under the suite's optimisation level 0 the two compile differently; the same maths stays
+  # within float32 rounding of each other, and both take every step.
+  out = _train_both(os.environ.get('XLA_FLAGS', ''))
+  assert out['steps'] == [4, 4]
+  np.testing.assert_allclose(out['curves'][0], out['curves'][1], rtol=1e-5)
+  assert out['max_diff'] < 1e-4, out
+
+
+def test_fixture_step_matches_an_eager_step_in_process():
+  cfg = decoder.DecoderConfig(
+    vocab_size=32, d_model=16, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=8, mlp_dim=32
+  )
+  with sharding.unsharded():
+    model = decoder.Decoder(cfg, rngs=nnx.Rngs(0))
+    opt = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+  before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param).to_pure_dict())
+  tokens = np.random.default_rng(0).integers(1, 32, (4, 12)).astype(np.int32)
+
+  def loss_of(m):
+    return losses.next_token_loss(m, tokens)[0]
+
+  loss_before = float(loss_of(model))
+  grads = nnx.grad(loss_of)(model)
+  expected = jax.tree.map(lambda p, g: p - 0.1 * np.asarray(g), before, grads.to_pure_dict())
+
+  @cache.fixture_step
+  def step(model, opt, tokens):
+    loss, grads = nnx.value_and_grad(lambda m: losses.next_token_loss(m, tokens)[0])(model)
+    opt.update(model, grads)
+    return loss
+
+  loss = step(model, opt, tokens)
+  np.testing.assert_allclose(float(loss), loss_before, rtol=1e-5)  # the loss before the update
+  after = nnx.state(model, nnx.Param).to_pure_dict()
+  jax.tree.map(lambda a, e: np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6), after, expected)
+  assert int(opt.step.value) == 1

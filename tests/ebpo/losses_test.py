@@ -204,14 +204,15 @@ def test_state_json_round_trip_continues_identically():
 
 def test_all_equal_batches_standardise_to_exactly_zero():
   """Every response failed (or every one passed) across the batch: A = 0 exactly, as GRPO gives
-  an all-equal group, for every batch shape up to M=64, G=16 and random histories. (Before the
-  fix, float32 rounding of the batch mean left e.g. -0.0074 after [[1, 0], [1, 1]].)"""
+  an all-equal group, for batch shapes from 1 x 2 to 64 x 16 (odd, prime and power-of-two sizes:
+  each shape compiles its own eager ops, so the grid is a sample) and random histories. (Before
+  the fix, float32 rounding of the batch mean left e.g. -0.0074 after [[1, 0], [1, 1]].)"""
   est = losses.EBPOEstimator('cumulative')
   est.advantages(np.array([[1.0, 0.0], [1.0, 1.0]], np.float32))
   a, raw, _ = est.advantages(np.zeros((5, 2), np.float32))
   assert np.all(a == 0.0) and np.all(raw != 0.0)
   rng = np.random.default_rng(0)
-  for m, g in itertools.product((1, 2, 3, 5, 8, 13, 29, 64), (2, 3, 4, 8, 16)):
+  for m, g in itertools.product((1, 2, 3, 5, 13, 64), (2, 3, 16)):
     est = losses.EBPOEstimator('cumulative')
     for _ in range(int(rng.integers(1, 4))):  # a random history
       est.update((rng.random((int(rng.integers(1, 9)), g)) < rng.random()).astype(np.float32))
