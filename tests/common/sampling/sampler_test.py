@@ -333,13 +333,17 @@ def test_bf16_weights_multiply_bf16_inputs_with_f32_accumulation(lm):
 
 
 def test_bf16_weights_generation_matches_its_own_full_forward(lm, prompts):
-  # The bf16-weight model decodes what its own full forward pass computes (up to the different
-  # kernels' f32 rounding), batched and alone, and stays close to the f32 model.
+  # The bf16-weight model decodes what its own full forward pass computes, batched and alone,
+  # and stays close to the f32 model. "What it computes" is up to bf16 resolution, not f32's:
+  # activations are rounded to bf16 before each matmul, so where the two paths' f32 values (a few
+  # ulps apart, different kernels) straddle a bf16 rounding boundary an input moves by one bf16
+  # ulp (2^-8 relative) and a log-prob by ~1e-3 (measured: 2.3e-3 on 1 of 40 with the tiny LM
+  # trained at ac283f3; none with the one before).
   model = sampler.cast_weights(lm.model, jnp.bfloat16)
   gen = _generate(model, prompts, GREEDY, key=None)
   ref = _reference(model, prompts, gen)
   np.testing.assert_array_equal(gen.tokens, ref.argmax(-1))
-  _close(gen.logprobs, ref.max(-1), atol=1e-4)
+  _close(gen.logprobs, ref.max(-1), atol=1e-2)
   alone = _generate(model, prompts[:1], GREEDY, key=None)
   np.testing.assert_array_equal(alone.tokens[0], gen.tokens[0])
   f32 = _reference(lm.model, prompts, gen)
