@@ -16,6 +16,7 @@ import pytest
 from common import cache
 from common import losses
 from common import sharding
+from common import testing
 from common.models import decoder
 
 REPO = Path(__file__).resolve().parents[2]
@@ -265,5 +266,5 @@ def test_fixture_step_matches_an_eager_step_in_process():
   loss = step(model, opt, tokens)
   np.testing.assert_allclose(float(loss), loss_before, rtol=1e-5)  # the loss before the update
   after = nnx.state(model, nnx.Param).to_pure_dict()
-  jax.tree.map(lambda a, e: np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6), after, expected)
+  testing.assert_trees_close(after, expected, rtol=1e-5, atol=1e-6)
   assert int(opt.step.value) == 1
