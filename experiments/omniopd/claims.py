@@ -3,10 +3,9 @@
 Four arms on the same footing (the same student, teacher, prompts per step, steps, optimizer and
 evaluation; projects/omniopd/train.py): OmniOPD (text-only teacher audits at entropy peaks),
 white-box OPD (reverse KL to the teacher's next-token distribution), SFT on teacher traces, and GRPO
-(no teacher). Per seed (smoke: seeds 0-2, the scripted teacher; full: the smollm2 config, seed 0
-only, so its verdicts are inconclusive by construction; its white-box arm distils from the only
-teacher with the student's vocabulary, SmolLM2 after 120 SFT steps, teacher.kind=sft, while the
-text arms ask Qwen2.5-Coder-0.5B):
+(no teacher). Per seed, seeds 0-2 (smoke: the scripted teacher; full: the smollm2 config, whose
+white-box arm distils from the only teacher with the student's vocabulary, SmolLM2 after 120 SFT
+steps, teacher.kind=sft, while the text arms ask Qwen2.5-Coder-0.5B):
   * omniopd_vs_{opd,sft,grpo} (empirical): final held-out greedy accuracy, OmniOPD minus the arm.
     The detail line gives every arm's accuracy, its gain over step 0 per 1000 teacher calls and per
     1000 sampled student tokens, and the starting pass rate.
@@ -17,7 +16,10 @@ text arms ask Qwen2.5-Coder-0.5B):
     white-box OPD (the paper reports fewer loops than OPD; the claim is a negative difference).
 
 Budget: smoke about 1-3 minutes on 2 cores once the warm-up policy is cached (12 runs of 40 steps
-in one process, compiled programs reused).
+in one process, compiled programs reused); full: 12 runs of the smollm2 config, one at a time, about
+7-8 hours on 2 cores (measured per run, sometimes beside other jobs: OmniOPD 38-64 min, white-box
+OPD 14-26 min plus 22 min once for its teacher's SFT warm-up, SFT on traces 27-35 min, GRPO ~43
+min; peak RSS 6-13.5 GB; projects/omniopd/README.md).
 """
 
 from __future__ import annotations
@@ -45,11 +47,10 @@ PAPER = (
 def _runs(suite: str, root: pathlib.Path) -> dict[str, list[dict]]:
   """{arm: [run_summary per seed]}: trains (or reuses) every arm and seed; shared by the claims."""
   variant = 'smoke' if suite == 'smoke' else 'smollm2'
-  seeds = SEEDS if suite == 'smoke' else (0,)
   out: dict[str, list[dict]] = {}
   for arm, mode in ARMS.items():
     white_box = ',teacher.kind=sft' if suite != 'smoke' and mode == 'opd' else ''
-    for seed in seeds:
+    for seed in SEEDS:
       workdir = root / f'{mode}_seed{seed}'
       cfg = base.get_config(f'{variant},mode={mode},seed={seed}{white_box}')
       train.train_and_evaluate(cfg, workdir)

@@ -3,9 +3,8 @@
 Arms on the same footing (same starting policy, prompts, estimator GRPO, group size, steps,
 learning rate, evaluation; the token-level reward models trained on the same pairs for the same
 steps): the outcome verifier (ORM), DPO-implicit token rewards and Q-RM token rewards, under the
-PPO-style clipped loop and under REINFORCE (ORM and Q-RM only). Per seed (smoke: seeds 0-2, each
-seed its own reward models; full: the smollm2 config, seed 0 only, so its verdicts are inconclusive
-by construction):
+PPO-style clipped loop and under REINFORCE (ORM and Q-RM only). Per seed, seeds 0-2, each seed its
+own reward models (smoke: the smoke config; full: the smollm2 config):
   * qrm_ppo_pass_at_1 / qrm_reinforce_pass_at_1 (empirical): held-out greedy pass@1 after training,
     Q-RM minus ORM (paper: +5.85 with PPO, +4.70 with REINFORCE, averaged over math benchmarks);
   * qrm_vs_dpo_pass_at_1 (empirical): the same, Q-RM minus DPO-implicit rewards (PPO);
@@ -21,7 +20,10 @@ by construction):
 
 Budget: smoke 137 s of CPU (538 s wall on the shared 2 cores at load average 29; over the 300 s
 budget at that load): 6 reward models of 150 steps and 15 RL runs of 40 steps in one process,
-compiled code reused; plus the shared warm-up policy's first training on a fresh machine.
+compiled code reused; plus the shared warm-up policy's first training on a fresh machine. Full: 15
+runs of the smollm2 config (5 arms x 3 seeds; a Q-RM or DPO arm first trains its seed's reward
+model, ~30 min, which the REINFORCE arm of the same kind and seed reuses), each ~50-90 min on 2
+free cores (projects/qrm/README.md), about 15-20 hours in all.
 """
 
 from __future__ import annotations
@@ -50,10 +52,9 @@ ARMS = {
 def _runs(suite: str, root: pathlib.Path) -> dict:
   """{(kind, algo): [(results, run_summary) per seed]}; trains (or reuses) every arm and seed."""
   variant = 'smoke' if suite == 'smoke' else 'smollm2'
-  seeds = SEEDS if suite == 'smoke' else (0,)
   out: dict = {}
   for (kind, algo), over in ARMS.items():
-    for seed in seeds:
+    for seed in SEEDS:
       rm_dir = root / f'rm_{kind}_seed{seed}'
       cfg = base.get_config(f'{variant},{over},seed={seed},rm.workdir={rm_dir}')
       workdir = root / f'{kind}_{algo}_seed{seed}'
