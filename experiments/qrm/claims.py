@@ -23,7 +23,7 @@ budget at that load): 6 reward models of 150 steps and 15 RL runs of 40 steps in
 compiled code reused; plus the shared warm-up policy's first training on a fresh machine. Full: 15
 runs of the smollm2 config (5 arms x 3 seeds; a Q-RM or DPO arm first trains its seed's reward
 model, ~30 min, which the REINFORCE arm of the same kind and seed reuses), each ~25-90 min on 2
-free cores (projects/qrm/README.md), about 15-20 hours in all.
+free cores (projects/qrm/README.md), about 13-16 hours in all.
 """
 
 from __future__ import annotations
