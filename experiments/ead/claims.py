@@ -16,7 +16,7 @@ target): EAD's annealed schedule, and fixed rollout temperatures 0.6, 1.0 and 1.
 Budget: smoke about 1-2 minutes on 2 cores once the warm-up policy is cached (12 runs of 60 steps
 in one process, compiled code reused; the first run on a machine adds the warm-up's 1000 SFT steps,
 1-5 minutes); full: 12 runs of the smollm2 config, each 13-17 minutes on 2 free cores (1,300-1,600 s CPU,
-10-13 GB peak; measured on two VMs, projects/ead/README.md), so about 3 hours, resumable.
+10-13 GB peak; measured on two VMs, projects/ead/README.md), so about 3-3.5 hours, resumable.
 """
 
 from __future__ import annotations
