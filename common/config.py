@@ -37,6 +37,7 @@ RESUME_MUTABLE = (
   'sharding.*',
   'debug.*',
   'data.num_workers',
+  'rm.workdir',  # where a shared reward model's run lives (Q-RM), not what it trains: runs can move
 )
 
 

@@ -194,6 +194,14 @@ def test_resume_differences_allow_list_matches_exactly():
   ]
 
 
+def test_a_moved_reward_model_run_resumes_but_a_changed_one_does_not():
+  saved = {'rm': {'workdir': '/old/rm_qrm_seed0', 'num_steps': 100}}
+  moved = {'rm': {'workdir': '/new/rm_qrm_seed0', 'num_steps': 100}}
+  changed = {'rm': {'workdir': '/new/rm_qrm_seed0', 'num_steps': 50}}
+  assert config_lib.resume_differences(saved, moved) == []
+  assert config_lib.resume_differences(saved, changed) == ['rm.num_steps']
+
+
 def test_mesh_spec_is_in_canonical_order():
   c = config_lib.base_config()
   c.mesh = ml_collections.ConfigDict({'tensor': 2, 'data': -1, 'fsdp': 4})
