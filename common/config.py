@@ -37,7 +37,7 @@ RESUME_MUTABLE = (
   'sharding.*',
   'debug.*',
   'data.num_workers',
-  'rm.workdir',  # where a shared reward model's run lives (Q-RM), not what it trains: runs can move
+  '*.workdir',  # where a sub-run lives (Q-RM's shared reward model), not what it trains: runs move
 )
 
 
@@ -184,7 +184,13 @@ def flatten(d: Mapping, prefix: str = '') -> dict[str, Any]:
 
 
 def _mutable(key: str, allow: Iterable[str]) -> bool:
-  return any(key == a or (a.endswith('.*') and key.startswith(a[:-1])) for a in allow)
+  """Whether `key` matches an allow-list entry: exact, 'section.*' (a prefix) or '*.leaf' (a suffix)."""
+  return any(
+    key == a
+    or (a.endswith('.*') and key.startswith(a[:-1]))
+    or (a.startswith('*.') and key.endswith(a[1:]))
+    for a in allow
+  )
 
 
 def resume_differences(

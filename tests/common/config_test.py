@@ -200,6 +200,14 @@ def test_a_moved_reward_model_run_resumes_but_a_changed_one_does_not():
   changed = {'rm': {'workdir': '/new/rm_qrm_seed0', 'num_steps': 50}}
   assert config_lib.resume_differences(saved, moved) == []
   assert config_lib.resume_differences(saved, changed) == ['rm.num_steps']
+  # Any section's workdir is a location ('*.workdir'), but a key merely ending in 'workdir' is not.
+  assert (
+    config_lib.resume_differences({'teacher': {'workdir': 'a'}}, {'teacher': {'workdir': 'b'}})
+    == []
+  )
+  assert config_lib.resume_differences(
+    {'rm': {'subworkdir': 'a'}}, {'rm': {'subworkdir': 'b'}}
+  ) == ['rm.subworkdir']
 
 
 def test_mesh_spec_is_in_canonical_order():
