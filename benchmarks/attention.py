@@ -1,20 +1,26 @@
-"""Decode attention (one query per row over a KV cache): the two XLA:CPU formulations, per shape.
+"""Decode attention (one query per row over a KV cache): the XLA:CPU formulations, per shape.
 
-    python -m benchmarks.attention [--reps=40]
+    python -m benchmarks.attention [--reps=20] [--layers=30] [--flush_mib=256]
 
 `common.models.decoder.head_major_attention` reads the cache as [B, K, S, D] and, for one query per
-row, chooses between multiply-and-reduce fusions (broadcast q against k, sum over D; broadcast the
-probabilities against v, sum over S) and batched einsums. Which one XLA:CPU runs faster depends on
-the group size G = heads / kv heads: with G > 1 (SmolLM2 9/3, Gemma-3 4/1, Qwen2.5 14/2) the fusions
-win; with G == 1 (multi-head attention: the tiny test and RL-benchmark decoders) they were 4-25x
-slower, so the decoder takes the einsums there. This script times both formulations and the
-decoder's own choice on the shapes that matter, in one process, and prints CPU-time medians and
-ranges (steadier than wall time on a shared machine) and the ratio einsum / fused.
+row, chooses between three formulations: multiply-and-reduce fusions ("fused": broadcast q against
+k, sum over D; broadcast the probabilities against v, sum over S), batched einsums, and, for a single
+row, "keys_left": the scores as a dot with the keys as its left operand ([S, D] x [D, G] per kv head,
+so YNNPACK packs only the small query block), the rest as in "fused". Which one XLA:CPU runs faster
+depends on the group size G = heads / kv heads, the head width and the batch: with G > 1 (SmolLM2
+9/3, Gemma-3 4/1, Qwen2.5 14/2) keys_left wins at one row and, with Gemma-3's 256-wide heads, at 16
+rows too, while 64-wide heads at 16 rows keep the fusions; with G == 1 (multi-head attention: the
+tiny test and RL-benchmark decoders) the fusions are 7-13x slower, so the decoder takes the einsums
+there.
+
+Each variant runs as a model would: a chain of --layers attentions, each over its own cache, after
+--flush_mib of other memory has been read (a decoder streams its weights between two layers'
+attention, so the caches are cold). Variants are interleaved rep by rep; the script prints wall ms
+per chain, median (range), and the ratio of each variant to the decoder's choice.
 """
 
 from __future__ import annotations
 
-import functools
 import statistics
 import time
 
@@ -27,7 +33,9 @@ import numpy as np
 from common.models import decoder
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer('reps', 40, 'timed repetitions per variant (after one warm-up)')
+flags.DEFINE_integer('reps', 20, 'timed repetitions per variant (after one warm-up)')
+flags.DEFINE_integer('layers', 30, 'attention layers per timed chain, each over its own cache')
+flags.DEFINE_integer('flush_mib', 256, 'MiB read before each timed chain (0: caches stay warm)')
 
 # (name, B, K, G, S, D)
 SHAPES = (
@@ -36,7 +44,12 @@ SHAPES = (
   ('SmolLM2, S=128 (B=16)', 16, 3, 3, 128, 64),
   ('SmolLM2, S=512 (B=16)', 16, 3, 3, 512, 64),
   ('SmolLM2, S=128 (B=1)', 1, 3, 3, 128, 64),
+  ('SmolLM2, S=512 (B=1)', 1, 3, 3, 512, 64),
   ('Gemma-3, S=128 (B=16)', 16, 1, 4, 128, 256),
+  ('Gemma-3, S=512 (B=16)', 16, 1, 4, 512, 256),
+  ('Gemma-3, S=128 (B=1)', 1, 1, 4, 128, 256),
+  ('Qwen2.5, S=128 (B=16)', 16, 2, 7, 128, 64),
+  ('Qwen2.5, S=128 (B=1)', 1, 2, 7, 128, 64),
 )
 
 
@@ -60,56 +73,72 @@ def einsum(q, k, v, mask, scale):
   return out.reshape(b, t, h, d)
 
 
+def keys_left(q, k, v, mask, scale):
+  b, t, h, d = q.shape
+  kv = k.shape[1]
+  qg = q.reshape(b, kv, h // kv, d)
+  logits = jnp.swapaxes(jnp.einsum('bksd,bkgd->bksg', k, qg), -1, -2)[:, :, :, None] * scale
+  probs = _softmax(logits, mask)
+  out = jnp.sum(probs[:, :, :, 0, :, None] * v[:, :, None], axis=3)
+  return out[:, None].reshape(b, t, h, d)
+
+
 def _softmax(logits, mask):
   mask = mask[:, :, None]
   probs = jax.nn.softmax(jnp.where(mask, logits, decoder.MASKED_LOGIT), axis=-1)
   return jnp.where(jnp.any(mask, axis=-1, keepdims=True), probs, 0.0)
 
 
-def _cpu_ms(fn, args, reps: int) -> list[float]:
-  jax.block_until_ready(fn(*args))
-  out = []
-  for _ in range(reps):
-    c = time.process_time()
-    jax.block_until_ready(fn(*args))
-    out.append((time.process_time() - c) * 1e3)
-  return out
+def _chain(attn, scale):
+  """One query through `layers` attentions, each over its own cache, fed back as the next query."""
+
+  def f(q, ks, vs, mask):
+    for k, v in zip(ks, vs, strict=True):
+      q = q + jnp.tanh(attn(q, k, v, mask, scale=scale))
+    return q
+
+  return jax.jit(f)
 
 
 def _fmt(ts: list[float]) -> str:
-  return f'{statistics.median(ts):8.3f} ({min(ts):.3f}-{max(ts):.3f})'
+  return f'{statistics.median(ts):8.2f} ({min(ts):.2f}-{max(ts):.2f})'
 
 
 def main(argv):
   del argv
   rng = np.random.default_rng(0)
-  print(f'{jax.devices()[0].platform}, CPU ms per call, median (range) of {FLAGS.reps}')
-  print(f'{"shape":32s} {"fused":>24s} {"einsum":>24s} {"decoder":>24s}  einsum/fused')
+  flush = jnp.ones((FLAGS.flush_mib * 2**18,), jnp.float32)
+  read = jax.jit(jnp.sum)
+  forms = {'fused': fused, 'einsum': einsum, 'keys_left': keys_left}
+  print(
+    f'{jax.devices()[0].platform}, wall ms per chain of {FLAGS.layers} layers, {FLAGS.flush_mib} MiB '
+    f'read before each, median (range) of {FLAGS.reps}; x = variant time / decoder time'
+  )
+  print(f'{"shape":30s}' + ''.join(f'{n:>28s}' for n in [*forms, 'decoder']))
   for name, b, kv, g, s, d in SHAPES:
     h, scale = kv * g, d**-0.5
     q = jnp.asarray(rng.normal(size=(b, 1, h, d)), jnp.float32)
-    k = jnp.asarray(rng.normal(size=(b, kv, s, d)), jnp.float32)
-    v = jnp.asarray(rng.normal(size=(b, kv, s, d)), jnp.float32)
+    ks = [jnp.asarray(rng.normal(size=(b, kv, s, d)), jnp.float32) for _ in range(FLAGS.layers)]
+    vs = [jnp.asarray(rng.normal(size=(b, kv, s, d)), jnp.float32) for _ in range(FLAGS.layers)]
     mask = jnp.asarray(rng.random((b, 1, 1, s)) < 0.9)
-    fns = {
-      'fused': jax.jit(functools.partial(fused, scale=scale)),
-      'einsum': jax.jit(functools.partial(einsum, scale=scale)),
-      'decoder': jax.jit(functools.partial(decoder.head_major_attention, scale=scale)),
-    }
-    ref = np.asarray(fns['decoder'](q, k, v, mask))
-    for f in ('fused', 'einsum'):
-      np.testing.assert_allclose(np.asarray(fns[f](q, k, v, mask)), ref, atol=2e-5)
+    fns = {n: _chain(f, scale) for n, f in forms.items()}
+    fns['decoder'] = _chain(decoder.head_major_attention, scale)
+    ref = np.asarray(fns['decoder'](q, ks, vs, mask))
+    for f in forms:
+      np.testing.assert_allclose(np.asarray(fns[f](q, ks, vs, mask)), ref, atol=1e-4)
     # Interleave the variants rep by rep so load changes hit them alike.
     times = {n: [] for n in fns}
     for _ in range(FLAGS.reps):
       for n, fn in fns.items():
-        times[n] += _cpu_ms(fn, (q, k, v, mask), 1)
-    ratio = statistics.median(times['einsum']) / statistics.median(times['fused'])
-    label = f'{name} G={g}'
-    print(
-      f'{label:32s} {_fmt(times["fused"])} {_fmt(times["einsum"])} {_fmt(times["decoder"])}  '
-      f'{ratio:.2f}x'
-    )
+        if FLAGS.flush_mib:
+          read(flush).block_until_ready()
+        start = time.perf_counter()
+        jax.block_until_ready(fn(q, ks, vs, mask))
+        times[n].append((time.perf_counter() - start) * 1e3)
+    dec_ms = statistics.median(times['decoder'])
+    cells = [f'{_fmt(t)} {statistics.median(t) / dec_ms:4.2f}x' for t in times.values()]
+    print(f'{f"{name} G={g}":30s}' + ''.join(f'{c:>28s}' for c in cells))
+    del ks, vs
 
 
 if __name__ == '__main__':
