@@ -240,6 +240,28 @@ def test_grouped_query_attention_matches_repeated_heads():
     _close(gqa, ref)
 
 
+@pytest.mark.parametrize(
+  'b,h,kv,d',
+  [(1, 6, 2, 16), (3, 6, 2, 16), (3, 4, 1, 128), (2, 3, 3, 16)],
+  ids=['one-row-keys-left', 'rows-fused', 'wide-heads-keys-left', 'mha-einsum'],
+)
+def test_one_query_cache_attention_forms_match_the_reference(b, h, kv, d):
+  """Each one-query form of head_major_attention (keys-left dot, fused multiply-reduce, einsums)
+  equals dot_product_attention on the same keys in [B, S, K, D] order, masked slots included, and a
+  row with no readable slot gives zeros."""
+  s = 7
+  q = _normal((b, 1, h, d), seed=0)
+  k, v = _normal((b, kv, s, d), seed=1), _normal((b, kv, s, d), seed=2)
+  valid = jnp.asarray(np.arange(s) < s - 2)[None].repeat(b, 0)
+  mask = valid.at[-1].set(b == 1)[:, None, None, :]  # the last row reads nothing (if b > 1)
+  fn = jax.jit(functools.partial(decoder.head_major_attention, scale=d**-0.5, softcap=5.0))
+  ref = jax.jit(functools.partial(decoder.dot_product_attention, scale=d**-0.5, softcap=5.0))
+  got, want = fn(q, k, v, mask), ref(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask)
+  _close(got, want)
+  if b > 1:
+    assert np.all(np.asarray(got[-1]) == 0) and np.abs(np.asarray(got[0])).max() > 0.1
+
+
 def test_sliding_window_limits_receptive_field():
   cfg = dataclasses.replace(BASE, num_layers=1, sliding_window=3, sliding_window_pattern=2)
   model = _build(cfg)
