@@ -3,15 +3,15 @@
     python -m benchmarks.attention [--reps=20] [--layers=30] [--flush_mib=256]
 
 `common.models.decoder.head_major_attention` reads the cache as [B, K, S, D] and, for one query per
-row, chooses between three formulations: multiply-and-reduce fusions ("fused": broadcast q against
-k, sum over D; broadcast the probabilities against v, sum over S), batched einsums, and, for a single
-row, "keys_left": the scores as a dot with the keys as its left operand ([S, D] x [D, G] per kv head,
-so YNNPACK packs only the small query block), the rest as in "fused". Which one XLA:CPU runs faster
-depends on the group size G = heads / kv heads, the head width and the batch: with G > 1 (SmolLM2
-9/3, Gemma-3 4/1, Qwen2.5 14/2) keys_left wins at one row and, with Gemma-3's 256-wide heads, at 16
-rows too, while 64-wide heads at 16 rows keep the fusions; with G == 1 (multi-head attention: the
-tiny test and RL-benchmark decoders) the fusions are 7-13x slower, so the decoder takes the einsums
-there.
+row, chooses between multiply-and-reduce fusions ("fused": broadcast q against k, sum over D;
+broadcast the probabilities against v, sum over S) and batched einsums: with G = heads / kv heads
+> 1 (SmolLM2 9/3, Gemma-3 4/1, Qwen2.5 14/2) the fusions, with G == 1 (multi-head attention: the tiny
+test and RL-benchmark decoders; there the fusions are 7-13x slower) the einsums. A third variant,
+"keys_left" (the scores as a dot with the keys as its left operand, [S, D] x [D, G] per kv head, so
+YNNPACK packs only the small query block), is the fastest here at one row and with Gemma-3's
+256-wide heads, but the decoder does not use it: inside the decode loop any dot on the cache just
+written makes XLA:CPU copy every layer's cache on every step
+(`tests/common/sampling/sampler_test.py::test_decode_loop_updates_the_donated_cache_in_place`).
 
 Each variant runs as a model would: a chain of --layers attentions, each over its own cache, after
 --flush_mib of other memory has been read (a decoder streams its weights between two layers'

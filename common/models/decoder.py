@@ -323,21 +323,16 @@ def head_major_attention(q, k, v, mask, *, scale: float, softcap: float | None =
   kv = k.shape[1]
   q = q.reshape(b, t, kv, h // kv, d)
   # One query per row (decoding) with grouped heads (G > 1): multiply-and-reduce fusions beat
-  # XLA:CPU's batched matmul of [G, D] x [D, S] blocks (1.5-2.6x over 30 SmolLM2 layers at batch
-  # 16). Better still, where measured: the scores as a dot with the keys as the left operand
-  # ([S, D] x [D, G] per kv head, so YNNPACK packs only the small query block), 1.2-1.6x the
-  # fusions at one row and 2.3-2.6x at 16 rows with Gemma-3's 256-wide heads; with 64-wide heads at
-  # 16 rows it is level at 128 slots and 1.4x slower at 512, so those keep the fusions. With G == 1
-  # (multi-head attention) the fusions are 7-13x slower than the einsums (a size-1 broadcast dim
-  # makes XLA:CPU emit a non-vectorised reduction), so they take the einsums (all:
+  # XLA:CPU's batched matmul of [G, D] x [D, S] blocks (1.5-2.7x over 30 SmolLM2 layers at batch
+  # 16). A dot with the keys as its left operand is faster still in isolation (1.2-1.6x at one row,
+  # 2.3-2.6x with Gemma-3's 256-wide heads), but any dot on the cache just written makes XLA:CPU
+  # feed it from a duplicate of the update and copy every layer's cache on every step, so decoding
+  # keeps the fusions (tests/common/sampling/sampler_test.py checks the loop copies no cache). With
+  # G == 1 (multi-head attention) the fusions are 7-13x slower than the einsums (a size-1 broadcast
+  # dim makes XLA:CPU emit a non-vectorised reduction), so they take the einsums (all:
   # benchmarks/attention.py).
   reduce = t == 1 and h // kv > 1
-  if reduce and (b == 1 or d >= 128):
-    logits = jnp.einsum(
-      'bksd,bkgd->bksg', k.astype(jnp.float32), q[:, 0].astype(jnp.float32)
-    )  # [B, K, S, G]
-    logits = jnp.swapaxes(logits, -1, -2)[:, :, :, None] * scale
-  elif reduce:
+  if reduce:
     qf = q[:, 0, :, :, None, :].astype(jnp.float32)  # [B, K, G, 1, D]
     logits = jnp.sum(qf * k[:, :, None].astype(jnp.float32), axis=-1)[:, :, :, None] * scale
   else:

@@ -243,12 +243,12 @@ def test_grouped_query_attention_matches_repeated_heads():
 @pytest.mark.parametrize(
   'b,h,kv,d',
   [(1, 6, 2, 16), (3, 6, 2, 16), (3, 4, 1, 128), (2, 3, 3, 16)],
-  ids=['one-row-keys-left', 'rows-fused', 'wide-heads-keys-left', 'mha-einsum'],
+  ids=['one-row-fused', 'rows-fused', 'wide-heads-fused', 'mha-einsum'],
 )
 def test_one_query_cache_attention_forms_match_the_reference(b, h, kv, d):
-  """Each one-query form of head_major_attention (keys-left dot, fused multiply-reduce, einsums)
-  equals dot_product_attention on the same keys in [B, S, K, D] order, masked slots included, and a
-  row with no readable slot gives zeros."""
+  """Each one-query form of head_major_attention (fused multiply-reduce for grouped heads, einsums
+  for multi-head) equals dot_product_attention on the same keys in [B, S, K, D] order, masked slots
+  included, and a row with no readable slot gives zeros."""
   s = 7
   q = _normal((b, 1, h, d), seed=0)
   k, v = _normal((b, kv, s, d), seed=1), _normal((b, kv, s, d), seed=2)

@@ -106,10 +106,13 @@ def test_greedy_is_deterministic_argmax(lm, prompts):
   np.testing.assert_array_equal(a.entropies, 0.0)
 
 
-def test_decode_loop_updates_the_donated_cache_in_place(lm, prompts, monkeypatch):
+@pytest.mark.parametrize('rows', [4, 1])
+def test_decode_loop_updates_the_donated_cache_in_place(lm, prompts, monkeypatch, rows):
   # The decode loop donates the KV cache and writes one slot per step; if XLA had to copy a layer's
-  # [B, K, S, D] buffer instead (a lost donation, an update it cannot do in place), every step would
-  # move the whole cache: correct tokens, silently slower decoding. The compiled program says.
+  # [B, K, S, D] buffer instead (a lost donation, an update it cannot do in place, or a dot on the
+  # freshly written cache, which XLA:CPU feeds from a duplicate of the update), every step would
+  # move the whole cache: correct tokens, silently slower decoding. The compiled program says, for
+  # batched rows and for the one-row path (q|k|v fused, its own attention branch).
   texts = []
   real = sampler._decode
 
@@ -126,7 +129,7 @@ def test_decode_loop_updates_the_donated_cache_in_place(lm, prompts, monkeypatch
       return Lowered()
 
   monkeypatch.setattr(sampler, '_decode', CaptureCompiled())
-  gen = _generate(lm.model, prompts, GREEDY, key=None, timings={}, return_cache=True)
+  gen = _generate(lm.model, prompts[:rows], GREEDY, key=None, timings={}, return_cache=True)
   (text,) = texts
   layer = gen.cache.layers[0].k
   assert layer.dtype == jnp.float32
