@@ -6,7 +6,7 @@
 row, chooses between multiply-and-reduce fusions ("fused": broadcast q against k, sum over D;
 broadcast the probabilities against v, sum over S) and batched einsums: with G = heads / kv heads
 > 1 (SmolLM2 9/3, Gemma-3 4/1, Qwen2.5 14/2) the fusions, with G == 1 (multi-head attention: the tiny
-test and RL-benchmark decoders; there the fusions are 7-13x slower) the einsums. A third variant,
+test and RL-benchmark decoders; there the fusions are 12-14x slower) the einsums. A third variant,
 "keys_left" (the scores as a dot with the keys as its left operand, [S, D] x [D, G] per kv head, so
 YNNPACK packs only the small query block), is the fastest here at one row and with Gemma-3's
 256-wide heads, but the decoder does not use it: inside the decode loop any dot on the cache just

@@ -328,7 +328,7 @@ def head_major_attention(q, k, v, mask, *, scale: float, softcap: float | None =
   # 2.3-2.6x with Gemma-3's 256-wide heads), but any dot on the cache just written makes XLA:CPU
   # feed it from a duplicate of the update and copy every layer's cache on every step, so decoding
   # keeps the fusions (tests/common/sampling/sampler_test.py checks the loop copies no cache). With
-  # G == 1 (multi-head attention) the fusions are 7-13x slower than the einsums (a size-1 broadcast
+  # G == 1 (multi-head attention) the fusions are 12-14x slower than the einsums (a size-1 broadcast
   # dim makes XLA:CPU emit a non-vectorised reduction), so they take the einsums (all:
   # benchmarks/attention.py).
   reduce = t == 1 and h // kv > 1
