@@ -58,9 +58,7 @@ def fused(q, k, v, mask, scale):
   kv = k.shape[1]
   qf = q.reshape(b, t, kv, h // kv, d)[:, 0, :, :, None, :]
   logits = jnp.sum(qf * k[:, :, None], axis=-1)[:, :, :, None] * scale
-  probs = _softmax(logits, mask)
-  out = jnp.sum(probs[:, :, :, 0, :, None] * v[:, :, None], axis=3)
-  return out[:, None].reshape(b, t, h, d)
+  return _fused_values(_softmax(logits, mask), v, q.shape)
 
 
 def einsum(q, k, v, mask, scale):
@@ -78,9 +76,13 @@ def keys_left(q, k, v, mask, scale):
   kv = k.shape[1]
   qg = q.reshape(b, kv, h // kv, d)
   logits = jnp.swapaxes(jnp.einsum('bksd,bkgd->bksg', k, qg), -1, -2)[:, :, :, None] * scale
-  probs = _softmax(logits, mask)
+  return _fused_values(_softmax(logits, mask), v, q.shape)
+
+
+def _fused_values(probs, v, q_shape):
+  """The probability-weighted values [B, 1, H, D] as a multiply-and-reduce over the slots."""
   out = jnp.sum(probs[:, :, :, 0, :, None] * v[:, :, None], axis=3)
-  return out[:, None].reshape(b, t, h, d)
+  return out[:, None].reshape(q_shape)
 
 
 def _softmax(logits, mask):
