@@ -241,8 +241,9 @@ class WorkdirLock:
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> pathlib.Path:
   """Creates the workdir, refuses a changed config over an existing checkpoint, writes config.json.
 
-  Keys in config.RESUME_MUTABLE (budget, cadence, mesh, sub-run locations) may change between a run and its resumption;
-  any other difference means the workdir holds another experiment, and overwriting it would lose it.
+  Keys in config.RESUME_MUTABLE (budget, cadence, mesh, sub-run locations) may change between a run
+  and its resumption; any other difference means the workdir holds another experiment, and
+  overwriting it would lose it.
   """
   workdir = pathlib.Path(workdir)
   if jax.process_index() == 0:
