@@ -2,15 +2,16 @@
 
     python -m benchmarks.attention [--reps=20] [--layers=30] [--flush_mib=256]
 
-`common.models.decoder.head_major_attention` reads the cache as [B, K, S, D] and, for one query per
-row, chooses between multiply-and-reduce fusions ("fused": broadcast q against k, sum over D;
-broadcast the probabilities against v, sum over S) and batched einsums: with G = heads / kv heads
-> 1 (SmolLM2 9/3, Gemma-3 4/1, Qwen2.5 14/2) the fusions, with G == 1 (multi-head attention: the tiny
-test and RL-benchmark decoders; there the fusions are 12-14x slower) the einsums. A third variant,
-"keys_left" (the scores as a dot with the keys as its left operand, [S, D] x [D, G] per kv head, so
-YNNPACK packs only the small query block), is the fastest here at one row and with Gemma-3's
-256-wide heads, but the decoder does not use it: inside the decode loop any dot on the cache just
-written makes XLA:CPU copy every layer's cache on every step
+`common.models.decoder.head_major_attention` reads the KV cache's layout (keys [B, K, D, S], values
+[B, K, S, D]) and, for one query per row, chooses between multiply-and-reduce fusions (broadcast q
+against the keys, sum over D, a major axis; broadcast the probabilities against v, sum over S) and
+batched einsums: with G = heads / kv heads > 1 (SmolLM2 9/3, Gemma-3 4/1, Qwen2.5 14/2) the
+fusions, with G == 1 (multi-head attention: the tiny test and RL-benchmark decoders; there the
+fusions are 10-14x slower) the einsums. The other variants read keys stored [B, K, S, D]: "fused"
+(the same fusions summing over a minor D: the decoder's form before the keys became slot-minor),
+"einsum", and "keys_left" (the scores as a dot with the keys as its left operand, [S, D] x [D, G]
+per kv head, so YNNPACK packs only the small query block). No dot is an option inside the decode
+loop: any dot on the cache just written makes XLA:CPU copy every layer's cache on every step
 (`tests/common/sampling/sampler_test.py::test_decode_loop_updates_the_donated_cache_in_place`).
 
 Each variant runs as a model would: a chain of --layers attentions, each over its own cache, after
@@ -123,9 +124,11 @@ def main(argv):
     ks = [jnp.asarray(rng.normal(size=(b, kv, s, d)), jnp.float32) for _ in range(FLAGS.layers)]
     vs = [jnp.asarray(rng.normal(size=(b, kv, s, d)), jnp.float32) for _ in range(FLAGS.layers)]
     mask = jnp.asarray(rng.random((b, 1, 1, s)) < 0.9)
+    kts = [jnp.swapaxes(k, -1, -2).copy() for k in ks]  # the cache's slot-minor keys
     fns = {n: _chain(f, scale) for n, f in forms.items()}
     fns['decoder'] = _chain(decoder.head_major_attention, scale)
-    ref = np.asarray(fns['decoder'](q, ks, vs, mask))
+    keys = {n: kts if n == 'decoder' else ks for n in fns}
+    ref = np.asarray(fns['decoder'](q, kts, vs, mask))
     for f in forms:
       np.testing.assert_allclose(np.asarray(fns[f](q, ks, vs, mask)), ref, atol=1e-4)
     # Interleave the variants rep by rep so load changes hit them alike.
@@ -135,12 +138,12 @@ def main(argv):
         if FLAGS.flush_mib:
           read(flush).block_until_ready()
         start = time.perf_counter()
-        jax.block_until_ready(fn(q, ks, vs, mask))
+        jax.block_until_ready(fn(q, keys[n], vs, mask))
         times[n].append((time.perf_counter() - start) * 1e3)
     dec_ms = statistics.median(times['decoder'])
     cells = [f'{_fmt(t)} {statistics.median(t) / dec_ms:4.2f}x' for t in times.values()]
     print(f'{f"{name} G={g}":30s}' + ''.join(f'{c:>28s}' for c in cells))
-    del ks, vs
+    del ks, kts, vs, keys
 
 
 if __name__ == '__main__':

@@ -48,8 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
-def _no_attention(q, k, v, mask, *, scale, softcap=None):
-  del k, v, mask, scale, softcap
+def _no_attention(q, kt, v, mask, *, scale, softcap=None):
+  del kt, v, mask, scale, softcap
   return q
 
 

@@ -446,7 +446,7 @@ def _press_layer(press, layer, info, queries, cap, budget, key, index):
     lambda x, d: jnp.where(out_valid, _gather(x, order), jnp.asarray(d, x.dtype)), fields, defaults
   )
   new_layer = kv_cache.LayerKV(
-    k=sharding.with_logical_constraint(k_out, kv_cache.KV_AXES),
+    kt=sharding.with_logical_constraint(jnp.swapaxes(k_out, -1, -2), kv_cache.KT_AXES),
     v=sharding.with_logical_constraint(v_out, kv_cache.KV_AXES),
     positions=sharding.with_logical_constraint(
       jnp.max(new_info.position, axis=1), kv_cache.SLOT_AXES

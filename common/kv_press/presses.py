@@ -289,7 +289,7 @@ class FramePool(Press):
     top = jnp.max(jnp.where(onehot > 0, info.position[..., None], -1), axis=-2)  # [B, K, F*t]
     position = jnp.where(leader, jnp.take_along_axis(top, pool, axis=-1), info.position)
     dropped = (member & ~leader)[:, 0]  # fresh slots are the same in every head
-    layer = kv_cache.LayerKV(
+    layer = kv_cache.LayerKV.from_keys(
       k=mean(layer.k),
       v=mean(layer.v),
       positions=jnp.where(leader[:, 0], position[:, 0], layer.positions),

@@ -312,31 +312,32 @@ def dot_product_attention(q, k, v, mask, *, scale: float, softcap: float | None 
   return out.reshape(b, t, h, d).astype(v.dtype)
 
 
-def head_major_attention(q, k, v, mask, *, scale: float, softcap: float | None = None):
-  """`dot_product_attention` over kv-head-major keys/values k, v [B, K, S, D] (the KV cache layout).
+def head_major_attention(q, kt, v, mask, *, scale: float, softcap: float | None = None):
+  """`dot_product_attention` over the KV cache's layout: keys kt [B, K, D, S], values v [B, K, S, D].
 
   The einsums contract with (batch, kv head) leading on both sides, so XLA reads the cache in place
   instead of transposing every layer's cache on every decode step. Same masking and result as
   `dot_product_attention` (q [B, T, H, D], mask broadcastable to [B, 1, T, S]).
   """
   b, t, h, d = q.shape
-  kv = k.shape[1]
+  kv = kt.shape[1]
   q = q.reshape(b, t, kv, h // kv, d)
   # One query per row (decoding) with grouped heads (G > 1): multiply-and-reduce fusions beat
-  # XLA:CPU's batched matmul of [G, D] x [D, S] blocks (1.5-2.7x over 30 SmolLM2 layers at batch
-  # 16). A dot with the keys as its left operand is faster still in isolation (1.2-1.6x at one row,
-  # 2.3-2.6x with Gemma-3's 256-wide heads), but any dot on the cache just written makes XLA:CPU
-  # feed it from a duplicate of the update and copy every layer's cache on every step, so decoding
-  # keeps the fusions (tests/common/sampling/sampler_test.py checks the loop copies no cache). With
-  # G == 1 (multi-head attention) the fusions are 12-14x slower than the einsums (a size-1 broadcast
-  # dim makes XLA:CPU emit a non-vectorised reduction), so they take the einsums (all:
+  # XLA:CPU's batched matmul of [G, D] x [D, S] blocks. The scores sum over D, a major axis of the
+  # slot-minor keys, which XLA:CPU vectorises along the slots: over 30 layers 1.3-1.8x the same sums
+  # over a minor D for SmolLM2, 1.1-1.5x for Qwen2.5, 1.6-2.9x with Gemma-3's 256-wide heads. A dot on
+  # the cache is no option inside the decode loop: any dot on the cache just written makes XLA:CPU
+  # feed it from a duplicate of the update and copy every layer's cache on every step
+  # (tests/common/sampling/sampler_test.py checks the loop copies no cache). With G == 1
+  # (multi-head attention) the fusions are 10-14x slower than the einsums (a size-1 broadcast dim
+  # makes XLA:CPU emit a non-vectorised reduction), so they take the einsums (all:
   # benchmarks/attention.py).
   reduce = t == 1 and h // kv > 1
   if reduce:
-    qf = q[:, 0, :, :, None, :].astype(jnp.float32)  # [B, K, G, 1, D]
-    logits = jnp.sum(qf * k[:, :, None].astype(jnp.float32), axis=-1)[:, :, :, None] * scale
+    qf = q[:, 0, :, :, :, None].astype(jnp.float32)  # [B, K, G, D, 1]
+    logits = jnp.sum(qf * kt[:, :, None].astype(jnp.float32), axis=-2)[:, :, :, None] * scale
   else:
-    logits = jnp.einsum('btkgd,bksd->bkgts', q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.einsum('btkgd,bkds->bkgts', q, kt, preferred_element_type=jnp.float32) * scale
   if softcap is not None:
     logits = softcap * jnp.tanh(logits / softcap)
   mask = mask[:, :, None]  # [B, 1, 1, T, S]
@@ -475,7 +476,7 @@ class Attention(nnx.Module):
       if mask is not None:
         cmask = cmask & mask
       out = head_major_attention(
-        q, entries.k, entries.v, cmask, scale=self.scale, softcap=self.softcap
+        q, entries.kt, entries.v, cmask, scale=self.scale, softcap=self.softcap
       )
       out = sharding.with_logical_constraint(out, ('batch', 'length', 'heads', 'head_dim'))
       return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), cache

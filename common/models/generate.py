@@ -366,7 +366,7 @@ def _repack(cache: kv_cache.KVCache, keep: jax.Array, max_len: int) -> kv_cache.
 
   layers = tuple(
     kv_cache.LayerKV(
-      k=pad(layer.k, 2),
+      kt=pad(layer.kt, 3),
       v=pad(layer.v, 2),
       positions=pad(layer.positions, 1),
       valid=pad(layer.valid, 1),

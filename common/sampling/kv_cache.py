@@ -8,10 +8,14 @@ the freed slots with their original positions; System-1/2 appends a coprocessor'
 fork one prefilled prompt into K continuations (`repeat`).
 
 Per layer l (all layers share S = max_len slots):
-  k, v       [B, K, S, D]  keys (already RoPE-rotated at their position) and values, compute dtype;
-                           kv-head-major so decode attention reads them without a transpose (a
-                           [B, S, K, D] layout made XLA copy every layer's cache on every step).
-                           `write`/`insert` take token-major [B, T, K, D] as the model makes them.
+  kt         [B, K, D, S]  keys (already RoPE-rotated at their position), compute dtype, slot-minor:
+                           one-query decode attention then sums q . k over a major axis, which
+                           XLA:CPU vectorises along the slots (1.1-2.9x the same sums over a minor
+                           D; `benchmarks/attention.py`). `LayerKV.k` is the [B, K, S, D] view.
+  v          [B, K, S, D]  values, compute dtype; kv-head-major so attention reads the cache without
+                           a transpose (a [B, S, K, D] layout made XLA copy every layer's cache on
+                           every step). `write`/`insert` take token-major [B, T, K, D] keys and
+                           values as the model makes them.
   positions  [B, S] int32  the token position each slot was computed at (RoPE, causality, window)
   valid      [B, S] bool   whether attention may read the slot
 Shared:
@@ -40,18 +44,29 @@ import jax.numpy as jnp
 from common import sharding
 
 KV_AXES = ('batch', 'kv_heads', 'cache_length', 'head_dim')
+KT_AXES = ('batch', 'kv_heads', 'head_dim', 'cache_length')
 SLOT_AXES = ('batch', 'cache_length')
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LayerKV:
-  """One layer's view of the cache (what `KVCache.read` returns)."""
+  """One layer's view of the cache (what `KVCache.read` returns); see the module docstring."""
 
-  k: jax.Array  # [B, K, S, D]
+  kt: jax.Array  # [B, K, D, S] keys, slot-minor
   v: jax.Array  # [B, K, S, D]
   positions: jax.Array  # [B, S] int32
   valid: jax.Array  # [B, S] bool
+
+  @property
+  def k(self) -> jax.Array:
+    """The keys as [B, K, S, D] (a transpose of the stored `kt`: for reading, not the decode loop)."""
+    return jnp.swapaxes(self.kt, -1, -2)
+
+  @classmethod
+  def from_keys(cls, k: jax.Array, v: jax.Array, positions: jax.Array, valid: jax.Array) -> LayerKV:
+    """A layer from keys in [B, K, S, D] order (as `k` gives them), e.g. after editing them."""
+    return cls(kt=jnp.swapaxes(k, -1, -2), v=v, positions=positions, valid=valid)
 
 
 def _head_major(x: jax.Array, dtype) -> jax.Array:
@@ -61,7 +76,7 @@ def _head_major(x: jax.Array, dtype) -> jax.Array:
 
 def _constrain(layer: LayerKV) -> LayerKV:
   return LayerKV(
-    k=sharding.with_logical_constraint(layer.k, KV_AXES),
+    kt=sharding.with_logical_constraint(layer.kt, KT_AXES),
     v=sharding.with_logical_constraint(layer.v, KV_AXES),
     positions=sharding.with_logical_constraint(layer.positions, SLOT_AXES),
     valid=sharding.with_logical_constraint(layer.valid, SLOT_AXES),
@@ -85,11 +100,12 @@ class KVCache:
     """An empty cache for a `common.models.decoder.DecoderConfig` (dtype: the compute dtype)."""
     dtype = jnp.dtype(dtype if dtype is not None else cfg.dtype)
     shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    kt_shape = (batch, cfg.num_kv_heads, cfg.head_dim, max_len)
 
     def layer():
       return _constrain(
         LayerKV(
-          k=jnp.zeros(shape, dtype),
+          kt=jnp.zeros(kt_shape, dtype),
           v=jnp.zeros(shape, dtype),
           positions=jnp.zeros((batch, max_len), jnp.int32),
           valid=jnp.zeros((batch, max_len), bool),
@@ -110,12 +126,12 @@ class KVCache:
 
   @property
   def batch(self) -> int:
-    return self.layers[0].k.shape[0]
+    return self.layers[0].v.shape[0]
 
   @property
   def max_len(self) -> int:
     """S, the number of slots per row and layer (static)."""
-    return self.layers[0].k.shape[2]
+    return self.layers[0].v.shape[2]
 
   def num_valid(self) -> jax.Array:
     """int32 [L, B]: readable entries per layer and row (what a memory budget counts)."""
@@ -154,7 +170,9 @@ class KVCache:
     zero = jnp.zeros((), jnp.int32)
     upd = jax.lax.dynamic_update_slice
     new = LayerKV(
-      k=upd(cur.k, _head_major(k, cur.k.dtype), (zero, zero, start, zero)),
+      kt=upd(
+        cur.kt, jnp.transpose(k, (0, 2, 3, 1)).astype(cur.kt.dtype), (zero, zero, zero, start)
+      ),
       v=upd(cur.v, _head_major(v, cur.v.dtype), (zero, zero, start, zero)),
       positions=upd(cur.positions, positions.astype(jnp.int32), (zero, start)),
       valid=upd(cur.valid, valid.astype(bool), (zero, start)),
@@ -199,8 +217,11 @@ class KVCache:
     def put_kv(dst, src):  # [B, K, S, D] <- [B, T, K, D] at (row, slot)
       return jnp.swapaxes(put(jnp.swapaxes(dst, 1, 2), src), 1, 2)
 
+    def put_kt(dst, src):  # [B, K, D, S] <- [B, T, K, D] at (row, slot)
+      return jnp.transpose(put(jnp.transpose(dst, (0, 3, 1, 2)), src), (0, 2, 3, 1))
+
     new = LayerKV(
-      k=put_kv(cur.k, k),
+      kt=put_kt(cur.kt, k),
       v=put_kv(cur.v, v),
       positions=put(cur.positions, positions),
       valid=put(cur.valid, valid),
@@ -243,10 +264,15 @@ class KVCache:
       def take_kv(x, order=order, keep=keep):
         return jnp.where(keep, jnp.take_along_axis(x, order[:, None, :, None], axis=2), 0)
 
+      def take_kt(x, order=order, valid=valid):
+        return jnp.where(
+          valid[:, None, None], jnp.take_along_axis(x, order[:, None, None], axis=3), 0
+        )
+
       layers.append(
         _constrain(
           LayerKV(
-            k=take_kv(layer.k),
+            kt=take_kt(layer.kt),
             v=take_kv(layer.v),
             positions=jnp.where(valid, jnp.take_along_axis(layer.positions, order, axis=1), 0),
             valid=valid,
@@ -283,7 +309,7 @@ class KVCache:
     layers = tuple(
       _constrain(
         LayerKV(
-          k=pad(layer.k, 2),
+          kt=pad(layer.kt, 3),
           v=pad(layer.v, 2),
           positions=pad(layer.positions, 1),
           valid=pad(layer.valid, 1),

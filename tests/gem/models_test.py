@@ -203,7 +203,7 @@ def test_suffix_depends_on_the_prefix_only_through_the_specials_kv(model):
     layers=tuple(
       dataclasses.replace(
         lb,
-        k=lb.k.at[:, :, specials].set(la.k[:, :, specials]),
+        kt=lb.kt.at[..., specials].set(la.kt[..., specials]),
         v=lb.v.at[:, :, specials].set(la.v[:, :, specials]),
       )
       for la, lb in zip(cache_a.layers, cache_b.layers, strict=True)

@@ -231,9 +231,9 @@ def test_per_head_selection_matches_per_head_masked_attention():
         > 0
       )  # the heads disagree, so this tests something
     mask = jnp.asarray(kept)[:, :, None, :]  # [B, K, T=1, S]
-    ref = decoder.head_major_attention(q, full.k, full.v, mask, scale=8**-0.5)
+    ref = decoder.head_major_attention(q, full.kt, full.v, mask, scale=8**-0.5)
     cmask = decoder.cache_attention_mask(qpos, small.positions, small.valid)
-    got = decoder.head_major_attention(q, small.k, small.v, cmask, scale=8**-0.5)
+    got = decoder.head_major_attention(q, small.kt, small.v, cmask, scale=8**-0.5)
     np.testing.assert_allclose(got, ref, atol=2e-6, rtol=2e-6)
     # Per-head positions: every head's kept entries carry their own original positions.
     info = out.info[layer]

@@ -128,7 +128,7 @@ def permute(mem: memory.Memory, perm: np.ndarray) -> memory.Memory:
     take_slot = lambda x: jnp.take_along_axis(x, perm, axis=1)  # noqa: E731
     take_kv = lambda x: jnp.take_along_axis(x, perm[:, None, :, None], axis=2)  # noqa: E731
     layers.append(
-      kv_cache.LayerKV(
+      kv_cache.LayerKV.from_keys(
         k=take_kv(layer.k),
         v=take_kv(layer.v),
         positions=take_slot(layer.positions),

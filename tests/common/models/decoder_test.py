@@ -247,8 +247,9 @@ def test_grouped_query_attention_matches_repeated_heads():
 )
 def test_one_query_cache_attention_forms_match_the_reference(b, h, kv, d):
   """Each one-query form of head_major_attention (fused multiply-reduce for grouped heads, einsums
-  for multi-head) equals dot_product_attention on the same keys in [B, S, K, D] order, masked slots
-  included, and a row with no readable slot gives zeros."""
+  for multi-head) over the cache's layout (keys [B, K, D, S]) equals dot_product_attention on the
+  same keys in [B, S, K, D] order, masked slots included, and a row with no readable slot gives
+  zeros."""
   s = 7
   q = _normal((b, 1, h, d), seed=0)
   k, v = _normal((b, kv, s, d), seed=1), _normal((b, kv, s, d), seed=2)
@@ -256,7 +257,7 @@ def test_one_query_cache_attention_forms_match_the_reference(b, h, kv, d):
   mask = valid.at[-1].set(b == 1)[:, None, None, :]  # the last row reads nothing (if b > 1)
   fn = jax.jit(functools.partial(decoder.head_major_attention, scale=d**-0.5, softcap=5.0))
   ref = jax.jit(functools.partial(decoder.dot_product_attention, scale=d**-0.5, softcap=5.0))
-  got, want = fn(q, k, v, mask), ref(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask)
+  got, want = fn(q, k.swapaxes(2, 3), v, mask), ref(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask)
   _close(got, want)
   if b > 1:
     assert np.all(np.asarray(got[-1]) == 0) and np.abs(np.asarray(got[0])).max() > 0.1

@@ -109,7 +109,7 @@ def test_greedy_is_deterministic_argmax(lm, prompts):
 @pytest.mark.parametrize('rows', [4, 1])
 def test_decode_loop_updates_the_donated_cache_in_place(lm, prompts, monkeypatch, rows):
   # The decode loop donates the KV cache and writes one slot per step; if XLA had to copy a layer's
-  # [B, K, S, D] buffer instead (a lost donation, an update it cannot do in place, or a dot on the
+  # keys or values instead (a lost donation, an update it cannot do in place, or a dot on the
   # freshly written cache, which XLA:CPU feeds from a duplicate of the update), every step would
   # move the whole cache: correct tokens, silently slower decoding. The compiled program says, for
   # batched rows and for the one-row path (q|k|v fused, its own attention branch).
@@ -131,12 +131,13 @@ def test_decode_loop_updates_the_donated_cache_in_place(lm, prompts, monkeypatch
   monkeypatch.setattr(sampler, '_decode', CaptureCompiled())
   gen = _generate(lm.model, prompts[:rows], GREEDY, key=None, timings={}, return_cache=True)
   (text,) = texts
-  layer = gen.cache.layers[0].k
-  assert layer.dtype == jnp.float32
-  shape = f'f32[{",".join(map(str, layer.shape))}]'  # how HLO text writes the buffer's type
-  assert shape in text
-  copies = [line for line in text.splitlines() if ' copy(' in line and shape in line]
-  assert copies == [], copies[:3]
+  layer = gen.cache.layers[0]
+  for buf in (layer.kt, layer.v):  # keys [B, K, D, S] and values [B, K, S, D]
+    assert buf.dtype == jnp.float32
+    shape = f'f32[{",".join(map(str, buf.shape))}]'  # how HLO text writes the buffer's type
+    assert shape in text
+    copies = [line for line in text.splitlines() if ' copy(' in line and shape in line]
+    assert copies == [], copies[:3]
 
 
 def test_sampling_is_deterministic_given_keys(lm, prompts):
