@@ -26,9 +26,11 @@ load the VM.
 llama.cpp (benchmarks/llama_cpp_peer.py: its C API through llama-cpp-python, batched greedy decoding
 as its `batched` example does, one worker process per configuration) runs the same weights written
 by `common.models.gguf_convert` at each precision in --llama_cpp (f32 / f16 / bf16, or q4_1: the
-shipped file), at each thread count in --llama_threads and each OpenMP wait policy in --omp_wait
+shipped file), at each thread count in --llama_threads, each OpenMP wait policy in --omp_wait
 (`default`: libgomp spins between parallel regions, which collapses when other jobs load the cores;
-`passive`: it sleeps). Its decode tok/s = batch * (N - 1) / the seconds of the N - 1 steps after
+`passive`: it sleeps) and each KV cache type in --llama_kv (f16, llama.cpp's default, or f32, as
+the JAX sampler keeps it; "vs llama.cpp f32" compares with the fastest f32-weight configuration,
+whatever its cache). Its decode tok/s = batch * (N - 1) / the seconds of the N - 1 steps after
 the prefill (which emits the first token). Greedy tokens of each configuration are compared with
 JAX's at the same precision class (f32 with f32); with f32 on both sides a difference in greedy
 tokens, like a difference in the number of tokens, makes the run fail after printing the table.
@@ -134,6 +136,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     '--omp_wait',
     default='default,passive',
     help='OpenMP wait policies for llama.cpp (default, passive, active)',
+  )
+  p.add_argument(
+    '--llama_kv',
+    default='f16',
+    help="comma-separated llama.cpp KV cache types: f16 (llama.cpp's default), f32 (JAX's)",
   )
   p.add_argument('--bw_mib', type=int, default=512, help='array size for the bandwidth probe')
   return p.parse_args(argv)
@@ -316,9 +323,10 @@ def _llama_sides(args, prompt_ids, batches) -> tuple[list[LlamaSide], str]:
     path = str(llama_gguf(args.model, precision))
     for threads in [int(x) for x in args.llama_threads.split(',') if x]:
       for policy in [x for x in args.omp_wait.split(',') if x]:
-        wait = '' if policy == 'default' else policy.upper()
-        config = llama_cpp_peer.PeerConfig(path, threads, wait, max(batches), per_seq)
-        sides.append(LlamaSide(precision, config))
+        for kv in [x for x in args.llama_kv.split(',') if x]:
+          wait = '' if policy == 'default' else policy.upper()
+          config = llama_cpp_peer.PeerConfig(path, threads, wait, max(batches), per_seq, kv)
+          sides.append(LlamaSide(precision, config))
   version = sides[0].peer.info['version'] if sides else ''
   return sides, f'llama-cpp-python {version}' if sides else 'llama.cpp: none requested'
 

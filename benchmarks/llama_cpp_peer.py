@@ -29,21 +29,31 @@ import time
 
 import numpy as np
 
+KV_CACHE_TYPES = {'f32': 0, 'f16': 1}  # ggml_type values (GGML_TYPE_F32, GGML_TYPE_F16)
+
 
 @dataclasses.dataclass(frozen=True)
 class PeerConfig:
-  """One llama.cpp configuration: weights file, threads, OpenMP wait policy ('' = its default)."""
+  """One llama.cpp configuration: weights file, threads, OpenMP wait policy ('' = its default), and
+  the KV cache's type: 'f16' is llama.cpp's default (half the attention reads of an f32 cache, and
+  not the JAX sampler's f32 cache), 'f32' makes an f32-weight run f32 throughout."""
 
   gguf: str
   threads: int
   wait_policy: str = ''
   max_batch: int = 16
   max_tokens_per_seq: int = 256  # prompt + new tokens, per sequence
+  kv_cache: str = 'f16'
+
+  def __post_init__(self):
+    if self.kv_cache not in KV_CACHE_TYPES:
+      raise ValueError(f'kv_cache must be one of {sorted(KV_CACHE_TYPES)}, got {self.kv_cache!r}')
 
   @property
   def label(self) -> str:
     policy = self.wait_policy.lower() or 'default'
-    return f'llama.cpp {os.path.basename(self.gguf)}, {self.threads} thr, OMP {policy}'
+    name = os.path.basename(self.gguf)
+    return f'llama.cpp {name}, KV {self.kv_cache}, {self.threads} thr, OMP {policy}'
 
 
 class Peer:
@@ -115,6 +125,7 @@ class _Engine:
     cparams.n_ctx = per_seq * config.max_batch
     cparams.n_batch = cparams.n_ubatch = max(512, config.max_batch * config.max_tokens_per_seq)
     cparams.n_threads = cparams.n_threads_batch = config.threads
+    cparams.type_k = cparams.type_v = KV_CACHE_TYPES[config.kv_cache]
     cparams.no_perf = True
     self.ctx = ll.llama_init_from_model(self.model, cparams)
     if not self.ctx:
