@@ -32,8 +32,9 @@ shipped file), at each thread count in --llama_threads, each OpenMP wait policy 
 the JAX sampler keeps it; "vs llama.cpp f32" compares with the fastest f32-weight configuration,
 whatever its cache). Its decode tok/s = batch * (N - 1) / the seconds of the N - 1 steps after
 the prefill (which emits the first token). Greedy tokens of each configuration are compared with
-JAX's at the same precision class (f32 with f32); with f32 on both sides a difference in greedy
-tokens, like a difference in the number of tokens, makes the run fail after printing the table.
+JAX's at the same precision class (f32 with f32); with f32 weights on both sides (either llama.cpp
+cache) a difference in greedy tokens, like a difference in the number of tokens, makes the run fail
+after printing the table.
 
   pip install --no-deps --target /tmp/llama_peer -r requirements-llama-cpp.txt   # builds llama.cpp
   PYTHONPATH=/tmp/llama_peer python -m benchmarks.decode --llama_cpp=f32,f16 --omp_wait=default,passive
@@ -143,7 +144,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     help="comma-separated llama.cpp KV cache types: f16 (llama.cpp's default), f32 (JAX's)",
   )
   p.add_argument('--bw_mib', type=int, default=512, help='array size for the bandwidth probe')
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  bad_kv = [x for x in args.llama_kv.split(',') if x not in ('f16', 'f32', '')]
+  if bad_kv:
+    p.error(f'--llama_kv: unknown KV cache type {bad_kv[0]!r} (f16 or f32)')
+  return args
 
 
 # ---------------------------------------------------------------------------------------------------

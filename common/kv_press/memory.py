@@ -142,7 +142,7 @@ def _constrain_info(info: SlotInfo) -> SlotInfo:
 
 
 def _info_from_layer(layer: kv_cache.LayerKV, pinned: bool) -> SlotInfo:
-  b, k, s, _ = layer.k.shape
+  b, k, s, _ = layer.v.shape
   shape = (b, k, s)
   return SlotInfo(
     position=jnp.broadcast_to(layer.positions[:, None], shape).astype(jnp.int32),
@@ -360,7 +360,7 @@ def _gather(x: jax.Array, order: jax.Array) -> jax.Array:
 
 def _press_layer(press, layer, info, queries, cap, budget, key, index):
   """One layer's press step: (new LayerKV, new SlotInfo, per-row stats)."""
-  b, kh, s, _ = layer.k.shape
+  b, kh, s, _ = layer.v.shape
   per_head = budget.per_head
   valid = jnp.broadcast_to(layer.valid[:, None], (b, kh, s))
   if not per_head:  # the cache's positions are the truth when heads agree

@@ -331,7 +331,8 @@ def head_major_attention(q, kt, v, mask, *, scale: float, softcap: float | None 
   # (tests/common/sampling/sampler_test.py checks the loop copies no cache). With G == 1
   # (multi-head attention) the fusions are 10-14x slower than the einsums (a size-1 broadcast dim
   # makes XLA:CPU emit a non-vectorised reduction), so they take the einsums (all:
-  # benchmarks/attention.py).
+  # benchmarks/attention.py), and pay for it with those copies when they decode a single row (at
+  # several rows XLA:CPU keeps the update in place; the in-place test covers grouped heads only).
   reduce = t == 1 and h // kv > 1
   if reduce:
     qf = q[:, 0, :, :, :, None].astype(jnp.float32)  # [B, K, G, D, 1]

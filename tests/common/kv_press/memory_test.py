@@ -362,8 +362,8 @@ def test_sharded_press_step_matches_one_device(press):
   one = run(sharding.make_mesh([('data', 1)], jax.devices()[:1]))
   eight_mesh = sharding.make_mesh([('data', 8)])
   eight = run(eight_mesh)
-  assert eight[0].cache.read(0).k.sharding.spec[0] is not None  # really batch-sharded
-  assert len(eight[0].cache.read(0).k.sharding.device_set) == 8
+  assert eight[0].cache.read(0).kt.sharding.spec[0] is not None  # really batch-sharded
+  assert len(eight[0].cache.read(0).kt.sharding.device_set) == 8
 
   def same(a, b):  # selections exactly; merged/pooled values to float rounding (einsum order)
     if np.issubdtype(np.asarray(a).dtype, np.floating):

@@ -112,8 +112,8 @@ def test_chunk_must_be_positive(lm, prompts):
 
 
 def test_chunks_update_the_donated_cache_in_place(lm, prompts, monkeypatch):
-  # As sampler_test.py's test of `_decode`: a copy of a layer's [B, K, S, D] buffer in the chunk
-  # program would move the whole cache on every step (or chunk).
+  # As sampler_test.py's test of `_decode`: a copy of a layer's keys or values in the chunk program
+  # would move the whole cache on every step (or chunk).
   texts = []
   real = sampler._decode_until
 

@@ -148,6 +148,8 @@ def test_per_layer_evict_compact_and_free_slots():
   np.testing.assert_array_equal(layer0.positions[0, :6], [1, 3, 4, 5, 6, 7])
   np.testing.assert_array_equal(layer0.valid.sum(-1), [6, 8])
   _close(layer0.k[0, :, :6], cache.read(0).k[0][:, jnp.asarray([1, 3, 4, 5, 6, 7])], atol=0)
+  np.testing.assert_array_equal(layer0.kt[0, ..., 6:], 0.0)  # freed slots are zeroed
+  np.testing.assert_array_equal(layer0.v[0, :, 6:], 0.0)
   # Compaction moves entries but changes no attention result.
   a, _ = _cached(model, tokens[:, 8:], evicted)
   b, after = _cached(model, tokens[:, 8:], compact)
@@ -195,6 +197,7 @@ def test_repeat_and_take_rows():
   np.testing.assert_array_equal(rep.next_position, [8] * 6)
   back = rep.take_rows(jnp.asarray([0, 3]))
   np.testing.assert_array_equal(back.read(0).v, cache.read(0).v)
+  np.testing.assert_array_equal(back.read(0).kt, cache.read(0).kt)
 
 
 def test_grow_adds_empty_slots_and_continues_like_a_larger_cache():
