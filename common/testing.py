@@ -1,4 +1,5 @@
-"""Test helpers only: fake CPU devices, XLA flags for subprocesses, notebook runs, tree comparisons.
+"""Test helpers only: fake CPU devices, XLA flags for subprocesses, notebook runs, tree comparisons,
+and the check that a compiled decode program copies no KV-cache buffer.
 
 Library code never imports this module (tests/repo_test.py checks it). The cache directory and its
 keys live in common.cache; the cached small trained model in common.models.tiny_lm.
@@ -82,3 +83,14 @@ def assert_trees_close(a: Any, b: Any, *, rtol: float = 1e-6, atol: float = 0.0)
 def assert_trees_equal(a: Any, b: Any) -> None:
   """Bitwise equality of every leaf."""
   assert_trees_close(a, b, rtol=0.0, atol=0.0)
+
+
+def assert_no_cache_copies(hlo_text: str, layer: Any) -> None:
+  """The compiled program (`compiled.as_text()`) holds no `copy` of a KV-cache layer's keys [B, K,
+  D, S] or values [B, K, S, D]: a donated cache is updated in place, not moved on every step."""
+  for buf in (layer.kt, layer.v):
+    assert buf.dtype == np.float32
+    shape = f'f32[{",".join(map(str, buf.shape))}]'  # how HLO text writes the buffer's type
+    assert shape in hlo_text
+    copies = [line for line in hlo_text.splitlines() if ' copy(' in line and shape in line]
+    assert copies == [], copies[:3]

@@ -9,10 +9,10 @@ to 16, 10 new tokens), so most programs come from the compilation cache.
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from common import testing
 from common.models import tiny_lm
 from common.sampling import kv_cache
 from common.sampling import sampler
@@ -133,10 +133,4 @@ def test_chunks_update_the_donated_cache_in_place(lm, prompts, monkeypatch):
   greedy = sampler.SamplingConfig(N, temperature=0.0)
   gen = _chunks(lm.model, prompts, greedy, None, 4, timings={}, return_cache=True)[-1]
   (text,) = texts
-  layer = gen.cache.layers[0]
-  for buf in (layer.kt, layer.v):  # keys [B, K, D, S] and values [B, K, S, D]
-    assert buf.dtype == jnp.float32
-    shape = f'f32[{",".join(map(str, buf.shape))}]'  # how HLO text writes the buffer's type
-    assert shape in text
-    copies = [line for line in text.splitlines() if ' copy(' in line and shape in line]
-    assert copies == [], copies[:3]
+  testing.assert_no_cache_copies(text, gen.cache.layers[0])

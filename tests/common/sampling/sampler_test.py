@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from common import sharding
+from common import testing
 from common.models import tiny_lm
 from common.sampling import sampler
 from common.sampling import schedules
@@ -131,13 +132,7 @@ def test_decode_loop_updates_the_donated_cache_in_place(lm, prompts, monkeypatch
   monkeypatch.setattr(sampler, '_decode', CaptureCompiled())
   gen = _generate(lm.model, prompts[:rows], GREEDY, key=None, timings={}, return_cache=True)
   (text,) = texts
-  layer = gen.cache.layers[0]
-  for buf in (layer.kt, layer.v):  # keys [B, K, D, S] and values [B, K, S, D]
-    assert buf.dtype == jnp.float32
-    shape = f'f32[{",".join(map(str, buf.shape))}]'  # how HLO text writes the buffer's type
-    assert shape in text
-    copies = [line for line in text.splitlines() if ' copy(' in line and shape in line]
-    assert copies == [], copies[:3]
+  testing.assert_no_cache_copies(text, gen.cache.layers[0])
 
 
 def test_sampling_is_deterministic_given_keys(lm, prompts):
