@@ -193,8 +193,8 @@ def prototypes(
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """One prototype per new frame: (k_bar, v_bar [B, K, F, D], position [B, K, F], exists [B, K, F]).
 
-  k, v [B, K, S, D] (RoPE-rotated keys: `LayerKV.k`, the view of the cached `kt`); position [B, K, S]; weights, groups
-  [B, K, S, F]. Sums are in f32 and cast back to the cache dtype; rounding to a dtype in which the
+  k, v [B, K, S, D] (RoPE-rotated keys: `LayerKV.k`, the view of the cached `kt`); position
+  [B, K, S]; weights, groups [B, K, S, F]. Sums are in f32 and cast back to the cache dtype; rounding to a dtype in which the
   frame's extremes are representable keeps the result inside them, so a prototype stays a convex
   combination per coordinate.
   """

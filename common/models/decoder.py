@@ -325,9 +325,9 @@ def head_major_attention(q, kt, v, mask, *, scale: float, softcap: float | None 
   # One query per row (decoding) with grouped heads (G > 1): multiply-and-reduce fusions beat
   # XLA:CPU's batched matmul of [G, D] x [D, S] blocks. The scores sum over D, a major axis of the
   # slot-minor keys, which XLA:CPU vectorises along the slots: over 30 layers 1.3-1.8x the same sums
-  # over a minor D for SmolLM2, 1.1-1.5x for Qwen2.5, 1.6-2.9x with Gemma-3's 256-wide heads. A dot on
-  # the cache is no option inside the decode loop: any dot on the cache just written makes XLA:CPU
-  # feed it from a duplicate of the update and copy every layer's cache on every step
+  # over a minor D for SmolLM2, 1.1-1.5x for Qwen2.5, 1.6-2.9x with Gemma-3's 256-wide heads. A dot
+  # on the cache is no option inside the decode loop: any dot on the cache just written makes
+  # XLA:CPU feed it from a duplicate of the update and copy every layer's cache on every step
   # (tests/common/sampling/sampler_test.py checks the loop copies no cache). With G == 1
   # (multi-head attention) the fusions are 10-14x slower than the einsums (a size-1 broadcast dim
   # makes XLA:CPU emit a non-vectorised reduction), so they take the einsums (all:

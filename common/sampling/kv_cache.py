@@ -70,7 +70,7 @@ class LayerKV:
 
 
 def _head_major(x: jax.Array, dtype) -> jax.Array:
-  """[B, T, K, D] (the model's layout) -> [B, K, T, D] (the cached values'), cast to the cache dtype."""
+  """[B, T, K, D] (the model's layout) -> [B, K, T, D] (the cached values'), in the cache dtype."""
   return jnp.swapaxes(x, 1, 2).astype(dtype)
 
 
