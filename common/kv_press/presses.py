@@ -114,7 +114,8 @@ def attention(
 
   k [B, K, S, D] cached (rotated) keys (`LayerKV.k`), key_position/key_mask [B, K, S]. A query at
   position p reads a slot iff key_mask and position <= p (the decoder's causal rule); invalid query
-  rows and rows with nothing to read are zero. Query head h uses kv head h // G (the decoder's GQA order).
+  rows and rows with nothing to read are zero. Query head h uses kv head h // G (the decoder's GQA
+  order).
   """
   b, kh, _, d = k.shape
   _, nq, h, _ = queries.q.shape
