@@ -145,9 +145,13 @@ def parse_args(argv=None) -> argparse.Namespace:
   )
   p.add_argument('--bw_mib', type=int, default=512, help='array size for the bandwidth probe')
   args = p.parse_args(argv)
-  bad_kv = [x for x in args.llama_kv.split(',') if x not in ('f16', 'f32', '')]
+  from benchmarks import llama_cpp_peer  # noqa: PLC0415  (numpy only; llama_cpp loads in workers)
+
+  bad_kv = [x for x in args.llama_kv.split(',') if x and x not in llama_cpp_peer.KV_CACHE_TYPES]
   if bad_kv:
-    p.error(f'--llama_kv: unknown KV cache type {bad_kv[0]!r} (f16 or f32)')
+    p.error(
+      f'--llama_kv: unknown KV cache type {bad_kv[0]!r} ({", ".join(llama_cpp_peer.KV_CACHE_TYPES)})'
+    )
   return args
 
 

@@ -1,5 +1,5 @@
 """Test helpers only: fake CPU devices, XLA flags for subprocesses, notebook runs, tree comparisons,
-and the check that a compiled decode program copies no KV-cache buffer.
+and the compiled-program checks (capture a jitted function's optimised HLO; no KV-cache copies).
 
 Library code never imports this module (tests/repo_test.py checks it). The cache directory and its
 keys live in common.cache; the cached small trained model in common.models.tiny_lm.
@@ -83,6 +83,30 @@ def assert_trees_close(a: Any, b: Any, *, rtol: float = 1e-6, atol: float = 0.0)
 def assert_trees_equal(a: Any, b: Any) -> None:
   """Bitwise equality of every leaf."""
   assert_trees_close(a, b, rtol=0.0, atol=0.0)
+
+
+def capture_compiled_texts(monkeypatch: Any, module: Any, name: str) -> list[str]:
+  """Replaces the jitted `module.name` (for the test, through pytest's `monkeypatch`) with a wrapper
+  whose `.lower(...).compile()` also appends the optimised HLO text (`compiled.as_text()`) to the
+  returned list: what a test reads to check what XLA made of a program the library calls that way."""
+  texts: list[str] = []
+  real = getattr(module, name)
+
+  class _Lowered:
+    def __init__(self, lowered):
+      self.lowered = lowered
+
+    def compile(self):
+      compiled = self.lowered.compile()
+      texts.append(compiled.as_text())
+      return compiled
+
+  class _Capture:
+    def lower(self, *args, **kwargs):
+      return _Lowered(real.lower(*args, **kwargs))
+
+  monkeypatch.setattr(module, name, _Capture())
+  return texts
 
 
 def assert_no_cache_copies(hlo_text: str, layer: Any) -> None:

@@ -114,22 +114,7 @@ def test_chunk_must_be_positive(lm, prompts):
 def test_chunks_update_the_donated_cache_in_place(lm, prompts, monkeypatch):
   # As sampler_test.py's test of `_decode`: a copy of a layer's keys or values in the chunk program
   # would move the whole cache on every step (or chunk).
-  texts = []
-  real = sampler._decode_until
-
-  class CaptureCompiled:
-    def lower(self, *args, **kwargs):
-      lowered = real.lower(*args, **kwargs)
-
-      class Lowered:
-        def compile(self):
-          compiled = lowered.compile()
-          texts.append(compiled.as_text())
-          return compiled
-
-      return Lowered()
-
-  monkeypatch.setattr(sampler, '_decode_until', CaptureCompiled())
+  texts = testing.capture_compiled_texts(monkeypatch, sampler, '_decode_until')
   greedy = sampler.SamplingConfig(N, temperature=0.0)
   gen = _chunks(lm.model, prompts, greedy, None, 4, timings={}, return_cache=True)[-1]
   (text,) = texts

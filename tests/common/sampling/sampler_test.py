@@ -114,22 +114,7 @@ def test_decode_loop_updates_the_donated_cache_in_place(lm, prompts, monkeypatch
   # freshly written cache, which XLA:CPU feeds from a duplicate of the update), every step would
   # move the whole cache: correct tokens, silently slower decoding. The compiled program says, for
   # batched rows and for the one-row path (q|k|v fused, its own attention branch).
-  texts = []
-  real = sampler._decode
-
-  class CaptureCompiled:
-    def lower(self, *args, **kwargs):
-      lowered = real.lower(*args, **kwargs)
-
-      class Lowered:
-        def compile(self):
-          compiled = lowered.compile()
-          texts.append(compiled.as_text())
-          return compiled
-
-      return Lowered()
-
-  monkeypatch.setattr(sampler, '_decode', CaptureCompiled())
+  texts = testing.capture_compiled_texts(monkeypatch, sampler, '_decode')
   gen = _generate(lm.model, prompts[:rows], GREEDY, key=None, timings={}, return_cache=True)
   (text,) = texts
   testing.assert_no_cache_copies(text, gen.cache.layers[0])
